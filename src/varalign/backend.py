@@ -1,0 +1,72 @@
+"""Array kernels on CPU: float16 decoding, row-wise quadratic forms, Gram accumulation."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import VaralignError
+
+# float16 bit pattern -> float32 value; indexing this table is ~3x faster than numpy's astype
+_F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+_EXP_MASK = np.uint16(0x7C00)
+
+
+def _torch():
+    if os.environ.get("VARALIGN_NO_TORCH"):
+        return None
+    try:
+        import torch  # noqa: PLC0415 - optional accelerator for the float16 cast
+    except ImportError:
+        return None
+    return torch
+
+
+def to_float32(block: np.ndarray) -> np.ndarray:
+    """Decode a float16 (or pass through a float32) array to float32, exactly."""
+    if block.dtype == np.float32:
+        return block
+    if block.dtype != np.float16:
+        return block.astype(np.float32)
+    torch = _torch()
+    if torch is not None:
+        out = np.empty(block.shape, dtype=np.float32)
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(block)))
+        return out
+    return _F16_TO_F32[np.ascontiguousarray(block).view(np.uint16)]
+
+
+def first_nonfinite_row(block: np.ndarray) -> int | None:
+    """Index of the first row holding NaN/inf, or None (bit test on float16: no decode)."""
+    if block.dtype == np.float16:
+        bad = (block.view(np.uint16) & _EXP_MASK) == _EXP_MASK
+    else:
+        bad = ~np.isfinite(block)
+    rows = bad.reshape(len(block), -1).any(axis=1)
+    hits = np.flatnonzero(rows)
+    return int(hits[0]) if len(hits) else None
+
+
+def check_finite(block: np.ndarray, row0: int, source: object, key: str) -> None:
+    row = first_nonfinite_row(block)
+    if row is not None:
+        raise VaralignError(f"embedding {key!r} has NaN/inf at row {row0 + row}", source)
+
+
+def quadratic_rows(features: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """v_i = f_i^T S f_i for every row f_i (float32, one GEMM + a row-wise dot)."""
+    if len(features) == 0:
+        return np.empty(0, dtype=np.float32)
+    prod = features @ target
+    return np.einsum("ij,ij->i", prod, features)
+
+
+def gram64(features: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Sum of outer products F^T F accumulated in float64 (float32 SYRK per chunk of rows)."""
+    dim = features.shape[1]
+    total = np.zeros((dim, dim), dtype=np.float64)
+    for start in range(0, len(features), chunk):
+        part = features[start : start + chunk]
+        total += part.T @ part
+    return total

@@ -1,0 +1,146 @@
+"""The `varalign` command: parses and validates flags, then calls the library. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from .errors import VaralignError
+
+
+def _filter_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("filter", help="select a subset of a DataComp pool (drop-in for baselines.py)",
+                       description="Select a subset of a DataComp-format pool and save DataComp's subset file. "
+                                   "Flags follow DataComp's baselines.py and the VAS reference.")
+    p.add_argument("--list", action="store_true", help="list every method with a one-line description and exit")
+    p.add_argument("--name", help="method: no_filter, clip_score, vas, vas_d")
+    p.add_argument("--metadata_dir", help="directory with {name}.parquet + {name}.npz shards")
+    p.add_argument("--save_path", help="output .npy (sorted u8,u8 uids); a .manifest.json is written beside it")
+    p.add_argument("--arch", choices=["l14", "b32"], help="which CLIP embeddings/score columns to use")
+    p.add_argument("--fraction", type=float, help="CLIP stage: fraction of the pool to keep")
+    p.add_argument("--threshold", type=float, help="CLIP stage: keep CLIP score >= threshold")
+    p.add_argument("--fraction_vas", type=float, help="VAS stage: fraction of the POOL to keep (not of the CLIP stage)")
+    p.add_argument("--threshold_vas", type=float, help="VAS stage: keep VAS >= threshold")
+    p.add_argument("--target", help="target second-moment matrix, .npy or .pt (D×D)")
+    p.add_argument("--target_variance_name", help="read the target from FILES_PATH/variance/variance_{name}.pt|.npy")
+    p.add_argument("--files_path", help="the VAS reference's files directory (holds variance/)")
+    p.add_argument("--num_iters", type=int, help="VAS-D iterations")
+    p.add_argument("--given_uids_path", help="restrict the pool to these uids first (a subset .npy)")
+    p.add_argument("--save_scores", help="also write a parquet of uid + every score computed")
+    p.add_argument("--num_workers", type=int, default=None, help="parallel shards (default: all cores)")
+    p.add_argument("--num_gpus", type=int, default=None, help="accepted for compatibility; CPU runs ignore it")
+    p.add_argument("--batch_size", type=int, default=None, help="accepted for compatibility (bounds memory only)")
+    p.add_argument("--batch_size_vass", type=int, default=None, help="accepted for compatibility (bounds memory only)")
+    p.add_argument("--higher_is_better_vas", type=int, default=1, help="accepted; only 1 (the reference ignores it)")
+    p.add_argument("--cache_path", help="accepted for compatibility")
+    p.add_argument("--image_based_scale", help="accepted for compatibility")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_filter)
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    from .filter import METHODS, filter_pool  # noqa: PLC0415
+
+    if args.list:
+        width = max(map(len, METHODS))
+        for name, text in METHODS.items():
+            print(f"{name:<{width}}  {text}")
+        return 0
+    for flag in ("name", "metadata_dir", "save_path"):
+        if getattr(args, flag) is None:
+            raise VaralignError(f"--{flag} is required")
+    if args.num_gpus:
+        _note(args, f"--num_gpus {args.num_gpus} ignored: this run uses the CPU")
+    if args.higher_is_better_vas != 1:
+        raise VaralignError("--higher_is_better_vas 0 is not supported (the VAS reference never applies it)")
+    result = filter_pool(
+        args.metadata_dir, args.save_path, args.name, arch=args.arch, fraction=args.fraction,
+        threshold=args.threshold, fraction_vas=args.fraction_vas, threshold_vas=args.threshold_vas,
+        target=args.target, target_variance_name=args.target_variance_name, files_path=args.files_path,
+        num_iters=args.num_iters, given_uids_path=args.given_uids_path, num_workers=args.num_workers,
+        batch_size=args.batch_size, batch_size_vass=args.batch_size_vass, save_scores=args.save_scores,
+        quiet=args.quiet)
+    stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
+    print(f"{args.name}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")
+    return 0
+
+
+def _target_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("target", help="build a target second-moment matrix from embeddings",
+                       description="Uncentered second moment (1/N) Σ f fᵀ of embeddings, accumulated in float64, "
+                                   "saved float32 where `varalign filter --target_variance_name` finds it.")
+    p.add_argument("inputs", nargs="+", help="a DataComp metadata dir, .npy/.pt arrays, or folders of them")
+    p.add_argument("--arch", choices=["l14", "b32"], default="l14", help="npz key for a DataComp pool (l14 → l14_img)")
+    p.add_argument("--key", help="npz key, or dict key inside a .pt (default: image_features)")
+    p.add_argument("--save_path", help="output .npy (or .pt, needs torch)")
+    p.add_argument("--files_path", help="save as FILES_PATH/variance/variance_{name}.npy")
+    p.add_argument("--name", help="target name for --files_path (e.g. imagenet_1k)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise every row first")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_target)
+
+
+def _run_target(args: argparse.Namespace) -> int:
+    from .target import build_target  # noqa: PLC0415
+
+    if args.save_path is None:
+        if not (args.files_path and args.name):
+            raise VaralignError("give --save_path, or --files_path and --name")
+        args.save_path = os.path.join(args.files_path, "variance", f"variance_{args.name}.npy")
+    info = build_target(args.inputs, args.save_path, arch=args.arch, key=args.key, normalize=args.normalize,
+                        quiet=args.quiet)
+    print(f"target {info['dim']}×{info['dim']} from {info['rows']:,} rows -> {args.save_path}")
+    return 0
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run clip_score, VAS and VAS-D on a generated pool and print a table")
+    p.add_argument("--out_dir", default="varalign_demo", help="where the pool and the subsets go")
+    p.add_argument("--num_samples", type=int, default=50_000)
+    p.add_argument("--num_shards", type=int, default=10)
+    p.add_argument("--num_iters", type=int, default=20, help="VAS-D iterations")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # noqa: PLC0415
+
+    run_demo(args.out_dir, args.num_samples, args.num_shards, args.num_iters, args.quiet)
+    return 0
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(f"varalign: note: {text}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="varalign", description="Select CLIP pretraining data: VAS, VAS-D, "
+                                     "CLIP score on DataComp pools.")
+    parser.add_argument("--version", action="version", version=f"varalign {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _filter_parser(sub)
+    _target_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VaralignError as exc:
+        print(f"varalign: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("varalign: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Stream one member of a DataComp `.npz` without reading the others.
+
+`np.load(path)[key]` inflates with the standard zlib and copies the whole member; on this
+project's 2-core reference machine zlib-ng inflates the (nearly incompressible) float16
+embeddings about 3x faster (see benchmarks/bench_filter.py). This module locates the member
+in the zip, parses its `.npy` header (refusing object arrays, i.e. anything that would need
+pickle), and yields row blocks while it inflates, so memory stays at one block per worker.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import VaralignError
+
+try:  # zlib-ng is a core dependency; fall back to the standard library if it is missing
+    from zlib_ng import zlib_ng as _zlib
+except ImportError:  # pragma: no cover - exercised only without the wheel
+    _zlib = zlib
+
+_READ = 8 << 20  # compressed bytes per read
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """Where one array lives inside an npz, and what it holds."""
+
+    path: str
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran_order: bool
+    compressed: bool
+    data_offset: int  # file offset of the member's (possibly compressed) bytes
+    compress_size: int
+    file_size: int
+    crc: int
+    header_len: int  # bytes of npy header before the array data
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+
+def npz_keys(path: str | os.PathLike) -> list[str]:
+    """Names of the arrays in an npz (without `.npy`)."""
+    with _open_zip(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+def open_member(path: str | os.PathLike, key: str) -> NpzMember:
+    """Locate `key` in the npz at `path` and parse its header; errors name the file."""
+    path = str(path)
+    with _open_zip(path) as zf:
+        try:
+            info = zf.getinfo(key + ".npy")
+        except KeyError:
+            keys = ", ".join(n[:-4] for n in zf.namelist()) or "none"
+            raise VaralignError(f"npz has no key {key!r} (keys: {keys})", path) from None
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise VaralignError(f"npz member {key!r} uses unsupported zip compression {info.compress_type}", path)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise VaralignError(f"corrupt npz: bad local header for {key!r}", path)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        data_offset = info.header_offset + 30 + name_len + extra_len
+    compressed = info.compress_type == zipfile.ZIP_DEFLATED
+    head = _read_prefix(path, data_offset, info.compress_size, compressed, 65536)
+    dtype, shape, fortran, header_len = _parse_npy_header(head, path, key)
+    expected = header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if info.file_size != expected:
+        raise VaralignError(f"corrupt npz: member {key!r} holds {info.file_size} bytes, header says {expected}", path)
+    return NpzMember(path, key, dtype, shape, fortran, compressed, data_offset, info.compress_size,
+                     info.file_size, info.CRC, header_len)
+
+
+def iter_blocks(member: NpzMember, block_rows: int) -> Iterator[np.ndarray]:
+    """Yield consecutive row blocks (each `(<=block_rows, ...)`, C order) of a 2-d+ member."""
+    if member.fortran_order:  # cannot stream rows of a column-major array: read it whole
+        full = read_member(member)
+        for start in range(0, len(full), block_rows):
+            yield np.ascontiguousarray(full[start : start + block_rows])
+        return
+    n_rows = member.shape[0] if member.shape else 1
+    row_bytes = max(member.row_bytes, 1)
+    block_bytes = block_rows * row_bytes
+    buf = bytearray()
+    skip = member.header_len
+    emitted = 0
+    for chunk in _iter_raw(member):
+        if skip:
+            cut = min(skip, len(chunk))
+            chunk, skip = chunk[cut:], skip - cut
+        buf += chunk
+        while len(buf) >= block_bytes:
+            yield _rows(buf[:block_bytes], member)
+            del buf[:block_bytes]
+            emitted += block_rows
+    if buf:
+        if len(buf) % row_bytes:
+            raise VaralignError(f"corrupt npz: member {member.key!r} ends mid-row", member.path)
+        yield _rows(bytes(buf), member)
+        emitted += len(buf) // row_bytes
+    if emitted != n_rows:
+        raise VaralignError(f"corrupt npz: member {member.key!r} has {emitted} rows, header says {n_rows}", member.path)
+
+
+def read_member(member: NpzMember) -> np.ndarray:
+    """The whole member as one array."""
+    data = bytearray()
+    for chunk in _iter_raw(member):
+        data += chunk
+    arr = np.frombuffer(bytes(data), dtype=member.dtype, offset=member.header_len)
+    return arr.reshape(member.shape, order="F" if member.fortran_order else "C")
+
+
+def _rows(raw: bytes | bytearray, member: NpzMember) -> np.ndarray:
+    arr = np.frombuffer(bytearray(raw), dtype=member.dtype)  # writable: torch wants that
+    return arr.reshape((-1,) + tuple(member.shape[1:]))
+
+
+def _iter_raw(member: NpzMember) -> Iterator[bytes]:
+    """Inflated bytes of the member (npy header included), CRC-checked at the end."""
+    crc = 0
+    total = 0
+    try:
+        with open(member.path, "rb") as fh:
+            fh.seek(member.data_offset)
+            remaining = member.compress_size
+            inflater = _zlib.decompressobj(-15) if member.compressed else None
+            while remaining > 0:
+                raw = fh.read(min(_READ, remaining))
+                if not raw:
+                    raise VaralignError(f"corrupt npz: member {member.key!r} is truncated", member.path)
+                remaining -= len(raw)
+                out = inflater.decompress(raw) if inflater else raw
+                crc = _zlib.crc32(out, crc)
+                total += len(out)
+                yield out
+            if inflater:
+                tail = inflater.flush()
+                if tail:
+                    crc = _zlib.crc32(tail, crc)
+                    total += len(tail)
+                    yield tail
+    except (zlib.error, getattr(_zlib, "error", zlib.error)) as exc:
+        raise VaralignError(f"corrupt npz: cannot inflate member {member.key!r} ({exc})", member.path) from None
+    except OSError as exc:
+        raise VaralignError(f"cannot read npz ({exc.strerror or exc})", member.path) from None
+    if total != member.file_size or (crc & 0xFFFFFFFF) != member.crc:
+        raise VaralignError(f"corrupt npz: member {member.key!r} fails its CRC check", member.path)
+
+
+def _read_prefix(path: str, offset: int, size: int, compressed: bool, want: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(min(size, want if not compressed else max(want, 1 << 16)))
+    if not compressed:
+        return raw
+    try:
+        return _zlib.decompressobj(-15).decompress(raw, want)
+    except Exception as exc:  # noqa: BLE001 - any inflate failure is a corrupt file
+        raise VaralignError(f"corrupt npz: cannot inflate ({exc})", path) from None
+
+
+def _parse_npy_header(head: bytes, path: str, key: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    fp = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise VaralignError(f"npz member {key!r} is not a valid .npy array ({exc})", path) from None
+    if dtype.hasobject:
+        raise VaralignError(f"npz member {key!r} holds Python objects and would need pickle: refused", path)
+    return dtype, tuple(shape), bool(fortran), fp.tell()
+
+
+def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise VaralignError("npz file not found", path) from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise VaralignError(f"not a readable npz file ({exc})", path) from None

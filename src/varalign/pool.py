@@ -1,0 +1,120 @@
+"""A DataComp pool on disk: shards of `{name}.parquet` + `{name}.npz`, rows aligned."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import VaralignError
+from .npz import NpzMember, open_member
+
+ARCHS = {"l14": 768, "b32": 512}
+SCORE_COLUMN = {"l14": "clip_l14_similarity_score", "b32": "clip_b32_similarity_score"}
+
+
+def image_key(arch: str) -> str:
+    return f"{arch}_img"
+
+
+def text_key(arch: str) -> str:
+    return f"{arch}_txt"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One metadata shard: its parquet, its npz (if present) and its row count."""
+
+    name: str
+    parquet: str
+    npz: str | None
+    num_rows: int
+
+
+def discover_shards(metadata_dir: str | os.PathLike, need_npz: bool) -> list[Shard]:
+    """List the pool's shards sorted by name, checking each parquet has its npz and vice versa.
+
+    A parquet without its npz is an error only when the method reads embeddings (DataComp's
+    default download is parquet only, which is enough for `clip_score` and `no_filter`);
+    an npz without its parquet is always an error.
+    """
+    root = Path(metadata_dir)
+    if not root.is_dir():
+        raise VaralignError("metadata directory not found", root)
+    parquets = {p.name[: -len(".parquet")]: p for p in root.iterdir() if p.name.endswith(".parquet")}
+    npzs = {p.name[: -len(".npz")]: p for p in root.iterdir() if p.name.endswith(".npz")}
+    if not parquets:
+        raise VaralignError("no .parquet files in metadata directory", root)
+    orphans = sorted(set(npzs) - set(parquets))
+    if orphans:
+        raise VaralignError("npz has no sibling parquet", npzs[orphans[0]])
+    if need_npz:
+        missing = sorted(set(parquets) - set(npzs))
+        if missing:
+            raise VaralignError("parquet has no sibling npz (this method needs embeddings)", parquets[missing[0]])
+    shards = []
+    for name in sorted(parquets):
+        shards.append(Shard(name, str(parquets[name]), str(npzs[name]) if name in npzs else None,
+                            parquet_rows(parquets[name])))
+    return shards
+
+
+def parquet_rows(path: str | os.PathLike) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise VaralignError(f"not a readable parquet file ({_short(exc)})", path) from None
+
+
+def read_columns(shard: Shard, columns: list[str]) -> pa.Table:
+    """Read only `columns` of the shard's parquet; a missing column names the file."""
+    try:
+        schema = pq.read_schema(shard.parquet)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise VaralignError(f"parquet has no column {missing[0]!r}", shard.parquet)
+        table = pq.read_table(shard.parquet, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise VaralignError(f"not a readable parquet file ({_short(exc)})", shard.parquet) from None
+    return table
+
+
+def read_scores(table: pa.Table, column: str, shard: Shard) -> np.ndarray:
+    """A float score column as float32; NaN/inf/null name the file and row."""
+    col = table.column(column)
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise VaralignError(f"column {column!r} is null at row {row}", shard.parquet)
+    try:
+        values = col.to_numpy().astype(np.float32, copy=False)
+    except (pa.ArrowException, ValueError, TypeError):
+        raise VaralignError(f"column {column!r} is not numeric ({col.type})", shard.parquet) from None
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise VaralignError(f"column {column!r} is not finite at row {int(np.flatnonzero(bad)[0])}", shard.parquet)
+    return values
+
+
+def embedding_member(shard: Shard, key: str, dim: int | None = None) -> NpzMember:
+    """Open the shard's npz member `key` and check it against the parquet (rows) and `dim`."""
+    if shard.npz is None:
+        raise VaralignError("parquet has no sibling npz (this method needs embeddings)", shard.parquet)
+    member = open_member(shard.npz, key)
+    if len(member.shape) != 2:
+        raise VaralignError(f"npz member {key!r} must be 2-d, found shape {member.shape}", shard.npz)
+    if member.shape[0] != shard.num_rows:
+        raise VaralignError(
+            f"row-count mismatch: npz {key!r} has {member.shape[0]} rows, parquet has {shard.num_rows}", shard.npz)
+    if member.dtype.kind != "f":
+        raise VaralignError(f"npz member {key!r} must be floating point, found {member.dtype}", shard.npz)
+    if dim is not None and member.shape[1] != dim:
+        raise VaralignError(f"npz member {key!r} has dim {member.shape[1]}, expected {dim}", shard.npz)
+    return member
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]

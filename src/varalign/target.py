@@ -1,0 +1,229 @@
+"""Target second-moment matrices: load (npy / torch .pt, safely), validate, build from embeddings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import VaralignError
+
+TARGET_ALIASES = {"imagenet-1k": "imagenet_1k", "variance_imagenet_1k": "imagenet_1k"}
+
+
+def target_path_for(files_path: str | os.PathLike, name: str) -> Path:
+    """Where the VAS reference looks for a named target: `{files_path}/variance/variance_{name}.pt`.
+
+    A `.npy` with the same stem (what `varalign target` writes without torch) is found too.
+    """
+    name = TARGET_ALIASES.get(name, name)
+    base = Path(files_path) / "variance" / f"variance_{name}"
+    for suffix in (".pt", ".npy"):
+        if base.with_suffix(suffix).exists():
+            return base.with_suffix(suffix)
+    raise VaralignError(
+        f"no target named {name!r}: expected variance_{name}.pt or .npy (build one with `varalign target`)",
+        base.parent)
+
+
+def load_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """Load a numeric array from `.npy` (no pickle) or `.pt` (torch, weights_only)."""
+    path = Path(path)
+    if not path.exists():
+        raise VaralignError("file not found", path)
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        except ValueError as exc:
+            raise VaralignError(f"not a plain numeric .npy (pickle refused: {exc})", path) from None
+        except OSError as exc:
+            raise VaralignError(f"unreadable .npy ({exc})", path) from None
+    elif path.suffix in (".pt", ".pth"):
+        arr = _load_pt(path, key)
+    else:
+        raise VaralignError("unsupported array file: use .npy or .pt", path)
+    if arr.dtype.kind not in "fiu":
+        raise VaralignError(f"array must be numeric, found {arr.dtype}", path)
+    return arr
+
+
+def _load_pt(path: Path, key: str | None) -> np.ndarray:
+    try:
+        import torch  # noqa: PLC0415 - torch is optional
+    except ImportError:
+        raise VaralignError(
+            "reading .pt needs torch: pip install 'torch==2.13.0' (CPU), or pass the array as .npy",
+            path) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        msg = " ".join(str(exc).split())[:160]
+        raise VaralignError(f"cannot load .pt safely (weights_only=True): {msg}", path) from None
+    if isinstance(obj, dict):
+        keys = [key] if key else [k for k in ("image_features", "features", "embeddings") if k in obj]
+        if not keys or keys[0] not in obj:
+            raise VaralignError(f".pt holds a dict without {key or 'image_features'!r} (keys: {list(obj)[:8]})", path)
+        obj = obj[keys[0]]
+    if not isinstance(obj, torch.Tensor):
+        raise VaralignError(f".pt must hold a tensor, found {type(obj).__name__}", path)
+    return obj.detach().float().numpy() if obj.dtype in (torch.float16, torch.bfloat16) else obj.detach().numpy()
+
+
+def load_target(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:
+    """Load a D×D target, check shape, finiteness and symmetry, return float32."""
+    arr = np.asarray(load_array(path), dtype=np.float32)
+    validate_target(arr, dim, path)
+    return np.ascontiguousarray(arr)
+
+
+def validate_target(arr: np.ndarray, dim: int | None, path: object) -> None:
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise VaralignError(f"target must be a square D×D matrix, found shape {arr.shape}", path)
+    if dim is not None and arr.shape[0] != dim:
+        raise VaralignError(f"target is {arr.shape[0]}×{arr.shape[1]} but the embeddings have dim {dim}", path)
+    if not np.isfinite(arr).all():
+        raise VaralignError("target has NaN/inf entries", path)
+    scale = float(np.abs(arr).max()) or 1.0
+    asym = float(np.abs(arr - arr.T).max())
+    if asym > 1e-5 * scale:
+        raise VaralignError(f"target is not symmetric (max |S - S^T| = {asym:.3g})", path)
+
+
+class SecondMoment:
+    """Streaming uncentered second moment: sum of f f^T in float64, divided by the row count."""
+
+    def __init__(self, dim: int | None = None) -> None:
+        self.dim = dim
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, features: np.ndarray) -> None:
+        from .backend import gram64, to_float32  # noqa: PLC0415
+
+        if features.ndim != 2:
+            raise ValueError(f"embeddings must be 2-d, found shape {features.shape}")
+        if self.dim is None:
+            self.dim = features.shape[1]
+        if features.shape[1] != self.dim:
+            raise ValueError(f"embedding dim {features.shape[1]} differs from {self.dim}")
+        part = gram64(to_float32(np.asarray(features)))
+        self.total = part if self.total is None else self.total + part
+        self.count += len(features)
+
+    def merge(self, total: np.ndarray, count: int) -> None:
+        self.total = total.copy() if self.total is None else self.total + total
+        self.count += count
+
+    def result(self) -> np.ndarray:
+        if self.total is None or self.count == 0:
+            raise ValueError("no embeddings were added")
+        return (self.total / self.count).astype(np.float32)
+
+
+def iter_array_blocks(arr: np.ndarray, rows: int = 65536) -> Iterator[np.ndarray]:
+    for start in range(0, len(arr), rows):
+        yield np.asarray(arr[start : start + rows])
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files behind the inputs: a `.npy`/`.pt` file, or a folder of them (sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix in (".npy", ".pt", ".pth"))
+            if not found:
+                raise VaralignError("folder holds no .npy or .pt files", p)
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise VaralignError("file not found", p)
+    return out
+
+
+def _pool_blocks(root: Path, key: str) -> Iterator[tuple[str, np.ndarray]]:
+    from .backend import check_finite  # noqa: PLC0415
+    from .npz import iter_blocks  # noqa: PLC0415
+    from .pool import discover_shards, embedding_member  # noqa: PLC0415
+
+    for shard in discover_shards(root, need_npz=True):
+        member = embedding_member(shard, key)
+        start = 0
+        for block in iter_blocks(member, 65536):
+            check_finite(block, start, shard.npz, key)
+            start += len(block)
+            yield shard.npz, block
+
+
+def _file_blocks(path: Path, key: str | None) -> Iterator[tuple[str, np.ndarray]]:
+    from .backend import check_finite  # noqa: PLC0415
+
+    arr = load_array(path, key)
+    if arr.ndim != 2:
+        raise VaralignError(f"embeddings must be a 2-d (N, D) array, found shape {arr.shape}", path)
+    start = 0
+    for block in iter_array_blocks(arr):
+        check_finite(block, start, path, key or "array")
+        start += len(block)
+        yield str(path), block
+
+
+def _is_pool(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix == ".parquet" for p in path.iterdir())
+
+
+def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLike, arch: str = "l14",
+                 key: str | None = None, normalize: bool = False, quiet: bool = False) -> dict:
+    """Build the (1/N) Σ f fᵀ target from embeddings and save it (float32 `.npy`, or `.pt` with torch).
+
+    `inputs`: DataComp metadata dirs (reads `{arch}_img`, or `key`), `.npy`/`.pt` files, or
+    folders of them. Returns a summary dict (rows, dim, trace, mean row norm).
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from .atomic import atomic_path, save_json, save_npy  # noqa: PLC0415
+    from .backend import to_float32  # noqa: PLC0415
+
+    sources: list[Iterator[tuple[str, np.ndarray]]] = []
+    for item in inputs:
+        p = Path(item)
+        if _is_pool(p):
+            sources.append(_pool_blocks(p, key or f"{arch}_img"))
+        else:
+            sources.extend(_file_blocks(f, key) for f in expand_inputs([p]))
+    acc = SecondMoment()
+    norm_sum = 0.0
+    with tqdm(desc="target", unit="row", unit_scale=True, disable=quiet, leave=False) as bar:
+        for source in sources:
+            for origin, block in source:
+                f = to_float32(block)
+                norms = np.linalg.norm(f, axis=1)
+                if normalize:
+                    f = f / np.maximum(norms, 1e-12)[:, None]
+                norm_sum += float(norms.sum())
+                try:
+                    acc.add(f)
+                except ValueError as exc:
+                    raise VaralignError(str(exc), origin) from None
+                bar.update(len(f))
+    if acc.count == 0:
+        raise VaralignError("no embeddings found in the inputs")
+    target = acc.result()
+    save_path = Path(save_path)
+    if save_path.suffix == ".pt":
+        try:
+            import torch  # noqa: PLC0415
+        except ImportError:
+            raise VaralignError("saving .pt needs torch; save as .npy instead", save_path) from None
+        with atomic_path(save_path, ".pt") as tmp:
+            torch.save(torch.from_numpy(target), tmp)
+    else:
+        save_npy(save_path, target)
+    info = {"rows": acc.count, "dim": int(target.shape[0]), "trace": float(np.trace(target)),
+            "mean_row_norm": norm_sum / acc.count, "normalized": normalize,
+            "inputs": [str(i) for i in inputs], "path": str(save_path)}
+    save_json(save_path.with_name(save_path.stem + ".manifest.json"), {"tool": "varalign target", **info})
+    return info

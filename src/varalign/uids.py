@@ -1,0 +1,147 @@
+"""DataComp uids: 32-hex-char strings <-> sorted `u8,u8` arrays (the subset file format)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from .atomic import save_npy
+from .errors import VaralignError
+
+UID_DTYPE = np.dtype("u8,u8")
+
+# hex digit value per byte; 255 marks "not a hex digit"
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+
+def hex_to_uids(values: pa.Array | pa.ChunkedArray | list[str] | np.ndarray, source: object = None) -> np.ndarray:
+    """Parse 32-hex-char uid strings into a `u8,u8` array (f0 = high 64 bits, f1 = low 64 bits).
+
+    Same numbers as DataComp's `(int(uid[:16], 16), int(uid[16:32], 16))`; any string that is not
+    exactly 32 hex digits raises `VaralignError` naming `source` and the first bad row.
+    """
+    arr = _as_string_array(values, source)
+    n = len(arr)
+    if n == 0:
+        return np.empty(0, dtype=UID_DTYPE)
+    if arr.null_count:
+        _raise_bad_uid(arr, int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), source)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32 if pa.types.is_string(arr.type) else np.int64)
+    offsets = offsets[arr.offset : arr.offset + n + 1]
+    lengths = np.diff(offsets)
+    if (lengths != 32).any():
+        _raise_bad_uid(arr, int(np.flatnonzero(lengths != 32)[0]), source)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[0] + 32 * n]
+    digits = _HEX[data].reshape(n, 32)
+    bad = (digits == 255).any(axis=1)
+    if bad.any():
+        _raise_bad_uid(arr, int(np.flatnonzero(bad)[0]), source)
+    packed = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2])  # (n, 16) big-endian bytes
+    words = packed.view(">u8")
+    out = np.empty(n, dtype=UID_DTYPE)
+    out["f0"] = words[:, 0]
+    out["f1"] = words[:, 1]
+    return out
+
+
+def _as_string_array(values: object, source: object) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not isinstance(values, pa.Array):
+        try:
+            values = pa.array(list(values) if isinstance(values, np.ndarray) else values, type=pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise VaralignError(f"uids must be strings ({exc})", source) from None
+    if pa.types.is_large_string(values.type) or pa.types.is_string(values.type):
+        return values
+    if pa.types.is_string_view(values.type) or pa.types.is_dictionary(values.type):
+        return values.cast(pa.string())
+    raise VaralignError(f"uid column must be strings, found {values.type}", source)
+
+
+def _raise_bad_uid(arr: pa.Array, row: int, source: object) -> None:
+    value = arr[row].as_py()
+    raise VaralignError(f"malformed uid {str(value)[:40]!r} at row {row} (want 32 hex digits)", source)
+
+
+def uids_to_hex(uids: np.ndarray) -> pa.Array:
+    """`u8,u8` array -> pyarrow string array of 32-char lowercase hex uids."""
+    n = len(uids)
+    words = np.empty((n, 2), dtype=">u8")
+    words[:, 0] = uids["f0"]
+    words[:, 1] = uids["f1"]
+    nibbles = np.empty((n, 32), dtype=np.uint8)
+    raw = words.view(np.uint8).reshape(n, 16)
+    nibbles[:, 0::2] = raw >> 4
+    nibbles[:, 1::2] = raw & 15
+    chars = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[nibbles]
+    offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(chars.tobytes()))
+
+
+def sort_uids(uids: np.ndarray) -> np.ndarray:
+    """Lexicographic (high, low) sort, the order DataComp's resharder searches in."""
+    order = np.lexsort((uids["f1"], uids["f0"]))
+    return uids[order]
+
+
+def first_duplicate(sorted_uids: np.ndarray) -> int | None:
+    """Index of the first repeated uid in a sorted array, or None."""
+    if len(sorted_uids) < 2:
+        return None
+    same = (sorted_uids["f0"][1:] == sorted_uids["f0"][:-1]) & (sorted_uids["f1"][1:] == sorted_uids["f1"][:-1])
+    hits = np.flatnonzero(same)
+    return int(hits[0]) if len(hits) else None
+
+
+def isin_sorted(query: np.ndarray, ref_sorted: np.ndarray) -> np.ndarray:
+    """Boolean mask: which `query` uids occur in the sorted, duplicate-free `ref_sorted`."""
+    if len(ref_sorted) == 0 or len(query) == 0:
+        return np.zeros(len(query), dtype=bool)
+    hi = ref_sorted["f0"]
+    left = np.searchsorted(hi, query["f0"], side="left")
+    right = np.searchsorted(hi, query["f0"], side="right")
+    found = np.zeros(len(query), dtype=bool)
+    single = right - left == 1
+    idx = left[single]
+    found[single] = ref_sorted["f1"][idx] == query["f1"][single]
+    for i in np.flatnonzero(right - left > 1):  # two uids sharing the high 64 bits: vanishingly rare
+        found[i] = bool((ref_sorted["f1"][left[i]:right[i]] == query["f1"][i]).any())
+    return found
+
+
+def save_subset(path: str | os.PathLike, uids: np.ndarray) -> np.ndarray:
+    """Sort and save as DataComp's subset file (`np.save` of a `u8,u8` array), atomically."""
+    arr = sort_uids(np.asarray(uids, dtype=UID_DTYPE))
+    save_npy(path, arr)
+    return arr
+
+
+def load_subset(path: str | os.PathLike) -> np.ndarray:
+    """Read a subset file as DataComp's resharder does (npy, or a raw `u8,u8` memmap); sorted, unique."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise VaralignError(f"cannot read subset file ({exc.strerror})", path) from None
+    try:
+        if magic == b"\x93NUMPY":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            arr = np.memmap(path, dtype=UID_DTYPE, mode="r")
+    except ValueError as exc:
+        raise VaralignError(f"not a uid subset file ({exc})", path) from None
+    if arr.dtype != UID_DTYPE or arr.ndim != 1:
+        raise VaralignError(f"subset file must hold a 1-d u8,u8 array, found {arr.dtype} {arr.shape}", path)
+    arr = sort_uids(np.asarray(arr))
+    if len(arr) > 1:
+        keep = np.ones(len(arr), dtype=bool)
+        keep[1:] = (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])
+        arr = arr[keep]
+    return arr
