@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -14,13 +15,10 @@ _EXP_MASK = np.uint16(0x7C00)
 
 
 def _torch():
+    """torch, only if the caller already imported it: importing it costs more than it saves here."""
     if os.environ.get("VARALIGN_NO_TORCH"):
         return None
-    try:
-        import torch  # noqa: PLC0415 - optional accelerator for the float16 cast
-    except ImportError:
-        return None
-    return torch
+    return sys.modules.get("torch")
 
 
 def to_float32(block: np.ndarray) -> np.ndarray:

@@ -205,7 +205,7 @@ def _vas_stage(spec: FilterSpec, shards: list[Shard], scans: list, offsets: np.n
                target: np.ndarray, n_pool: int, workers: int, thresholds: dict, columns: dict) -> np.ndarray:
     key = image_key(spec.arch)
     rows = _rows_per_shard(stage, scans, offsets)
-    tasks = [(s, key, r, target) for s, r in zip(shards, rows) if len(r)]
+    tasks = [(s, key, r, target) for s, r in zip(shards, rows, strict=True)]  # every shard: NaN/inf anywhere is an error
     parts = run_tasks(vas_shard, tasks, workers, "vas (npz)", spec.quiet)
     vas = np.full(n_pool, np.nan, dtype=np.float32)
     vas[stage] = np.concatenate(parts) if parts else np.empty(0, np.float32)

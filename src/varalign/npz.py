@@ -92,27 +92,35 @@ def iter_blocks(member: NpzMember, block_rows: int) -> Iterator[np.ndarray]:
             yield np.ascontiguousarray(full[start : start + block_rows])
         return
     n_rows = member.shape[0] if member.shape else 1
+    row_shape = tuple(member.shape[1:])
     row_bytes = max(member.row_bytes, 1)
-    block_bytes = block_rows * row_bytes
-    buf = bytearray()
     skip = member.header_len
-    emitted = 0
+    done = 0
+    block = fill = None
     for chunk in _iter_raw(member):
+        view = memoryview(chunk)
         if skip:
-            cut = min(skip, len(chunk))
-            chunk, skip = chunk[cut:], skip - cut
-        buf += chunk
-        while len(buf) >= block_bytes:
-            yield _rows(buf[:block_bytes], member)
-            del buf[:block_bytes]
-            emitted += block_rows
-    if buf:
-        if len(buf) % row_bytes:
-            raise VaralignError(f"corrupt npz: member {member.key!r} ends mid-row", member.path)
-        yield _rows(bytes(buf), member)
-        emitted += len(buf) // row_bytes
-    if emitted != n_rows:
-        raise VaralignError(f"corrupt npz: member {member.key!r} has {emitted} rows, header says {n_rows}", member.path)
+            cut = min(skip, len(view))
+            view, skip = view[cut:], skip - cut
+        while len(view):
+            if block is None:
+                rows = min(block_rows, n_rows - done)
+                if rows <= 0:
+                    raise VaralignError(f"corrupt npz: member {member.key!r} has more data than its header says",
+                                        member.path)
+                block = np.empty((rows,) + row_shape, dtype=member.dtype)
+                fill = 0
+            target = block.reshape(-1).view(np.uint8)
+            take = min(len(view), target.nbytes - fill)
+            target[fill : fill + take] = np.frombuffer(view[:take], dtype=np.uint8)
+            fill += take
+            view = view[take:]
+            if fill == target.nbytes:
+                done += len(block)
+                yield block
+                block = None
+    if block is not None or done != n_rows:
+        raise VaralignError(f"corrupt npz: member {member.key!r} ends early ({done} of {n_rows} rows)", member.path)
 
 
 def read_member(member: NpzMember) -> np.ndarray:
@@ -122,11 +130,6 @@ def read_member(member: NpzMember) -> np.ndarray:
         data += chunk
     arr = np.frombuffer(bytes(data), dtype=member.dtype, offset=member.header_len)
     return arr.reshape(member.shape, order="F" if member.fortran_order else "C")
-
-
-def _rows(raw: bytes | bytearray, member: NpzMember) -> np.ndarray:
-    arr = np.frombuffer(bytearray(raw), dtype=member.dtype)  # writable: torch wants that
-    return arr.reshape((-1,) + tuple(member.shape[1:]))
 
 
 def _iter_raw(member: NpzMember) -> Iterator[bytes]:

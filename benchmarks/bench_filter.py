@@ -1,0 +1,195 @@
+"""Throughput and peak memory of `varalign filter` on a generated pool, next to the BLAS ceiling.
+
+    python benchmarks/bench_filter.py                 # 1M samples, 10 shards
+    python benchmarks/bench_filter.py --samples 200000 --shards 4 --iters 5
+
+Each method runs in a fresh child process (wall time and its own peak RSS). The ceiling is
+the bare float32 BLAS product the method does (F @ S and the row-wise dot over the rows it
+scores), on the same data already decoded in RAM, with all cores: what an ideal
+implementation that had nothing to read or decode would take. A second table times the
+decode primitives we chose between (inflate: zlib vs zlib-ng; float16 -> float32: numpy
+astype vs lookup table vs torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(args: argparse.Namespace) -> None:
+    from varalign import filter_pool  # noqa: PLC0415
+
+    opts = json.loads(args.child_opts)
+    t0 = time.perf_counter()
+    res = filter_pool(args.pool, args.out, args.child, quiet=True, **opts)
+    wall = time.perf_counter() - t0
+    rss = _vm_hwm()
+    print(json.dumps({"wall": wall, "rss": rss, "counts": res.counts, "timings": res.timings}))
+
+
+def _vm_hwm() -> int:
+    """Peak RSS of this process in bytes (VmHWM resets at exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def ensure_pool(root: Path, samples: int, shards: int) -> tuple[Path, Path]:
+    from varalign.synth import make_pool, make_target  # noqa: PLC0415
+
+    pool = root / f"pool_{samples}_{shards}"
+    done = pool / ".complete"
+    if not done.exists():
+        print(f"generating {samples:,}-sample pool in {pool} (once) ...", file=sys.stderr)
+        make_pool(pool, samples, shards, num_workers=os.cpu_count() or 1)
+        done.touch()
+    target = root / "target_l14.npy"
+    if not target.exists():
+        make_target(target)
+    return pool, target
+
+
+def run_method(pool: Path, out: Path, name: str, opts: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--child_opts", json.dumps(opts), "--pool", str(pool),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def load_candidates(pool: Path, rows_frac: float) -> np.ndarray:
+    """Decoded float32 l14_img rows for the ceiling measurement (the first `rows_frac` of the pool)."""
+    from varalign.npz import read_member  # noqa: PLC0415
+    from varalign.pool import discover_shards, embedding_member  # noqa: PLC0415
+
+    parts, need = [], None
+    shards = discover_shards(pool, need_npz=True)
+    total = sum(s.num_rows for s in shards)
+    need = int(total * rows_frac)
+    for s in shards:
+        if need <= 0:
+            break
+        arr = read_member(embedding_member(s, "l14_img"))[:need].astype(np.float32)
+        parts.append(arr)
+        need -= len(arr)
+    return np.concatenate(parts)
+
+
+def blas_seconds(feats: np.ndarray, target: np.ndarray, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in range(0, len(feats), 65536):
+            f = feats[s : s + 65536]
+            np.einsum("ij,ij->i", f @ target, f)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def decode_table(pool: Path) -> list[tuple[str, float]]:
+    """GB/s of each decode primitive on one shard's l14_img member."""
+    from zlib_ng import zlib_ng  # noqa: PLC0415
+
+    from varalign.backend import _F16_TO_F32  # noqa: PLC0415
+    from varalign.npz import _iter_raw  # noqa: PLC0415
+    from varalign.pool import discover_shards, embedding_member  # noqa: PLC0415
+
+    shard = discover_shards(pool, need_npz=True)[0]
+    member = embedding_member(shard, "l14_img")
+    with open(member.path, "rb") as fh:
+        fh.seek(member.data_offset)
+        raw = fh.read(member.compress_size)
+    rows = []
+    for name, lib in (("inflate: zlib (np.load)", zlib), ("inflate: zlib-ng (varalign)", zlib_ng)):
+        t0 = time.perf_counter()
+        out = lib.decompressobj(-15).decompress(raw)
+        rows.append((name, len(out) / (time.perf_counter() - t0) / 1e9))
+    half = np.frombuffer(b"".join(_iter_raw(member)), dtype=np.float16, offset=member.header_len).reshape(member.shape)
+    gb = half.nbytes / 1e9
+    t0 = time.perf_counter()
+    half.astype(np.float32)
+    rows.append(("f16->f32: numpy astype", gb / (time.perf_counter() - t0)))
+    t0 = time.perf_counter()
+    _F16_TO_F32[half.view(np.uint16)]
+    rows.append(("f16->f32: lookup table (no torch)", gb / (time.perf_counter() - t0)))
+    try:
+        import torch  # noqa: PLC0415
+
+        out = np.empty(half.shape, np.float32)
+        src = torch.from_numpy(half.copy())
+        t0 = time.perf_counter()
+        torch.from_numpy(out).copy_(src)
+        rows.append((f"f16->f32: torch copy_ ({torch.get_num_threads()} threads)", gb / (time.perf_counter() - t0)))
+    except ImportError:
+        pass
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--shards", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=20, help="VAS-D iterations")
+    ap.add_argument("--data_dir", default=str(HERE / "_data"))
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--child")
+    ap.add_argument("--child_opts")
+    ap.add_argument("--pool")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    root = Path(args.data_dir)
+    pool, target_path = ensure_pool(root, args.samples, args.shards)
+    target = np.load(target_path)
+    methods = [
+        ("clip_score", {"arch": "l14", "fraction": 0.3}, 0.0, 0),
+        ("vas", {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "target": str(target_path)}, 0.45, 1),
+        ("vas_d", {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": args.iters}, 0.45, args.iters),
+    ]
+    feats = load_candidates(pool, 0.45)
+    one_pass = blas_seconds(feats, target, repeats=2)
+    n = args.samples
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, numpy {np.__version__}")
+    print(f"pool: {n:,} synthetic samples in {args.shards} shards (l14_img float16, compressed npz)\n")
+    print("| method | wall (s) | samples/s | peak RSS (MB) | BLAS ceiling (s) | wall / ceiling |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for name, opts, frac, passes in methods:
+        r = run_method(pool, root / "out" / f"{name}.npy", name, opts)
+        # VAS-D scores a shrinking set: 0.45N down to 0.30N, linearly over the iterations
+        if name == "vas_d":
+            alive = [0.45 - (0.15 * i / passes) for i in range(passes)]
+            ceiling = one_pass * sum(alive) / 0.45
+        else:
+            ceiling = one_pass * passes
+        row = {"method": name, "wall_s": r["wall"], "samples_per_s": n / r["wall"], "peak_rss_mb": r["rss"] / 1e6,
+               "ceiling_s": ceiling, "counts": r["counts"], "timings": r["timings"]}
+        results.append(row)
+        ratio = f"{r['wall'] / ceiling:.2f}" if ceiling else "-"
+        print(f"| {name}{' (' + str(args.iters) + ' iters)' if name == 'vas_d' else ''} | {r['wall']:.1f} | "
+              f"{n / r['wall']:,.0f} | {r['rss'] / 1e6:,.0f} | {ceiling:.1f} | {ratio} |")
+    print("\n| decode primitive | GB/s |\n|---|---|")
+    dec = decode_table(pool)
+    for name, rate in dec:
+        print(f"| {name} | {rate:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"samples": n, "results": results, "decode": dec}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

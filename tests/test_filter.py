@@ -1,0 +1,147 @@
+"""End to end: `filter_pool` against slow brute-force versions of the reference algorithms."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from reference_impl import load_pool, top_k, vas_d_select, vas_loop, vas_select
+
+from varalign import filter_pool, load_subset, vas_scores
+from varalign.cli import main
+from varalign.scores.vas_d import CandidateStore, vas_d_iterate
+from varalign.uids import UID_DTYPE, hex_to_uids, save_subset, sort_uids
+
+
+def _uid_set(uids: list[str], rows: np.ndarray) -> np.ndarray:
+    return sort_uids(hex_to_uids([uids[i] for i in rows]))
+
+
+@pytest.fixture(scope="module")
+def pool(synth_pool):
+    uids, scores, feats = load_pool(synth_pool / "pool")
+    target = np.load(synth_pool / "files" / "variance" / "variance_imagenet_1k.npy")
+    return synth_pool, uids, scores, feats, target
+
+
+def test_no_filter_keeps_every_uid(pool, tmp_path) -> None:
+    root, uids, *_ = pool
+    res = filter_pool(root / "pool", tmp_path / "all.npy", "no_filter", quiet=True)
+    assert np.array_equal(np.load(tmp_path / "all.npy"), _uid_set(uids, np.arange(len(uids))))
+    assert res.counts == {"pool": 3000, "selected": 3000}
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.29, 1.0])
+def test_clip_score_fraction_matches_datacomp(pool, tmp_path, fraction) -> None:
+    root, uids, scores, *_ = pool
+    filter_pool(root / "pool", tmp_path / "cs.npy", "clip_score", arch="l14", fraction=fraction, quiet=True)
+    n = len(scores)
+    t = -np.sort(-scores)[min(int(n * fraction), n - 1)]
+    expected = _uid_set(uids, np.flatnonzero(scores >= t))
+    assert np.array_equal(np.load(tmp_path / "cs.npy"), expected)
+
+
+def test_clip_score_threshold_b32(synth_pool, tmp_path) -> None:
+    uids, scores, _ = load_pool(synth_pool / "pool", "b32")
+    filter_pool(synth_pool / "pool", tmp_path / "b.npy", "clip_score", arch="b32", threshold=0.3, quiet=True)
+    assert np.array_equal(np.load(tmp_path / "b.npy"), _uid_set(uids, np.flatnonzero(scores >= np.float32(0.3))))
+
+
+def test_vas_scores_match_row_loop(pool) -> None:
+    *_, feats, target = pool
+    fast = vas_scores(feats[:500].astype(np.float16), target)
+    np.testing.assert_allclose(fast, vas_loop(feats[:500], target), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_vas_matches_reference(pool, tmp_path, workers) -> None:
+    root, uids, scores, feats, target = pool
+    res = filter_pool(root / "pool", tmp_path / "vas.npy", "vas", arch="l14", fraction=0.45, fraction_vas=0.3,
+                      target_variance_name="imagenet_1k", files_path=str(root / "files"), num_workers=workers,
+                      quiet=True, save_scores=str(tmp_path / "scores.parquet"))
+    expected = vas_select(scores, feats, target, 0.45, 0.3)
+    assert np.array_equal(np.load(tmp_path / "vas.npy"), _uid_set(uids, expected))
+    assert res.counts == {"pool": 3000, "clip_stage": 1350, "selected": 900}
+    table = pq.read_table(tmp_path / "scores.parquet").to_pydict()
+    assert table["uid"] == uids
+    vas = np.array(table["vas"], dtype=np.float64)
+    stage = np.array(table["in_clip_stage"])
+    assert stage.sum() == 1350 and np.isnan(vas[~stage]).all()
+    np.testing.assert_allclose(vas[stage], vas_loop(feats[stage], target), rtol=2e-5)
+    assert np.array(table["selected"]).sum() == 900
+
+
+def test_vas_threshold_variants(pool, tmp_path) -> None:
+    root, uids, scores, feats, target = pool
+    t_vas = float(np.median(vas_loop(feats, target)))
+    filter_pool(root / "pool", tmp_path / "v.npy", "vas", arch="l14", threshold=0.25, threshold_vas=t_vas,
+                target=str(root / "files" / "variance" / "variance_imagenet_1k.npy"), quiet=True)
+    cand = np.flatnonzero(scores >= np.float32(0.25))
+    vas = vas_scores(feats[cand], target)
+    expected = cand[vas >= np.float32(t_vas)]
+    assert np.array_equal(np.load(tmp_path / "v.npy"), _uid_set(uids, expected))
+
+
+@pytest.mark.parametrize("num_iters", [1, 4, 7])
+def test_vas_d_matches_plain_loop(pool, tmp_path, num_iters) -> None:
+    root, uids, scores, feats, _ = pool
+    res = filter_pool(root / "pool", tmp_path / "d.npy", "vas_d", arch="l14", fraction=0.45, fraction_vas=0.3,
+                      num_iters=num_iters, quiet=True, save_scores=str(tmp_path / "d.parquet"))
+    expected = vas_d_select(scores, feats, 0.45, 0.3, num_iters)
+    assert np.array_equal(np.load(tmp_path / "d.npy"), _uid_set(uids, expected))
+    removed_at = np.array(pq.read_table(tmp_path / "d.parquet").column("vas_d_removed_at"))
+    assert (removed_at == num_iters).sum() == res.counts["selected"] == 900
+    assert (removed_at == -1).sum() == 3000 - 1350
+    assert np.array_equal(np.flatnonzero(removed_at == num_iters), expected)
+
+
+def test_vas_d_overshooting_chunks_does_not_crash() -> None:
+    """ceil() chunks can overshoot before the last iteration; the reference crashes, we stop at target."""
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((10, 16)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    gram = f.T.astype(np.float64) @ f
+    res = vas_d_iterate(CandidateStore.from_array(f), gram, (gram / 10).astype(np.float32), 6, 3)
+    assert res.chunk == 2 and res.keep.sum() == 6  # 10 -> 8 -> 6 -> 6 (reference: topk(6) of 4 rows)
+
+
+def test_given_uids_restricts_pool_first(pool, tmp_path) -> None:
+    root, uids, scores, *_ = pool
+    rows = np.arange(0, 3000, 2)
+    save_subset(tmp_path / "given.npy", hex_to_uids([uids[i] for i in rows]))
+    res = filter_pool(root / "pool", tmp_path / "g.npy", "clip_score", arch="l14", fraction=0.5,
+                      given_uids_path=str(tmp_path / "given.npy"), quiet=True)
+    sub = scores[rows]
+    t = -np.sort(-sub)[int(len(sub) * 0.5)]
+    assert res.counts["pool"] == 1500
+    assert np.array_equal(np.load(tmp_path / "g.npy"), _uid_set(uids, rows[sub >= t]))
+
+
+def test_cli_writes_subset_and_manifest(pool, tmp_path, capsys) -> None:
+    root, uids, scores, feats, target = pool
+    out = tmp_path / "uids" / "vas.npy"
+    code = main(["filter", "--name", "vas", "--metadata_dir", str(root / "pool"), "--save_path", str(out),
+                 "--arch", "l14", "--fraction", "0.45", "--fraction_vas", "0.3", "--target_variance_name",
+                 "imagenet_1k", "--files_path", str(root / "files"), "--num_workers", "2", "--quiet"])
+    assert code == 0
+    assert "selected 900" in capsys.readouterr().out
+    arr = load_subset(out)
+    assert arr.dtype == UID_DTYPE and len(arr) == 900
+    manifest = json.loads((tmp_path / "uids" / "vas.manifest.json").read_text())
+    assert manifest["counts"] == {"pool": 3000, "clip_stage": 1350, "selected": 900}
+    assert manifest["inputs"]["shards"] == 3 and manifest["inputs"]["target_sha256"]
+    assert manifest["options"]["fraction_vas"] == 0.3 and "numpy" in manifest["versions"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_list_methods(capsys) -> None:
+    assert main(["filter", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("no_filter", "clip_score", "vas", "vas_d"))
+
+
+def test_top_k_helper_agrees_with_select() -> None:
+    from varalign.select import top_k_mask
+
+    s = np.random.default_rng(0).integers(0, 9, 300).astype(np.float32)
+    assert np.array_equal(np.flatnonzero(top_k_mask(s, 50)), top_k(s, 50))
