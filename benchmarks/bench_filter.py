@@ -169,7 +169,7 @@ def main() -> None:
     print("| method | wall (s) | samples/s | peak RSS (MB) | BLAS ceiling (s) | wall / ceiling |")
     print("|---|---|---|---|---|---|")
     results = []
-    for name, opts, frac, passes in methods:
+    for name, opts, _frac, passes in methods:
         r = run_method(pool, root / "out" / f"{name}.npy", name, opts)
         # VAS-D scores a shrinking set: 0.45N down to 0.30N, linearly over the iterations
         if name == "vas_d":

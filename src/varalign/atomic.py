@@ -6,10 +6,13 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from .errors import VaralignError
 
 
 @contextlib.contextmanager
@@ -27,6 +30,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Fail before any work if `path` cannot be written: it is a folder, or a parent is a file."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise VaralignError("output path is a directory", dest)
+    parent = next((p for p in dest.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise VaralignError(f"cannot create the output: {parent} is not a directory", dest)
 
 
 def _umask() -> int:

@@ -46,9 +46,14 @@ def first_nonfinite_row(block: np.ndarray) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
-def check_finite(block: np.ndarray, row0: int, source: object, key: str) -> None:
+def check_finite(block: np.ndarray, row0: int, source: object, key: str, member: object = None) -> None:
+    """Raise on NaN/inf; with the npz `member` it came from, a corrupt member is reported as such first."""
     row = first_nonfinite_row(block)
     if row is not None:
+        if member is not None:  # blocks are yielded before the member's CRC is checked: check it now
+            from .npz import verify_member  # noqa: PLC0415
+
+            verify_member(member)
         raise VaralignError(f"embedding {key!r} has NaN/inf at row {row0 + row}", source)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import VaralignError
 
@@ -136,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except VaralignError as exc:
         print(f"varalign: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an I/O failure not caught as a VaralignError: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"varalign: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("varalign: interrupted; nothing was written", file=sys.stderr)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm

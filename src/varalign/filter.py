@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
-from .atomic import atomic_path, save_json
+from .atomic import atomic_path, check_output_path, save_json
 from .errors import VaralignError
 from .execute import default_workers, run_tasks
 from .pool import ARCHS, SCORE_COLUMN, Shard, discover_shards, embedding_member, image_key
@@ -121,6 +122,9 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
     """
     spec = FilterSpec(name=name, **options)  # type: ignore[arg-type]
     spec.validate()
+    for out in (save_path, spec.save_scores):
+        if out is not None:
+            check_output_path(out)
     clock = _Clock()
     workers = spec.num_workers or default_workers()
     shards = discover_shards(metadata_dir, need_npz=spec.name in ("vas", "vas_d"))
@@ -172,15 +176,18 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
         counts["vas_d_iterations"] = int(spec.num_iters)
     columns["selected"] = selected
     result = FilterResult(sort_uids(uids[selected]), counts, clock.laps, thresholds)
-    if spec.save_scores:
-        _save_scores(spec.save_scores, uids, columns)
-        result.scores_path = str(spec.save_scores)
-    if save_path is not None:
-        save_subset(save_path, result.uids)
-        result.save_path = str(save_path)
-        clock.lap("write")
-        result.manifest_path = str(_manifest_path(save_path))
-        save_json(result.manifest_path, _manifest(spec, metadata_dir, shards, target_file, result, clock))
+    # every output goes to a temp file first; they are renamed together only when all were written
+    with contextlib.ExitStack() as outputs:
+        if spec.save_scores:
+            _save_scores(outputs.enter_context(atomic_path(spec.save_scores, ".parquet")), uids, columns)
+            result.scores_path = str(spec.save_scores)
+        if save_path is not None:
+            save_subset(outputs.enter_context(atomic_path(save_path, ".npy")), result.uids)
+            result.save_path = str(save_path)
+            clock.lap("write")
+            result.manifest_path = str(_manifest_path(save_path))
+            save_json(outputs.enter_context(atomic_path(result.manifest_path, ".json")),
+                      _manifest(spec, metadata_dir, shards, target_file, result, clock))
     return result
 
 
@@ -241,7 +248,7 @@ def _vas_d_stage(spec: FilterSpec, shards: list[Shard], scans: list, offsets: np
     try:
         store = CandidateStore.create(os.path.join(work, "candidates.bin"), len(cand), dim, store_dtype)
         tasks = [(s, key, dim, sc.rows, r, store.path, int(o))
-                 for s, sc, r, o in zip(shards, scans, cand_rows, store_offsets[:-1])]
+                 for s, sc, r, o in zip(shards, scans, cand_rows, store_offsets[:-1], strict=True)]
         grams = run_tasks(collect_shard, tasks, workers, "vas_d (npz)", spec.quiet)
         g_all = np.sum([g[0] for g in grams], axis=0)
         g_cand = np.sum([g[1] for g in grams], axis=0)
@@ -269,8 +276,7 @@ def _shard_of_uid(uids: np.ndarray, uid: np.ndarray, shards: list[Shard], offset
 def _save_scores(path: str | os.PathLike, uids: np.ndarray, columns: dict[str, np.ndarray]) -> None:
     """Parquet of uid + every score computed, in pool order (NaN/-1 where a row was not scored)."""
     table = pa.table({"uid": uids_to_hex(uids), **{k: pa.array(v) for k, v in columns.items()}})
-    with atomic_path(path, ".parquet") as tmp:
-        pq.write_table(table, tmp)
+    pq.write_table(table, path)
 
 
 def _manifest_path(save_path: str | os.PathLike) -> Path:

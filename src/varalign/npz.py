@@ -14,8 +14,8 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -75,7 +75,8 @@ def open_member(path: str | os.PathLike, key: str) -> NpzMember:
         name_len, extra_len = struct.unpack("<HH", local[26:30])
         data_offset = info.header_offset + 30 + name_len + extra_len
     compressed = info.compress_type == zipfile.ZIP_DEFLATED
-    head = _read_prefix(path, data_offset, info.compress_size, compressed, 65536)
+    want = _npy_header_size(path, data_offset, info.compress_size, compressed)
+    head = _read_prefix(path, data_offset, info.compress_size, compressed, want)
     dtype, shape, fortran, header_len = _parse_npy_header(head, path, key)
     expected = header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if info.file_size != expected:
@@ -93,7 +94,6 @@ def iter_blocks(member: NpzMember, block_rows: int) -> Iterator[np.ndarray]:
         return
     n_rows = member.shape[0] if member.shape else 1
     row_shape = tuple(member.shape[1:])
-    row_bytes = max(member.row_bytes, 1)
     skip = member.header_len
     done = 0
     block = fill = None
@@ -121,6 +121,12 @@ def iter_blocks(member: NpzMember, block_rows: int) -> Iterator[np.ndarray]:
                 block = None
     if block is not None or done != n_rows:
         raise VaralignError(f"corrupt npz: member {member.key!r} ends early ({done} of {n_rows} rows)", member.path)
+
+
+def verify_member(member: NpzMember) -> None:
+    """Inflate the whole member and check its CRC (raises the corrupt-npz error); nothing kept."""
+    for _ in _iter_raw(member):
+        pass
 
 
 def read_member(member: NpzMember) -> np.ndarray:
@@ -165,15 +171,31 @@ def _iter_raw(member: NpzMember) -> Iterator[bytes]:
 
 
 def _read_prefix(path: str, offset: int, size: int, compressed: bool, want: int) -> bytes:
+    """The first `want` inflated bytes of a member (fewer if the member is shorter)."""
+    out = bytearray()
+    inflater = _zlib.decompressobj(-15) if compressed else None
     with open(path, "rb") as fh:
         fh.seek(offset)
-        raw = fh.read(min(size, want if not compressed else max(want, 1 << 16)))
-    if not compressed:
-        return raw
-    try:
-        return _zlib.decompressobj(-15).decompress(raw, want)
-    except Exception as exc:  # noqa: BLE001 - any inflate failure is a corrupt file
-        raise VaralignError(f"corrupt npz: cannot inflate ({exc})", path) from None
+        remaining = size
+        while len(out) < want and remaining > 0:
+            raw = fh.read(min(remaining, 1 << 16))
+            if not raw:
+                break
+            remaining -= len(raw)
+            try:
+                out += inflater.decompress(raw, want - len(out)) if inflater else raw
+            except Exception as exc:  # noqa: BLE001 - any inflate failure is a corrupt file
+                raise VaralignError(f"corrupt npz: cannot inflate ({exc})", path) from None
+    return bytes(out[:want])
+
+
+def _npy_header_size(path: str, member_offset: int, size: int, compressed: bool) -> int:
+    head = _read_prefix(path, member_offset, size, compressed, 12)
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        return 12
+    if head[6] == 1:
+        return 10 + struct.unpack("<H", head[8:10])[0]
+    return 12 + struct.unpack("<I", head[8:12])[0]
 
 
 def _parse_npy_header(head: bytes, path: str, key: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:

@@ -124,7 +124,7 @@ def _captions(rng: np.random.Generator, kind: np.ndarray, concept: np.ndarray) -
     tpl = rng.integers(0, len(_TEMPLATES), len(kind))
     junk = rng.integers(0, len(_JUNK), len(kind))
     num = rng.integers(0, 99999, len(kind))
-    for k, c, t, j, x in zip(kind, concept, tpl, junk, num):
+    for k, c, t, j, x in zip(kind, concept, tpl, junk, num, strict=True):
         out.append(_JUNK[j].format(x) if k == 2 else _TEMPLATES[t].format(CONCEPTS[c]))
     return out
 
@@ -140,7 +140,7 @@ def make_pool(out_dir: str | os.PathLike, num_samples: int = 50_000, num_shards:
             for i in range(num_shards)]
     if num_workers > 1:
         with ProcessPoolExecutor(num_workers) as pool:
-            list(pool.map(make_shard, *zip(*jobs)))
+            list(pool.map(make_shard, *zip(*jobs, strict=True)))
     else:
         for job in jobs:
             make_shard(*job)

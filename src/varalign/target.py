@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -162,7 +162,7 @@ def _pool_blocks(root: Path, key: str) -> Iterator[tuple[str, np.ndarray]]:
         member = embedding_member(shard, key)
         start = 0
         for block in iter_blocks(member, 65536):
-            check_finite(block, start, shard.npz, key)
+            check_finite(block, start, shard.npz, key, member)
             start += len(block)
             yield shard.npz, block
 
@@ -193,9 +193,10 @@ def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLi
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from .atomic import atomic_path, save_json, save_npy  # noqa: PLC0415
+    from .atomic import atomic_path, check_output_path, save_json, save_npy  # noqa: PLC0415
     from .backend import to_float32  # noqa: PLC0415
 
+    check_output_path(save_path)
     sources: list[Iterator[tuple[str, np.ndarray]]] = []
     for item in inputs:
         p = Path(item)

@@ -34,7 +34,7 @@ def vas_shard(shard: Shard, key: str, rows: np.ndarray, target: np.ndarray,
     pos = 0
     for block in iter_blocks(member, block_rows):
         end = start + len(block)
-        check_finite(block, start, shard.npz, key)
+        check_finite(block, start, shard.npz, key, member)
         stop = int(np.searchsorted(rows, end, side="left"))
         if stop > pos:
             picked = to_float32(block[rows[pos:stop] - start])

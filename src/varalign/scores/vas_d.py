@@ -81,7 +81,7 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
     written = 0
     for block in iter_blocks(member, BLOCK_ROWS):
         end = start + len(block)
-        check_finite(block, start, shard.npz, key)
+        check_finite(block, start, shard.npz, key, member)
         if pool_rows is None:
             g_all += gram64(to_float32(block))
         else:
