@@ -61,11 +61,11 @@ def test_vas_matches_reference(pool, tmp_path, workers) -> None:
                       quiet=True, save_scores=str(tmp_path / "scores.parquet"))
     expected = vas_select(scores, feats, target, 0.45, 0.3)
     assert np.array_equal(np.load(tmp_path / "vas.npy"), _uid_set(uids, expected))
-    assert res.counts == {"pool": 3000, "clip_stage": 1350, "selected": 900}
+    assert res.counts == {"pool": 3000, "clip_score": 1350, "vas": 900, "selected": 900}
     table = pq.read_table(tmp_path / "scores.parquet").to_pydict()
     assert table["uid"] == uids
     vas = np.array(table["vas"], dtype=np.float64)
-    stage = np.array(table["in_clip_stage"])
+    stage = np.array(table["kept_clip_score"])
     assert stage.sum() == 1350 and np.isnan(vas[~stage]).all()
     np.testing.assert_allclose(vas[stage], vas_loop(feats[stage], target), rtol=2e-5)
     assert np.array(table["selected"]).sum() == 900
@@ -128,8 +128,8 @@ def test_cli_writes_subset_and_manifest(pool, tmp_path, capsys) -> None:
     arr = load_subset(out)
     assert arr.dtype == UID_DTYPE and len(arr) == 900
     manifest = json.loads((tmp_path / "uids" / "vas.manifest.json").read_text())
-    assert manifest["counts"] == {"pool": 3000, "clip_stage": 1350, "selected": 900}
-    assert manifest["inputs"]["shards"] == 3 and manifest["inputs"]["target_sha256"]
+    assert manifest["counts"] == {"pool": 3000, "clip_score": 1350, "vas": 900, "selected": 900}
+    assert manifest["inputs"]["shards"] == 3 and manifest["stages"]["vas"]["target_sha256"]
     assert manifest["options"]["fraction_vas"] == 0.3 and "numpy" in manifest["versions"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 

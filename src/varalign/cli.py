@@ -15,7 +15,9 @@ def _filter_parser(sub: argparse._SubParsersAction) -> None:
                        description="Select a subset of a DataComp-format pool and save DataComp's subset file. "
                                    "Flags follow DataComp's baselines.py and the VAS reference.")
     p.add_argument("--list", action="store_true", help="list every method with a one-line description and exit")
-    p.add_argument("--name", help="method: no_filter, clip_score, vas, vas_d")
+    p.add_argument("--name", help="method: no_filter, clip_score, vas, vas_d (see --list)")
+    p.add_argument("--recipe", help="a recipe TOML file, or a shipped preset name (see --list), instead of --name")
+    p.add_argument("--seed", type=int, default=0, help="seed for randomised scores (negCLIPLoss batches)")
     p.add_argument("--metadata_dir", help="directory with {name}.parquet + {name}.npz shards")
     p.add_argument("--save_path", help="output .npy (sorted u8,u8 uids); a .manifest.json is written beside it")
     p.add_argument("--arch", choices=["l14", "b32"], help="which CLIP embeddings/score columns to use")
@@ -41,14 +43,15 @@ def _filter_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_filter(args: argparse.Namespace) -> int:
-    from .filter import METHODS, filter_pool  # noqa: PLC0415
+    from .filter import describe_methods, filter_pool  # noqa: PLC0415
 
     if args.list:
-        width = max(map(len, METHODS))
-        for name, text in METHODS.items():
+        methods = describe_methods()
+        width = max(map(len, methods))
+        for name, text in methods.items():
             print(f"{name:<{width}}  {text}")
         return 0
-    for flag in ("name", "metadata_dir", "save_path"):
+    for flag in ("metadata_dir", "save_path"):
         if getattr(args, flag) is None:
             raise VaralignError(f"--{flag} is required")
     if args.num_gpus:
@@ -56,14 +59,14 @@ def _run_filter(args: argparse.Namespace) -> int:
     if args.higher_is_better_vas != 1:
         raise VaralignError("--higher_is_better_vas 0 is not supported (the VAS reference never applies it)")
     result = filter_pool(
-        args.metadata_dir, args.save_path, args.name, arch=args.arch, fraction=args.fraction,
+        args.metadata_dir, args.save_path, args.name, recipe=args.recipe, arch=args.arch, fraction=args.fraction,
         threshold=args.threshold, fraction_vas=args.fraction_vas, threshold_vas=args.threshold_vas,
         target=args.target, target_variance_name=args.target_variance_name, files_path=args.files_path,
         num_iters=args.num_iters, given_uids_path=args.given_uids_path, num_workers=args.num_workers,
         batch_size=args.batch_size, batch_size_vass=args.batch_size_vass, save_scores=args.save_scores,
-        quiet=args.quiet)
+        cache_path=args.cache_path, seed=args.seed, quiet=args.quiet)
     stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
-    print(f"{args.name}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")
+    print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")
     return 0
 
 

@@ -71,7 +71,7 @@ def _print_table(rows: list[dict], t_pool: float) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        clip = f"{r['clip_stage']:,}" if "clip_stage" in r else "-"
+        clip = f"{r['clip_score']:,}" if r["method"] != "clip_score" else "-"
         print(f"{r['method']:<11} {r['pool']:>8,} {clip:>10} {r['selected']:>9,} {r['aligned']:>8.1%} {r['on_target']:>9.1%} "
               f"{r['seconds']:>9.2f}  {r['path']}")
     print("\naligned   = share of the selection whose caption matches its image (pool: 60%)")

@@ -1,4 +1,4 @@
-"""`filter_pool`: score a DataComp pool shard by shard and write the selected subset."""
+"""`filter_pool`: run a selection recipe over a DataComp pool, shard by shard, and write the subset."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from . import __version__
 from .atomic import atomic_path, check_output_path, save_json
 from .errors import VaralignError
 from .execute import default_workers, run_tasks
-from .pool import ARCHS, SCORE_COLUMN, Shard, discover_shards, embedding_member, image_key
+from .pool import Shard, discover_shards, embedding_member
+from .recipe import Recipe, Stage, list_presets, load_recipe, validate_recipe
+from .scorers import SCORERS, Context, Prepared, prepare, rule_scores
 from .scores.scan import scan_shard
-from .scores.vas import vas_shard
 from .scores.vas_d import CandidateStore, collect_shard, vas_d_iterate
-from .select import at_least, count_for_fraction, datacomp_threshold, top_k_mask
-from .target import load_target, target_path_for
+from .select import at_least, count_for_fraction, threshold_at_rank, top_k_mask
 from .uids import first_duplicate, save_subset, sort_uids, uids_to_hex
 
 METHODS = {
@@ -40,7 +40,8 @@ METHODS = {
 class FilterSpec:
     """Every option of `varalign filter`; names follow DataComp's and the VAS reference's flags."""
 
-    name: str
+    name: str | None = None
+    recipe: str | None = None
     arch: str | None = None
     fraction: float | None = None
     threshold: float | None = None
@@ -49,45 +50,47 @@ class FilterSpec:
     target: str | None = None
     target_variance_name: str | None = None
     files_path: str | None = None
+    cache_path: str | None = None
     num_iters: int | None = None
     given_uids_path: str | None = None
     num_workers: int | None = None
     batch_size: int | None = None
     batch_size_vass: int | None = None
     save_scores: str | None = None
+    seed: int = 0
     quiet: bool = False
 
-    def validate(self) -> None:
+    def to_recipe(self) -> Recipe:
+        """The `--name` preset (or the `--recipe` file) as a recipe; checks the flags first."""
+        if (self.name is None) == (self.recipe is None):
+            raise VaralignError("give exactly one of --name or --recipe")
+        if self.recipe is not None:
+            return load_recipe(self.recipe)
         if self.name not in METHODS:
             raise VaralignError(f"--name must be one of {', '.join(METHODS)}, got {self.name!r}")
         if self.name == "no_filter":
-            return
-        if self.arch not in ARCHS:
-            raise VaralignError(f"--arch must be one of {', '.join(ARCHS)} for {self.name}")
+            return Recipe("no_filter", METHODS["no_filter"])
         _one_of(self.fraction, self.threshold, "--fraction", "--threshold", self.name)
         _check_fraction(self.fraction, "--fraction")
         if self.name == "clip_score":
-            return
-        if self.name == "vas_d":
-            if self.fraction_vas is None or self.threshold_vas is not None:
-                raise VaralignError("vas_d needs --fraction_vas (not --threshold_vas)")
-            if self.num_iters is None or self.num_iters < 1:
-                raise VaralignError("vas_d needs --num_iters >= 1")
+            return Recipe("clip_score", METHODS["clip_score"], [self._clip_stage("datacomp")])
+        if self.name == "vas_d" and (self.fraction_vas is None or self.threshold_vas is not None):
+            raise VaralignError("vas_d needs --fraction_vas (not --threshold_vas)")
         _one_of(self.fraction_vas, self.threshold_vas, "--fraction_vas", "--threshold_vas", self.name)
         _check_fraction(self.fraction_vas, "--fraction_vas")
         if self.fraction_vas is not None and self.fraction is not None and self.fraction_vas > self.fraction:
             raise VaralignError(f"--fraction_vas ({self.fraction_vas}) cannot exceed --fraction ({self.fraction})")
-        if self.name == "vas" and self.target is None and self.target_variance_name is None:
-            raise VaralignError("vas needs a target: --target PATH, or --target_variance_name NAME --files_path DIR")
-        if self.target is None and self.target_variance_name is not None and self.files_path is None:
-            raise VaralignError("--target_variance_name needs --files_path DIR (target read from DIR/variance/)")
+        params = {"arch": self.arch}
+        if self.name == "vas":
+            params |= {"target": self.target, "target_variance_name": self.target_variance_name}
+        else:
+            params["num_iters"] = self.num_iters
+        second = Stage(self.name, {k: v for k, v in params.items() if v is not None}, self.fraction_vas,
+                       self.threshold_vas)
+        return Recipe(self.name, METHODS[self.name], [self._clip_stage("top_k"), second])
 
-    def target_file(self) -> Path | None:
-        if self.name != "vas":
-            return None
-        if self.target is not None:
-            return Path(self.target)
-        return target_path_for(self.files_path, self.target_variance_name)
+    def _clip_stage(self, select: str) -> Stage:
+        return Stage("clip_score", {"arch": self.arch} if self.arch else {}, self.fraction, self.threshold, select)
 
 
 def _one_of(a: float | None, b: float | None, na: str, nb: str, name: str) -> None:
@@ -98,6 +101,14 @@ def _one_of(a: float | None, b: float | None, na: str, nb: str, name: str) -> No
 def _check_fraction(value: float | None, flag: str) -> None:
     if value is not None and not (0.0 < value <= 1.0):
         raise VaralignError(f"{flag} must be in (0, 1], got {value}")
+
+
+def describe_methods() -> dict[str, str]:
+    """Every `--name`, every score usable in a recipe stage, and every shipped preset."""
+    out = {name: text for name, text in METHODS.items()}
+    out |= {f"score:{name}": info.description for name, info in SCORERS.items()}
+    out |= {f"preset:{name}": text for name, text in list_presets().items()}
+    return out
 
 
 @dataclass
@@ -114,169 +125,228 @@ class FilterResult:
 
 
 def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | None = None,
-                name: str = "clip_score", **options: object) -> FilterResult:
+                name: str | None = None, **options: object) -> FilterResult:
     """Select a subset of the DataComp pool in `metadata_dir` and save it as DataComp's subset file.
 
-    `options` are the fields of `FilterSpec` (e.g. `arch="l14", fraction=0.45, fraction_vas=0.3,
-    target="variance_imagenet_1k.npy"`). Nothing is written unless the whole run succeeds.
+    `name` is a `--name` method; or pass `recipe=` (a TOML file or preset name). `options` are the
+    fields of `FilterSpec` (e.g. `arch="l14", fraction=0.45, fraction_vas=0.3, target=...`).
+    Nothing is written unless the whole run succeeds.
     """
     spec = FilterSpec(name=name, **options)  # type: ignore[arg-type]
-    spec.validate()
+    recipe = spec.to_recipe()
+    validate_recipe(recipe, rule_scores(), set(SCORERS))
     for out in (save_path, spec.save_scores):
         if out is not None:
             check_output_path(out)
-    clock = _Clock()
-    workers = spec.num_workers or default_workers()
-    shards = discover_shards(metadata_dir, need_npz=spec.name in ("vas", "vas_d"))
-    dim = ARCHS.get(spec.arch or "", None)
-    target_file = spec.target_file()
-    target = load_target(target_file, dim) if target_file else None
-    if spec.name in ("vas", "vas_d"):
-        members = [embedding_member(s, image_key(spec.arch), dim) for s in shards]
-        store_dtype = np.result_type(*[m.dtype for m in members])
-    clock.lap("validate")
-
-    score_col = SCORE_COLUMN[spec.arch] if spec.name != "no_filter" else None
-    given = str(spec.given_uids_path) if spec.given_uids_path else None
-    scans = run_tasks(scan_shard, [(s, score_col, given) for s in shards], workers, "read parquet", spec.quiet)
-    uids = np.concatenate([sc.uids for sc in scans])
-    offsets = np.cumsum([0] + [len(sc.uids) for sc in scans])
-    dup = first_duplicate(sort_uids(uids))
-    if dup is not None:
-        shard = _shard_of_uid(uids, sort_uids(uids)[dup], shards, offsets)
-        raise VaralignError("duplicate uid across shards (also in an earlier shard)", shard.parquet)
-    n_pool = len(uids)
-    counts = {"pool": n_pool}
-    thresholds: dict[str, float] = {}
-    columns: dict[str, np.ndarray] = {}
-    clock.lap("scan")
-
-    if spec.name == "no_filter":
-        selected = np.ones(n_pool, dtype=bool)
-    else:
-        clip = np.concatenate([sc.clip for sc in scans])
-        columns["clip_score"] = clip
-        if spec.name == "clip_score":
-            t = datacomp_threshold(clip, spec.fraction) if spec.fraction is not None else spec.threshold
-            thresholds["clip_score"] = float(t)
-            selected = at_least(clip, t)
-        else:
-            stage = _clip_stage(clip, spec, n_pool, thresholds)
-            counts["clip_stage"] = int(stage.sum())
-            columns["in_clip_stage"] = stage
-            if spec.name == "vas":
-                selected = _vas_stage(spec, shards, scans, offsets, stage, target, n_pool, workers,
-                                      thresholds, columns)
-            else:
-                selected = _vas_d_stage(spec, shards, scans, offsets, stage, dim, store_dtype, n_pool,
-                                        workers, save_path, columns)
-        clock.lap("score")
-    counts["selected"] = int(selected.sum())
-    if spec.name == "vas_d":
-        counts["vas_d_iterations"] = int(spec.num_iters)
-    columns["selected"] = selected
-    result = FilterResult(sort_uids(uids[selected]), counts, clock.laps, thresholds)
-    # every output goes to a temp file first; they are renamed together only when all were written
-    with contextlib.ExitStack() as outputs:
-        if spec.save_scores:
-            _save_scores(outputs.enter_context(atomic_path(spec.save_scores, ".parquet")), uids, columns)
-            result.scores_path = str(spec.save_scores)
-        if save_path is not None:
-            save_subset(outputs.enter_context(atomic_path(save_path, ".npy")), result.uids)
-            result.save_path = str(save_path)
-            clock.lap("write")
-            result.manifest_path = str(_manifest_path(save_path))
-            save_json(outputs.enter_context(atomic_path(result.manifest_path, ".json")),
-                      _manifest(spec, metadata_dir, shards, target_file, result, clock))
-    return result
+    run = _Run(spec, recipe, metadata_dir, save_path)
+    selected = run.evaluate(recipe, np.ones(run.n_pool, dtype=bool), prefix="")
+    return run.finish(selected)
 
 
-def _clip_stage(clip: np.ndarray, spec: FilterSpec, n_pool: int, thresholds: dict[str, float]) -> np.ndarray:
-    """The VAS reference's CLIP stage: exact top ⌊N·f⌋ (argpartition), or `>= threshold`."""
-    if spec.fraction is not None:
-        return top_k_mask(clip, count_for_fraction(n_pool, spec.fraction))
-    thresholds["clip_score"] = float(spec.threshold)
-    return at_least(clip, spec.threshold)
+class _Run:
+    """State of one filter run: the pool's uids, per-stage columns, counts and timings."""
+
+    def __init__(self, spec: FilterSpec, recipe: Recipe, metadata_dir: object, save_path: object) -> None:
+        self.spec, self.recipe, self.metadata_dir, self.save_path = spec, recipe, metadata_dir, save_path
+        self.clock = _Clock()
+        self.workers = spec.num_workers or default_workers()
+        ctx = Context(spec.files_path, spec.cache_path, spec.seed)
+        self.prepared = {id(s): prepare(s.score, s.params, ctx) for s in recipe.all_stages()}
+        need_npz = any(p.members for p in self.prepared.values())
+        self.shards = discover_shards(metadata_dir, need_npz=need_npz)
+        self.members = {(key, dim): [embedding_member(s, key, dim) for s in self.shards]
+                        for p in self.prepared.values() for key, dim in p.members}
+        self.clock.lap("validate")
+        self._scan()
+        self.counts: dict[str, int] = {"pool": self.n_pool}
+        self.thresholds: dict[str, float] = {}
+        self.columns: dict[str, pa.Array] = {}
+        self.info: dict[str, dict] = {}
+
+    def _scan(self) -> None:
+        cols = sorted({p.column for p in self.prepared.values() if p.column})
+        given = str(self.spec.given_uids_path) if self.spec.given_uids_path else None
+        tasks = [(s, cols, given) for s in self.shards]
+        self.scans = run_tasks(scan_shard, tasks, self.workers, "read parquet", self.spec.quiet)
+        self.uids = np.concatenate([sc.uids for sc in self.scans])
+        self.offsets = np.cumsum([0] + [len(sc.uids) for sc in self.scans])
+        ordered = sort_uids(self.uids)
+        dup = first_duplicate(ordered)
+        if dup is not None:
+            raise VaralignError("duplicate uid across shards (also in an earlier shard)",
+                                self._shard_of(ordered[dup]).parquet)
+        self.n_pool = len(self.uids)
+        self.clock.lap("scan")
+
+    def evaluate(self, recipe: Recipe, alive: np.ndarray, prefix: str) -> np.ndarray:
+        """Boolean mask over the pool of the rows `recipe` keeps, starting from `alive`."""
+        if recipe.op:
+            masks = [self.evaluate(p, alive.copy(), f"{prefix}{p.name}.") for p in recipe.parts]
+            combine = np.logical_and if recipe.op == "intersection" else np.logical_or
+            out = masks[0]
+            for m in masks[1:]:
+                out = combine(out, m)
+            return out
+        for stage in recipe.stages:
+            alive = self._stage(stage, alive, prefix + stage.label)
+            self.counts[prefix + stage.label] = int(alive.sum())
+            self.clock.lap(prefix + stage.label)
+        return alive
+
+    def _stage(self, stage: Stage, alive: np.ndarray, label: str) -> np.ndarray:
+        prep = self.prepared[id(stage)]
+        self.info[label] = {"score": stage.score, "params": _plain(stage.params), "fraction": stage.fraction,
+                            "threshold": stage.threshold, "select": stage.select, **prep.info}
+        if prep.kind == "vas_d":
+            return self._vas_d(stage, prep, alive, label)
+        values = self._values(prep, alive, label)
+        keep = self._keep(stage, values[alive], int(alive.sum()), label)
+        out = np.zeros_like(alive)
+        out[np.flatnonzero(alive)[keep]] = True
+        self.columns[f"kept_{label}"] = pa.array(out)
+        return out
+
+    def _values(self, prep: Prepared, alive: np.ndarray, label: str) -> np.ndarray:
+        """The stage's score for every pool row (computed for `alive` rows; the rest NaN/False)."""
+        if prep.kind == "column":
+            values = np.concatenate([sc.columns[prep.column] for sc in self.scans])
+            self.columns[label] = pa.array(values)
+            return values
+        rows = self._rows_per_shard(alive)
+        tasks = [(prep.fn, s, r, prep.kwargs) for s, r in zip(self.shards, rows, strict=True)
+                 if len(r) or prep.every_shard]
+        parts = run_tasks(_call, tasks, self.workers, label, self.spec.quiet)
+        got = np.concatenate(parts) if parts else np.empty(0)
+        values = np.zeros(self.n_pool, dtype=got.dtype) if got.dtype == bool else np.full(self.n_pool, np.nan,
+                                                                                            dtype=np.float32)
+        values[alive] = got
+        self.columns[label] = pa.array(values, mask=~alive)
+        return values
+
+    def _keep(self, stage: Stage, values: np.ndarray, n_alive: int, label: str) -> np.ndarray:
+        """Which of the alive rows survive the stage's keep rule."""
+        if values.dtype == bool:
+            return values
+        if stage.threshold is not None:
+            self.thresholds[label] = float(stage.threshold)
+            return at_least(values, stage.threshold)
+        k = count_for_fraction(self.n_pool, stage.fraction)
+        if stage.select == "datacomp":
+            t = threshold_at_rank(values, k)
+            self.thresholds[label] = t
+            return at_least(values, t)
+        if k > n_alive:
+            raise VaralignError(f"stage {label!r} asks for {k} rows (fraction {stage.fraction} of the pool) "
+                                f"but only {n_alive} survived the previous stage")
+        return top_k_mask(values, k)
+
+    def _vas_d(self, stage: Stage, prep: Prepared, alive: np.ndarray, label: str) -> np.ndarray:
+        key, dim, iters = prep.kwargs["key"], prep.kwargs["dim"], prep.kwargs["num_iters"]
+        cand = np.flatnonzero(alive)
+        target_count = count_for_fraction(self.n_pool, stage.fraction)
+        if target_count > len(cand):
+            raise VaralignError(f"stage {label!r} asks for {target_count} rows but only {len(cand)} survived "
+                                "the previous stage")
+        cand_rows = self._rows_per_shard(alive)
+        store_offsets = np.cumsum([0] + [len(r) for r in cand_rows])
+        dtype = np.result_type(*[m.dtype for m in self.members[(key, dim)]])
+        work = tempfile.mkdtemp(prefix=".varalign-vas_d-", dir=self._work_root())
+        try:
+            store = CandidateStore.create(os.path.join(work, "candidates.bin"), len(cand), dim, dtype)
+            tasks = [(s, key, dim, sc.rows, r, store.path, int(o))
+                     for s, sc, r, o in zip(self.shards, self.scans, cand_rows, store_offsets[:-1], strict=True)]
+            grams = run_tasks(collect_shard, tasks, self.workers, f"{label} (npz)", self.spec.quiet)
+            g_all = np.sum([g[0] for g in grams], axis=0)
+            g_cand = np.sum([g[1] for g in grams], axis=0)
+            first_target = (g_all / self.n_pool).astype(np.float32)
+            res = vas_d_iterate(store, g_cand, first_target, target_count, iters, self.workers, self.spec.quiet)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        removed_at = np.full(self.n_pool, -1, dtype=np.int32)
+        removed_at[cand] = res.removed_at
+        last = np.full(self.n_pool, np.nan, dtype=np.float32)
+        last[cand] = res.last_score
+        self.columns[f"{label}_removed_at"] = pa.array(removed_at)
+        self.columns[f"{label}_score"] = pa.array(last, mask=~alive)
+        out = np.zeros_like(alive)
+        out[cand[res.keep]] = True
+        self.columns[f"kept_{label}"] = pa.array(out)
+        return out
+
+    def _rows_per_shard(self, alive: np.ndarray) -> list[np.ndarray]:
+        """Shard-local row numbers of the alive pool rows."""
+        out = []
+        for i, sc in enumerate(self.scans):
+            local = np.flatnonzero(alive[self.offsets[i] : self.offsets[i + 1]])
+            out.append(sc.rows[local] if sc.rows is not None else local.astype(np.int64))
+        return out
+
+    def _work_root(self) -> Path | None:
+        if self.save_path is None:
+            return None
+        root = Path(self.save_path).parent
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def _shard_of(self, uid: np.ndarray) -> Shard:
+        hits = np.flatnonzero((self.uids["f0"] == uid["f0"]) & (self.uids["f1"] == uid["f1"]))
+        return self.shards[int(np.searchsorted(self.offsets, int(hits[-1]), side="right") - 1)]
+
+    def finish(self, selected: np.ndarray) -> FilterResult:
+        spec = self.spec
+        self.counts["selected"] = int(selected.sum())
+        self.columns["selected"] = pa.array(selected)
+        result = FilterResult(sort_uids(self.uids[selected]), self.counts, self.clock.laps, self.thresholds)
+        # every output goes to a temp file first; they are renamed together only when all were written
+        with contextlib.ExitStack() as outputs:
+            if spec.save_scores:
+                table = pa.table({"uid": uids_to_hex(self.uids), **self.columns})
+                pq.write_table(table, outputs.enter_context(atomic_path(spec.save_scores, ".parquet")))
+                result.scores_path = str(spec.save_scores)
+            if self.save_path is not None:
+                save_subset(outputs.enter_context(atomic_path(self.save_path, ".npy")), result.uids)
+                result.save_path = str(self.save_path)
+                self.clock.lap("write")
+                result.manifest_path = str(_manifest_path(self.save_path))
+                save_json(outputs.enter_context(atomic_path(result.manifest_path, ".json")), self._manifest(result))
+        return result
+
+    def _manifest(self, result: FilterResult) -> dict:
+        listing = hashlib.sha256()
+        for s in self.shards:
+            for f in (s.parquet, s.npz):
+                if f:
+                    st = os.stat(f)
+                    listing.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return {
+            "tool": "varalign filter",
+            "varalign_version": __version__,
+            "command": sys.argv if Path(sys.argv[0]).name.startswith("varalign") else None,
+            "recipe": self.recipe.name,
+            "options": asdict(self.spec),
+            "stages": self.info,
+            "inputs": {
+                "metadata_dir": str(self.metadata_dir),
+                "shards": len(self.shards),
+                "rows": int(sum(s.num_rows for s in self.shards)),
+                "shard_listing_sha256": listing.hexdigest(),
+                "given_uids_path": self.spec.given_uids_path,
+            },
+            "output": {"path": result.save_path, "uids": int(len(result.uids)), "scores": result.scores_path},
+            "counts": result.counts,
+            "thresholds": result.thresholds,
+            "timings_s": {k: round(v, 3) for k, v in self.clock.laps.items()},
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
 
 
-def _rows_per_shard(stage: np.ndarray, scans: list, offsets: np.ndarray) -> list[np.ndarray]:
-    """Shard-local row numbers of the pool rows where `stage` is true."""
-    out = []
-    for i, sc in enumerate(scans):
-        local = np.flatnonzero(stage[offsets[i] : offsets[i + 1]])
-        out.append(sc.rows[local] if sc.rows is not None else local.astype(np.int64))
-    return out
+def _call(fn, shard: Shard, rows: np.ndarray, kwargs: dict) -> np.ndarray:
+    return fn(shard=shard, rows=rows, **kwargs)
 
 
-def _vas_stage(spec: FilterSpec, shards: list[Shard], scans: list, offsets: np.ndarray, stage: np.ndarray,
-               target: np.ndarray, n_pool: int, workers: int, thresholds: dict, columns: dict) -> np.ndarray:
-    key = image_key(spec.arch)
-    rows = _rows_per_shard(stage, scans, offsets)
-    tasks = [(s, key, r, target) for s, r in zip(shards, rows, strict=True)]  # every shard: NaN/inf anywhere is an error
-    parts = run_tasks(vas_shard, tasks, workers, "vas (npz)", spec.quiet)
-    vas = np.full(n_pool, np.nan, dtype=np.float32)
-    vas[stage] = np.concatenate(parts) if parts else np.empty(0, np.float32)
-    columns["vas"] = vas
-    cand = np.flatnonzero(stage)
-    if spec.fraction_vas is not None:
-        k = count_for_fraction(n_pool, spec.fraction_vas)
-        if k > len(cand):
-            raise VaralignError(f"--fraction_vas asks for {k} rows but only {len(cand)} passed the CLIP stage")
-        keep = top_k_mask(vas[cand], k)
-    else:
-        thresholds["vas"] = float(spec.threshold_vas)
-        keep = at_least(vas[cand], spec.threshold_vas)
-    selected = np.zeros(n_pool, dtype=bool)
-    selected[cand[keep]] = True
-    return selected
-
-
-def _vas_d_stage(spec: FilterSpec, shards: list[Shard], scans: list, offsets: np.ndarray, stage: np.ndarray,
-                 dim: int, store_dtype: np.dtype, n_pool: int, workers: int, save_path: object,
-                 columns: dict) -> np.ndarray:
-    key = image_key(spec.arch)
-    cand = np.flatnonzero(stage)
-    target_count = count_for_fraction(n_pool, spec.fraction_vas)
-    if target_count > len(cand):
-        raise VaralignError(f"--fraction_vas asks for {target_count} rows but only {len(cand)} passed the CLIP stage")
-    cand_rows = _rows_per_shard(stage, scans, offsets)
-    store_offsets = np.cumsum([0] + [len(r) for r in cand_rows])
-    work_root = Path(save_path).parent if save_path is not None else None
-    if work_root is not None:
-        work_root.mkdir(parents=True, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".varalign-vas_d-", dir=work_root)
-    try:
-        store = CandidateStore.create(os.path.join(work, "candidates.bin"), len(cand), dim, store_dtype)
-        tasks = [(s, key, dim, sc.rows, r, store.path, int(o))
-                 for s, sc, r, o in zip(shards, scans, cand_rows, store_offsets[:-1], strict=True)]
-        grams = run_tasks(collect_shard, tasks, workers, "vas_d (npz)", spec.quiet)
-        g_all = np.sum([g[0] for g in grams], axis=0)
-        g_cand = np.sum([g[1] for g in grams], axis=0)
-        first_target = (g_all / n_pool).astype(np.float32)
-        res = vas_d_iterate(store, g_cand, first_target, target_count, spec.num_iters, workers, spec.quiet)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    removed_at = np.full(n_pool, -1, dtype=np.int32)
-    removed_at[cand] = res.removed_at
-    last = np.full(n_pool, np.nan, dtype=np.float32)
-    last[cand] = res.last_score
-    columns["vas_d_removed_at"] = removed_at
-    columns["vas_d_score"] = last
-    selected = np.zeros(n_pool, dtype=bool)
-    selected[cand[res.keep]] = True
-    return selected
-
-
-def _shard_of_uid(uids: np.ndarray, uid: np.ndarray, shards: list[Shard], offsets: np.ndarray) -> Shard:
-    hits = np.flatnonzero((uids["f0"] == uid["f0"]) & (uids["f1"] == uid["f1"]))
-    last = int(hits[-1])
-    return shards[int(np.searchsorted(offsets, last, side="right") - 1)]
-
-
-def _save_scores(path: str | os.PathLike, uids: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-    """Parquet of uid + every score computed, in pool order (NaN/-1 where a row was not scored)."""
-    table = pa.table({"uid": uids_to_hex(uids), **{k: pa.array(v) for k, v in columns.items()}})
-    pq.write_table(table, path)
+def _plain(params: dict) -> dict:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in params.items()}
 
 
 def _manifest_path(save_path: str | os.PathLike) -> Path:
@@ -284,57 +354,15 @@ def _manifest_path(save_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".manifest.json")
 
 
-def _manifest(spec: FilterSpec, metadata_dir: object, shards: list[Shard], target_file: Path | None,
-              result: FilterResult, clock: _Clock) -> dict:
-    listing = hashlib.sha256()
-    for s in shards:
-        for f in (s.parquet, s.npz):
-            if f:
-                st = os.stat(f)
-                listing.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return {
-        "tool": "varalign filter",
-        "varalign_version": __version__,
-        "command": sys.argv if Path(sys.argv[0]).name.startswith("varalign") else None,
-        "options": asdict(spec),
-        "inputs": {
-            "metadata_dir": str(metadata_dir),
-            "shards": len(shards),
-            "rows": int(sum(s.num_rows for s in shards)),
-            "shard_listing_sha256": listing.hexdigest(),
-            "target": str(target_file) if target_file else None,
-            "target_sha256": _sha256(target_file) if target_file else None,
-            "given_uids_path": spec.given_uids_path,
-        },
-        "output": {"path": result.save_path, "uids": int(len(result.uids)), "scores": result.scores_path},
-        "counts": result.counts,
-        "thresholds": result.thresholds,
-        "timings_s": {k: round(v, 3) for k, v in clock.laps.items()},
-        "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "numpy": np.__version__, "pyarrow": pa.__version__}
-    for mod in ("zlib_ng", "torch", "tqdm"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
-    try:
-        from importlib.metadata import version  # noqa: PLC0415
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
 
-        out["zlib-ng"] = version("zlib-ng")
-    except Exception:  # noqa: BLE001
-        pass
+    out = {"python": sys.version.split()[0]}
+    for dist in ("numpy", "pyarrow", "zlib-ng", "tqdm", "torch", "fasttext-predict", "faiss-cpu"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return out
 
 

@@ -16,13 +16,16 @@ def datacomp_threshold(scores: np.ndarray, fraction: float) -> float:
     DataComp sorts the whole column and indexes `sorted_desc[int(N*f)]`; `np.partition`
     finds the same value in linear time. At f = 1 DataComp raises IndexError; we keep every row.
     """
-    n_total = len(scores)
-    n = count_for_fraction(n_total, fraction)
-    if n_total == 0:
+    return threshold_at_rank(scores, count_for_fraction(len(scores), fraction))
+
+
+def threshold_at_rank(scores: np.ndarray, n: int) -> float:
+    """The (n+1)-th largest score (the smallest one if n >= len: keep every row)."""
+    if len(scores) == 0:
         return float("inf")
-    if n >= n_total:
+    if n >= len(scores):
         return float(np.min(scores))
-    kth = n_total - 1 - n
+    kth = len(scores) - 1 - n
     return float(np.partition(scores, kth)[kth])
 
 

@@ -17,7 +17,7 @@ class ShardScan:
     """Rows of one shard that belong to the pool: uids, scores, and row numbers when restricted."""
 
     uids: np.ndarray
-    clip: np.ndarray | None
+    columns: dict[str, np.ndarray]  # float32 score columns, restricted like `uids`
     rows: np.ndarray | None  # row indices into the shard when --given_uids_path restricts it
 
 
@@ -26,21 +26,20 @@ def _given(path: str) -> np.ndarray:
     return load_subset(path)
 
 
-def scan_shard(shard: Shard, score_column: str | None, given_path: str | None) -> ShardScan:
-    """Read uids (+ one score column) of a shard, validate them, and apply the restriction."""
-    columns = ["uid"] + ([score_column] if score_column else [])
-    table = read_columns(shard, columns)
+def scan_shard(shard: Shard, score_columns: list[str], given_path: str | None) -> ShardScan:
+    """Read uids (+ score columns) of a shard, validate them, and apply the restriction."""
+    table = read_columns(shard, ["uid"] + list(score_columns))
     if table.num_rows != shard.num_rows:  # the file changed under us
         raise VaralignError(f"parquet now has {table.num_rows} rows, expected {shard.num_rows}", shard.parquet)
     uids = hex_to_uids(table.column("uid"), shard.parquet)
     dup = first_duplicate(sort_uids(uids))
     if dup is not None:
         raise VaralignError("duplicate uid within the shard", shard.parquet)
-    clip = read_scores(table, score_column, shard) if score_column else None
+    columns = {c: read_scores(table, c, shard) for c in score_columns}
     rows = None
     if given_path is not None:
         keep = isin_sorted(uids, _given(given_path))
         rows = np.flatnonzero(keep).astype(np.int64)
         uids = uids[rows]
-        clip = clip[rows] if clip is not None else None
-    return ShardScan(uids, clip, rows)
+        columns = {c: v[rows] for c, v in columns.items()}
+    return ShardScan(uids, columns, rows)

@@ -1,0 +1,268 @@
+"""DataComp's downloadable baseline assets: where DataComp caches them, checksums, safe loading.
+
+DataComp's `baselines/utils.py::download(name, root)` caches every asset as `{root}/{name}.pt`
+(root `~/.cache/datacomp`; `{scale}_centroids` is therefore `small_centroids.pt`, although its
+URL ends in `small_centroids_l14.pt`), except fastText's `lid.176.bin`, which `apply_filter.py`
+caches under `~/.cache/fasttext`. `find_asset` looks there (or in `cache_path`), accepting the
+URL's file name too. A checksum that differs from DataComp's is a warning, not an error.
+
+`.pt` files are never fully unpickled: a numpy array in a `.pt` (DataComp's centroids, saved
+with pickle protocol 4, which torch's `weights_only` reader cannot parse) is read by a
+restricted unpickler that resolves only numpy's array-reconstruction globals; tensors (the
+ImageNet-1k features) go through `torch.load(weights_only=True)` with the same numpy
+allowlist added through `torch.serialization.safe_globals`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.client
+import io
+import os
+import pickle
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import VaralignError
+
+SCALES = ("small", "medium", "large", "xlarge")
+DATACOMP_CACHE = "~/.cache/datacomp"
+FASTTEXT_CACHE = "~/.cache/fasttext"
+_BASE = "https://github.com/sagadre/datacomp_baseline_assets/releases/download/v0.1.0-alpha/"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One DataComp asset: its `download()` key, cached file name, URL and sha256."""
+
+    name: str
+    filename: str
+    url: str
+    sha256: str
+    default_dir: str = DATACOMP_CACHE
+
+    @property
+    def url_filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+# Facts (URLs, sha256) from mlfoundations/datacomp baselines/utils.py `download`.
+_SHA = {
+    "imagenet21k_wordnet_ids": "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2",
+    "in1k_clip_vit_l14_0": "304990fd492f40ba90072b80af78d6e8edcab9d042476ef513e03441cf53743b",
+    "in1k_clip_vit_l14_1": "72f008e6aa3bfb54174fa322963215337f843fc90fd642a9dccc815dd9e7ee76",
+    "in1k_clip_vit_l14_2": "83c3cc6503b8a50a22cac7023ca6cd61b130ab9725db2a7519f1bec5cabf5493",
+    "in1k_clip_vit_l14_3": "83faa289f847799ddcd438e5b74df1cb5973c345674896d10ba31ea48bc63804",
+    "in1k_clip_vit_l14_4": "067a45f4a140a93371876510a2fd9198a89ac1d194ae4063a51b45a6da69cadf",
+    "small_centroids": "23c66a05e49ad77283c1e2b33355c7eb088ac332a944c97ff85d5dfd48a5b251",
+    "medium_centroids": "028b1721b1d0f139c565b6b0ac99f8a1756f4bae89c36b0ec6d1c6ea9b6f112d",
+    "large_centroids": "04eeab1069d3540c246cf7ce69323147351a474017fc472e4c50a018ca32240b",
+    "xlarge_centroids": "3f62e5f8ae3a715ce84e422846fcfce1536d184455ea234790c4a6465c4c6726",
+}
+_URL_NAME = {"imagenet21k_wordnet_ids": "imagenet21k_wordnet_ids.txt"} | {
+    f"{s}_centroids": f"{s}_centroids_l14.pt" for s in SCALES}
+
+ASSETS: dict[str, Asset] = {
+    name: Asset(name, f"{name}.pt", _BASE + _URL_NAME.get(name, f"{name}.pt"), sha) for name, sha in _SHA.items()
+}
+ASSETS["fasttext"] = Asset(
+    "fasttext", "lid.176.bin", "https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin",
+    "7e69ec5451bc261cc7844e49e4792a85d7f09c06789ec800fc4a44aec362764e", FASTTEXT_CACHE)
+IN1K_FEATURES = tuple(f"in1k_clip_vit_l14_{i}" for i in range(5))
+
+
+def resolve_asset(name: str) -> Asset:
+    """The asset for a `download()` key (`small_centroids`), cached name or URL file name."""
+    if name in ASSETS:
+        return ASSETS[name]
+    for asset in ASSETS.values():
+        if name in (asset.filename, asset.url_filename):
+            return asset
+    raise VaralignError(f"unknown DataComp asset {name!r} (known: {', '.join(ASSETS)})")
+
+
+def candidate_paths(asset: Asset, cache_path: str | os.PathLike | None = None) -> list[Path]:
+    """Where to look, in order: DataComp's cached name, then the URL's file name."""
+    folder = Path(cache_path if cache_path is not None else asset.default_dir).expanduser()
+    names = dict.fromkeys((asset.filename, asset.url_filename))
+    return [folder / n for n in names]
+
+
+def find_asset(name: str, cache_path: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """Path of a DataComp asset in its cache folder; `download=True` fetches a missing one."""
+    asset = resolve_asset(name)
+    paths = candidate_paths(asset, cache_path)
+    for path in paths:
+        if path.is_file():
+            check_sha256(path, asset.sha256)
+            return path
+        if path.exists():
+            raise VaralignError("exists but is not a regular file", path)
+    if download:
+        return download_asset(asset, paths[0])
+    looked = ", ".join(map(str, paths))
+    raise VaralignError(
+        f"DataComp asset {asset.name!r} not found (looked for {looked}); download {asset.url} to {paths[0]}, "
+        "pass its folder as the cache path, or allow downloading")
+
+
+def check_sha256(path: str | os.PathLike, expected: str) -> bool:
+    """True if the file's sha256 is `expected`; otherwise warn (the file is still used)."""
+    digest = _sha256(str(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
+    if digest != expected:
+        warnings.warn(f"{path}: sha256 {digest} differs from DataComp's {expected}", stacklevel=2)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_asset(asset: Asset, dest: Path) -> Path:
+    """Fetch `asset.url` to a temp file beside `dest`, rename it into place, check sha256."""
+    try:
+        with atomic_path(dest) as tmp, urllib.request.urlopen(asset.url, timeout=60) as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+        raise VaralignError(f"cannot download {asset.url} ({exc})", dest) from None
+    check_sha256(dest, asset.sha256)
+    return dest
+
+
+# ----------------------------------------------------------------------------- .pt loading
+
+
+def _numpy_globals() -> dict[str, Any]:
+    """The only globals a pickled numpy array needs: `_reconstruct`, `ndarray`, `dtype`."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return {
+        "numpy.core.multiarray._reconstruct": _reconstruct,  # files written by numpy 1.x
+        "numpy._core.multiarray._reconstruct": _reconstruct,  # ... by numpy 2.x
+        "numpy.ndarray": np.ndarray,
+        "numpy.dtype": np.dtype,
+    }
+
+
+def torch_safe_globals() -> list[Any]:
+    """Allowlist for `torch.serialization.safe_globals`: numpy's array reconstruction only."""
+    dtype_classes = {type(np.dtype(c)) for c in np.typecodes["AllFloat"] + np.typecodes["AllInteger"] + "?"}
+    names = [(obj, name) for name, obj in _numpy_globals().items() if name.endswith("_reconstruct")]
+    return [*names, np.ndarray, np.dtype, *sorted(dtype_classes, key=str)]
+
+
+class _NeedsTorch(Exception):
+    """The pickle references torch storages: only torch can read it."""
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Resolves numpy's array-reconstruction globals and nothing else (no persistent ids)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _numpy_globals().get(f"{module}.{name}")
+        if obj is None:
+            if module.startswith("torch"):
+                raise _NeedsTorch(f"{module}.{name}")
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _NeedsTorch("storage")
+
+
+def load_pt(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """A numeric array from a `.pt` (numpy array, tensor, or dict holding one under `key`)."""
+    path = Path(path)
+    try:
+        obj = _load_numpy_pickle(path)
+    except _NeedsTorch:
+        obj = _load_with_torch(path)
+    if isinstance(obj, dict):
+        if key is None or key not in obj:
+            raise VaralignError(f".pt holds a dict without key {key!r} (keys: {list(obj)[:8]})", path)
+        obj = obj[key]
+    if hasattr(obj, "detach"):  # a torch tensor
+        obj = obj.detach().cpu().float().numpy() if obj.is_floating_point() else obj.detach().cpu().numpy()
+    if not isinstance(obj, np.ndarray) or obj.dtype.kind not in "fiu":
+        raise VaralignError(f".pt must hold a numeric array, found {type(obj).__name__}", path)
+    return obj
+
+
+def _load_numpy_pickle(path: Path) -> Any:
+    """Unpickle the `data.pkl` of a zip-format `.pt` with `_NumpyUnpickler`."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if pkl is None:
+                raise VaralignError("not a torch .pt zip archive (no data.pkl)", path)
+            data = zf.read(pkl)
+    except zipfile.BadZipFile:
+        raise _NeedsTorch("legacy format") from None
+    except OSError as exc:
+        raise VaralignError(f"cannot read .pt ({exc.strerror or exc})", path) from None
+    try:
+        return _NumpyUnpickler(io.BytesIO(data)).load()
+    except _NeedsTorch:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a refused/broken file
+        raise VaralignError(f"cannot load .pt safely ({exc})", path) from None
+
+
+def _load_with_torch(path: Path) -> Any:
+    try:
+        import torch  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise VaralignError("this .pt holds tensors: reading it needs torch (pip install torch)", path) from None
+    try:
+        with torch.serialization.safe_globals(torch_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a refused or bad file
+        detail = " ".join(str(exc).split())[:200]
+        raise VaralignError(f"cannot load .pt safely (weights_only=True): {detail}", path) from None
+
+
+def load_centroids(path: str | os.PathLike) -> np.ndarray:
+    """Centroids `(K, D)` float32 from DataComp's `.pt` or our `.npy`; checked finite."""
+    path = Path(path)
+    if not path.is_file():
+        raise VaralignError("centroid file not found", path)
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise VaralignError(f"not a plain numeric .npy ({exc})", path) from None
+    else:
+        arr = load_pt(path)
+    if arr.ndim != 2 or arr.dtype.kind != "f" or not len(arr):
+        raise VaralignError(f"centroids must be a non-empty 2-d float array, found {arr.dtype} {arr.shape}", path)
+    if not np.isfinite(arr).all():
+        raise VaralignError("centroids hold NaN/inf", path)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def iter_in1k_features(cache_path: str | os.PathLike | None = None, download: bool = False) -> Iterator[np.ndarray]:
+    """DataComp's ImageNet-1k train L/14 image features, one float32 array per file (5 files)."""
+    paths = [find_asset(name, cache_path, download) for name in IN1K_FEATURES]  # fail before any work
+    for path in paths:
+        feats = load_pt(path, key="image_features")
+        if feats.ndim != 2 or feats.dtype.kind != "f":
+            raise VaralignError(f"image_features must be a 2-d float array, found {feats.shape}", path)
+        yield np.ascontiguousarray(feats, dtype=np.float32)

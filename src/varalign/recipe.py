@@ -1,0 +1,145 @@
+"""Recipes: a selection is a list of stages (score → keep rule), or a set operation over recipes.
+
+A stage scores the rows that survived the previous stage and keeps some of them:
+- `fraction` f with `select = "top_k"`: exactly ⌊N·f⌋ rows, N = the whole pool (VAS/negCLIPLoss reference);
+- `fraction` f with `select = "datacomp"`: rows scoring >= the (⌊N·f⌋+1)-th largest (DataComp's clip_score);
+- `threshold` t: rows scoring >= t;
+- neither, for a rule (a boolean score such as `basic_filter`): the rows where it is true.
+
+The paper recipes are presets: `VAS ∩ CLIP score` = `clip_score top 45% of pool → vas top 30% of pool`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import VaralignError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SELECT_MODES = ("top_k", "datacomp")
+STAGE_KEYS = {"score", "fraction", "threshold", "select", "label"}
+PRESET_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class Stage:
+    """One score and its keep rule; `params` go to the scorer (arch, target, temperature, ...)."""
+
+    score: str
+    params: dict[str, Any] = field(default_factory=dict)
+    fraction: float | None = None
+    threshold: float | None = None
+    select: str = "top_k"
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.score
+
+
+@dataclass
+class Recipe:
+    """Sequential `stages`, or `op` ('intersection' / 'union') over independent `parts`."""
+
+    name: str
+    description: str = ""
+    stages: list[Stage] = field(default_factory=list)
+    op: str | None = None
+    parts: list[Recipe] = field(default_factory=list)
+
+    def all_stages(self) -> list[Stage]:
+        return [s for p in self.parts for s in p.all_stages()] if self.op else list(self.stages)
+
+
+def validate_recipe(recipe: Recipe, rule_scores: set[str], known: set[str]) -> None:
+    """Check a recipe before any work: known scores, one keep rule per stage, fractions that shrink."""
+    if recipe.op:
+        if recipe.op not in ("intersection", "union"):
+            raise VaralignError(f"recipe {recipe.name!r}: op must be 'intersection' or 'union', got {recipe.op!r}")
+        if len(recipe.parts) < 2 or recipe.stages:
+            raise VaralignError(f"recipe {recipe.name!r}: an op needs >= 2 parts and no stages of its own")
+        for part in recipe.parts:
+            validate_recipe(part, rule_scores, known)
+        return
+    previous = 1.0
+    labels = set()
+    for stage in recipe.stages:
+        where = f"recipe {recipe.name!r}, stage {stage.label!r}"
+        if stage.score not in known:
+            raise VaralignError(f"{where}: unknown score {stage.score!r} (see `varalign filter --list`)")
+        if stage.label in labels:
+            raise VaralignError(f"{where}: two stages share the label {stage.label!r}; set `label`")
+        labels.add(stage.label)
+        if stage.score in rule_scores:
+            if stage.fraction is not None or stage.threshold is not None:
+                raise VaralignError(f"{where}: a rule keeps the rows where it holds; drop fraction/threshold")
+            continue
+        if stage.score == "vas_d":
+            if stage.fraction is None or stage.threshold is not None:
+                raise VaralignError(f"{where}: vas_d needs a fraction of the pool (not a threshold)")
+        elif (stage.fraction is None) == (stage.threshold is None):
+            raise VaralignError(f"{where}: give exactly one of fraction or threshold")
+        if stage.select not in SELECT_MODES:
+            raise VaralignError(f"{where}: select must be one of {SELECT_MODES}, got {stage.select!r}")
+        if stage.fraction is not None:
+            if not 0.0 < stage.fraction <= 1.0:
+                raise VaralignError(f"{where}: fraction must be in (0, 1], got {stage.fraction}")
+            if stage.fraction > previous:
+                raise VaralignError(f"{where}: fraction {stage.fraction} exceeds the previous stage's {previous} "
+                                    "(fractions are of the whole pool)")
+            previous = stage.fraction
+
+
+def load_recipe(path_or_name: str | os.PathLike) -> Recipe:
+    """Read a recipe TOML file, or a shipped preset by name (`varalign filter --list`)."""
+    path = Path(path_or_name)
+    if not path.exists():
+        preset = PRESET_DIR / f"{path_or_name}.toml"
+        if not preset.exists():
+            raise VaralignError("recipe not found (neither a file nor a preset name)", path)
+        path = preset
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VaralignError(f"cannot read recipe ({exc})", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise VaralignError(f"recipe is not valid TOML ({exc})", path) from None
+    return _recipe_from_dict(data, path.stem, path.parent, path)
+
+
+def _recipe_from_dict(data: dict, default_name: str, base: Path, source: Path) -> Recipe:
+    unknown = set(data) - {"name", "description", "stages", "op", "parts"}
+    if unknown:
+        raise VaralignError(f"unknown recipe key {sorted(unknown)[0]!r}", source)
+    parts = [_recipe_from_dict(p, f"{default_name}.{i}", base, source) for i, p in enumerate(data.get("parts", []))]
+    stages = []
+    for raw in data.get("stages", []):
+        if "score" not in raw:
+            raise VaralignError("every stage needs `score = ...`", source)
+        params = {k: _resolve(k, v, base) for k, v in raw.items() if k not in STAGE_KEYS}
+        stages.append(Stage(raw["score"], params, raw.get("fraction"), raw.get("threshold"),
+                            raw.get("select", "top_k"), raw.get("label", "")))
+    return Recipe(data.get("name", default_name), data.get("description", ""), stages, data.get("op"), parts)
+
+
+def _resolve(key: str, value: Any, base: Path) -> Any:
+    """Relative paths in a recipe are relative to the recipe file."""
+    if key.endswith(("path", "target", "_file")) and isinstance(value, str) and not os.path.isabs(value):
+        candidate = base / value
+        return str(candidate) if candidate.exists() else value
+    return value
+
+
+def list_presets() -> dict[str, str]:
+    """Shipped preset recipes: name -> description."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.toml")):
+        out[path.stem] = load_recipe(path).description
+    return out

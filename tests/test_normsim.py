@@ -1,0 +1,120 @@
+"""NormSim against full float64 products (REFERENCE.md §5.2), and its p = 2 link to VAS."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from conftest import random_shard, write_pool
+
+from varalign.errors import VaralignError
+from varalign.pool import discover_shards
+from varalign.scores.normsim import NormSimTarget, normsim_scores, normsim_shard, parse_p
+from varalign.scores.vas import vas_scores
+
+P_VALUES = [1, 2, 3.5, "inf", 100]
+
+
+def normsim_reference(features: np.ndarray, target: np.ndarray, p: float | str) -> np.ndarray:
+    prod = np.abs(features.astype(np.float64) @ target.astype(np.float64).T)
+    if p == "inf" or float(p) >= 100:
+        return prod.max(axis=1)
+    return (prod ** float(p)).sum(axis=1) ** (1 / float(p))
+
+
+def _unit(rng, n, dim, dtype=np.float32):
+    x = rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+@pytest.mark.parametrize("gram", [True, False])
+def test_in_memory_matches_reference(p, gram) -> None:
+    rng = np.random.default_rng(0)
+    feats, target = _unit(rng, 50, 12, np.float16), _unit(rng, 70, 12)
+    tgt = NormSimTarget(("<array>",), chunk_rows=16)
+    tgt._arrays, tgt.dim = [target], 12
+    got = normsim_scores(feats, tgt, p, gram=gram, block_rows=9)
+    np.testing.assert_allclose(got, normsim_reference(feats, target, p), rtol=2e-5, atol=1e-6)
+    plain = normsim_scores(feats, target, p, gram=gram)  # a bare array works too
+    np.testing.assert_allclose(plain, got, rtol=2e-5, atol=1e-6)
+
+
+def test_large_p_does_not_overflow() -> None:
+    rng = np.random.default_rng(1)
+    feats, target = 40 * _unit(rng, 10, 6), 40 * _unit(rng, 30, 6)  # |x| up to 1600: x^50 overflows float32
+    got = normsim_scores(feats, target, 50)
+    np.testing.assert_allclose(got, normsim_reference(feats, target, 50), rtol=2e-5)
+
+
+def test_p2_squared_is_t_times_vas() -> None:
+    """NormSim_2(i)² = Σ_t (g_tᵀ f_i)² = |T| · VAS(i) with S = GᵀG / |T| (README: VAS is a special case)."""
+    rng = np.random.default_rng(2)
+    feats, target = _unit(rng, 40, 10), _unit(rng, 90, 10)
+    vas = vas_scores(feats, (target.astype(np.float64).T @ target / len(target)).astype(np.float32))
+    direct = normsim_scores(feats, target, 2, gram=False)
+    np.testing.assert_allclose(direct.astype(np.float64) ** 2, len(target) * vas, rtol=1e-5)
+
+
+def _target_files(tmp_path, target, torch):
+    parts = np.split(target, [25, 60])
+    np.save(tmp_path / "a.npy", parts[0].astype(np.float16))
+    torch.save({"image_features": torch.from_numpy(parts[1]), "labels": torch.zeros(35)}, tmp_path / "b.pt")
+    np.save(tmp_path / "c.npy", parts[2])
+    return [tmp_path / "a.npy", tmp_path / "b.pt", tmp_path / "c.npy"]
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    rng = np.random.default_rng(3)
+    return write_pool(tmp_path / "pool", [random_shard(rng, n, dim=16) for n in (57, 40)])
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+def test_shard_with_split_target_matches_reference(pool, tmp_path, p) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    target = _unit(rng, 80, 16)
+    tgt = NormSimTarget.from_paths(_target_files(tmp_path, target, torch), key="image_features", chunk_rows=11)
+    assert tgt.rows == 80 and tgt.dim == 16
+    exact = np.concatenate([target[:25].astype(np.float16).astype(np.float32), target[25:]])
+    for shard in discover_shards(pool, need_npz=True):
+        with np.load(shard.npz) as npz:
+            feats = npz["l14_img"]
+        for rows in (np.arange(shard.num_rows), np.array([0, 5, 6, 31, shard.num_rows - 1])):
+            got = normsim_shard(shard, rows.astype(np.int64), tgt, p, block_rows=8)
+            np.testing.assert_allclose(got, normsim_reference(feats[rows], exact, p), rtol=2e-5, atol=1e-6)
+
+
+def test_target_pickles_without_cache(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "g.npy", _unit(rng, 20, 4))
+    tgt = NormSimTarget.from_paths([tmp_path]).prepare(2)
+    clone = pickle.loads(pickle.dumps(tgt))
+    assert clone._arrays is None and clone._gram is not None
+    feats = _unit(rng, 5, 4)
+    np.testing.assert_array_equal(normsim_scores(feats, clone, "inf"), normsim_scores(feats, tgt, "inf"))
+
+
+def test_nan_in_candidates_names_the_npz(tmp_path) -> None:
+    shard = random_shard(np.random.default_rng(0), 30, dim=8)
+    shard["l14_img"][21, 0] = np.inf
+    (s,) = discover_shards(write_pool(tmp_path / "bad", [shard]), need_npz=True)
+    with pytest.raises(VaralignError, match=r"00000000\.npz: embedding 'l14_img' has NaN/inf at row 21"):
+        normsim_shard(s, np.arange(3, dtype=np.int64), _unit(np.random.default_rng(1), 5, 8), block_rows=8)
+
+
+def test_bad_target_and_p(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    bad = _unit(rng, 10, 4)
+    bad[7, 1] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(VaralignError, match=r"bad\.npy: embedding 'target' has NaN/inf at row 7"):
+        normsim_scores(_unit(rng, 3, 4), NormSimTarget.from_paths([tmp_path / "bad.npy"]), 2)
+    with pytest.raises(VaralignError, match="dim"):
+        normsim_scores(_unit(rng, 3, 5), _unit(rng, 3, 4), 2)
+    with pytest.raises(VaralignError, match=">= 1"):
+        parse_p(0.5)
+    assert parse_p("inf") == parse_p(100) == parse_p(250.0) == math.inf and parse_p("3") == 3.0
