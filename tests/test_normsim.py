@@ -11,7 +11,7 @@ from conftest import random_shard, write_pool
 
 from varalign.errors import VaralignError
 from varalign.pool import discover_shards
-from varalign.scores.normsim import NormSimTarget, normsim_scores, normsim_shard, parse_p
+from varalign.scores.normsim import NormSimTarget, as_target, normsim_scores, normsim_shard, parse_p
 from varalign.scores.vas import vas_scores
 
 P_VALUES = [1, 2, 3.5, "inf", 100]
@@ -34,8 +34,7 @@ def _unit(rng, n, dim, dtype=np.float32):
 def test_in_memory_matches_reference(p, gram) -> None:
     rng = np.random.default_rng(0)
     feats, target = _unit(rng, 50, 12, np.float16), _unit(rng, 70, 12)
-    tgt = NormSimTarget(("<array>",), chunk_rows=16)
-    tgt._arrays, tgt.dim = [target], 12
+    tgt = as_target(target, chunk_rows=16)
     got = normsim_scores(feats, tgt, p, gram=gram, block_rows=9)
     np.testing.assert_allclose(got, normsim_reference(feats, target, p), rtol=2e-5, atol=1e-6)
     plain = normsim_scores(feats, target, p, gram=gram)  # a bare array works too

@@ -97,6 +97,8 @@ class NormSimTarget:
         for path, arr in zip(self.files, self.arrays(), strict=True):
             for start in range(0, len(arr), self.chunk_rows):
                 block = np.asarray(arr[start : start + self.chunk_rows])
+                if not block.flags.writeable:  # a read-only memory map: torch's decoder warns on those
+                    block = block.copy()
                 check_finite(block, start, path, self.key or "target")
                 yield np.ascontiguousarray(to_float32(block))
 
