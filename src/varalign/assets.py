@@ -159,7 +159,15 @@ def _numpy_globals() -> dict[str, Any]:
         "numpy._core.multiarray._reconstruct": _reconstruct,  # ... by numpy 2.x
         "numpy.ndarray": np.ndarray,
         "numpy.dtype": np.dtype,
+        "_codecs.encode": _latin1_encode,  # protocol 2 pickles bytes as codecs.encode(str, "latin1")
     }
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """`codecs.encode` restricted to what pickle protocol 2 writes for bytes."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode allowed only as (str, 'latin1'), got {encoding!r}")
+    return text.encode("latin1")
 
 
 def torch_safe_globals() -> list[Any]:

@@ -48,7 +48,10 @@ def _take(table: pa.Table, rows: np.ndarray, shard: Shard) -> pa.Table:
 def read_text(shard: Shard, rows: np.ndarray, extra: list[str] | None = None) -> pa.Table:
     """The `text` column (and `extra` columns) of the requested rows; `text` must be a string column."""
     rows = check_rows(shard, rows)
-    table = _take(read_columns(shard, ["text", *(extra or [])]), rows, shard)
+    return _check_text(_take(read_columns(shard, ["text", *(extra or [])]), rows, shard), shard)
+
+
+def _check_text(table: pa.Table, shard: Shard) -> pa.Table:
     kind = table.schema.field("text").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
         raise VaralignError(f"column 'text' must hold strings, found {kind}", shard.parquet)
@@ -91,10 +94,9 @@ def laion2b_shard(shard: Shard, rows: np.ndarray) -> np.ndarray:
     rows = check_rows(shard, rows)
     table = read_columns(shard, ["text", key])
     scores = read_scores(table, key, shard)[rows]
-    text = read_text(shard, rows).column("text") if len(rows) else []
-    keep = scores >= LAION2B_THRESHOLD
+    text = _check_text(_take(table, rows, shard), shard).column("text")
     out = np.zeros(len(rows), dtype=bool)
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(scores >= LAION2B_THRESHOLD)
     if idx.size:  # gcld3 only where the score passes (same mask, less work)
         out[idx] = textrules.gcld3_english(text.take(pa.array(idx)))
     return out

@@ -1,0 +1,108 @@
+"""Pool centroids for the image_based rule: DataComp's `image_based_clustering.py` recipe.
+
+faiss k-means (L2), K = 100,000, 20 iterations, seed 0, `max_points_per_centroid` 10M (no
+faiss-side subsampling), on the `l14_img` embeddings of the rows that pass the image_based
+caption filter; `sample_ratio` -1 (all rows) for small/medium, 0.3 for large, 0.03 for xlarge.
+CPU by default, all GPUs when faiss sees one.
+
+Memory: faiss needs the whole training set in RAM as float32, N × D × 4 bytes (DataComp small
+after the caption filter, roughly 7M × 768 × 4 ≈ 21 GB); bound it with `sample_ratio`.
+Differences from DataComp: the sample is drawn without replacement from a generator seeded by
+(`seed`, shard index), so it is reproducible (DataComp draws with replacement from the global
+numpy state of spawned workers, which its seed does not reach).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import save_npy
+from .backend import check_finite, to_float32
+from .errors import VaralignError
+from .npz import iter_blocks
+from .pool import Shard, discover_shards, embedding_member
+
+SAMPLE_RATIO = {"small": -1.0, "medium": -1.0, "large": 0.3, "xlarge": 0.03}
+BLOCK_ROWS = 16384
+
+
+def training_rows(shard: Shard, index: int, caption_filter: bool, sample_ratio: float, seed: int,
+                  model_path: str | os.PathLike | None = None) -> np.ndarray:
+    """Sorted rows of one shard used for training: caption filter, then a seeded sample."""
+    rows = np.arange(shard.num_rows, dtype=np.int64)
+    if caption_filter:
+        from .scores.rules import image_based_caption_shard  # noqa: PLC0415 - needs the rules extra
+
+        rows = rows[image_based_caption_shard(shard, rows, model_path)]
+    if sample_ratio > 0:
+        rng = np.random.default_rng([seed, index])
+        rows = np.sort(rng.choice(rows, size=int(len(rows) * sample_ratio), replace=False))
+    return rows
+
+
+def load_training_embeddings(pool_dir: str | os.PathLike, key: str = "l14_img", caption_filter: bool = True,
+                             sample_ratio: float = -1.0, seed: int = 0,
+                             model_path: str | os.PathLike | None = None) -> np.ndarray:
+    """The (filtered, sampled) embeddings of a pool as one float32 `(N, D)` array, shards in name order."""
+    shards = discover_shards(pool_dir, need_npz=True)
+    picked = [training_rows(s, i, caption_filter, sample_ratio, seed, model_path) for i, s in enumerate(shards)]
+    dim = embedding_member(shards[0], key).shape[1]
+    out = np.empty((sum(map(len, picked)), dim), dtype=np.float32)  # the one big allocation
+    pos = 0
+    for shard, rows in zip(shards, picked, strict=True):
+        member = embedding_member(shard, key, dim)
+        start = 0
+        for block in iter_blocks(member, BLOCK_ROWS):
+            check_finite(block, start, shard.npz, key, member)
+            lo, hi = np.searchsorted(rows, [start, start + len(block)])
+            sel = rows[lo:hi] - start
+            out[pos : pos + len(sel)] = to_float32(block[sel])
+            pos += len(sel)
+            start += len(block)
+    return out
+
+
+def train_kmeans(embeddings: np.ndarray, k: int = 100_000, niter: int = 20, seed: int = 0,
+                 max_points_per_centroid: int = 10_000_000, gpu: bool | None = None,
+                 verbose: bool = False) -> np.ndarray:
+    """faiss L2 k-means; `gpu=None` uses every GPU faiss sees. Returns float32 `(k, D)` centroids."""
+    try:
+        import faiss  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise VaralignError("building centroids needs faiss: pip install faiss-cpu (or faiss-gpu)") from None
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or len(x) < k:
+        raise VaralignError(f"k-means needs at least k={k} training rows, got {len(x)}")
+    if gpu is None:
+        gpu = getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
+                      gpu=bool(gpu), verbose=verbose)
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+
+
+def build_centroids(source: str | os.PathLike | Iterable[np.ndarray], k: int = 100_000, niter: int = 20,
+                    seed: int = 0, max_points_per_centroid: int = 10_000_000, sample_ratio: float = -1.0,
+                    caption_filter: bool = True, key: str = "l14_img",
+                    model_path: str | os.PathLike | None = None, gpu: bool | None = None,
+                    save_path: str | os.PathLike | None = None, verbose: bool = False) -> np.ndarray:
+    """Centroids of a pool directory (caption filter + sample as DataComp) or of embedding arrays.
+
+    An iterator of arrays is used as given (no caption filter, no sampling). With `save_path`
+    the centroids are written atomically as float32 `.npy`.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        x = load_training_embeddings(source, key, caption_filter, sample_ratio, seed, model_path)
+    else:
+        parts = [to_float32(np.asarray(a)) for a in source]
+        x = np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise VaralignError("training embeddings hold NaN/inf")
+    centroids = train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu, verbose)
+    if save_path is not None:
+        save_npy(Path(save_path), centroids)
+    return centroids

@@ -1,0 +1,138 @@
+"""DataComp's image_based rule: caption filter AND the sample's max-inner-product centroid is in S.
+
+S = the centroids that are the max-inner-product centroid of at least one ImageNet-1k train
+image (DataComp's `in1k_clip_vit_l14_{0..4}.pt`). Assignment is by largest dot product with
+the (unnormalised) centroids, as in DataComp's `get_centroid_ids_gpu` — not the L2-nearest
+centroid, although the centroids were trained with L2 k-means.
+
+Search: faiss `IndexFlatIP` (exact, float32) when faiss is installed — on GPU when faiss sees
+one — else a blocked numpy matmul + argmax (same result up to float32 rounding on near-ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from ..backend import check_finite, first_nonfinite_row, to_float32
+from ..errors import VaralignError
+from ..npz import iter_blocks
+from ..pool import Shard, embedding_member
+from .rules import PathArg, check_rows, image_based_caption_shard
+
+BLOCK_ROWS = 16384  # npz rows per streamed block
+BATCH = 65536  # query rows per search call
+_SCORE_BYTES = 256 << 20  # numpy fallback: at most this much score matrix at a time
+
+Assigner = Callable[[np.ndarray], np.ndarray]
+
+
+def _faiss():  # noqa: ANN202 - optional module
+    try:
+        import faiss  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    return faiss
+
+
+def check_centroids(centroids: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """Centroids as a C-contiguous float32 `(K, D)` array (ValueError if malformed)."""
+    cent = np.ascontiguousarray(centroids, dtype=np.float32)
+    if cent.ndim != 2 or not len(cent) or (dim is not None and cent.shape[1] != dim):
+        raise ValueError(f"centroids must be (K, {dim or 'D'}), got shape {cent.shape}")
+    return cent
+
+
+def centroid_assigner(centroids: np.ndarray, use_faiss: bool = True) -> Assigner:
+    """A function mapping float32 `(n, D)` queries to the index of their max-inner-product centroid."""
+    cent = check_centroids(centroids)
+    faiss = _faiss() if use_faiss else None
+    if faiss is None:
+        return lambda q: _argmax_numpy(q, cent)
+    index = faiss.IndexFlatIP(cent.shape[1])
+    index.add(cent)
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # GPU build with a visible GPU (untested here)
+        index = faiss.index_cpu_to_all_gpus(index)
+
+    def assign(q: np.ndarray) -> np.ndarray:
+        if not len(q):
+            return np.empty(0, dtype=np.int64)
+        _, labels = index.search(np.ascontiguousarray(q, dtype=np.float32), 1)
+        return labels[:, 0].astype(np.int64)
+
+    return assign
+
+
+def _argmax_numpy(queries: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Blocked `argmax(q @ C^T)` in float32; first index on exact ties (like torch.argmax)."""
+    out = np.empty(len(queries), dtype=np.int64)
+    step = max(16, _SCORE_BYTES // (4 * len(centroids)))
+    ct = centroids.T
+    for start in range(0, len(queries), step):
+        out[start : start + step] = np.argmax(queries[start : start + step] @ ct, axis=1)
+    return out
+
+
+def assign_centroids(features: np.ndarray, centroids: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
+    """Max-inner-product centroid index (int64) of every row of an in-memory array."""
+    assign = centroid_assigner(centroids)
+    out = np.empty(len(features), dtype=np.int64)
+    for start in range(0, len(features), batch_size):
+        out[start : start + batch_size] = assign(to_float32(np.asarray(features[start : start + batch_size])))
+    return out
+
+
+def target_centroid_set(centroids: np.ndarray, in1k_features_iter: Iterable[np.ndarray],
+                        batch: int = BATCH) -> np.ndarray:
+    """S as a bool mask over centroids: max-inner-product centroid of at least one target row."""
+    assign = centroid_assigner(centroids)
+    allowed = np.zeros(len(centroids), dtype=bool)
+    seen = 0
+    for feats in in1k_features_iter:
+        if feats.ndim != 2 or feats.shape[1] != centroids.shape[1]:
+            raise VaralignError(f"target features have shape {feats.shape}, centroids have dim {centroids.shape[1]}")
+        for start in range(0, len(feats), batch):
+            part = to_float32(np.asarray(feats[start : start + batch]))
+            bad = first_nonfinite_row(part)
+            if bad is not None:
+                raise VaralignError(f"target features have NaN/inf at row {seen + start + bad}")
+            allowed[assign(part)] = True
+        seen += len(feats)
+    if not seen:
+        raise VaralignError("no target features given")
+    return allowed
+
+
+def image_based_shard(shard: Shard, rows: np.ndarray, centroids: np.ndarray, allowed: np.ndarray,
+                      model_path: PathArg = None, batch_size: int = BLOCK_ROWS,
+                      key: str = "l14_img") -> np.ndarray:
+    """DataComp image_based for the requested rows: caption filter AND centroid in `allowed`."""
+    rows = check_rows(shard, rows)
+    centroids = check_centroids(centroids)
+    allowed = np.asarray(allowed, dtype=bool)
+    if allowed.shape != (len(centroids),):
+        raise ValueError(f"allowed must be a bool mask of shape ({len(centroids)},), got {allowed.shape}")
+    out = image_based_caption_shard(shard, rows, model_path)
+    need = np.flatnonzero(out)
+    if need.size:
+        labels = _shard_labels(shard, rows[need], centroids, batch_size, key)
+        out[need] = allowed[labels]
+    return out
+
+
+def _shard_labels(shard: Shard, rows: np.ndarray, centroids: np.ndarray, block_rows: int, key: str) -> np.ndarray:
+    """Centroid index of the given sorted rows, streaming the npz member block by block."""
+    member = embedding_member(shard, key, centroids.shape[1])
+    assign = centroid_assigner(centroids)
+    out = np.empty(len(rows), dtype=np.int64)
+    start = pos = 0
+    for block in iter_blocks(member, block_rows):
+        end = start + len(block)
+        check_finite(block, start, shard.npz, key, member)
+        stop = int(np.searchsorted(rows, end, side="left"))
+        if stop > pos:
+            out[pos:stop] = assign(to_float32(block[rows[pos:stop] - start]))
+            pos = stop
+        start = end
+    return out
