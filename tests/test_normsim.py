@@ -95,6 +95,8 @@ def test_target_pickles_without_cache(tmp_path) -> None:
     assert clone._arrays is None and clone._gram is not None
     feats = _unit(rng, 5, 4)
     np.testing.assert_array_equal(normsim_scores(feats, clone, "inf"), normsim_scores(feats, tgt, "inf"))
+    wrapped = pickle.loads(pickle.dumps(as_target(_unit(rng, 6, 4))))
+    assert normsim_scores(feats, wrapped, 3).shape == (5,)
 
 
 def test_nan_in_candidates_names_the_npz(tmp_path) -> None:

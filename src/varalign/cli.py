@@ -38,6 +38,12 @@ def _filter_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--higher_is_better_vas", type=int, default=1, help="accepted; only 1 (the reference ignores it)")
     p.add_argument("--cache_path", help="accepted for compatibility")
     p.add_argument("--image_based_scale", help="accepted for compatibility")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: threads on this machine (default); ray: Ray tasks (pip install 'varalign[ray]')")
+    p.add_argument("--ray_address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--work_dir", help="per-shard results + completion markers, for resume "
+                                      "(default: .{save_path stem}.varalign-work beside the output)")
+    p.add_argument("--keep_work_dir", action="store_true", help="keep the work directory after success")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_filter)
 
@@ -64,7 +70,8 @@ def _run_filter(args: argparse.Namespace) -> int:
         target=args.target, target_variance_name=args.target_variance_name, files_path=args.files_path,
         num_iters=args.num_iters, given_uids_path=args.given_uids_path, num_workers=args.num_workers,
         batch_size=args.batch_size, batch_size_vass=args.batch_size_vass, save_scores=args.save_scores,
-        cache_path=args.cache_path, seed=args.seed, quiet=args.quiet)
+        cache_path=args.cache_path, seed=args.seed, executor=args.executor, ray_address=args.ray_address,
+        work_dir=args.work_dir, keep_work_dir=args.keep_work_dir, quiet=args.quiet)
     stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
     print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")
     return 0

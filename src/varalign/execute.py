@@ -1,9 +1,9 @@
-"""The local executor: per-shard tasks on a thread pool, one BLAS thread per task.
+"""Executors: run a list of per-shard tasks, locally (threads) or on a Ray cluster, same results.
 
-Threads, not processes: the heavy steps (zlib-ng inflate, float16 decode, BLAS, parquet
-decode) release the GIL, so two threads keep both cores busy (measured ~1.9x on 2 cores,
-benchmarks/bench_filter.py) without a process start-up cost or copying results between
-processes. The Ray executor runs the same task functions in separate processes.
+Local: threads, not processes. The heavy steps (zlib-ng inflate, float16 decode, BLAS, parquet
+decode) release the GIL, so two threads keep both cores busy without a process start-up cost
+or copying results between processes; each task gets one BLAS thread.
+Ray: the same task functions as Ray tasks (1 CPU each), results through the object store.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
+
+from .errors import VaralignError
 
 
 def default_workers() -> int:
@@ -42,28 +44,114 @@ def single_threaded_kernels(active: bool) -> Iterator[None]:
                 torch.set_num_threads(before)
 
 
-def run_tasks(fn: Callable[..., Any], tasks: Sequence[tuple], num_workers: int, desc: str,
-              quiet: bool = False, unit: str = "shard") -> list[Any]:
-    """Call `fn(*task)` for every task; results in task order. The first error stops the run."""
-    results: list[Any] = [None] * len(tasks)
-    parallel = num_workers > 1 and len(tasks) > 1
-    with tqdm(total=len(tasks), desc=desc, unit=unit, disable=quiet, leave=False) as bar, \
-            single_threaded_kernels(parallel):
-        if not parallel:
-            for i, task in enumerate(tasks):
-                results[i] = fn(*task)
-                bar.update()
-            return results
-        with ThreadPoolExecutor(max_workers=min(num_workers, len(tasks))) as pool:
-            futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
-            pending = set(futures)
+class LocalExecutor:
+    """Tasks on a thread pool of `num_workers` threads (in-process when 1)."""
+
+    name = "local"
+    shared_filesystem = True  # tasks may write into files the driver reads
+
+    def __init__(self, num_workers: int | None = None) -> None:
+        self.num_workers = num_workers or default_workers()
+
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str, quiet: bool = False,
+            on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """`fn(*task)` for every task, results in task order; `on_result(i, r)` as each finishes."""
+        results: list[Any] = [None] * len(tasks)
+        parallel = self.num_workers > 1 and len(tasks) > 1
+        with tqdm(total=len(tasks), desc=desc, unit="shard", disable=quiet, leave=False) as bar, \
+                single_threaded_kernels(parallel):
+            if not parallel:
+                for i, task in enumerate(tasks):
+                    results[i] = _finish(on_result, i, fn(*task))
+                    bar.update()
+                return results
+            with ThreadPoolExecutor(max_workers=min(self.num_workers, len(tasks))) as pool:
+                futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
+                pending = set(futures)
+                try:
+                    while pending:
+                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        for fut in done:
+                            i = futures[fut]
+                            results[i] = _finish(on_result, i, fut.result())
+                            bar.update()
+                finally:
+                    for fut in pending:
+                        fut.cancel()
+        return results
+
+
+class RayExecutor:
+    """The same tasks as Ray tasks on a local or remote Ray cluster (`pip install 'varalign[ray]'`).
+
+    Every node must see the pool's files at the same path (a shared filesystem), as with
+    DataComp's own multi-node scripts; results come back through Ray's object store.
+    """
+
+    name = "ray"
+    shared_filesystem = False  # results come back to the driver; workers write no shared files
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        try:
+            import ray  # noqa: PLC0415
+        except ImportError:
+            raise VaralignError("--executor ray needs Ray: pip install 'varalign[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus or default_workers()}
+            ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+        self.num_workers = int(ray.cluster_resources().get("CPU", 1))
+        self._remote: dict[Callable, Any] = {}
+
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str, quiet: bool = False,
+            on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+        remote = self._remote.setdefault(fn, self.ray.remote(num_cpus=1)(_ray_task).options(name=desc))
+        refs = {remote.remote(fn, *task): i for i, task in enumerate(tasks)}
+        results: list[Any] = [None] * len(tasks)
+        pending = list(refs)
+        with tqdm(total=len(tasks), desc=desc, unit="shard", disable=quiet, leave=False) as bar:
             try:
                 while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for fut in done:
-                        results[futures[fut]] = fut.result()
+                    done, pending = self.ray.wait(pending, num_returns=1)
+                    for ref in done:
+                        results[refs[ref]] = _finish(on_result, refs[ref], self._get(ref))
                         bar.update()
             finally:
-                for fut in pending:
-                    fut.cancel()
-    return results
+                for ref in pending:
+                    self.ray.cancel(ref)
+        return results
+
+    def _get(self, ref: Any) -> Any:
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, VaralignError) or isinstance(getattr(exc, "cause", None), VaralignError):
+                raise VaralignError(str(getattr(exc, "cause", cause))) from None
+            raise
+
+
+def _ray_task(fn: Callable[..., Any], *args: Any) -> Any:
+    with threadpool_limits(limits=1):
+        return fn(*args)
+
+
+def _finish(on_result: Callable[[int, Any], None] | None, i: int, result: Any) -> Any:
+    if on_result is not None:
+        on_result(i, result)
+    return result
+
+
+def make_executor(name: str = "local", num_workers: int | None = None, address: str | None = None):
+    """`local` (threads on this machine) or `ray` (a Ray cluster; `address` or a local one)."""
+    if name == "local":
+        return LocalExecutor(num_workers)
+    if name == "ray":
+        return RayExecutor(address, num_workers)
+    raise VaralignError(f"--executor must be 'local' or 'ray', got {name!r}")
+
+
+def run_tasks(fn: Callable[..., Any], tasks: Sequence[tuple], num_workers: int, desc: str,
+              quiet: bool = False, unit: str = "shard") -> list[Any]:
+    """Shorthand: run tasks on a local executor."""
+    return LocalExecutor(num_workers).map(fn, tasks, desc, quiet)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import os
 import shutil
 import sys
@@ -19,14 +19,15 @@ import pyarrow.parquet as pq
 from . import __version__
 from .atomic import atomic_path, check_output_path, save_json
 from .errors import VaralignError
-from .execute import default_workers, run_tasks
+from .execute import default_workers, make_executor
 from .pool import Shard, discover_shards, embedding_member
 from .recipe import Recipe, Stage, list_presets, load_recipe, validate_recipe
 from .scorers import SCORERS, Context, Prepared, prepare, rule_scores
 from .scores.scan import scan_shard
-from .scores.vas_d import CandidateStore, collect_shard, vas_d_iterate
+from .scores.vas_d import CandidateStore, collect_shard, vas_d_iterate, write_rows
 from .select import at_least, count_for_fraction, threshold_at_rank, top_k_mask
-from .uids import first_duplicate, save_subset, sort_uids, uids_to_hex
+from .uids import first_duplicate, load_subset, save_subset, sort_uids, uids_to_hex
+from .workdir import WorkDir, digest
 
 METHODS = {
     "no_filter": "every uid of the pool",
@@ -58,6 +59,10 @@ class FilterSpec:
     batch_size_vass: int | None = None
     save_scores: str | None = None
     seed: int = 0
+    executor: str = "local"
+    ray_address: str | None = None
+    work_dir: str | None = None
+    keep_work_dir: bool = False
     quiet: bool = False
 
     def to_recipe(self) -> Recipe:
@@ -130,7 +135,7 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
 
     `name` is a `--name` method; or pass `recipe=` (a TOML file or preset name). `options` are the
     fields of `FilterSpec` (e.g. `arch="l14", fraction=0.45, fraction_vas=0.3, target=...`).
-    Nothing is written unless the whole run succeeds.
+    Nothing is written unless the whole run succeeds; a killed run resumes from its work directory.
     """
     spec = FilterSpec(name=name, **options)  # type: ignore[arg-type]
     recipe = spec.to_recipe()
@@ -139,8 +144,19 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
         if out is not None:
             check_output_path(out)
     run = _Run(spec, recipe, metadata_dir, save_path)
-    selected = run.evaluate(recipe, np.ones(run.n_pool, dtype=bool), prefix="")
-    return run.finish(selected)
+    done = run.up_to_date()
+    if done is not None:
+        return done
+    run.open_work_dir()
+    try:
+        run.scan()
+        selected = run.evaluate(recipe, np.ones(run.n_pool, dtype=bool), prefix="", key=run.scan_key)
+        result = run.finish(selected)
+    except VaralignError:
+        run.discard_work_dir()  # bad input: leave nothing behind
+        raise
+    run.close_work_dir()
+    return result
 
 
 class _Run:
@@ -149,25 +165,88 @@ class _Run:
     def __init__(self, spec: FilterSpec, recipe: Recipe, metadata_dir: object, save_path: object) -> None:
         self.spec, self.recipe, self.metadata_dir, self.save_path = spec, recipe, metadata_dir, save_path
         self.clock = _Clock()
-        self.workers = spec.num_workers or default_workers()
+        self.executor = make_executor(spec.executor, spec.num_workers, spec.ray_address)
         ctx = Context(spec.files_path, spec.cache_path, spec.seed)
         self.prepared = {id(s): prepare(s.score, s.params, ctx) for s in recipe.all_stages()}
         need_npz = any(p.members for p in self.prepared.values())
         self.shards = discover_shards(metadata_dir, need_npz=need_npz)
         self.members = {(key, dim): [embedding_member(s, key, dim) for s in self.shards]
                         for p in self.prepared.values() for key, dim in p.members}
-        self.clock.lap("validate")
-        self._scan()
-        self.counts: dict[str, int] = {"pool": self.n_pool}
+        self.listing = _listing(self.shards)
+        given = _file_digest(spec.given_uids_path) if spec.given_uids_path else None
+        self.scan_key = digest("scan", self.listing, given, sorted({p.column for p in self.prepared.values()
+                                                                     if p.column}))
+        self.plan = digest(__version__, self.scan_key, _recipe_identity(recipe, self.prepared), spec.save_scores)
+        self.counts: dict[str, int] = {}
         self.thresholds: dict[str, float] = {}
         self.columns: dict[str, pa.Array] = {}
         self.info: dict[str, dict] = {}
+        self.work: WorkDir | None = None
+        self.clock.lap("validate")
 
-    def _scan(self) -> None:
+    # -- work directory and resume ------------------------------------------------------------
+    def up_to_date(self) -> FilterResult | None:
+        """The previous result, if the outputs exist and were made from the same inputs and config."""
+        if self.save_path is None or not Path(self.save_path).exists():
+            return None
+        try:
+            manifest = json.loads(_manifest_path(self.save_path).read_text())
+        except (OSError, ValueError):
+            return None
+        if manifest.get("plan") != self.plan or (self.spec.save_scores and not Path(self.spec.save_scores).exists()):
+            return None
+        if not self.spec.quiet:
+            print(f"varalign: {self.save_path} is up to date (same inputs and configuration); nothing to do",
+                  file=sys.stderr)
+        return FilterResult(load_subset(self.save_path), manifest["counts"], {"total": 0.0},
+                            manifest.get("thresholds", {}), str(self.save_path), str(_manifest_path(self.save_path)),
+                            self.spec.save_scores)
+
+    def open_work_dir(self) -> None:
+        root = self.spec.work_dir or (_default_work_dir(self.save_path) if self.save_path is not None else None)
+        if root is not None:
+            self.work = WorkDir(root, self.plan)
+
+    def discard_work_dir(self) -> None:
+        if self.work is not None and self.work.created:
+            self.work.remove()
+
+    def close_work_dir(self) -> None:
+        if self.work is not None and not self.spec.keep_work_dir:
+            self.work.remove()
+
+    def _map(self, phase: str, fn, tasks: list[tuple], names: list[str], desc: str,
+             encode=None, decode=None, on_result=None) -> list:
+        """Run tasks through the executor, skipping those the work directory already holds."""
+        encode = encode or (lambda r: {"values": r})
+        decode = decode or (lambda a: a["values"])
+        results: list = [None] * len(tasks)
+        todo = []
+        for i, name in enumerate(names):
+            cached = self.work.load(phase, name) if self.work else None
+            if cached is None:
+                todo.append(i)
+            else:
+                results[i] = decode(cached)
+
+        def finished(j: int, result) -> None:
+            i = todo[j]
+            if on_result is not None:
+                result = on_result(i, result)
+            if self.work is not None:
+                self.work.save(phase, names[i], encode(result))
+            results[i] = result
+
+        self.executor.map(fn, [tasks[i] for i in todo], desc, self.spec.quiet, on_result=finished)
+        return results
+
+    # -- passes -------------------------------------------------------------------------------
+    def scan(self) -> None:
         cols = sorted({p.column for p in self.prepared.values() if p.column})
         given = str(self.spec.given_uids_path) if self.spec.given_uids_path else None
         tasks = [(s, cols, given) for s in self.shards]
-        self.scans = run_tasks(scan_shard, tasks, self.workers, "read parquet", self.spec.quiet)
+        self.scans = self._map(f"scan-{self.scan_key}", scan_shard, tasks, [s.name for s in self.shards],
+                               "read parquet", encode=_encode_scan, decode=_decode_scan)
         self.uids = np.concatenate([sc.uids for sc in self.scans])
         self.offsets = np.cumsum([0] + [len(sc.uids) for sc in self.scans])
         ordered = sort_uids(self.uids)
@@ -176,49 +255,53 @@ class _Run:
             raise VaralignError("duplicate uid across shards (also in an earlier shard)",
                                 self._shard_of(ordered[dup]).parquet)
         self.n_pool = len(self.uids)
+        self.counts["pool"] = self.n_pool
         self.clock.lap("scan")
 
-    def evaluate(self, recipe: Recipe, alive: np.ndarray, prefix: str) -> np.ndarray:
+    def evaluate(self, recipe: Recipe, alive: np.ndarray, prefix: str, key: str) -> np.ndarray:
         """Boolean mask over the pool of the rows `recipe` keeps, starting from `alive`."""
         if recipe.op:
-            masks = [self.evaluate(p, alive.copy(), f"{prefix}{p.name}.") for p in recipe.parts]
+            masks = [self.evaluate(p, alive.copy(), f"{prefix}{p.name}.", key) for p in recipe.parts]
             combine = np.logical_and if recipe.op == "intersection" else np.logical_or
             out = masks[0]
             for m in masks[1:]:
                 out = combine(out, m)
             return out
         for stage in recipe.stages:
-            alive = self._stage(stage, alive, prefix + stage.label)
+            key = digest(key, _stage_identity(stage, self.prepared[id(stage)]))
+            alive = self._stage(stage, alive, prefix + stage.label, key)
             self.counts[prefix + stage.label] = int(alive.sum())
             self.clock.lap(prefix + stage.label)
         return alive
 
-    def _stage(self, stage: Stage, alive: np.ndarray, label: str) -> np.ndarray:
+    def _stage(self, stage: Stage, alive: np.ndarray, label: str, key: str) -> np.ndarray:
         prep = self.prepared[id(stage)]
         self.info[label] = {"score": stage.score, "params": _plain(stage.params), "fraction": stage.fraction,
                             "threshold": stage.threshold, "select": stage.select, **prep.info}
         if prep.kind == "vas_d":
-            return self._vas_d(stage, prep, alive, label)
-        values = self._values(prep, alive, label)
+            return self._vas_d(stage, prep, alive, label, key)
+        values = self._values(prep, alive, label, key)
         keep = self._keep(stage, values[alive], int(alive.sum()), label)
         out = np.zeros_like(alive)
         out[np.flatnonzero(alive)[keep]] = True
         self.columns[f"kept_{label}"] = pa.array(out)
         return out
 
-    def _values(self, prep: Prepared, alive: np.ndarray, label: str) -> np.ndarray:
+    def _values(self, prep: Prepared, alive: np.ndarray, label: str, key: str) -> np.ndarray:
         """The stage's score for every pool row (computed for `alive` rows; the rest NaN/False)."""
         if prep.kind == "column":
             values = np.concatenate([sc.columns[prep.column] for sc in self.scans])
             self.columns[label] = pa.array(values)
             return values
         rows = self._rows_per_shard(alive)
-        tasks = [(prep.fn, s, r, prep.kwargs) for s, r in zip(self.shards, rows, strict=True)
-                 if len(r) or prep.every_shard]
-        parts = run_tasks(_call, tasks, self.workers, label, self.spec.quiet)
-        got = np.concatenate(parts) if parts else np.empty(0)
-        values = np.zeros(self.n_pool, dtype=got.dtype) if got.dtype == bool else np.full(self.n_pool, np.nan,
-                                                                                            dtype=np.float32)
+        idx = [i for i, r in enumerate(rows) if len(r) or prep.every_shard]
+        tasks = [(prep.fn, self.shards[i], rows[i], prep.kwargs) for i in idx]
+        parts = self._map(f"{_safe(label)}-{key}", _call, tasks, [self.shards[i].name for i in idx], label)
+        got = np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+        if got.dtype == bool:
+            values = np.zeros(self.n_pool, dtype=bool)
+        else:
+            values = np.full(self.n_pool, np.nan, dtype=np.float32)
         values[alive] = got
         self.columns[label] = pa.array(values, mask=~alive)
         return values
@@ -240,8 +323,8 @@ class _Run:
                                 f"but only {n_alive} survived the previous stage")
         return top_k_mask(values, k)
 
-    def _vas_d(self, stage: Stage, prep: Prepared, alive: np.ndarray, label: str) -> np.ndarray:
-        key, dim, iters = prep.kwargs["key"], prep.kwargs["dim"], prep.kwargs["num_iters"]
+    def _vas_d(self, stage: Stage, prep: Prepared, alive: np.ndarray, label: str, key: str) -> np.ndarray:
+        key_name, dim, iters = prep.kwargs["key"], prep.kwargs["dim"], prep.kwargs["num_iters"]
         cand = np.flatnonzero(alive)
         target_count = count_for_fraction(self.n_pool, stage.fraction)
         if target_count > len(cand):
@@ -249,19 +332,37 @@ class _Run:
                                 "the previous stage")
         cand_rows = self._rows_per_shard(alive)
         store_offsets = np.cumsum([0] + [len(r) for r in cand_rows])
-        dtype = np.result_type(*[m.dtype for m in self.members[(key, dim)]])
-        work = tempfile.mkdtemp(prefix=".varalign-vas_d-", dir=self._work_root())
+        dtype = np.result_type(*[m.dtype for m in self.members[(key_name, dim)]])
+        phase = f"{_safe(label)}-{key}"
+        scratch = None
+        if self.work is not None:
+            store_dir = self.work.path(phase)
+        else:
+            scratch = tempfile.mkdtemp(prefix=".varalign-vas_d-", dir=self._scratch_root())
+            store_dir = Path(scratch)
         try:
-            store = CandidateStore.create(os.path.join(work, "candidates.bin"), len(cand), dim, dtype)
-            tasks = [(s, key, dim, sc.rows, r, store.path, int(o))
+            store = CandidateStore.create(str(store_dir / "candidates.bin"), len(cand), dim, dtype)
+            direct = self.executor.shared_filesystem
+            tasks = [(s, key_name, dim, sc.rows, r, store.path if direct else None, int(o))
                      for s, sc, r, o in zip(self.shards, self.scans, cand_rows, store_offsets[:-1], strict=True)]
-            grams = run_tasks(collect_shard, tasks, self.workers, f"{label} (npz)", self.spec.quiet)
+
+            def write_returned(i: int, result: tuple) -> tuple:
+                if result[2] is not None:
+                    write_rows(store.path, int(store_offsets[i]), result[2])
+                return result[:2]
+
+            grams = self._map(f"{phase}-collect", collect_shard, tasks, [s.name for s in self.shards],
+                              f"{label} (npz)", encode=lambda r: {"g_all": r[0], "g_cand": r[1]},
+                              decode=lambda a: (a["g_all"], a["g_cand"]), on_result=write_returned)
             g_all = np.sum([g[0] for g in grams], axis=0)
             g_cand = np.sum([g[1] for g in grams], axis=0)
             first_target = (g_all / self.n_pool).astype(np.float32)
-            res = vas_d_iterate(store, g_cand, first_target, target_count, iters, self.workers, self.spec.quiet)
+            state, checkpoint = self._vas_d_state(phase)
+            res = vas_d_iterate(store, g_cand, first_target, target_count, iters, self.executor_threads(),
+                                self.spec.quiet, state=state, checkpoint=checkpoint)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         removed_at = np.full(self.n_pool, -1, dtype=np.int32)
         removed_at[cand] = res.removed_at
         last = np.full(self.n_pool, np.nan, dtype=np.float32)
@@ -273,6 +374,26 @@ class _Run:
         self.columns[f"kept_{label}"] = pa.array(out)
         return out
 
+    def _vas_d_state(self, phase: str):
+        """The last saved VAS-D round (if resuming) and a function that saves each round."""
+        if self.work is None:
+            return None, None
+        path = self.work.path(phase, "rounds.npz")
+        state = None
+        if path.exists():
+            with np.load(path, allow_pickle=False) as npz:
+                state = {k: npz[k] for k in npz.files}
+
+        def save(st: dict) -> None:
+            with atomic_path(path, ".npz") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **st)
+
+        return state, save
+
+    def executor_threads(self) -> int:
+        return self.spec.num_workers or default_workers()
+
     def _rows_per_shard(self, alive: np.ndarray) -> list[np.ndarray]:
         """Shard-local row numbers of the alive pool rows."""
         out = []
@@ -281,12 +402,8 @@ class _Run:
             out.append(sc.rows[local] if sc.rows is not None else local.astype(np.int64))
         return out
 
-    def _work_root(self) -> Path | None:
-        if self.save_path is None:
-            return None
-        root = Path(self.save_path).parent
-        root.mkdir(parents=True, exist_ok=True)
-        return root
+    def _scratch_root(self) -> Path | None:
+        return None
 
     def _shard_of(self, uid: np.ndarray) -> Shard:
         hits = np.flatnonzero((self.uids["f0"] == uid["f0"]) & (self.uids["f1"] == uid["f1"]))
@@ -312,16 +429,11 @@ class _Run:
         return result
 
     def _manifest(self, result: FilterResult) -> dict:
-        listing = hashlib.sha256()
-        for s in self.shards:
-            for f in (s.parquet, s.npz):
-                if f:
-                    st = os.stat(f)
-                    listing.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return {
             "tool": "varalign filter",
             "varalign_version": __version__,
             "command": sys.argv if Path(sys.argv[0]).name.startswith("varalign") else None,
+            "plan": self.plan,
             "recipe": self.recipe.name,
             "options": asdict(self.spec),
             "stages": self.info,
@@ -329,16 +441,66 @@ class _Run:
                 "metadata_dir": str(self.metadata_dir),
                 "shards": len(self.shards),
                 "rows": int(sum(s.num_rows for s in self.shards)),
-                "shard_listing_sha256": listing.hexdigest(),
+                "shard_listing_sha256": digest(self.listing),
                 "given_uids_path": self.spec.given_uids_path,
             },
             "output": {"path": result.save_path, "uids": int(len(result.uids)), "scores": result.scores_path},
             "counts": result.counts,
             "thresholds": result.thresholds,
+            "executor": self.executor.name,
+            "resumed_tasks": self.work.reused if self.work else 0,
             "timings_s": {k: round(v, 3) for k, v in self.clock.laps.items()},
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+def _encode_scan(sc) -> dict[str, np.ndarray]:
+    out = {"uids": sc.uids, **{f"col_{k}": v for k, v in sc.columns.items()}}
+    if sc.rows is not None:
+        out["rows"] = sc.rows
+    return out
+
+
+def _decode_scan(a: dict[str, np.ndarray]):
+    from .scores.scan import ShardScan  # noqa: PLC0415
+
+    return ShardScan(a["uids"], {k[4:]: v for k, v in a.items() if k.startswith("col_")}, a.get("rows"))
+
+
+def _listing(shards: list[Shard]) -> list[list]:
+    out = []
+    for s in shards:
+        for f in (s.parquet, s.npz):
+            if f:
+                st = os.stat(f)
+                out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _stage_identity(stage: Stage, prep: Prepared) -> list:
+    return [stage.score, _plain(stage.params), stage.fraction, stage.threshold, stage.select, stage.label,
+            _plain(prep.info)]
+
+
+def _recipe_identity(recipe: Recipe, prepared: dict[int, Prepared]) -> list:
+    if recipe.op:
+        return [recipe.op, [_recipe_identity(p, prepared) for p in recipe.parts]]
+    return [_stage_identity(s, prepared[id(s)]) for s in recipe.stages]
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+
+
+def _default_work_dir(save_path: str | os.PathLike) -> Path:
+    p = Path(save_path)
+    return p.with_name(f".{p.stem}.varalign-work")
 
 
 def _call(fn, shard: Shard, rows: np.ndarray, kwargs: dict) -> np.ndarray:

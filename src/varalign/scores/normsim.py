@@ -34,6 +34,7 @@ INF_FROM = 100.0  # any p >= this is treated as infinity (the reference's conven
 BLOCK_ROWS = 16384  # candidate rows that share one pass over the target
 SUB_ROWS = 4096  # candidate rows per product
 CHUNK_ROWS = 8192  # target rows per product
+_IN_MEMORY = "<array>"
 
 
 def parse_p(p: float | str) -> float:
@@ -66,6 +67,8 @@ class NormSimTarget:
         return cls(tuple(str(p) for p in expand_inputs(inputs)), key, dim, **kw)
 
     def __getstate__(self) -> dict:
+        if self.files == (_IN_MEMORY,):  # `as_target` of an array: the array is the target
+            return dict(self.__dict__)
         return {**self.__dict__, "_arrays": None}
 
     def arrays(self) -> list[np.ndarray]:
@@ -127,7 +130,7 @@ def as_target(target: NormSimTarget | np.ndarray, chunk_rows: int = CHUNK_ROWS) 
     arr = np.asarray(target)
     if arr.ndim != 2 or len(arr) == 0:
         raise VaralignError(f"target embeddings must be a non-empty (N, D) array, found {arr.shape}")
-    out = NormSimTarget(("<array>",), dim=arr.shape[1], chunk_rows=chunk_rows)
+    out = NormSimTarget((_IN_MEMORY,), dim=arr.shape[1], chunk_rows=chunk_rows)
     out._arrays = [arr]
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,8 +42,11 @@ class CandidateStore:
 
     @classmethod
     def create(cls, path: str, rows: int, dim: int, dtype: np.dtype) -> CandidateStore:
-        with open(path, "wb") as fh:
-            fh.truncate(rows * dim * np.dtype(dtype).itemsize)
+        """A zero-filled store file; an existing one of the right size is kept (a resumed run)."""
+        size = rows * dim * np.dtype(dtype).itemsize
+        if not (os.path.exists(path) and os.path.getsize(path) == size):
+            with open(path, "wb") as fh:
+                fh.truncate(size)
         return cls(rows, dim, dtype, path=path)
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -71,14 +75,16 @@ def write_rows(path: str, row_offset: int, rows: np.ndarray) -> None:
 
 
 def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None, cand_rows: np.ndarray,
-                  store_path: str | None, store_offset: int) -> tuple[np.ndarray, np.ndarray]:
+                  store_path: str | None, store_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One pass over a shard's embeddings: Gram of the pool rows and of the candidate rows
-    (float64), and the candidate rows written into the store at `store_offset`."""
+    (float64), and the candidate rows: written into the store at `store_offset`, or returned
+    (third item) when `store_path` is None (a Ray worker on another node)."""
     member = embedding_member(shard, key, dim)
     g_all = np.zeros((dim, dim), dtype=np.float64)
     g_cand = np.zeros((dim, dim), dtype=np.float64)
     start = 0
     written = 0
+    kept: list[np.ndarray] = []
     for block in iter_blocks(member, BLOCK_ROWS):
         end = start + len(block)
         check_finite(block, start, shard.npz, key, member)
@@ -93,9 +99,12 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
             g_cand += gram64(to_float32(picked))
             if store_path is not None:
                 write_rows(store_path, store_offset + written, picked)
+            else:
+                kept.append(picked)
             written += len(picked)
         start = end
-    return g_all, g_cand
+    rows = None if store_path is not None else (np.concatenate(kept) if kept else np.empty((0, dim), member.dtype))
+    return g_all, g_cand, rows
 
 
 @dataclass
@@ -108,19 +117,27 @@ class VasDResult:
 
 def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_target: np.ndarray,
                   target_count: int, num_iters: int, num_workers: int = 1, quiet: bool = True,
-                  block_rows: int = BLOCK_ROWS) -> VasDResult:
-    """Greedy backward elimination from `store.rows` candidates down to `target_count`."""
+                  block_rows: int = BLOCK_ROWS, state: dict[str, np.ndarray] | None = None,
+                  checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None) -> VasDResult:
+    """Greedy backward elimination from `store.rows` candidates down to `target_count`.
+
+    `checkpoint(state)` is called after every round with everything needed to continue;
+    passing that `state` back resumes after the round it was saved in, with identical results.
+    """
     m = store.rows
     if target_count > m:
         raise ValueError(f"VAS-D target {target_count} exceeds the {m} candidates")
-    alive = np.ones(m, dtype=bool)
-    removed_at = np.full(m, num_iters, dtype=np.int32)
-    last = np.full(m, np.nan, dtype=np.float32)
     chunk = math.ceil((m - target_count) / num_iters) if num_iters > 0 else 0
-    target = np.asarray(first_target, dtype=np.float32)
-    gram_keep = np.array(gram_candidates, dtype=np.float64)
-    n_alive = m
-    for it in tqdm(range(num_iters), desc="vas_d iterations", disable=quiet, leave=False):
+    if state is None:
+        state = {"it": np.int64(0), "alive": np.ones(m, dtype=bool),
+                 "removed_at": np.full(m, num_iters, dtype=np.int32), "last": np.full(m, np.nan, dtype=np.float32),
+                 "target": np.asarray(first_target, dtype=np.float32),
+                 "gram_keep": np.array(gram_candidates, dtype=np.float64), "n_alive": np.int64(m)}
+    alive, removed_at, last = state["alive"], state["removed_at"], state["last"]
+    target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
+    start = int(state["it"])
+    for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
+                   initial=start, total=num_iters):
         idx = np.flatnonzero(alive)
         scores = _score_alive(store, alive, target, num_workers, block_rows)
         last[idx] = scores
@@ -133,6 +150,9 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
             for s in range(0, len(removed), block_rows):
                 gram_keep -= gram64(to_float32(store.gather(removed[s : s + block_rows])))
             target = (gram_keep / n_alive).astype(np.float32)
+        if checkpoint is not None:
+            checkpoint({"it": np.int64(it + 1), "alive": alive, "removed_at": removed_at, "last": last,
+                        "target": target, "gram_keep": gram_keep, "n_alive": np.int64(n_alive)})
     return VasDResult(alive, removed_at, last, chunk)
 
 

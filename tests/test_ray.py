@@ -1,0 +1,50 @@
+"""The Ray executor runs the same plan as the local one and writes the same subset file."""
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is part of the test extra: pip install -e '.[test]'")
+
+from varalign import filter_pool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("clip_score", {"arch": "l14", "fraction": 0.3}),
+    ("vas", {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "target_variance_name": "imagenet_1k"}),
+    ("vas_d", {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": 4}),
+])
+def test_ray_equals_local(local_ray, synth_pool, tmp_path, name, opts) -> None:
+    files = str(synth_pool / "files")
+    local = filter_pool(synth_pool / "pool", tmp_path / "local.npy", name, files_path=files, quiet=True,
+                        save_scores=str(tmp_path / "local.parquet"), **opts)
+    remote = filter_pool(synth_pool / "pool", tmp_path / "ray.npy", name, files_path=files, quiet=True,
+                         executor="ray", save_scores=str(tmp_path / "ray.parquet"), **opts)
+    assert (tmp_path / "local.npy").read_bytes() == (tmp_path / "ray.npy").read_bytes()
+    assert local.counts == remote.counts
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "local.parquet").equals(pq.read_table(tmp_path / "ray.parquet"))
+
+
+def test_ray_reports_bad_input_in_one_line(local_ray, tmp_path, capsys) -> None:
+    from conftest import random_shard, write_pool
+
+    from varalign.cli import main
+
+    shard = random_shard(np.random.default_rng(0), 20)
+    shard["l14_img"][5, 3] = np.nan
+    pool = write_pool(tmp_path / "pool", [shard])
+    (tmp_path / "t.npy").write_bytes(b"")
+    np.save(tmp_path / "t.npy", np.eye(768, dtype=np.float32))
+    code = main(["filter", "--name", "vas", "--metadata_dir", str(pool), "--save_path", str(tmp_path / "o.npy"),
+                 "--arch", "l14", "--fraction", "0.5", "--fraction_vas", "0.2", "--target", str(tmp_path / "t.npy"),
+                 "--executor", "ray", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "00000000.npz" in err and "NaN" in err
