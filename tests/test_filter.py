@@ -145,3 +145,22 @@ def test_top_k_helper_agrees_with_select() -> None:
 
     s = np.random.default_rng(0).integers(0, 9, 300).astype(np.float32)
     assert np.array_equal(np.flatnonzero(top_k_mask(s, 50)), top_k(s, 50))
+
+
+def test_vas_d_lowrank_full_rank_equals_exact_and_low_rank_agrees(pool, tmp_path) -> None:
+    root, uids, scores, feats, _ = pool
+    kw = dict(arch="l14", fraction=0.45, fraction_vas=0.3, num_iters=5, quiet=True)
+    exact = filter_pool(root / "pool", None, "vas_d", **kw)
+    full = filter_pool(root / "pool", None, "vas_d", vas_d_mode="lowrank", vas_d_rank=768, **kw)
+    assert np.array_equal(exact.uids, full.uids)
+    low = filter_pool(root / "pool", None, "vas_d", vas_d_mode="lowrank", vas_d_rank=64, **kw)
+    a, b = set(exact.uids.tolist()), set(low.uids.tolist())
+    assert len(low.uids) == 900 and len(a & b) / len(a | b) >= 0.95
+
+
+def test_vas_d_bad_rank_is_an_error(pool) -> None:
+    from varalign.errors import VaralignError
+
+    with pytest.raises(VaralignError, match="rank must be an integer"):
+        filter_pool(pool[0] / "pool", None, "vas_d", arch="l14", fraction=0.45, fraction_vas=0.3, num_iters=2,
+                    vas_d_mode="lowrank", vas_d_rank=1000)

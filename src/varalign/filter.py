@@ -24,7 +24,7 @@ from .pool import Shard, discover_shards, embedding_member
 from .recipe import Recipe, Stage, list_presets, load_recipe, validate_recipe
 from .scorers import SCORERS, Context, Prepared, prepare, rule_scores
 from .scores.scan import scan_shard
-from .scores.vas_d import CandidateStore, collect_shard, vas_d_iterate, write_rows
+from .scores.vas_d import CandidateStore, collect_shard, lowrank_basis, project_store, vas_d_iterate, write_rows
 from .select import at_least, count_for_fraction, threshold_at_rank, top_k_mask
 from .uids import first_duplicate, load_subset, save_subset, sort_uids, uids_to_hex
 from .workdir import WorkDir, digest
@@ -53,6 +53,8 @@ class FilterSpec:
     files_path: str | None = None
     cache_path: str | None = None
     num_iters: int | None = None
+    vas_d_mode: str = "exact"
+    vas_d_rank: int = 128
     given_uids_path: str | None = None
     num_workers: int | None = None
     batch_size: int | None = None
@@ -89,7 +91,7 @@ class FilterSpec:
         if self.name == "vas":
             params |= {"target": self.target, "target_variance_name": self.target_variance_name}
         else:
-            params["num_iters"] = self.num_iters
+            params |= {"num_iters": self.num_iters, "mode": self.vas_d_mode, "rank": self.vas_d_rank}
         second = Stage(self.name, {k: v for k, v in params.items() if v is not None}, self.fraction_vas,
                        self.threshold_vas)
         return Recipe(self.name, METHODS[self.name], [self._clip_stage("top_k"), second])
@@ -357,6 +359,12 @@ class _Run:
             g_all = np.sum([g[0] for g in grams], axis=0)
             g_cand = np.sum([g[1] for g in grams], axis=0)
             first_target = (g_all / self.n_pool).astype(np.float32)
+            if prep.kwargs["mode"] == "lowrank":  # fast mode: every round in a rank-r subspace
+                basis = lowrank_basis(g_cand, prep.kwargs["rank"])
+                store = project_store(store, basis)
+                b64 = basis.astype(np.float64)
+                g_cand = b64.T @ g_cand @ b64
+                first_target = (b64.T @ first_target.astype(np.float64) @ b64).astype(np.float32)
             state, checkpoint = self._vas_d_state(phase)
             res = vas_d_iterate(store, g_cand, first_target, target_count, iters, self.executor_threads(),
                                 self.spec.quiet, state=state, checkpoint=checkpoint)

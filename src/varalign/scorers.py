@@ -76,9 +76,16 @@ def _vas_d(params: dict[str, Any], ctx: Context) -> Prepared:
     iters = params.get("num_iters")
     if not isinstance(iters, int) or iters < 1:
         raise VaralignError("vas_d needs --num_iters >= 1")
+    mode = params.get("mode", "exact")
+    rank = params.get("rank", 128)
+    if mode not in ("exact", "lowrank"):
+        raise VaralignError(f"vas_d mode must be 'exact' or 'lowrank', got {mode!r}")
+    if mode == "lowrank" and not (isinstance(rank, int) and 1 <= rank <= ARCHS[arch]):
+        raise VaralignError(f"vas_d rank must be an integer in [1, {ARCHS[arch]}], got {rank!r}")
     key = image_key(arch)
-    return Prepared("vas_d", kwargs={"key": key, "dim": ARCHS[arch], "num_iters": iters},
-                    members=[(key, ARCHS[arch])], info={"num_iters": iters})
+    info = {"num_iters": iters, "mode": mode} | ({"rank": rank} if mode == "lowrank" else {})
+    return Prepared("vas_d", kwargs={"key": key, "dim": ARCHS[arch], "num_iters": iters, "mode": mode, "rank": rank},
+                    members=[(key, ARCHS[arch])], info=info)
 
 
 SCORERS: dict[str, ScorerInfo] = {
