@@ -164,3 +164,24 @@ def test_vas_d_bad_rank_is_an_error(pool) -> None:
     with pytest.raises(VaralignError, match="rank must be an integer"):
         filter_pool(pool[0] / "pool", None, "vas_d", arch="l14", fraction=0.45, fraction_vas=0.3, num_iters=2,
                     vas_d_mode="lowrank", vas_d_rank=1000)
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("vas", {"fraction_vas": 0.3, "target_variance_name": "imagenet_1k"}),
+    ("vas_d", {"fraction_vas": 0.3, "num_iters": 3}),
+])
+def test_torch_backend_gives_the_same_uids(pool, name, opts) -> None:
+    """The torch path (what --device cuda runs) on torch's CPU device equals numpy/BLAS."""
+    root = pool[0]
+    kw = dict(arch="l14", fraction=0.45, files_path=str(root / "files"), quiet=True, **opts)
+    cpu = filter_pool(root / "pool", None, name, **kw)
+    via_torch = filter_pool(root / "pool", None, name, device="torch-cpu", **kw)
+    assert np.array_equal(cpu.uids, via_torch.uids)
+
+
+def test_cuda_without_gpu_is_a_clear_error(pool) -> None:
+    from varalign.errors import VaralignError
+
+    with pytest.raises(VaralignError, match="no CUDA device"):
+        filter_pool(pool[0] / "pool", None, "vas_d", arch="l14", fraction=0.45, fraction_vas=0.3, num_iters=2,
+                    device="cuda")

@@ -73,3 +73,41 @@ def gram64(features: np.ndarray, chunk: int = 8192) -> np.ndarray:
         part = features[start : start + chunk]
         total += part.T @ part
     return total
+
+
+def check_device(device: str) -> str:
+    """`cpu` (numpy/BLAS), or a torch device (`cuda`, `cuda:1`, `torch-cpu` for torch on the CPU)."""
+    if device == "cpu":
+        return device
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        raise VaralignError(f"--device {device} needs torch: pip install 'varalign[torch]'") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VaralignError(f"--device {device}: torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
+def _torch_device(device: str):
+    import torch  # noqa: PLC0415
+
+    return torch, torch.device("cpu" if device == "torch-cpu" else device)
+
+
+def quadratic_rows_on(features: np.ndarray, target: np.ndarray, device: str) -> np.ndarray:
+    """`quadratic_rows` on a device: float16 rows are shipped as float16 and decoded there."""
+    if device == "cpu":
+        return quadratic_rows(to_float32(features), target)
+    torch, dev = _torch_device(device)
+    f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
+    s = torch.tensor(np.asarray(target, dtype=np.float32), device=dev)
+    return ((f @ s) * f).sum(dim=1).cpu().numpy()
+
+
+def gram64_on(features: np.ndarray, device: str) -> np.ndarray:
+    """`gram64` on a device (float32 products, float64 sum on the host)."""
+    if device == "cpu":
+        return gram64(to_float32(features))
+    torch, dev = _torch_device(device)
+    f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
+    return (f.T @ f).double().cpu().numpy()

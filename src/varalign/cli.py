@@ -42,6 +42,8 @@ def _filter_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--higher_is_better_vas", type=int, default=1, help="accepted; only 1 (the reference ignores it)")
     p.add_argument("--cache_path", help="accepted for compatibility")
     p.add_argument("--image_based_scale", help="accepted for compatibility")
+    p.add_argument("--device", default="cpu", help="cpu (numpy/BLAS, default) or a torch device such as cuda, "
+                                                   "cuda:1 (VAS and VAS-D math on the GPU; needs torch)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: threads on this machine (default); ray: Ray tasks (pip install 'varalign[ray]')")
     p.add_argument("--ray_address", help="Ray cluster address (default: start a local Ray)")
@@ -64,8 +66,8 @@ def _run_filter(args: argparse.Namespace) -> int:
     for flag in ("metadata_dir", "save_path"):
         if getattr(args, flag) is None:
             raise VaralignError(f"--{flag} is required")
-    if args.num_gpus:
-        _note(args, f"--num_gpus {args.num_gpus} ignored: this run uses the CPU")
+    if args.num_gpus and args.device == "cpu":
+        _note(args, f"--num_gpus {args.num_gpus} ignored: this run uses the CPU (use --device cuda for the GPU)")
     if args.higher_is_better_vas != 1:
         raise VaralignError("--higher_is_better_vas 0 is not supported (the VAS reference never applies it)")
     result = filter_pool(
@@ -75,7 +77,7 @@ def _run_filter(args: argparse.Namespace) -> int:
         num_iters=args.num_iters, vas_d_mode=args.vas_d_mode, vas_d_rank=args.vas_d_rank,
         given_uids_path=args.given_uids_path, num_workers=args.num_workers,
         batch_size=args.batch_size, batch_size_vass=args.batch_size_vass, save_scores=args.save_scores,
-        cache_path=args.cache_path, seed=args.seed, executor=args.executor, ray_address=args.ray_address,
+        cache_path=args.cache_path, seed=args.seed, device=args.device, executor=args.executor, ray_address=args.ray_address,
         work_dir=args.work_dir, keep_work_dir=args.keep_work_dir, quiet=args.quiet)
     stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
     print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .atomic import atomic_path, check_output_path, save_json
+from .backend import check_device
 from .errors import VaralignError
 from .execute import default_workers, make_executor
 from .pool import Shard, discover_shards, embedding_member
@@ -61,6 +62,7 @@ class FilterSpec:
     batch_size_vass: int | None = None
     save_scores: str | None = None
     seed: int = 0
+    device: str = "cpu"
     executor: str = "local"
     ray_address: str | None = None
     work_dir: str | None = None
@@ -168,7 +170,7 @@ class _Run:
         self.spec, self.recipe, self.metadata_dir, self.save_path = spec, recipe, metadata_dir, save_path
         self.clock = _Clock()
         self.executor = make_executor(spec.executor, spec.num_workers, spec.ray_address)
-        ctx = Context(spec.files_path, spec.cache_path, spec.seed)
+        ctx = Context(spec.files_path, spec.cache_path, spec.seed, check_device(spec.device))
         self.prepared = {id(s): prepare(s.score, s.params, ctx) for s in recipe.all_stages()}
         need_npz = any(p.members for p in self.prepared.values())
         self.shards = discover_shards(metadata_dir, need_npz=need_npz)
@@ -367,7 +369,7 @@ class _Run:
                 first_target = (b64.T @ first_target.astype(np.float64) @ b64).astype(np.float32)
             state, checkpoint = self._vas_d_state(phase)
             res = vas_d_iterate(store, g_cand, first_target, target_count, iters, self.executor_threads(),
-                                self.spec.quiet, state=state, checkpoint=checkpoint)
+                                self.spec.quiet, state=state, checkpoint=checkpoint, device=self.spec.device)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -20,6 +20,7 @@ class Context:
     files_path: str | None = None
     cache_path: str | None = None
     seed: int = 0
+    device: str = "cpu"
 
 
 @dataclass
@@ -67,7 +68,8 @@ def _vas(params: dict[str, Any], ctx: Context) -> Prepared:
         path = target_path_for(files_path, name)
     target = load_target(path, ARCHS[arch])
     key = image_key(arch)
-    return Prepared("shard", fn=vas_shard, kwargs={"key": key, "target": target}, members=[(key, ARCHS[arch])],
+    return Prepared("shard", fn=vas_shard, kwargs={"key": key, "target": target, "device": ctx.device},
+                    members=[(key, ARCHS[arch])],
                     every_shard=True, info={"target": str(path), "target_sha256": _sha256(Path(path))})
 
 

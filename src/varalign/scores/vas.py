@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import check_finite, quadratic_rows, to_float32
+from ..backend import check_finite, quadratic_rows, quadratic_rows_on, to_float32
 from ..npz import iter_blocks
 from ..pool import Shard, embedding_member
 
@@ -22,7 +22,7 @@ def vas_scores(features: np.ndarray, target: np.ndarray, block_rows: int = BLOCK
 
 
 def vas_shard(shard: Shard, key: str, rows: np.ndarray, target: np.ndarray,
-              block_rows: int = BLOCK_ROWS) -> np.ndarray:
+              block_rows: int = BLOCK_ROWS, device: str = "cpu") -> np.ndarray:
     """VAS of the given (sorted) rows of one shard, streaming its npz member block by block.
 
     Every block is checked for NaN/inf (a bit test on float16, no decode); only the rows
@@ -37,8 +37,7 @@ def vas_shard(shard: Shard, key: str, rows: np.ndarray, target: np.ndarray,
         check_finite(block, start, shard.npz, key, member)
         stop = int(np.searchsorted(rows, end, side="left"))
         if stop > pos:
-            picked = to_float32(block[rows[pos:stop] - start])
-            out[pos:stop] = quadratic_rows(picked, target)
+            out[pos:stop] = quadratic_rows_on(block[rows[pos:stop] - start], target, device)
             pos = stop
         start = end
     return out

@@ -21,7 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ..backend import check_finite, gram64, quadratic_rows, to_float32
+from ..backend import check_finite, gram64, gram64_on, quadratic_rows_on, to_float32
 from ..npz import iter_blocks
 from ..pool import Shard, embedding_member
 from ..select import top_k_mask
@@ -118,7 +118,8 @@ class VasDResult:
 def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_target: np.ndarray,
                   target_count: int, num_iters: int, num_workers: int = 1, quiet: bool = True,
                   block_rows: int = BLOCK_ROWS, state: dict[str, np.ndarray] | None = None,
-                  checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None) -> VasDResult:
+                  checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None,
+                  device: str = "cpu") -> VasDResult:
     """Greedy backward elimination from `store.rows` candidates down to `target_count`.
 
     `checkpoint(state)` is called after every round with everything needed to continue;
@@ -139,7 +140,7 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
                    initial=start, total=num_iters):
         idx = np.flatnonzero(alive)
-        scores = _score_alive(store, alive, target, num_workers, block_rows)
+        scores = _score_alive(store, alive, target, num_workers, block_rows, device)
         last[idx] = scores
         k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
         removed = idx[~top_k_mask(scores, k)]
@@ -148,7 +149,7 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
         n_alive = k
         if it < num_iters - 1 and len(removed):
             for s in range(0, len(removed), block_rows):
-                gram_keep -= gram64(to_float32(store.gather(removed[s : s + block_rows])))
+                gram_keep -= gram64_on(store.gather(removed[s : s + block_rows]), device)
             target = (gram_keep / n_alive).astype(np.float32)
         if checkpoint is not None:
             checkpoint({"it": np.int64(it + 1), "alive": alive, "removed_at": removed_at, "last": last,
@@ -157,7 +158,7 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
 
 
 def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, num_workers: int,
-                 block_rows: int) -> np.ndarray:
+                 block_rows: int, device: str = "cpu") -> np.ndarray:
     starts = list(range(0, store.rows, block_rows))
 
     def score(start: int) -> np.ndarray:
@@ -166,9 +167,9 @@ def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, n
         if not sel.any():
             return np.empty(0, dtype=np.float32)
         block = store.read(start, stop)
-        return quadratic_rows(to_float32(block[sel]), target)
+        return quadratic_rows_on(block[sel], target, device)
 
-    if num_workers <= 1 or len(starts) <= 1:
+    if num_workers <= 1 or len(starts) <= 1 or device != "cpu":
         parts = [score(s) for s in starts]
     else:
         with threadpool_limits(limits=1), ThreadPoolExecutor(num_workers) as pool:
