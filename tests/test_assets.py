@@ -15,7 +15,11 @@ import pytest
 from varalign import assets
 from varalign.errors import VaralignError
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # pragma: no cover - torch is a test dependency
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
 
 CALLED: list[str] = []
 
@@ -28,7 +32,7 @@ def _side_effect(msg: str) -> str:
 class _Evil:
     """Unpickling this calls `_side_effect`: a loader that allows it would run arbitrary code."""
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (_side_effect, ("ran",))
 
 
@@ -104,6 +108,7 @@ def test_download_from_local_url(tmp_path: Path, monkeypatch) -> None:
 # --------------------------------------------------------------------------- .pt loading
 
 
+@needs_torch
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_numpy_array_in_pt_roundtrip(tmp_path: Path, protocol: int) -> None:
     arr = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
@@ -115,6 +120,7 @@ def test_numpy_array_in_pt_roundtrip(tmp_path: Path, protocol: int) -> None:
     np.testing.assert_array_equal(assets.load_centroids(legacy), arr)  # via torch + safe_globals
 
 
+@needs_torch
 def test_torch_weights_only_needs_the_numpy_allowlist(tmp_path: Path) -> None:
     arr = np.arange(6, dtype=np.float64).reshape(2, 3)
     path = tmp_path / "c.pt"
@@ -124,12 +130,15 @@ def test_torch_weights_only_needs_the_numpy_allowlist(tmp_path: Path) -> None:
     np.testing.assert_array_equal(assets._load_with_torch(path), arr)
 
 
+@needs_torch
 def test_numpy_1x_global_name_is_accepted(tmp_path: Path) -> None:
     arr = np.arange(4, dtype=np.float32)
     raw = pickle.dumps(arr, protocol=2)
     assert b"numpy._core.multiarray\n_reconstruct" in raw
     old = raw.replace(b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct")
     np.testing.assert_array_equal(assets._NumpyUnpickler(io.BytesIO(old)).load(), arr)
+    with pytest.raises(pickle.UnpicklingError, match="latin1"):
+        assets._latin1_encode("x", "rot13")
     legacy = tmp_path / "legacy.pt"
     torch.save(arr, legacy, pickle_protocol=2, _use_new_zipfile_serialization=False)
     data = legacy.read_bytes()
@@ -137,6 +146,7 @@ def test_numpy_1x_global_name_is_accepted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(assets._load_with_torch(legacy), arr)
 
 
+@needs_torch
 @pytest.mark.parametrize("protocol,zipped", [(2, True), (4, True), (2, False)])
 def test_arbitrary_object_is_refused(tmp_path: Path, protocol: int, zipped: bool) -> None:
     path = tmp_path / "evil.pt"
@@ -149,6 +159,7 @@ def test_arbitrary_object_is_refused(tmp_path: Path, protocol: int, zipped: bool
     assert CALLED == []
 
 
+@needs_torch
 def test_tensor_dict_and_in1k_iterator(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     parts = [rng.standard_normal((3 + i, 4)).astype(np.float16) for i in range(5)]
@@ -167,6 +178,7 @@ def test_tensor_dict_and_in1k_iterator(tmp_path: Path) -> None:
         next(assets.iter_in1k_features(cache_path=tmp_path))
 
 
+@needs_torch
 def test_load_centroids_npy_and_bad_content(tmp_path: Path) -> None:
     arr = np.ones((3, 2), dtype=np.float32)
     np.save(tmp_path / "c.npy", arr)
@@ -179,3 +191,15 @@ def test_load_centroids_npy_and_bad_content(tmp_path: Path) -> None:
         assets.load_centroids(tmp_path / "v.pt")
     with pytest.raises(VaralignError, match="not found"):
         assets.load_centroids(tmp_path / "none.pt")
+
+
+@needs_torch
+def test_ordered_dict_of_tensors_goes_to_torch(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    feats = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    torch.save(OrderedDict(image_features=feats), tmp_path / "od.pt")
+    np.testing.assert_array_equal(assets.load_pt(tmp_path / "od.pt", key="image_features"), feats.numpy())
+    torch.save({"image_features": feats}, tmp_path / "p4.pt", pickle_protocol=4)  # torch's reader: protocol <= 2
+    with pytest.raises(VaralignError, match="Unsupported operand"):
+        assets.load_pt(tmp_path / "p4.pt", key="image_features")

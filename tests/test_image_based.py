@@ -55,6 +55,8 @@ def test_assign_matches_brute_force(use_faiss: bool) -> None:
     l2 = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
     assert (l2 != want).mean() > 0.2  # the rule really is max inner product, not L2-nearest
     assert ib.centroid_assigner(c, use_faiss=use_faiss)(np.empty((0, DIM), np.float32)).shape == (0,)
+    np.testing.assert_array_equal(ib.assign_centroids(x.astype(np.float16), c, batch_size=700)[clear],
+                                  _brute(x.astype(np.float16).astype(np.float32), c)[0][clear])
 
 
 def test_numpy_path_blocks_and_ties(monkeypatch) -> None:

@@ -178,7 +178,7 @@ def torch_safe_globals() -> list[Any]:
 
 
 class _NeedsTorch(Exception):
-    """The pickle references torch storages: only torch can read it."""
+    """The pickle holds more than a numpy array: hand it to torch's weights_only reader."""
 
 
 class _NumpyUnpickler(pickle.Unpickler):
@@ -186,10 +186,8 @@ class _NumpyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         obj = _numpy_globals().get(f"{module}.{name}")
-        if obj is None:
-            if module.startswith("torch"):
-                raise _NeedsTorch(f"{module}.{name}")
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        if obj is None:  # tensors, OrderedDict, ... or an attack: torch's allowlist decides
+            raise _NeedsTorch(f"{module}.{name}")
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
@@ -238,13 +236,15 @@ def _load_with_torch(path: Path) -> Any:
     try:
         import torch  # noqa: PLC0415 - optional dependency
     except ImportError:
-        raise VaralignError("this .pt holds tensors: reading it needs torch (pip install torch)", path) from None
+        raise VaralignError("this .pt holds more than a numpy array: reading it needs torch", path) from None
     try:
-        with torch.serialization.safe_globals(torch_safe_globals()):
+        with torch.serialization.safe_globals(torch_safe_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # we report the failure
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a refused or bad file
-        detail = " ".join(str(exc).split())[:200]
-        raise VaralignError(f"cannot load .pt safely (weights_only=True): {detail}", path) from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        detail = next((ln for ln in lines if "nsupported" in ln or "Trying to" in ln), lines[0])
+        raise VaralignError(f"cannot load .pt safely (weights_only=True): {detail[:200]}", path) from None
 
 
 def load_centroids(path: str | os.PathLike) -> np.ndarray:

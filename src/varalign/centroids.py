@@ -5,8 +5,10 @@ faiss-side subsampling), on the `l14_img` embeddings of the rows that pass the i
 caption filter; `sample_ratio` -1 (all rows) for small/medium, 0.3 for large, 0.03 for xlarge.
 CPU by default, all GPUs when faiss sees one.
 
-Memory: faiss needs the whole training set in RAM as float32, N × D × 4 bytes (DataComp small
-after the caption filter, roughly 7M × 768 × 4 ≈ 21 GB); bound it with `sample_ratio`.
+Memory: faiss needs the whole training set in RAM as float32, N × D × 4 bytes (10M rows ×
+768 × 4 B = 30.7 GB); bound it with `sample_ratio`. Compute: each iteration costs about
+N × K × D × 2 flops (10M × 100k × 768 × 2 ≈ 1.5 PFLOP): a GPU job at pool scale (DataComp:
+~10 min on 8 GPUs for small); the CPU path is for small pools and tests.
 Differences from DataComp: the sample is drawn without replacement from a generator seeded by
 (`seed`, shard index), so it is reproducible (DataComp draws with replacement from the global
 numpy state of spawned workers, which its seed does not reach).
@@ -95,6 +97,8 @@ def build_centroids(source: str | os.PathLike | Iterable[np.ndarray], k: int = 1
     An iterator of arrays is used as given (no caption filter, no sampling). With `save_path`
     the centroids are written atomically as float32 `.npy`.
     """
+    if sample_ratio > 1:
+        raise VaralignError(f"sample_ratio must be <= 1 (or <= 0 for no sampling), got {sample_ratio}")
     if isinstance(source, (str, os.PathLike)):
         x = load_training_embeddings(source, key, caption_filter, sample_ratio, seed, model_path)
     else:

@@ -5,8 +5,9 @@ image (DataComp's `in1k_clip_vit_l14_{0..4}.pt`). Assignment is by largest dot p
 the (unnormalised) centroids, as in DataComp's `get_centroid_ids_gpu` — not the L2-nearest
 centroid, although the centroids were trained with L2 k-means.
 
-Search: faiss `IndexFlatIP` (exact, float32) when faiss is installed — on GPU when faiss sees
-one — else a blocked numpy matmul + argmax (same result up to float32 rounding on near-ties).
+Search: a blocked float32 numpy matmul + argmax on CPU (first index on exact ties, as
+torch.argmax); faiss `IndexFlatIP` on GPU when faiss sees one (same result up to float32
+rounding on near-ties).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _SCORE_BYTES = 256 << 20  # numpy fallback: at most this much score matrix at a 
 Assigner = Callable[[np.ndarray], np.ndarray]
 
 
-def _faiss():  # noqa: ANN202 - optional module
+def _faiss():  # the optional faiss module, or None
     try:
         import faiss  # noqa: PLC0415 - optional dependency
     except ImportError:
@@ -44,15 +45,20 @@ def check_centroids(centroids: np.ndarray, dim: int | None = None) -> np.ndarray
     return cent
 
 
-def centroid_assigner(centroids: np.ndarray, use_faiss: bool = True) -> Assigner:
-    """A function mapping float32 `(n, D)` queries to the index of their max-inner-product centroid."""
+def centroid_assigner(centroids: np.ndarray, use_faiss: bool | None = None) -> Assigner:
+    """A function mapping float32 `(n, D)` queries to the index of their max-inner-product centroid.
+
+    `use_faiss=None`: faiss on GPU when faiss sees one, else numpy (on CPU numpy was as fast as
+    faiss `IndexFlatIP`: same CPU time within 5% on 10k-100k queries x 100k centroids, 2 cores).
+    """
     cent = check_centroids(centroids)
-    faiss = _faiss() if use_faiss else None
-    if faiss is None:
-        return lambda q: _argmax_numpy(q, cent)
+    faiss = _faiss() if use_faiss is not False else None
+    gpus = getattr(faiss, "get_num_gpus", lambda: 0)() if faiss is not None else 0
+    if faiss is None or (use_faiss is None and gpus == 0):
+        return lambda q: _argmax_numpy(np.ascontiguousarray(q, dtype=np.float32), cent)
     index = faiss.IndexFlatIP(cent.shape[1])
     index.add(cent)
-    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # GPU build with a visible GPU (untested here)
+    if gpus > 0:  # GPU build with a visible GPU (not testable on the CPU machines)
         index = faiss.index_cpu_to_all_gpus(index)
 
     def assign(q: np.ndarray) -> np.ndarray:

@@ -1,0 +1,310 @@
+"""DataComp-compatible resharder: input webdataset shards + subset file -> output shards of the subset.
+
+Two streaming passes, both parallel over processes:
+1. index: each input tar is scanned (headers + `.json` members only), its uids looked up in the
+   sorted subset (`np.searchsorted`), and the byte ranges of the matching samples saved to a small
+   index file in a work directory;
+2. write: output shard `o` holds global positions `[o*S, (o+1)*S)` of the matched sequence (input
+   shards in name order, samples in tar order, a uid repeated k times in the subset written k times
+   with keys `{uid}-{j}`), copied by seek + read from the input tars into an atomically renamed tar.
+The output is deterministic and independent of the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..atomic import atomic_path, save_json, save_npy
+from ..errors import VaralignError
+from ..uids import UID_DTYPE, hex_to_uids, sort_uids, uids_to_hex
+from .wds import add_bytes, iter_samples, open_tar, read_json, read_member, sample_uid
+
+WORK_DIR = ".reshard-work"
+_SUBSET: tuple[np.ndarray, np.ndarray] | None = None  # (sorted unique uids, counts), per worker process
+
+
+@dataclass
+class ReshardResult:
+    """Counters of one reshard run (also written to `meta.json`)."""
+
+    output_dir: str
+    input_shard_count: int = 0
+    input_samples: int = 0
+    subset_size: int = 0
+    subset_unique: int = 0
+    found_unique: int = 0
+    not_found: int = 0
+    output_samples: int = 0
+    output_shard_count: int = 0
+    output_shard_format: str = "{:08d}.tar"
+    failed_shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def load_subset_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a subset file (npy or raw `u8,u8` memmap) -> (sorted unique uids, repeat counts)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise VaralignError(f"cannot read subset file ({exc.strerror})", path) from None
+    try:
+        if magic == b"\x93NUMPY":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            arr = np.memmap(path, dtype=UID_DTYPE, mode="r")
+    except ValueError as exc:
+        raise VaralignError(f"not a uid subset file ({exc})", path) from None
+    if arr.dtype != UID_DTYPE or arr.ndim != 1:
+        raise VaralignError(f"subset file must hold a 1-d u8,u8 array, found {arr.dtype} {arr.shape}", path)
+    arr = sort_uids(np.asarray(arr))
+    if len(arr) == 0:
+        return arr, np.zeros(0, dtype=np.int64)
+    new = np.ones(len(arr), dtype=bool)
+    new[1:] = (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, len(arr)))
+    return arr[starts], counts.astype(np.int64)
+
+
+def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_file: str | os.PathLike, *,
+            num_shards: int | None = None, first_shard: int = 0, num_workers: int | None = None,
+            shard_size: int = 10_000, shard_format: str = "{:08d}.tar",
+            output_shard_format: str = "{:08d}.tar", output_shard_stats_format: str = "{:08d}_stats.json",
+            overwrite: bool = False, dry_run: bool = False, quiet: bool = False) -> ReshardResult:
+    """Write the samples of `input_dir` whose uid is in `subset_file` as new shards in `output_dir`.
+
+    Refuses a non-empty `output_dir` unless `overwrite` (which deletes only earlier reshard outputs:
+    tars, stats, `meta.json`, `sample_ids.npy`). Writes `meta.json` (arguments + counters) and
+    `sample_ids.npy` (the subset file). Subset uids absent from the input are counted in `not_found`.
+    """
+    start = time.time()
+    if shard_size < 1:
+        raise VaralignError(f"--shard-size must be >= 1, got {shard_size}")
+    inputs = _input_shards(Path(input_dir), num_shards, first_shard, shard_format, quiet)
+    unique, counts = load_subset_counts(subset_file)
+    out = Path(output_dir)
+    if not dry_run:
+        _prepare_output(out, overwrite)
+    work = out / WORK_DIR if not dry_run else Path(os.environ.get("TMPDIR", "/tmp")) / f"varalign-reshard-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    workers = max(1, num_workers or os.cpu_count() or 1)
+    result = ReshardResult(str(out), input_shard_count=len(inputs), subset_size=int(counts.sum()),
+                           subset_unique=len(unique), output_shard_format=output_shard_format)
+    try:
+        np.save(work / "subset_unique.npy", unique)
+        np.save(work / "subset_counts.npy", counts)
+        index = _run_index(inputs, work, workers, quiet)
+        result.input_samples = sum(r["samples"] for r in index)
+        result.failed_shards = [f"{r['path']}: {r['error']}" for r in index if r["error"]]
+        for msg in result.failed_shards:
+            _warn(f"warning: {msg} (samples after the error skipped)", quiet=False)
+        copies = np.array([r["copies"] for r in index], dtype=np.int64)
+        result.output_samples = int(copies.sum())
+        result.found_unique = _count_found(index)
+        result.not_found = result.subset_unique - result.found_unique
+        result.output_shard_count = -(-result.output_samples // shard_size)
+        if not dry_run:
+            _run_write(index, copies, out, shard_size, output_shard_format, output_shard_stats_format,
+                       result.output_shard_count, workers, quiet)
+            save_npy(out / "sample_ids.npy", np.load(subset_file, allow_pickle=False)
+                     if _is_npy(subset_file) else np.fromfile(subset_file, dtype=UID_DTYPE))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.seconds = round(time.time() - start, 3)
+    if not dry_run:
+        meta = {"args": {"input_dir": str(input_dir), "output_dir": str(output_dir), "subset_file": str(subset_file),
+                         "num_shards": num_shards, "first_shard": first_shard, "num_workers": workers,
+                         "shard_size": shard_size, "shard_format": shard_format,
+                         "output_shard_format": output_shard_format,
+                         "output_shard_stats_format": output_shard_stats_format},
+                **asdict(result)}
+        save_json(out / "meta.json", meta)
+    if result.not_found:
+        _warn(f"{result.not_found:,} uids in the subset were not found in the input", quiet)
+    return result
+
+
+def _input_shards(root: Path, num_shards: int | None, first: int, fmt: str, quiet: bool) -> list[Path]:
+    if not root.is_dir():
+        raise VaralignError("input directory not found", root)
+    if num_shards is None:
+        shards = sorted(p for p in root.iterdir() if p.name.endswith(".tar") and not p.name.startswith("."))
+    else:
+        shards = []
+        for i in range(first, first + num_shards):
+            path = root / fmt.format(i)
+            if path.exists():
+                shards.append(path)
+            else:
+                _warn(f"warning: input shard {path} not found, skipped", quiet)
+    if not shards:
+        raise VaralignError("no .tar shards in input directory", root)
+    return shards
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise VaralignError("output path exists and is not a directory", out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise VaralignError("output directory is not empty (pass --overwrite to replace its shards)", out)
+        for p in out.iterdir():
+            if p.name == WORK_DIR:
+                shutil.rmtree(p)
+            elif p.name.endswith((".tar", "_stats.json")) or p.name in ("meta.json", "sample_ids.npy"):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _is_npy(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(6) == b"\x93NUMPY"
+
+
+# ---- pass 1: index -------------------------------------------------------------------------------
+
+def _init_worker(work: str) -> None:
+    global _SUBSET
+    _SUBSET = (np.load(Path(work) / "subset_unique.npy", mmap_mode="r"),
+               np.load(Path(work) / "subset_counts.npy", mmap_mode="r"))
+
+
+def _index_shard(job: tuple[int, str, str]) -> dict:
+    """Scan one input tar; save the byte ranges of its subset samples to `{work}/{i}.npz`."""
+    i, path, work = job
+    assert _SUBSET is not None
+    unique, counts = _SUBSET
+    keys, uid_strs, members, error = [], [], [], None
+    name = os.path.basename(path)
+    try:
+        with open_tar(path) as tf:
+            for sample in iter_samples(tf):
+                meta = read_json(read_member(tf, sample.members["json"])) if "json" in sample.members else {}
+                keys.append(sample.key)
+                uid_strs.append(sample_uid(sample.key, name, meta))
+                members.append([(ext, info.offset_data, info.size) for ext, info in sample.members.items()])
+    except (tarfile.TarError, OSError, EOFError, VaralignError) as exc:
+        error = " ".join(str(exc).split())[:200]
+    uids = hex_to_uids(uid_strs, source=path)
+    if len(unique) and len(uids):
+        pos = np.searchsorted(unique, uids)
+        pos_c = np.minimum(pos, len(unique) - 1)
+        hit = (pos < len(unique)) & (unique[pos_c]["f0"] == uids["f0"]) & (unique[pos_c]["f1"] == uids["f1"])
+    else:
+        pos_c, hit = np.zeros(len(uids), dtype=np.int64), np.zeros(len(uids), dtype=bool)
+    rows = np.flatnonzero(hit)
+    copies = np.asarray(counts)[pos_c[rows]].astype(np.int64) if len(rows) else np.zeros(0, dtype=np.int64)
+    ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    ext, off, size = [], [], []
+    for j, r in enumerate(rows):
+        for e, o, s in members[r]:
+            ext.append(e)
+            off.append(o)
+            size.append(s)
+        ptr[j + 1] = len(ext)
+    np.savez(Path(work) / f"{i}.npz", uids=uids[rows], copies=copies, ptr=ptr,
+             ext=np.array(ext, dtype=str), offset=np.array(off, dtype=np.int64), size=np.array(size, dtype=np.int64))
+    return {"i": i, "path": path, "samples": len(uids), "matched": len(rows), "copies": int(copies.sum()),
+            "error": error, "index": str(Path(work) / f"{i}.npz")}
+
+
+def _run_index(inputs: list[Path], work: Path, workers: int, quiet: bool) -> list[dict]:
+    jobs = [(i, str(p), str(work)) for i, p in enumerate(inputs)]
+    bar = tqdm(total=len(jobs), desc="reshard: index", unit="shard", disable=quiet)
+    if workers == 1 or len(jobs) == 1:
+        _init_worker(str(work))
+        results = []
+        for job in jobs:
+            results.append(_index_shard(job))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(str(work),)) as pool:
+            results = []
+            for r in pool.map(_index_shard, jobs):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return results
+
+
+def _count_found(index: list[dict]) -> int:
+    found = [np.load(r["index"])["uids"] for r in index]
+    if not found:
+        return 0
+    allu = sort_uids(np.concatenate(found))
+    if len(allu) == 0:
+        return 0
+    new = np.ones(len(allu), dtype=bool)
+    new[1:] = (allu["f0"][1:] != allu["f0"][:-1]) | (allu["f1"][1:] != allu["f1"][:-1])
+    return int(new.sum())
+
+
+# ---- pass 2: write -------------------------------------------------------------------------------
+
+def _write_shard(job: tuple) -> int:
+    """Write output shard `o` = positions [lo, hi) of the matched sequence."""
+    o, lo, hi, pieces, out_tar, out_stats = job
+    written = 0
+    with atomic_path(out_tar, ".tar") as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
+        for path, index_file, first, last in pieces:  # positions [first, last) within this input shard
+            idx = np.load(index_file)
+            cum = np.concatenate([[0], np.cumsum(idx["copies"])])
+            hex_uids = uids_to_hex(idx["uids"]).to_pylist()
+            with open(path, "rb") as src:
+                s = int(np.searchsorted(cum, first, side="right") - 1)
+                pos = first
+                while pos < last:
+                    j = pos - int(cum[s])
+                    n_copies = int(idx["copies"][s])
+                    key = hex_uids[s] if n_copies == 1 else f"{hex_uids[s]}-{j}"
+                    for m in range(int(idx["ptr"][s]), int(idx["ptr"][s + 1])):
+                        src.seek(int(idx["offset"][m]))
+                        add_bytes(tf, f"{key}.{idx['ext'][m]}", src.read(int(idx["size"][m])))
+                    written += 1
+                    pos += 1
+                    if pos - int(cum[s]) >= n_copies:
+                        s += 1
+    stats = {"count": written, "successes": written, "failed_to_download": 0, "failed_to_resize": 0,
+             "input_shards": sorted({p[0] for p in pieces}), "status": "success"}
+    save_json(out_stats, stats)
+    return written
+
+
+def _run_write(index: list[dict], copies: np.ndarray, out: Path, shard_size: int, fmt: str, stats_fmt: str,
+               n_out: int, workers: int, quiet: bool) -> None:
+    starts = np.concatenate([[0], np.cumsum(copies)])
+    jobs = []
+    for o in range(n_out):
+        lo, hi = o * shard_size, min((o + 1) * shard_size, int(starts[-1]))
+        pieces = []
+        for k, r in enumerate(index):
+            a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
+            if a < b:
+                pieces.append((r["path"], r["index"], a - int(starts[k]), b - int(starts[k])))
+        jobs.append((o, lo, hi, pieces, str(out / fmt.format(o)), str(out / stats_fmt.format(o))))
+    bar = tqdm(total=int(starts[-1]), desc="reshard: write", unit="sample", disable=quiet)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            bar.update(_write_shard(job))
+    else:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            for n in pool.map(_write_shard, jobs):
+                bar.update(n)
+    bar.close()
+
+
+def _warn(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr)

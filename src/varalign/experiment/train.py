@@ -1,0 +1,242 @@
+"""CLIP training with open_clip_train and DataComp's scale configs (DataComp train.py, scale_configs.py).
+
+`train()` builds the argument list DataComp's train.py passes to OpenCLIP, runs
+`python -m varalign.experiment.openclip_entry` (or `torchrun` for several GPUs) and writes
+`{output_dir}/{exp_name}/info.json` ({scale, checkpoint, scale_config, data_dir, model, ...}), which
+`evaluate` reads. DataComp writes `info.pkl`; varalign writes JSON only and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import save_json
+from ..errors import VaralignError
+
+TINY_MODEL = "varalign-tiny"
+# a 2-layer ViT on 32×32 images and a 2-layer text transformer, 64-d embeddings: trains on a CPU
+TINY_MODEL_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CUSTOM_MODELS = {TINY_MODEL: TINY_MODEL_CONFIG}
+
+# DataComp scale_configs.py (REFERENCE §6.2, DCP Table 14) plus `tiny`
+SCALE_CONFIGS: dict[str, dict] = {
+    "tiny": {"model": TINY_MODEL, "batch_size": 64, "learning_rate": 1e-3, "train_num_samples": 12_800,
+             "warmup": 20},
+    "debug": {"model": "ViT-B-32", "batch_size": 1024, "learning_rate": 1e-4, "train_num_samples": 128_000,
+              "warmup": 500},
+    "small": {"model": "ViT-B-32", "batch_size": 4096, "learning_rate": 5e-4, "train_num_samples": 12_800_000,
+              "warmup": 500},
+    "medium": {"model": "ViT-B-32", "batch_size": 4096, "learning_rate": 5e-4, "train_num_samples": 128_000_000,
+               "warmup": 500},
+    "large": {"model": "ViT-B-16", "batch_size": 8192, "learning_rate": 5e-4, "train_num_samples": 1_280_000_000,
+              "warmup": 500},
+    "xlarge": {"model": "ViT-L-14", "batch_size": 90112, "learning_rate": 1e-3,
+               "train_num_samples": 12_800_000_000, "warmup": 10_000, "beta2": 0.95},
+}
+
+
+@dataclass
+class TrainResult:
+    """Where training wrote its checkpoint and info file."""
+
+    exp_dir: str
+    checkpoint: str
+    info_path: str
+    seconds: float
+
+
+def scale_config(scale: str, **overrides: object) -> dict:
+    """The scale's config with non-None overrides (batch_size, learning_rate, train_num_samples, warmup)."""
+    if scale not in SCALE_CONFIGS:
+        raise VaralignError(f"unknown --scale {scale!r} (one of {', '.join(SCALE_CONFIGS)})")
+    cfg = dict(SCALE_CONFIGS[scale])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def train_data_pattern(data_dir: str) -> tuple[str, int]:
+    """OpenCLIP `--train-data` for one or more (`::`-joined) shard directories, and their sample count.
+
+    A directory with a resharder `meta.json` gives `{dir}/{00000000..N-1}.tar` in its output format;
+    otherwise its `*.tar` files are listed (brace range when contiguous `{:08d}.tar`).
+    """
+    patterns, total = [], 0
+    for part in data_dir.split("::"):
+        root = Path(part)
+        if not root.is_dir():
+            raise VaralignError("training data directory not found", root)
+        meta_path = root / "meta.json"
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+                count, fmt = int(meta["output_shard_count"]), meta.get("output_shard_format", "{:08d}.tar")
+                total += int(meta.get("output_samples", 0))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise VaralignError(f"not a resharder meta.json ({exc})", meta_path) from None
+            if count == 0:
+                raise VaralignError("resharded subset is empty (0 shards)", meta_path)
+            names = [fmt.format(i) for i in range(count)]
+        else:
+            names = sorted(p.name for p in root.iterdir() if p.name.endswith(".tar") and not p.name.startswith("."))
+            if not names:
+                raise VaralignError("no .tar shards in training data directory", root)
+            for n in names:
+                stats = root / n.replace(".tar", "_stats.json")
+                if stats.exists():
+                    try:
+                        total += int(json.loads(stats.read_text()).get("successes", 0))
+                    except ValueError:
+                        pass
+        if names == [f"{i:08d}.tar" for i in range(len(names))]:
+            patterns.append(str(root / f"{{00000000..{len(names) - 1:08d}}}.tar"))
+        else:
+            patterns.extend(str(root / n) for n in names)
+    return "::".join(patterns), total
+
+
+def build_args(scale: str, data_dir: str, output_dir: str, exp_name: str, *, cfg: dict, world_size: int = 1,
+               accum_freq: int = 1, num_checkpoints: int = 5, workers: int = 4, precision: str = "amp",
+               seed: int = 0, resume: str | None = "latest", log_every_n_steps: int = 100,
+               save_frequency: int = 0, grad_clip_norm: float | None = None, data_weights: str | None = None,
+               report_to_wandb: bool = False, wandb_project_name: str = "datanet",
+               imagenet_val: str | None = None, grad_checkpointing: bool = True) -> list[str]:
+    """OpenCLIP arguments as DataComp's train.py builds them."""
+    per_gpu = cfg["batch_size"] // (world_size * accum_freq)
+    if per_gpu < 1:
+        raise VaralignError(f"global batch {cfg['batch_size']} is smaller than {world_size} GPUs × accum {accum_freq}")
+    pattern, _ = train_data_pattern(data_dir)
+    args = [
+        "--save-frequency", str(save_frequency),
+        "--ddp-static-graph", "--local-loss", "--gather-with-grad",
+        "--train-data", pattern,
+        "--train-num-samples", str(int(cfg["train_num_samples"]) // num_checkpoints),
+        "--warmup", str(cfg["warmup"]),
+        "--dataset-type", "webdataset",
+        "--precision", precision,
+        "--workers", str(workers),
+        "--model", cfg["model"],
+        "--batch-size", str(per_gpu),
+        "--epochs", str(num_checkpoints),
+        "--lr", str(cfg["learning_rate"]),
+        "--logs", output_dir,
+        "--name", exp_name,
+        "--seed", str(seed),
+        "--accum-freq", str(accum_freq),
+        "--log-every-n-steps", str(log_every_n_steps),
+        "--save-most-recent",
+        "--dataset-resampled",
+    ]
+    if grad_checkpointing:
+        args.append("--grad-checkpointing")
+    if resume:
+        args += ["--resume", resume]
+    if "beta2" in cfg:
+        args += ["--beta2", str(cfg["beta2"])]
+    if data_weights:
+        args += ["--train-data-upsampling-factors", data_weights]
+    if grad_clip_norm is not None:
+        args += ["--grad-clip-norm", str(grad_clip_norm)]
+    if imagenet_val:
+        args += ["--imagenet-val", imagenet_val]
+    if report_to_wandb:
+        args += ["--report-to", "wandb", "--wandb-project-name", wandb_project_name]
+    return args
+
+
+def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike, exp_name: str | None = None, *,
+          num_checkpoints: int = 5, workers: int | None = None, precision: str | None = None, seed: int = 0,
+          accum_freq: int = 1, resume: str | None = "latest", nproc_per_node: int | None = None,
+          log_every_n_steps: int = 100, save_frequency: int = 0, grad_clip_norm: float | None = None,
+          data_weights: str | None = None, report_to_wandb: bool = False, wandb_project_name: str = "datanet",
+          imagenet_val: str | None = None, batch_size: int | None = None, learning_rate: float | None = None,
+          train_num_samples: int | None = None, warmup: int | None = None, quiet: bool = False) -> TrainResult:
+    """Train a CLIP model on the shards in `data_dir` at a DataComp scale; resumes from `epoch_latest.pt`.
+
+    Defaults follow DataComp (amp, 4 workers, 5 checkpoints); without a GPU precision is fp32.
+    `batch_size`, `learning_rate`, `train_num_samples` (samples seen) and `warmup` override the scale.
+    """
+    start = time.time()
+    cfg = scale_config(scale, batch_size=batch_size, learning_rate=learning_rate,
+                       train_num_samples=train_num_samples, warmup=warmup)
+    data_dir, output_dir = str(data_dir), str(output_dir)
+    if exp_name is None:
+        exp_name = f"{Path(data_dir.split('::')[0]).name}_{scale}_seed_{seed}"
+    if not re.fullmatch(r"[\w.\-]+", exp_name):
+        raise VaralignError(f"--exp_name must be a plain name (letters, digits, _ . -), got {exp_name!r}")
+    if num_checkpoints < 1:
+        raise VaralignError("--num_checkpoints must be >= 1")
+    gpus = _gpu_count()
+    nproc = nproc_per_node or max(1, gpus)
+    precision = precision or ("amp" if gpus else "fp32")
+    workers = workers if workers is not None else (4 if gpus else 1)
+    args = build_args(scale, data_dir, output_dir, exp_name, cfg=cfg, world_size=nproc, accum_freq=accum_freq,
+                      num_checkpoints=num_checkpoints, workers=workers, precision=precision, seed=seed,
+                      resume=resume, log_every_n_steps=log_every_n_steps, save_frequency=save_frequency,
+                      grad_clip_norm=grad_clip_norm, data_weights=data_weights, report_to_wandb=report_to_wandb,
+                      wandb_project_name=wandb_project_name, imagenet_val=imagenet_val,
+                      grad_checkpointing=scale != "tiny")
+    exp_dir = Path(output_dir) / exp_name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    model_config = CUSTOM_MODELS.get(cfg["model"])
+    env = dict(os.environ)
+    if model_config is not None:
+        cfg_path = exp_dir / f"{cfg['model']}.json"
+        save_json(cfg_path, model_config)
+        env["VARALIGN_MODEL_CONFIG"] = str(cfg_path)
+    entry = ["-m", "varalign.experiment.openclip_entry"]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable]) + entry + args
+    if not quiet:
+        print(f"train: {cfg['model']} on {data_dir}, {cfg['train_num_samples']:,} samples seen, "
+              f"batch {cfg['batch_size']} -> {exp_dir}", file=sys.stderr)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None,
+                          stderr=subprocess.PIPE if quiet else None, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
+        raise VaralignError(f"open_clip_train failed with exit code {proc.returncode}"
+                            + (f": {tail[0][:300]}" if tail else f" (see {exp_dir / 'out.log'})"), exp_dir)
+    checkpoint = exp_dir / "checkpoints" / f"epoch_{num_checkpoints}.pt"
+    if not checkpoint.exists():
+        checkpoint = exp_dir / "checkpoints" / "epoch_latest.pt"
+    if not checkpoint.exists():
+        raise VaralignError("training finished without a checkpoint", exp_dir / "checkpoints")
+    info = {"scale": scale, "checkpoint": str(checkpoint), "scale_config": cfg, "data_dir": data_dir,
+            "model": cfg["model"], "model_config": model_config, "exp_name": exp_name, "seed": seed,
+            "precision": precision, "num_checkpoints": num_checkpoints, "open_clip_args": args,
+            "seconds": round(time.time() - start, 1)}
+    save_json(exp_dir / "info.json", info)
+    return TrainResult(str(exp_dir), str(checkpoint), str(exp_dir / "info.json"), info["seconds"])
+
+
+def read_info(train_output_dir: str | os.PathLike) -> dict:
+    """`info.json` of a training run (never `info.pkl`)."""
+    path = Path(train_output_dir) / "info.json"
+    if not path.exists():
+        hint = " (DataComp's info.pkl is not read: re-run `varalign train`, or use --use_model)" \
+            if (Path(train_output_dir) / "info.pkl").exists() else ""
+        raise VaralignError(f"no info.json{hint}", Path(train_output_dir))
+    try:
+        info = json.loads(path.read_text())
+        info["checkpoint"], info["model"]  # noqa: B018
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VaralignError(f"not a varalign info.json ({exc})", path) from None
+    return info
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
