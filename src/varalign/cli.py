@@ -15,7 +15,9 @@ def _filter_parser(sub: argparse._SubParsersAction) -> None:
                        description="Select a subset of a DataComp-format pool and save DataComp's subset file. "
                                    "Flags follow DataComp's baselines.py and the VAS reference.")
     p.add_argument("--list", action="store_true", help="list every method with a one-line description and exit")
-    p.add_argument("--name", help="method: no_filter, clip_score, vas, vas_d (see --list)")
+    p.add_argument("--name", help="method: no_filter, basic_filter, text_based, image_based, "
+                                  "image_based_intersect_clip_score, clip_score, laion2b, vas, vas_d, negcliploss "
+                                  "(cs_new) (see --list)")
     p.add_argument("--recipe", help="a recipe TOML file, or a shipped preset name (see --list), instead of --name")
     p.add_argument("--seed", type=int, default=0, help="seed for randomised scores (negCLIPLoss batches)")
     p.add_argument("--metadata_dir", help="directory with {name}.parquet + {name}.npz shards")
@@ -37,11 +39,23 @@ def _filter_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save_scores", help="also write a parquet of uid + every score computed")
     p.add_argument("--num_workers", type=int, default=None, help="parallel shards (default: all cores)")
     p.add_argument("--num_gpus", type=int, default=None, help="accepted for compatibility; CPU runs ignore it")
-    p.add_argument("--batch_size", type=int, default=None, help="accepted for compatibility (bounds memory only)")
+    p.add_argument("--batch_size", type=int, default=None, help="negcliploss: batch size B (default 32768); "
+                                                                 "vas_d/image_based: accepted (bounds memory only)")
     p.add_argument("--batch_size_vass", type=int, default=None, help="accepted for compatibility (bounds memory only)")
     p.add_argument("--higher_is_better_vas", type=int, default=1, help="accepted; only 1 (the reference ignores it)")
-    p.add_argument("--cache_path", help="accepted for compatibility")
-    p.add_argument("--image_based_scale", help="accepted for compatibility")
+    p.add_argument("--cache_path", help="folder of DataComp assets (default ~/.cache/datacomp, as DataComp's download())")
+    p.add_argument("--download", action="store_true", help="download missing DataComp assets (centroids, ImageNet "
+                                                            "features, lid.176.bin); off by default")
+    p.add_argument("--image_based_scale", choices=["small", "medium", "large", "xlarge"],
+                   help="image_based*: which DataComp centroid file ({scale}_centroids.pt)")
+    p.add_argument("--centroid_path", help="image_based*: your own centroids (.npy or .pt), e.g. from `varalign centroids`")
+    p.add_argument("--fasttext_model", help="fastText language-ID model (e.g. DataComp's lid.176.bin) instead of the "
+                                            "bundled lid.176.ftz")
+    p.add_argument("--temperature", type=float, default=0.01, help="negcliploss: τ (default 0.01)")
+    p.add_argument("--average_num", type=int, default=10, help="negcliploss: K random batchings averaged (default 10)")
+    p.add_argument("--norm", default="inf", help="negcliploss → NormSim: p (a number, or inf; >= 100 means inf)")
+    p.add_argument("--proxy_name", help="NormSim target: imagenet_1k (DataComp's in1k_clip_vit_l14_*.pt)")
+    p.add_argument("--proxy_path", help="NormSim target: a folder (or file) of .npy/.pt target embeddings")
     p.add_argument("--device", default="cpu", help="cpu (numpy/BLAS, default) or a torch device such as cuda, "
                                                    "cuda:1 (VAS and VAS-D math on the GPU; needs torch)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -77,7 +91,10 @@ def _run_filter(args: argparse.Namespace) -> int:
         num_iters=args.num_iters, vas_d_mode=args.vas_d_mode, vas_d_rank=args.vas_d_rank,
         given_uids_path=args.given_uids_path, num_workers=args.num_workers,
         batch_size=args.batch_size, batch_size_vass=args.batch_size_vass, save_scores=args.save_scores,
-        cache_path=args.cache_path, seed=args.seed, device=args.device, executor=args.executor, ray_address=args.ray_address,
+        cache_path=args.cache_path, download=args.download, image_based_scale=args.image_based_scale,
+        centroid_path=args.centroid_path, fasttext_model=args.fasttext_model, temperature=args.temperature,
+        average_num=args.average_num, norm=args.norm, proxy_name=args.proxy_name, proxy_path=args.proxy_path,
+        seed=args.seed, device=args.device, executor=args.executor, ray_address=args.ray_address,
         work_dir=args.work_dir, keep_work_dir=args.keep_work_dir, quiet=args.quiet)
     stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
     print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")

@@ -58,8 +58,10 @@ class LocalExecutor:
         """`fn(*task)` for every task, results in task order; `on_result(i, r)` as each finishes."""
         results: list[Any] = [None] * len(tasks)
         parallel = self.num_workers > 1 and len(tasks) > 1
+        # one BLAS thread per task even when running serially: BLAS results depend on its thread
+        # count, and a subset must not depend on --num_workers or the executor
         with tqdm(total=len(tasks), desc=desc, unit="shard", disable=quiet, leave=False) as bar, \
-                single_threaded_kernels(parallel):
+                single_threaded_kernels(True):
             if not parallel:
                 for i, task in enumerate(tasks):
                     results[i] = _finish(on_result, i, fn(*task))

@@ -32,10 +32,19 @@ from .workdir import WorkDir, digest
 
 METHODS = {
     "no_filter": "every uid of the pool",
+    "basic_filter": "DataComp basic: English (fastText), >2 words, >5 chars, min side >= 200, aspect <= 3",
+    "text_based": "DataComp text-based: English and a caption word naming an ImageNet-21k class (WordNet)",
+    "image_based": "DataComp image-based: caption rule and an image cluster that holds ImageNet-1k images",
+    "image_based_intersect_clip_score": "DataComp image-based ∩ CLIP score (threshold-at-rank on the pool)",
     "clip_score": "DataComp CLIP-score filter: keep score >= threshold (or the score at rank ⌊N·f⌋)",
+    "laion2b": "DataComp LAION-2B filter: CLD3 English and CLIP B/32 score >= 0.28",
     "vas": "VAS ∩ CLIP score: top ⌊N·f⌋ by CLIP score, then top ⌊N·f_vas⌋ by VAS against a target",
     "vas_d": "VAS-D ∩ CLIP score: CLIP stage, then greedy VAS against the selection itself",
+    "negcliploss": "negCLIPLoss top ⌊N·f⌋; with --fraction_vas < --fraction, then NormSim top ⌊N·f_vas⌋ "
+                   "(the negCLIPLoss paper's cs_new)",
+    "cs_new": "alias of negcliploss (the name in the negCLIPLoss_NormSim reference scripts)",
 }
+RULE_METHODS = ("basic_filter", "text_based", "image_based", "laion2b")
 
 
 @dataclass
@@ -54,6 +63,15 @@ class FilterSpec:
     files_path: str | None = None
     cache_path: str | None = None
     num_iters: int | None = None
+    image_based_scale: str | None = None
+    centroid_path: str | None = None
+    fasttext_model: str | None = None
+    download: bool = False
+    temperature: float = 0.01
+    average_num: int = 10
+    norm: float | str = "inf"
+    proxy_name: str | None = None
+    proxy_path: str | None = None
     vas_d_mode: str = "exact"
     vas_d_rank: int = 128
     given_uids_path: str | None = None
@@ -79,10 +97,16 @@ class FilterSpec:
             raise VaralignError(f"--name must be one of {', '.join(METHODS)}, got {self.name!r}")
         if self.name == "no_filter":
             return Recipe("no_filter", METHODS["no_filter"])
+        if self.name in RULE_METHODS:
+            return Recipe(self.name, METHODS[self.name], [self._rule_stage(self.name)])
         _one_of(self.fraction, self.threshold, "--fraction", "--threshold", self.name)
         _check_fraction(self.fraction, "--fraction")
         if self.name == "clip_score":
             return Recipe("clip_score", METHODS["clip_score"], [self._clip_stage("datacomp")])
+        if self.name == "image_based_intersect_clip_score":
+            return Recipe(self.name, METHODS[self.name], [self._clip_stage("datacomp"), self._rule_stage("image_based")])
+        if self.name in ("negcliploss", "cs_new"):
+            return self._negcliploss_recipe()
         if self.name == "vas_d" and (self.fraction_vas is None or self.threshold_vas is not None):
             raise VaralignError("vas_d needs --fraction_vas (not --threshold_vas)")
         _one_of(self.fraction_vas, self.threshold_vas, "--fraction_vas", "--threshold_vas", self.name)
@@ -97,6 +121,31 @@ class FilterSpec:
         second = Stage(self.name, {k: v for k, v in params.items() if v is not None}, self.fraction_vas,
                        self.threshold_vas)
         return Recipe(self.name, METHODS[self.name], [self._clip_stage("top_k"), second])
+
+    def _rule_stage(self, name: str) -> Stage:
+        if name == "laion2b" and any(v is not None for v in (self.fraction, self.threshold, self.arch)):
+            raise VaralignError("laion2b does not take --fraction, --threshold or --arch (it uses B/32 >= 0.28)")
+        params: dict = {}
+        if name == "image_based":
+            params = {"image_based_scale": self.image_based_scale, "centroids": self.centroid_path}
+        return Stage(name, {k: v for k, v in params.items() if v is not None})
+
+    def _negcliploss_recipe(self) -> Recipe:
+        """cs_new: negCLIPLoss top ⌊N·f⌋, then (if --fraction_vas < --fraction) NormSim top ⌊N·f_vas⌋."""
+        _check_fraction(self.fraction_vas, "--fraction_vas")
+        if None not in (self.fraction_vas, self.fraction) and self.fraction_vas > self.fraction:
+            raise VaralignError(f"--fraction_vas ({self.fraction_vas}) cannot exceed --fraction ({self.fraction})")
+        ncl = {"arch": self.arch, "temperature": self.temperature, "average_num": self.average_num,
+               "batch_size": self.batch_size or 32768}
+        stages = [Stage("negcliploss", ncl, self.fraction, self.threshold)]
+        if self.threshold_vas is not None or (self.fraction_vas is not None and self.fraction_vas != self.fraction):
+            norm = {"arch": self.arch, "p": self.norm}
+            if self.proxy_path:
+                norm["target"] = self.proxy_path
+            elif self.proxy_name not in (None, "imagenet_1k", "imagenet-1k"):
+                raise VaralignError("--proxy_name: only imagenet_1k is built in; pass --proxy_path DIR for others")
+            stages.append(Stage("normsim", norm, self.fraction_vas, self.threshold_vas))
+        return Recipe(self.name, METHODS[self.name], stages)
 
     def _clip_stage(self, select: str) -> Stage:
         return Stage("clip_score", {"arch": self.arch} if self.arch else {}, self.fraction, self.threshold, select)
@@ -170,7 +219,8 @@ class _Run:
         self.spec, self.recipe, self.metadata_dir, self.save_path = spec, recipe, metadata_dir, save_path
         self.clock = _Clock()
         self.executor = make_executor(spec.executor, spec.num_workers, spec.ray_address)
-        ctx = Context(spec.files_path, spec.cache_path, spec.seed, check_device(spec.device))
+        ctx = Context(spec.files_path, spec.cache_path, spec.seed, check_device(spec.device), spec.download,
+                      spec.fasttext_model)
         self.prepared = {id(s): prepare(s.score, s.params, ctx) for s in recipe.all_stages()}
         need_npz = any(p.members for p in self.prepared.values())
         self.shards = discover_shards(metadata_dir, need_npz=need_npz)

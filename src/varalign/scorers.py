@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VaralignError
-from .pool import ARCHS, SCORE_COLUMN, image_key
+from .pool import ARCHS, SCORE_COLUMN, image_key, text_key
 from .scores.vas import vas_shard
 from .target import load_target, target_path_for
 
@@ -21,6 +21,8 @@ class Context:
     cache_path: str | None = None
     seed: int = 0
     device: str = "cpu"
+    download: bool = False  # fetch missing DataComp assets (only when the user asks)
+    fasttext_model: str | None = None  # lid.176.bin for exact DataComp parity; default: the bundled .ftz
 
 
 @dataclass
@@ -90,10 +92,126 @@ def _vas_d(params: dict[str, Any], ctx: Context) -> Prepared:
                     members=[(key, ARCHS[arch])], info=info)
 
 
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """A shard function imported on first use (the text rules pull in fastText/CLD3)."""
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(f".scores.{module}", __package__), name)
+
+
+def _fasttext(params: dict[str, Any], ctx: Context) -> str | None:
+    return params.get("fasttext_model", ctx.fasttext_model)
+
+
+def _rule(fn: Callable[..., Any], *keys: str) -> Callable[[dict[str, Any], Context], Prepared]:
+    def prep(params: dict[str, Any], ctx: Context) -> Prepared:
+        kwargs = {"model_path": _fasttext(params, ctx)} if "model_path" in keys else {}
+        kwargs |= {k: params[k] for k in keys if k in params and k != "model_path"}
+        return Prepared("shard", fn=fn, kwargs=kwargs, info={k: str(v) for k, v in kwargs.items() if v})
+    return prep
+
+
+def _negcliploss(params: dict[str, Any], ctx: Context) -> Prepared:
+    from .scores.negcliploss import negcliploss_shard  # noqa: PLC0415
+
+    arch = _arch(params, "negcliploss")
+    kw = {"temperature": float(params.get("temperature", 0.01)), "batch_size": int(params.get("batch_size", 32768)),
+          "average_num": int(params.get("average_num", 10))}
+    if kw["temperature"] <= 0 or kw["batch_size"] < 2 or kw["average_num"] < 1:
+        raise VaralignError(f"negcliploss needs temperature > 0, batch_size >= 2, average_num >= 1 (got {kw})")
+    keys = {"img_key": image_key(arch), "txt_key": text_key(arch)}
+    return Prepared("shard", fn=negcliploss_shard, kwargs=keys | kw | {"seed": ctx.seed},
+                    members=[(image_key(arch), ARCHS[arch]), (text_key(arch), ARCHS[arch])],
+                    info=kw | {"seed": ctx.seed})
+
+
+def _normsim(params: dict[str, Any], ctx: Context) -> Prepared:
+    from .assets import IN1K_FEATURES, find_asset  # noqa: PLC0415
+    from .scores.normsim import NormSimTarget, normsim_shard, parse_p  # noqa: PLC0415
+
+    arch = _arch(params, "normsim")
+    p = parse_p(params.get("p", "inf"))
+    if "target" in params:
+        files = params["target"] if isinstance(params["target"], list) else [params["target"]]
+        key = params.get("key")
+    elif params.get("target_name", "imagenet_1k") in ("imagenet_1k", "imagenet-1k"):
+        files = [str(find_asset(n, params.get("cache_path", ctx.cache_path), ctx.download)) for n in IN1K_FEATURES]
+        key = "image_features"
+    else:
+        raise VaralignError("normsim needs target = files/folders of embeddings, or target_name = 'imagenet_1k'")
+    target = NormSimTarget.from_paths(files, key=key, dim=ARCHS[arch]).prepare(p)
+    return Prepared("shard", fn=normsim_shard, kwargs={"target": target, "p": p, "key": image_key(arch)},
+                    members=[(image_key(arch), ARCHS[arch])], every_shard=True,
+                    info={"p": "inf" if p == float("inf") else p, "target": [str(f) for f in target.files],
+                          "target_rows": target.rows})
+
+
+def _image_based(params: dict[str, Any], ctx: Context) -> Prepared:
+    from .scores.image_based import image_based_shard  # noqa: PLC0415
+
+    centroids, allowed, info = image_based_assets(params, ctx)
+    return Prepared("shard", fn=image_based_shard, members=[("l14_img", ARCHS["l14"])],
+                    kwargs={"centroids": centroids, "allowed": allowed, "model_path": _fasttext(params, ctx)},
+                    info=info)
+
+
+def image_based_assets(params: dict[str, Any], ctx: Context) -> tuple[Any, Any, dict[str, Any]]:
+    """DataComp's centroids and the set S of centroids nearest to an ImageNet-1k train image.
+
+    S costs one pass over 1.28M ImageNet features; it is cached beside the centroid file,
+    keyed by the centroids' and the features' sha256.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    from .assets import IN1K_FEATURES, find_asset, iter_in1k_features, load_centroids, load_pt  # noqa: PLC0415
+    from .atomic import save_npy  # noqa: PLC0415
+    from .scores.image_based import target_centroid_set  # noqa: PLC0415
+
+    cache = params.get("cache_path", ctx.cache_path)
+    if "centroids" in params:
+        cpath = Path(params["centroids"])
+    else:
+        scale = params.get("image_based_scale")
+        if scale not in ("small", "medium", "large", "xlarge"):
+            raise VaralignError("image_based needs --image_based_scale {small,medium,large,xlarge} or centroids = PATH")
+        cpath = find_asset(f"{scale}_centroids", cache, ctx.download)
+    centroids = load_centroids(cpath)
+    if centroids.shape[1] != ARCHS["l14"]:
+        raise VaralignError(f"centroids have dim {centroids.shape[1]}; image_based uses L/14 (768)", cpath)
+    feats = params.get("target_features")
+    sources = [Path(f) for f in (feats if isinstance(feats, list) else [feats])] if feats else \
+        [find_asset(n, cache, ctx.download) for n in IN1K_FEATURES]
+    key = _sha256(cpath)[:12] + "-" + "-".join(_sha256(f)[:8] for f in sources)
+    cached = cpath.parent / f".{cpath.stem}.allowed-{key}.npy"
+    if cached.exists():
+        allowed = np.load(cached, allow_pickle=False)
+    else:
+        it = (load_pt(f, "image_features") if f.suffix != ".npy" else np.load(f, allow_pickle=False) for f in sources) \
+            if feats else iter_in1k_features(cache, ctx.download)
+        allowed = target_centroid_set(centroids, it)
+        save_npy(cached, allowed)
+    info = {"centroids": str(cpath), "centroids_sha256": _sha256(cpath), "allowed_centroids": int(allowed.sum())}
+    return centroids, allowed, info
+
+
 SCORERS: dict[str, ScorerInfo] = {
     "clip_score": ScorerInfo("the parquet's CLIP score (clip_{arch}_similarity_score)", _clip_score),
     "vas": ScorerInfo("Variance Alignment Score f^T S f against a target second moment S (image embeddings)", _vas),
     "vas_d": ScorerInfo("VAS-D: greedy VAS against the selection itself (first target: the whole pool)", _vas_d),
+    "negcliploss": ScorerInfo("negCLIPLoss: CLIP score minus the batch log-sum-exp terms (τ, B, K; seeded)",
+                              _negcliploss),
+    "normsim": ScorerInfo("NormSim-p / NormSim-∞ of the image embedding against a target embedding set", _normsim),
+    "basic_filter": ScorerInfo("DataComp basic: fastText English, >2 words, >5 chars, min side >= 200, "
+                               "aspect <= 3", _rule(_lazy("rules", "basic_filter_shard"), "model_path"), rule=True),
+    "text_based": ScorerInfo("DataComp text-based: English and a caption word whose first WordNet synset is an "
+                             "ImageNet-21k class", _rule(_lazy("rules", "text_based_shard"), "model_path",
+                                                         "wordnet_dir", "imagenet21k_ids"), rule=True),
+    "laion2b": ScorerInfo("DataComp LAION-2B: CLD3 English and CLIP B/32 score >= 0.28",
+                          _rule(_lazy("rules", "laion2b_shard")), rule=True),
+    "image_based_caption": ScorerInfo("DataComp image-based caption rule: English, >1 fastText token, >5 chars",
+                                      _rule(_lazy("rules", "image_based_caption_shard"), "model_path"), rule=True),
+    "image_based": ScorerInfo("DataComp image-based: caption rule and nearest (max inner product) centroid is "
+                              "nearest to an ImageNet-1k train image", _image_based, rule=True),
 }
 
 

@@ -12,28 +12,28 @@ from .tasks import TASKS, aggregate
 __all__ = ["TASKS", "ReshardResult", "aggregate", "embed", "evaluate", "reshard", "run_experiment", "train"]
 
 
-def embed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+def embed(*args, **kwargs):
     """See `varalign.experiment.embed.embed`."""
     from .embed import embed as _embed
 
     return _embed(*args, **kwargs)
 
 
-def train(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+def train(*args, **kwargs):
     """See `varalign.experiment.train.train`."""
     from .train import train as _train
 
     return _train(*args, **kwargs)
 
 
-def evaluate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+def evaluate(*args, **kwargs):
     """See `varalign.experiment.evaluate.evaluate`."""
     from .evaluate import evaluate as _evaluate
 
     return _evaluate(*args, **kwargs)
 
 
-def run_experiment(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+def run_experiment(*args, **kwargs):
     """See `varalign.experiment.experiment.run_experiment`."""
     from .experiment import run_experiment as _run
 

@@ -12,7 +12,6 @@ The output is deterministic and independent of the number of workers.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys

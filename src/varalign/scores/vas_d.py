@@ -134,9 +134,20 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
                  "removed_at": np.full(m, num_iters, dtype=np.int32), "last": np.full(m, np.nan, dtype=np.float32),
                  "target": np.asarray(first_target, dtype=np.float32),
                  "gram_keep": np.array(gram_candidates, dtype=np.float64), "n_alive": np.int64(m)}
+    start = int(state["it"])
+    limits = threadpool_limits(limits=1)  # results must not depend on BLAS's thread count
+    try:
+        _rounds(store, state, start, num_iters, chunk, target_count, num_workers, quiet, block_rows, checkpoint,
+                device)
+    finally:
+        limits.restore_original_limits()
+    return VasDResult(state["alive"], state["removed_at"], state["last"], chunk)
+
+
+def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chunk: int, target_count: int,
+            num_workers: int, quiet: bool, block_rows: int, checkpoint, device: str) -> None:
     alive, removed_at, last = state["alive"], state["removed_at"], state["last"]
     target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
-    start = int(state["it"])
     for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
                    initial=start, total=num_iters):
         idx = np.flatnonzero(alive)
@@ -151,10 +162,9 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
             for s in range(0, len(removed), block_rows):
                 gram_keep -= gram64_on(store.gather(removed[s : s + block_rows]), device)
             target = (gram_keep / n_alive).astype(np.float32)
+        state |= {"it": np.int64(it + 1), "target": target, "n_alive": np.int64(n_alive)}
         if checkpoint is not None:
-            checkpoint({"it": np.int64(it + 1), "alive": alive, "removed_at": removed_at, "last": last,
-                        "target": target, "gram_keep": gram_keep, "n_alive": np.int64(n_alive)})
-    return VasDResult(alive, removed_at, last, chunk)
+            checkpoint(state)
 
 
 def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, num_workers: int,
@@ -172,7 +182,7 @@ def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, n
     if num_workers <= 1 or len(starts) <= 1 or device != "cpu":
         parts = [score(s) for s in starts]
     else:
-        with threadpool_limits(limits=1), ThreadPoolExecutor(num_workers) as pool:
+        with ThreadPoolExecutor(num_workers) as pool:
             parts = list(pool.map(score, starts))
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
 
@@ -187,7 +197,8 @@ def lowrank_basis(gram_candidates: np.ndarray, rank: int) -> np.ndarray:
 def project_store(store: CandidateStore, basis: np.ndarray, block_rows: int = BLOCK_ROWS) -> CandidateStore:
     """The candidates projected onto `basis` (M×rank float32, in memory: 450k rows × 128 = 230 MB)."""
     out = np.empty((store.rows, basis.shape[1]), dtype=np.float32)
-    for start in range(0, store.rows, block_rows):
-        stop = min(start + block_rows, store.rows)
-        out[start:stop] = to_float32(store.read(start, stop)) @ basis
+    with threadpool_limits(limits=1):  # same numbers whatever the core count
+        for start in range(0, store.rows, block_rows):
+            stop = min(start + block_rows, store.rows)
+            out[start:stop] = to_float32(store.read(start, stop)) @ basis
     return CandidateStore.from_array(out)

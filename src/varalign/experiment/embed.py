@@ -1,0 +1,279 @@
+"""Compute CLIP metadata for a user's data in DataComp's pool format.
+
+For every input shard (a webdataset `.tar`, or a chunk of a folder of image/caption pairs) writes
+`{name}.npz` (`{arch}_img`, `{arch}_txt`: L2-normalised float16, rows aligned) and `{name}.parquet`
+(`uid`, `key`, `text`, `url`, `original_width`, `original_height`, `sha256`,
+`clip_{arch}_similarity_score` = float16-rounded dot product of the stored embeddings), so any
+`varalign filter` method can select from it. Finished shards are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ..atomic import atomic_path, save_json
+from ..errors import VaralignError
+from ..pool import ARCHS, SCORE_COLUMN, image_key, text_key
+from ..synth import write_npz
+from ..uids import hex_to_uids
+from .wds import IMAGE_EXTS, iter_samples, list_tars, open_tar, read_json, read_member, sample_uid
+
+MANIFEST = "embed.json"
+
+
+@dataclass
+class EmbedResult:
+    """What was written: shard names, rows, skipped samples, embedding dim."""
+
+    output_dir: str
+    shards: list[str] = field(default_factory=list)
+    rows: int = 0
+    skipped: int = 0
+    reused: int = 0
+    dim: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Unit:
+    name: str
+    tar: Path | None = None
+    files: list[tuple[str, Path, Path]] | None = None  # (key, image, caption) for a folder chunk
+    folder: str = ""
+
+
+def embed(inputs: list[str | os.PathLike], output_dir: str | os.PathLike, *, model: str | None = None,
+          pretrained: str | None = None, model_config: str | os.PathLike | None = None, arch: str = "l14",
+          batch_size: int = 256, device: str | None = None, num_workers: int = 2, shard_size: int = 10_000,
+          random_init: bool = False, seed: int = 0, overwrite: bool = False, quiet: bool = False) -> EmbedResult:
+    """Embed images and captions of `inputs` with an open_clip model into a DataComp-format pool.
+
+    `model` + `pretrained` (a tag such as `datacomp_xl_s13b_b90k`, or a checkpoint path); or a local
+    `model_config` JSON (+ `pretrained` checkpoint). `random_init` allows no weights (tests only).
+    """
+    start = time.time()
+    if arch not in ARCHS:
+        raise VaralignError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if model is None and model_config is None:
+        raise VaralignError("give --model (an open_clip name) or --model_config (a model JSON)")
+    if pretrained is None and not random_init:
+        raise VaralignError("give --pretrained (tag or checkpoint); --random_init embeds with untrained weights")
+    units = _units(inputs, shard_size)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model": model, "pretrained": pretrained, "model_config": str(model_config) if model_config else None,
+              "arch": arch, "random_init": random_init, "seed": seed}
+    _check_manifest(out, config, overwrite)
+    result = EmbedResult(str(out))
+    todo = [u for u in units if not (out / f"{u.name}.parquet").exists() or not (out / f"{u.name}.npz").exists()]
+    result.reused = len(units) - len(todo)
+    manifest: dict = {"config": config, "shards": {}}
+    if todo:
+        net, preprocess, tokenizer, dev = _load(model, pretrained, model_config, random_init, seed, device)
+        for unit in tqdm(todo, desc="embed", unit="shard", disable=quiet or len(todo) == 1):
+            rows, skipped, dim = _embed_unit(unit, out, net, preprocess, tokenizer, dev, arch, batch_size,
+                                             num_workers, quiet)
+            result.rows += rows
+            result.skipped += skipped
+            result.dim = dim
+            manifest["shards"][unit.name] = {"rows": rows, "skipped": skipped}
+        if result.dim != ARCHS[arch] and not quiet:
+            print(f"note: embeddings are {result.dim}-d; DataComp's {arch} features are {ARCHS[arch]}-d, so VAS "
+                  f"targets built from other {arch} data will not match", file=sys.stderr)
+    result.shards = [u.name for u in units]
+    result.seconds = round(time.time() - start, 2)
+    old = _read_manifest(out)
+    manifest["shards"] = {**(old or {}).get("shards", {}), **manifest["shards"]}
+    save_json(out / MANIFEST, manifest)
+    return result
+
+
+def _units(inputs: list[str | os.PathLike], shard_size: int) -> list[_Unit]:
+    units: list[_Unit] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise VaralignError("input not found", p)
+        tars = list_tars(p)
+        if tars:
+            units += [_Unit(t.name[: -len(".tar")], tar=t) for t in tars]
+            continue
+        pairs = _folder_pairs(p)
+        if not pairs:
+            raise VaralignError("no .tar shards and no image + .txt caption pairs", p)
+        for i in range(0, len(pairs), shard_size):
+            units.append(_Unit(f"{p.name}-{i // shard_size:05d}", files=pairs[i:i + shard_size], folder=p.name))
+    names = [u.name for u in units]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise VaralignError(f"two inputs give the same shard name {dup!r} (outputs would collide)")
+    return units
+
+
+def _folder_pairs(root: Path) -> list[tuple[str, Path, Path]]:
+    pairs = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTS and path.with_suffix(".txt").exists():
+            key = str(path.relative_to(root).with_suffix(""))
+            pairs.append((key, path, path.with_suffix(".txt")))
+    return pairs
+
+
+def _read_manifest(out: Path) -> dict | None:
+    import json
+
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise VaralignError("unreadable embed manifest (delete it or pass --overwrite)", path) from None
+
+
+def _check_manifest(out: Path, config: dict, overwrite: bool) -> None:
+    old = _read_manifest(out)
+    if old is not None and old.get("config") != config:
+        if not overwrite:
+            raise VaralignError("output was embedded with another model/config (pass --overwrite to redo it)",
+                                out / MANIFEST)
+        for p in out.iterdir():
+            if p.suffix in (".parquet", ".npz") or p.name == MANIFEST:
+                p.unlink()
+    elif old is None and overwrite:
+        for p in out.iterdir():
+            if p.suffix in (".parquet", ".npz"):
+                p.unlink()
+
+
+def _load(model: str | None, pretrained: str | None, model_config: str | os.PathLike | None, random_init: bool,
+          seed: int, device: str | None):
+    import open_clip
+    import torch
+
+    from .train import CUSTOM_MODELS
+
+    if model_config is not None:
+        cfg = Path(model_config)
+        if not cfg.is_file():
+            raise VaralignError("model config not found", cfg)
+        open_clip.add_model_config(cfg)
+        model = model or cfg.stem
+    assert model is not None
+    if model in CUSTOM_MODELS and model not in open_clip.list_models():
+        import json
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="varalign-model-"))
+        (d / f"{model}.json").write_text(json.dumps(CUSTOM_MODELS[model]))
+        open_clip.add_model_config(d / f"{model}.json")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None if random_init else pretrained,
+                                                                   device=dev)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise VaralignError(f"cannot load open_clip model {model!r} / {pretrained!r} "
+                            f"({' '.join(str(exc).split())[:200]})") from None
+    net.eval()
+    return net, preprocess, open_clip.get_tokenizer(model), dev
+
+
+def _iter_unit(unit: _Unit) -> Iterator[tuple[str, str, bytes | None, str | None, dict]]:
+    """(key, uid, image bytes, caption, json meta) per sample."""
+    if unit.tar is not None:
+        with open_tar(unit.tar) as tf:
+            for s in iter_samples(tf):
+                meta = read_json(read_member(tf, s.members["json"])) if "json" in s.members else {}
+                ext = s.image_ext()
+                img = read_member(tf, s.members[ext]) if ext else None
+                txt = read_member(tf, s.members["txt"]).decode("utf-8", "replace") if "txt" in s.members else None
+                yield s.key, sample_uid(s.key, unit.tar.name, meta), img, txt, meta
+    else:
+        for key, img_path, txt_path in unit.files or []:
+            yield (key, hashlib.md5(f"{unit.folder}/{key}".encode()).hexdigest(), img_path.read_bytes(),
+                   txt_path.read_text(errors="replace").strip(), {})
+
+
+def _decode(item: tuple, preprocess) -> tuple | None:
+    from PIL import Image
+
+    key, uid, img, txt, meta = item
+    if img is None or txt is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(img)) as im:
+            size = im.size
+            tensor = preprocess(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return (key, uid, txt, meta, size, hashlib.sha256(img).hexdigest(), tensor)
+
+
+def _embed_unit(unit: _Unit, out: Path, net, preprocess, tokenizer, device: str, arch: str,
+                batch_size: int, num_workers: int, quiet: bool) -> tuple[int, int, int]:
+    import torch
+
+    rows: dict[str, list] = {k: [] for k in ("uid", "key", "text", "url", "original_width", "original_height",
+                                            "sha256")}
+    img_chunks, txt_chunks = [], []
+    skipped = 0
+    source = unit.tar or unit.name
+    bar = tqdm(desc=f"embed {unit.name}", unit="sample", disable=quiet, leave=False)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        items = _iter_unit(unit)
+        while True:
+            batch = [x for _, x in zip(range(batch_size), items, strict=False)]
+            if not batch:
+                break
+            decoded = [d for d in pool.map(lambda it: _decode(it, preprocess), batch) if d is not None]
+            skipped += len(batch) - len(decoded)
+            bar.update(len(batch))
+            if not decoded:
+                continue
+            with torch.no_grad():
+                images = torch.stack([d[6] for d in decoded]).to(device)
+                texts = tokenizer([d[2] for d in decoded]).to(device)
+                fi = torch.nn.functional.normalize(net.encode_image(images).float(), dim=-1)
+                ft = torch.nn.functional.normalize(net.encode_text(texts).float(), dim=-1)
+            img_chunks.append(fi.cpu().numpy().astype(np.float16))
+            txt_chunks.append(ft.cpu().numpy().astype(np.float16))
+            for key, uid, txt, meta, size, sha, _ in decoded:
+                rows["uid"].append(uid)
+                rows["key"].append(key)
+                rows["text"].append(txt)
+                rows["url"].append(meta.get("url") if isinstance(meta.get("url"), str) else None)
+                w, h = meta.get("original_width"), meta.get("original_height")
+                rows["original_width"].append(int(w) if isinstance(w, int) else size[0])
+                rows["original_height"].append(int(h) if isinstance(h, int) else size[1])
+                rows["sha256"].append(sha)
+    bar.close()
+    hex_to_uids(rows["uid"], source=source)  # malformed json uids fail here, naming the shard
+    dim = int(net.visual.output_dim if hasattr(net.visual, "output_dim") else img_chunks[0].shape[1]) \
+        if img_chunks else 0
+    img = np.concatenate(img_chunks) if img_chunks else np.zeros((0, dim), np.float16)
+    txt = np.concatenate(txt_chunks) if txt_chunks else np.zeros((0, dim), np.float16)
+    score = (img.astype(np.float32) * txt.astype(np.float32)).sum(axis=1).astype(np.float16).astype(np.float32)
+    with atomic_path(out / f"{unit.name}.npz", ".npz") as tmp:
+        write_npz(tmp, {image_key(arch): img, text_key(arch): txt})
+    table = pa.table({**{k: rows[k] for k in ("uid", "key", "text", "url")},
+                      "original_width": pa.array(rows["original_width"], pa.int64()),
+                      "original_height": pa.array(rows["original_height"], pa.int64()),
+                      SCORE_COLUMN[arch]: pa.array(score, pa.float32()),
+                      "sha256": pa.array(rows["sha256"], pa.string())})
+    with atomic_path(out / f"{unit.name}.parquet", ".parquet") as tmp:
+        pq.write_table(table, tmp)
+    return len(score), skipped, img.shape[1]

@@ -1,0 +1,246 @@
+"""The experiment loop: 38-task aggregation, resharder, and embed -> filter -> reshard -> train -> evaluate
+end to end on a few hundred real images (sklearn digits), CPU only, no network."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from experiment_data import (
+    fake_uid,
+    make_classification_task,
+    make_retrieval_task,
+    make_subset,
+    make_train_shards,
+)
+
+from varalign.errors import VaralignError
+from varalign.experiment.cli import register
+from varalign.experiment.reshard import reshard
+from varalign.experiment.tasks import AVERAGE, IMAGENET, RETRIEVAL, SHIFTS, TASKS, VTAB, aggregate
+
+MNIST = "mnist"
+FLICKR = "retrieval/flickr_1k_test_image_text_retrieval"
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="varalign")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("exp")
+    make_train_shards(root / "shards", n=300, per_shard=100)
+    make_classification_task(root / "eval" / MNIST)
+    make_retrieval_task(root / "eval" / FLICKR)
+    return root
+
+
+# ---- aggregation ---------------------------------------------------------------------------------
+
+def _all_metrics() -> dict[str, float]:
+    m = {t.key: 0.5 for t in TASKS}
+    m["imagenet1k"] = 0.8
+    for key, v in zip(["imagenet_sketch", "imagenetv2", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet"],
+                      [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], strict=True):
+        m[key] = v
+    m["vtab/cifar100"] = 0.9  # 12 VTAB tasks at 0.5 + 0.9
+    m["sun397"] = 0.1  # SUN397 is in DataComp's VTAB group
+    m["misc/winogavil"] = 0.2
+    m["cifar10"] = 1.0
+    return m
+
+
+def test_aggregate_hand_computed() -> None:
+    g = aggregate(_all_metrics())
+    assert g[IMAGENET]["score"] == pytest.approx(0.8)
+    assert g[SHIFTS]["score"] == pytest.approx(2.1 / 6)
+    assert g[VTAB]["total"] == 13
+    assert g[VTAB]["score"] == pytest.approx((11 * 0.5 + 0.9 + 0.1) / 13)
+    assert g[RETRIEVAL]["score"] == pytest.approx((0.5 + 0.5 + 0.2) / 3)
+    # 38 tasks: IN 0.8, shifts 2.1, VTAB 6.5, retrieval 1.2, cifar10 1.0, 14 others at 0.5
+    assert g[AVERAGE]["score"] == pytest.approx((0.8 + 2.1 + 6.5 + 1.2 + 1.0 + 14 * 0.5) / 38)
+    assert all(v["missing"] == [] for v in g.values())
+
+
+def test_aggregate_missing_task_is_reported_not_averaged() -> None:
+    m = _all_metrics()
+    del m["vtab/pets"]
+    m["objectnet"] = float("nan")
+    g = aggregate(m)
+    assert g[VTAB]["score"] is None and g[VTAB]["missing"] == ["vtab/pets"] and g[VTAB]["n"] == 12
+    assert g[SHIFTS]["score"] is None and g[SHIFTS]["missing"] == ["objectnet"]
+    assert g[AVERAGE]["score"] is None and set(g[AVERAGE]["missing"]) == {"vtab/pets", "objectnet"}
+    assert g[IMAGENET]["score"] == pytest.approx(0.8)
+    with pytest.raises(VaralignError, match="unknown task"):
+        aggregate({"not_a_task": 1.0})
+
+
+# ---- reshard -------------------------------------------------------------------------------------
+
+def _tar_keys(path: Path) -> list[str]:
+    with tarfile.open(path) as tf:
+        return [n.rsplit(".", 1)[0] for n in tf.getnames() if n.endswith(".jpg")]
+
+
+def test_reshard_repeats_not_found_and_layout(data: Path, tmp_path: Path) -> None:
+    uids = [fake_uid(i) for i in range(300)]
+    subset = uids[:40] + uids[150:155] * 3 + ["f" * 32, "e" * 32]
+    make_subset(tmp_path / "s.npy", subset)
+    r = reshard(data / "shards", tmp_path / "out", tmp_path / "s.npy", shard_size=16, num_workers=2, quiet=True)
+    assert (r.input_samples, r.subset_unique, r.subset_size) == (300, 47, 57)
+    assert (r.not_found, r.output_samples, r.output_shard_count) == (2, 55, 4)
+    out = tmp_path / "out"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["output_shard_count"] == 4 and meta["not_found"] == 2 and meta["output_shard_format"] == "{:08d}.tar"
+    keys = [k for i in range(4) for k in _tar_keys(out / f"{i:08d}.tar")]
+    assert [json.loads((out / f"{i:08d}_stats.json").read_text())["successes"] for i in range(4)] == [16, 16, 16, 7]
+    assert len(keys) == 55 and len(set(keys)) == 55
+    assert {f"{uids[150]}-{j}" for j in range(3)} <= set(keys) and uids[0] in keys
+    assert len(np.load(out / "sample_ids.npy")) == 57
+    with tarfile.open(out / "00000000.tar") as tf:  # every member of a sample is copied
+        assert sorted(n.split(".", 1)[1] for n in tf.getnames()[:3]) == ["jpg", "json", "txt"]
+    # deterministic, whatever the number of workers
+    r1 = reshard(data / "shards", tmp_path / "one", tmp_path / "s.npy", shard_size=16, num_workers=1, quiet=True)
+    assert r1.output_samples == 55
+    for i in range(4):
+        assert (tmp_path / "one" / f"{i:08d}.tar").read_bytes() == (out / f"{i:08d}.tar").read_bytes()
+
+
+def test_reshard_refuses_non_empty_output(data: Path, tmp_path: Path) -> None:
+    make_subset(tmp_path / "s.npy", [fake_uid(1)])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "00000007.tar").write_bytes(b"stale")
+    argv = ["reshard", "-i", str(data / "shards"), "-o", str(tmp_path / "out"), "-s", str(tmp_path / "s.npy"), "-q"]
+    with pytest.raises(VaralignError, match="not empty"):
+        run_cli(argv)
+    assert run_cli([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "00000000.tar", "00000000_stats.json", "meta.json", "sample_ids.npy"]
+    with pytest.raises(VaralignError, match="subset file"):
+        run_cli(["reshard", "-i", str(data / "shards"), "-o", str(tmp_path / "o2"), "-s", str(tmp_path / "nope.npy")])
+    with pytest.raises(VaralignError, match="no .tar shards"):
+        reshard(tmp_path, tmp_path / "o3", tmp_path / "s.npy", quiet=True)
+
+
+def test_reshard_hashes_uid_when_json_has_none(tmp_path: Path) -> None:
+    import hashlib
+
+    make_train_shards(tmp_path / "shards", n=20, per_shard=10, with_uid=False)
+    key = "000100012"  # sample 12 lives in shard 1
+    make_subset(tmp_path / "s.npy", [hashlib.md5(f"00000001.tar/{key}".encode()).hexdigest()])
+    r = reshard(tmp_path / "shards", tmp_path / "out", tmp_path / "s.npy", quiet=True)
+    assert r.output_samples == 1 and r.not_found == 0
+
+
+# ---- end to end (needs the `train` extra) --------------------------------------------------------
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("open_clip_train")
+    pytest.importorskip("clip_benchmark")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+TRAIN_FAST = ["--train_num_samples", "640", "--num_checkpoints", "2", "--batch_size", "32", "--warmup", "2"]
+
+
+def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline: None) -> None:
+    import pyarrow.parquet as pq
+
+    from varalign import filter_pool
+
+    meta_dir = tmp_path / "pool"
+    assert run_cli(["embed", str(data / "shards"), "--output_dir", str(meta_dir), "--model", "varalign-tiny",
+                    "--random_init", "--arch", "b32", "--batch_size", "64", "--quiet"]) == 0
+    table = pq.read_table(meta_dir / "00000001.parquet")
+    npz = np.load(meta_dir / "00000001.npz")
+    assert table.num_rows == 100 and npz["b32_img"].shape == (100, 64) and npz["b32_img"].dtype == np.float16
+    assert table.column("uid").to_pylist()[0] == fake_uid(100)
+    img, txt = npz["b32_img"].astype(np.float32), npz["b32_txt"].astype(np.float32)
+    assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=2e-3)
+    score = table.column("clip_b32_similarity_score").to_numpy()
+    assert np.array_equal(score, (img * txt).sum(1).astype(np.float16).astype(np.float32))
+    # re-run: every shard reused; another model config is refused
+    assert run_cli(["embed", str(data / "shards"), "--output_dir", str(meta_dir), "--model", "varalign-tiny",
+                    "--random_init", "--arch", "b32", "--quiet"]) == 0
+    with pytest.raises(VaralignError, match="another model"):
+        run_cli(["embed", str(data / "shards"), "--output_dir", str(meta_dir), "--model", "varalign-tiny",
+                 "--random_init", "--arch", "l14", "--quiet"])
+
+    subset = tmp_path / "clip_score.npy"
+    result = filter_pool(meta_dir, subset, "clip_score", arch="b32", fraction=0.5)
+    kept = result.counts["selected"]
+    assert 150 <= kept <= 160
+
+    shards = tmp_path / "subset_shards"
+    assert run_cli(["reshard", "-i", str(data / "shards"), "-o", str(shards), "-s", str(subset),
+                    "--shard-size", "64", "-q"]) == 0
+    assert json.loads((shards / "meta.json").read_text())["output_samples"] == kept
+
+    out = tmp_path / "runs"
+    assert run_cli(["train", "--scale", "tiny", "--data_dir", str(shards), "--output_dir", str(out),
+                    "--exp_name", "cs", *TRAIN_FAST, "--quiet"]) == 0
+    info = json.loads((out / "cs" / "info.json").read_text())
+    assert info["scale"] == "tiny" and Path(info["checkpoint"]).name == "epoch_2.pt"
+    assert Path(info["checkpoint"]).exists() and (out / "cs" / "checkpoints" / "epoch_latest.pt").exists()
+    assert "--dataset-resampled" in info["open_clip_args"] and "{00000000..00000002}.tar" in " ".join(
+        info["open_clip_args"])
+    # resume: training again finds epoch_latest at the last epoch and finishes at once
+    assert run_cli(["train", "--scale", "tiny", "--data_dir", str(shards), "--output_dir", str(out),
+                    "--exp_name", "cs", *TRAIN_FAST, "--quiet"]) == 0
+
+    assert run_cli(["evaluate", "--train_output_dir", str(out / "cs"), "--data_dir", str(data / "eval"),
+                    "--tasks", f"{MNIST},{FLICKR},vtab/cifar100,misc/winogavil", "--quiet"]) == 0
+    lines = [json.loads(x) for x in (out / "cs" / "eval_results.jsonl").read_text().splitlines()]
+    by_key = {x["key"]: x["metrics"] for x in lines}
+    assert set(by_key) == {MNIST, FLICKR}
+    assert 0 <= by_key[MNIST]["acc1"] <= by_key[MNIST]["acc5"] <= 1
+    assert by_key[MNIST]["main_metric"] == by_key[MNIST]["acc1"]
+    assert 0 <= by_key[FLICKR]["image_retrieval_recall@1"] <= by_key[FLICKR]["image_retrieval_recall@10"] <= 1
+    assert by_key[FLICKR]["main_metric"] == pytest.approx(
+        (by_key[FLICKR]["image_retrieval_recall@1"] + by_key[FLICKR]["text_retrieval_recall@1"]) / 2)
+    summary = json.loads((out / "cs" / "eval_summary.json").read_text())
+    assert set(summary["missing"]) == {"vtab/cifar100", "misc/winogavil"}
+    assert summary["groups"][RETRIEVAL]["score"] is None and summary["groups"][RETRIEVAL]["n"] == 1
+    table_md = (out / "cs" / "eval_results.md").read_text()
+    assert "missing: no data" in table_md and "| MNIST (`mnist`) | acc1 |" in table_md
+    # resumable: a second run evaluates nothing new
+    run_cli(["evaluate", "--train_output_dir", str(out / "cs"), "--data_dir", str(data / "eval"),
+             "--tasks", f"{MNIST},{FLICKR}", "--quiet"])
+    assert len((out / "cs" / "eval_results.jsonl").read_text().splitlines()) == 2
+
+
+def test_experiment_command(data: Path, tmp_path: Path, offline: None) -> None:
+    uids = [fake_uid(i) for i in range(300)]
+    make_subset(tmp_path / "half.npy", uids[:150])
+    make_subset(tmp_path / "upsampled.npy", uids[:100] * 2)
+    argv = ["experiment", "-i", str(data / "shards"), "-s", str(tmp_path / "half.npy"), str(tmp_path / "upsampled.npy"),
+            "--output_dir", str(tmp_path / "exp"), "--scale", "tiny", "--eval_data_dir", str(data / "eval"),
+            "--tasks", f"{MNIST},{FLICKR}", *TRAIN_FAST, "--quiet"]
+    assert run_cli(argv) == 0
+    rows = json.loads((tmp_path / "exp" / "comparison.json").read_text())
+    assert [(r["subset"], r["samples"]) for r in rows] == [("half", 150), ("upsampled", 200)]
+    assert all(0 <= r["main_metrics"][MNIST] <= 1 for r in rows)
+    md = (tmp_path / "exp" / "comparison.md").read_text()
+    assert "| half | 0 | 150 |" in md and "| upsampled | 0 | 200 |" in md
+    assert (tmp_path / "exp" / "output" / "half_tiny_seed_0" / "info.json").exists()
+    assert run_cli(argv) == 0  # everything reused
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(VaralignError, match="info.json"):
+        run_cli(["evaluate", "--train_output_dir", str(tmp_path), "--data_dir", str(tmp_path)])
+    with pytest.raises(VaralignError, match="training data directory not found"):
+        run_cli(["train", "--scale", "tiny", "--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
+    with pytest.raises(VaralignError, match="unknown task"):
+        run_cli(["evaluate", "--use_model", "ViT-B-32 x.pt", "--data_dir", str(tmp_path), "--tasks", "imagenet2k"])
+    with pytest.raises(VaralignError, match="--pretrained"):
+        run_cli(["embed", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--model", "ViT-B-32"])
