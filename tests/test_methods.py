@@ -147,3 +147,18 @@ def test_negcliploss_is_seeded(pool, tmp_path) -> None:
     b = filter_pool(root / "pool", None, "negcliploss", seed=1, num_workers=1, **kw)
     c = filter_pool(root / "pool", None, "negcliploss", seed=2, **kw)
     assert np.array_equal(a.uids, b.uids) and not np.array_equal(a.uids, c.uids)
+
+
+def test_centroids_command_then_image_based(pool, tmp_path, capsys) -> None:
+    """`varalign centroids` output feeds `--centroid_path` (ImageNet features from the cache)."""
+    root, t = pool
+    out = tmp_path / "c.npy"
+    assert main(["centroids", "--metadata_dir", str(root / "pool"), "--save_path", str(out), "-k", "16",
+                 "--niter", "5"]) == 0
+    assert "16 centroids × 768" in capsys.readouterr().out
+    cache, _ = _fake_datacomp_cache(tmp_path, np.random.default_rng(5), np.load(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = filter_pool(root / "pool", tmp_path / "i.npy", recipe="image_based_clip_score_l14_30",
+                          centroid_path=str(out), cache_path=str(cache), quiet=True)
+    assert 0 < res.counts["image_based"] <= res.counts["clip_score"]

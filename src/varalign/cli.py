@@ -129,6 +129,38 @@ def _run_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _centroids_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("centroids", help="k-means centroids for image_based, following DataComp's recipe",
+                       description="faiss k-means over a pool's l14_img (caption filter first, then optional "
+                                   "sampling), as DataComp's image_based_clustering.py. Needs faiss: "
+                                   "pip install 'varalign[image]'. The sampled embeddings are held in RAM "
+                                   "(rows × 768 × 4 bytes): use --sample_ratio to bound it.")
+    p.add_argument("--metadata_dir", required=True, help="the pool (parquet + npz)")
+    p.add_argument("--save_path", required=True, help="output .npy (float32 K×768), for --centroid_path")
+    p.add_argument("--num_clusters", "-k", type=int, default=100_000, help="K (DataComp: 100,000)")
+    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample_ratio", type=float, default=-1.0,
+                   help="fraction of caption-filtered rows to train on; <= 0: all (DataComp: -1 small/medium, "
+                        "0.3 large, 0.03 xlarge)")
+    p.add_argument("--max_points_per_centroid", type=int, default=10_000_000)
+    p.add_argument("--no_caption_filter", action="store_true", help="train on every row")
+    p.add_argument("--fasttext_model", help="fastText model for the caption filter (default: bundled lid.176.ftz)")
+    p.add_argument("--gpu", action="store_true", help="faiss on the GPU(s) (default: GPU when faiss sees one)")
+    p.set_defaults(func=_run_centroids)
+
+
+def _run_centroids(args: argparse.Namespace) -> int:
+    from .centroids import build_centroids  # noqa: PLC0415
+
+    c = build_centroids(args.metadata_dir, k=args.num_clusters, niter=args.niter, seed=args.seed,
+                        max_points_per_centroid=args.max_points_per_centroid, sample_ratio=args.sample_ratio,
+                        caption_filter=not args.no_caption_filter, model_path=args.fasttext_model,
+                        gpu=True if args.gpu else None, save_path=args.save_path)
+    print(f"{len(c):,} centroids × {c.shape[1]} -> {args.save_path}")
+    return 0
+
+
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run clip_score, VAS and VAS-D on a generated pool and print a table")
     p.add_argument("--out_dir", default="varalign_demo", help="where the pool and the subsets go")
@@ -160,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _filter_parser(sub)
     _target_parser(sub)
+    _centroids_parser(sub)
     _demo_parser(sub)
     return parser
 

@@ -220,7 +220,7 @@ class _Run:
         self.clock = _Clock()
         self.executor = make_executor(spec.executor, spec.num_workers, spec.ray_address)
         ctx = Context(spec.files_path, spec.cache_path, spec.seed, check_device(spec.device), spec.download,
-                      spec.fasttext_model)
+                      spec.fasttext_model, spec.image_based_scale, spec.centroid_path)
         self.prepared = {id(s): prepare(s.score, s.params, ctx) for s in recipe.all_stages()}
         need_npz = any(p.members for p in self.prepared.values())
         self.shards = discover_shards(metadata_dir, need_npz=need_npz)

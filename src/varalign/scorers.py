@@ -23,6 +23,8 @@ class Context:
     device: str = "cpu"
     download: bool = False  # fetch missing DataComp assets (only when the user asks)
     fasttext_model: str | None = None  # lid.176.bin for exact DataComp parity; default: the bundled .ftz
+    image_based_scale: str | None = None  # defaults for image_based stages that do not set them
+    centroid_path: str | None = None
 
 
 @dataclass
@@ -168,10 +170,11 @@ def image_based_assets(params: dict[str, Any], ctx: Context) -> tuple[Any, Any, 
     from .scores.image_based import target_centroid_set  # noqa: PLC0415
 
     cache = params.get("cache_path", ctx.cache_path)
-    if "centroids" in params:
-        cpath = Path(params["centroids"])
+    centroid_file = params.get("centroids", ctx.centroid_path)
+    if centroid_file is not None:
+        cpath = Path(centroid_file)
     else:
-        scale = params.get("image_based_scale")
+        scale = params.get("image_based_scale", ctx.image_based_scale)
         if scale not in ("small", "medium", "large", "xlarge"):
             raise VaralignError("image_based needs --image_based_scale {small,medium,large,xlarge} or centroids = PATH")
         cpath = find_asset(f"{scale}_centroids", cache, ctx.download)
