@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,12 @@ import pytest
 
 from varalign.synth import make_pool, make_target, write_npz
 from varalign.uids import uids_to_hex
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hermetic: no user caches (~/.cache/datacomp, ~/.cache/fasttext) and never the network."""
+    os.environ["HOME"] = tempfile.mkdtemp(prefix="varalign-test-home-")
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

