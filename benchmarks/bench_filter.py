@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--iters", type=int, default=20, help="VAS-D iterations")
     ap.add_argument("--rank", type=int, default=128, help="rank of the VAS-D lowrank mode")
+    ap.add_argument("--small", type=int, default=65536, help="rows for the negCLIPLoss/NormSim rows")
+    ap.add_argument("--normsim_target", type=int, default=100_000, help="NormSim target rows |G|")
+    ap.add_argument("--no_baselines", action="store_true", help="skip the caption-rule/negCLIPLoss/NormSim table")
     ap.add_argument("--data_dir", default=str(HERE / "_data"))
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--child")
@@ -198,8 +201,59 @@ def main() -> None:
     dec = decode_table(pool)
     for name, rate in dec:
         print(f"| {name} | {rate:.2f} |")
+    extra = [] if args.no_baselines else baselines_table(pool, root, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"samples": n, "results": results, "decode": dec}, indent=2))
+        Path(args.json).write_text(json.dumps({"samples": n, "results": results, "decode": dec, "baselines": extra},
+                                              indent=2))
+
+
+def baselines_table(pool: Path, root: Path, args: argparse.Namespace) -> list[dict]:
+    """The other methods: the caption rules on the whole pool; negCLIPLoss and NormSim (whose cost per
+    row is ~B·D and ~|G|·D multiply-adds) on a `--small` subset of the pool via --given_uids_path."""
+    from varalign.synth import SynthWorld  # noqa: PLC0415
+    from varalign.uids import load_subset, save_subset  # noqa: PLC0415
+
+    all_uids = load_subset(root / "out" / "clip_score.npy") if (root / "out" / "clip_score.npy").exists() else None
+    if all_uids is None or len(all_uids) < args.small:
+        run_method(pool, root / "out" / "all.npy", "no_filter", {})
+        all_uids = load_subset(root / "out" / "all.npy")
+    save_subset(root / "small_subset.npy", all_uids[: args.small])
+    target_rows = SynthWorld.make(0).downstream(args.normsim_target, list(range(0, 60, 3)))
+    np.save(root / "normsim_target.npy", target_rows)
+    small = {"given_uids_path": str(root / "small_subset.npy")}
+    rows = [
+        ("basic_filter", "basic_filter", {}, None),
+        ("text_based", "text_based", {}, None),
+        ("laion2b", "laion2b", {}, None),
+        (f"negcliploss B=32768 K=1 ({args.small:,} rows)", "negcliploss",
+         small | {"arch": "l14", "fraction": 0.3, "average_num": 1, "batch_size": 32768}, "ncl"),
+        (f"negcliploss → NormSim∞, |G|={args.normsim_target:,} ({args.small:,} rows)", "negcliploss",
+         small | {"arch": "l14", "fraction": 1.0, "fraction_vas": 0.2, "average_num": 1, "batch_size": 32768,
+                  "proxy_path": str(root / "normsim_target.npy")}, "ncl+ns"),
+    ]
+    f = load_candidates(pool, min(1.0, 65536 / args.samples))[:32768]
+    t0 = time.perf_counter()
+    sim = f[:4096] @ f.T  # one row block of a B = 32768 batch: the product and the exp it needs
+    np.exp((sim - 1.0) / 0.01, out=sim)
+    sim.sum(axis=1)
+    ncl_ceiling_per_row = (time.perf_counter() - t0) / 4096
+    g = target_rows.astype(np.float32)
+    t0 = time.perf_counter()
+    np.abs(f[:4096] @ g.T).max(axis=1)
+    ns_ceiling_per_row = (time.perf_counter() - t0) / 4096
+    print("\n| method | rows | wall (s) | rows/s | peak RSS (MB) | BLAS(+exp) ceiling (s) |\n|---|---|---|---|---|---|")
+    out = []
+    for label, name, opts, kind in rows:
+        dest = root / "out" / f"{name}_{kind or 'all'}.npy"
+        dest.unlink(missing_ok=True)
+        r = run_method(pool, dest, name, opts)
+        n = r["counts"]["pool"]
+        ceiling = {"ncl": n * ncl_ceiling_per_row, "ncl+ns": n * ncl_ceiling_per_row + 0.3 * n * ns_ceiling_per_row}
+        c = ceiling.get(kind)
+        out.append({"method": label, "rows": n, "wall_s": r["wall"], "peak_rss_mb": r["rss"] / 1e6, "ceiling_s": c})
+        print(f"| {label} | {n:,} | {r['wall']:.1f} | {n / r['wall']:,.0f} | {r['rss'] / 1e6:,.0f} | "
+              f"{f'{c:.1f}' if c else '-'} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def test_aggregate_missing_task_is_reported_not_averaged() -> None:
 
 def _tar_keys(path: Path) -> list[str]:
     with tarfile.open(path) as tf:
-        return [n.rsplit(".", 1)[0] for n in tf.getnames() if n.endswith(".jpg")]
+        return [n.rsplit(".", 1)[0] for n in tf.getnames() if n.endswith(".png")]
 
 
 def test_reshard_repeats_not_found_and_layout(data: Path, tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_reshard_repeats_not_found_and_layout(data: Path, tmp_path: Path) -> Non
     assert {f"{uids[150]}-{j}" for j in range(3)} <= set(keys) and uids[0] in keys
     assert len(np.load(out / "sample_ids.npy")) == 57
     with tarfile.open(out / "00000000.tar") as tf:  # every member of a sample is copied
-        assert sorted(n.split(".", 1)[1] for n in tf.getnames()[:3]) == ["jpg", "json", "txt"]
+        assert sorted(n.split(".", 1)[1] for n in tf.getnames()[:3]) == ["json", "png", "txt"]
     # deterministic, whatever the number of workers
     r1 = reshard(data / "shards", tmp_path / "one", tmp_path / "s.npy", shard_size=16, num_workers=1, quiet=True)
     assert r1.output_samples == 55

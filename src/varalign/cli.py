@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     _target_parser(sub)
     _centroids_parser(sub)
     _demo_parser(sub)
+    from .experiment.cli import register  # noqa: PLC0415 - embed, reshard, train, evaluate, experiment
+
+    register(sub)
     return parser
 
 
