@@ -54,14 +54,16 @@ class LocalExecutor:
         self.num_workers = num_workers or default_workers()
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str, quiet: bool = False,
-            on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
-        """`fn(*task)` for every task, results in task order; `on_result(i, r)` as each finishes."""
+            on_result: Callable[[int, Any], None] | None = None, bar: Any = None) -> list[Any]:
+        """`fn(*task)` for every task, results in task order; `on_result(i, r)` as each finishes.
+
+        `bar`: a progress bar to advance (the caller's, spanning several calls); else one of our own.
+        """
         results: list[Any] = [None] * len(tasks)
         parallel = self.num_workers > 1 and len(tasks) > 1
         # one BLAS thread per task even when running serially: BLAS results depend on its thread
         # count, and a subset must not depend on --num_workers or the executor
-        with tqdm(total=len(tasks), desc=desc, unit="shard", disable=quiet, leave=False) as bar, \
-                single_threaded_kernels(True):
+        with _progress(bar, len(tasks), desc, quiet) as bar, single_threaded_kernels(True):
             if not parallel:
                 for i, task in enumerate(tasks):
                     results[i] = _finish(on_result, i, fn(*task))
@@ -106,12 +108,12 @@ class RayExecutor:
         self._remote: dict[Callable, Any] = {}
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str, quiet: bool = False,
-            on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+            on_result: Callable[[int, Any], None] | None = None, bar: Any = None) -> list[Any]:
         remote = self._remote.setdefault(fn, self.ray.remote(num_cpus=1)(_ray_task).options(name=desc))
         refs = {remote.remote(fn, *task): i for i, task in enumerate(tasks)}
         results: list[Any] = [None] * len(tasks)
         pending = list(refs)
-        with tqdm(total=len(tasks), desc=desc, unit="shard", disable=quiet, leave=False) as bar:
+        with _progress(bar, len(tasks), desc, quiet) as bar:
             try:
                 while pending:
                     done, pending = self.ray.wait(pending, num_returns=1)
@@ -131,6 +133,16 @@ class RayExecutor:
             if isinstance(cause, VaralignError) or isinstance(getattr(exc, "cause", None), VaralignError):
                 raise VaralignError(str(getattr(exc, "cause", cause))) from None
             raise
+
+
+@contextlib.contextmanager
+def _progress(bar: Any, total: int, desc: str, quiet: bool) -> Iterator[Any]:
+    """The caller's bar if given (left open), else a new one closed at the end."""
+    if bar is not None:
+        yield bar
+        return
+    with tqdm(total=total, desc=desc, unit="shard", disable=quiet, leave=False) as own:
+        yield own
 
 
 def _ray_task(fn: Callable[..., Any], *args: Any) -> Any:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_path, check_output_path, save_json
@@ -24,10 +29,18 @@ from .execute import default_workers, make_executor
 from .pool import Shard, discover_shards, embedding_member
 from .recipe import Recipe, Stage, list_presets, load_recipe, validate_recipe
 from .scorers import SCORERS, Context, Prepared, prepare, rule_scores
-from .scores.scan import scan_shard
-from .scores.vas_d import CandidateStore, collect_shard, lowrank_basis, project_store, vas_d_iterate, write_rows
-from .select import at_least, count_for_fraction, threshold_at_rank, top_k_mask
-from .uids import first_duplicate, load_subset, save_subset, sort_uids, uids_to_hex
+from .scores.scan import ShardScan, scan_shard
+from .scores.vas_d import (
+    CandidateStore,
+    VasDResult,
+    collect_shard,
+    lowrank_basis,
+    project_store,
+    vas_d_iterate,
+    write_rows,
+)
+from .select import at_least, count_for_fraction, threshold_at_rank_parts, top_k_parts
+from .uids import UID_DTYPE, first_shared, merge_runs, save_run, sort_uids, stream_subset, uids_to_hex
 from .workdir import WorkDir, digest
 
 METHODS = {
@@ -203,17 +216,32 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
     run.open_work_dir()
     try:
         run.scan()
-        selected = run.evaluate(recipe, np.ones(run.n_pool, dtype=bool), prefix="", key=run.scan_key)
+        selected = run.evaluate(recipe, run.everything(), prefix="", key=run.scan_key)
         result = run.finish(selected)
     except VaralignError:
         run.discard_work_dir()  # bad input: leave nothing behind
         raise
+    finally:
+        run.remove_temp_dir()
     run.close_work_dir()
     return result
 
 
+@dataclass
+class Mask:
+    """A keep mask over the pool, stored one `.npy` per shard in the work dir (`phase` None: all rows)."""
+
+    phase: str | None
+    counts: list[int]  # rows set, per shard
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts))
+
+
 class _Run:
-    """State of one filter run: the pool's uids, per-stage columns, counts and timings."""
+    """One filter run. Pool-wide state lives in the work directory, one file per shard and stage;
+    the driver holds one shard's arrays at a time (plus O(shards) bookkeeping), whatever the pool size."""
 
     def __init__(self, spec: FilterSpec, recipe: Recipe, metadata_dir: object, save_path: object) -> None:
         self.spec, self.recipe, self.metadata_dir, self.save_path = spec, recipe, metadata_dir, save_path
@@ -233,9 +261,11 @@ class _Run:
         self.plan = digest(__version__, self.scan_key, _recipe_identity(recipe, self.prepared), spec.save_scores)
         self.counts: dict[str, int] = {}
         self.thresholds: dict[str, float] = {}
-        self.columns: dict[str, pa.Array] = {}
+        self.columns: dict[str, Callable[[int], pa.Array]] = {}  # --save_scores columns, built shard by shard
         self.info: dict[str, dict] = {}
         self.work: WorkDir | None = None
+        self.temp_dir: str | None = None
+        self.phases = 0
         self.clock.lap("validate")
 
     # -- work directory and resume ------------------------------------------------------------
@@ -252,14 +282,17 @@ class _Run:
         if not self.spec.quiet:
             print(f"varalign: {self.save_path} is up to date (same inputs and configuration); nothing to do",
                   file=sys.stderr)
-        return FilterResult(load_subset(self.save_path), manifest["counts"], {"total": 0.0},
+        return FilterResult(_open_subset(self.save_path), manifest["counts"], {"total": 0.0},
                             manifest.get("thresholds", {}), str(self.save_path), str(_manifest_path(self.save_path)),
                             self.spec.save_scores)
 
     def open_work_dir(self) -> None:
+        """The user's (or the default) work dir; a temporary one, removed at the end, when there is none."""
         root = self.spec.work_dir or (_default_work_dir(self.save_path) if self.save_path is not None else None)
-        if root is not None:
-            self.work = WorkDir(root, self.plan)
+        if root is None:
+            self.temp_dir = tempfile.mkdtemp(prefix="varalign-work-")
+            root = Path(self.temp_dir) / "work"
+        self.work = WorkDir(root, self.plan)
 
     def discard_work_dir(self) -> None:
         if self.work is not None and self.work.created:
@@ -269,174 +302,266 @@ class _Run:
         if self.work is not None and not self.spec.keep_work_dir:
             self.work.remove()
 
-    def _map(self, phase: str, fn, tasks: list[tuple], names: list[str], desc: str,
-             encode=None, decode=None, on_result=None) -> list:
-        """Run tasks through the executor, skipping those the work directory already holds."""
+    def remove_temp_dir(self) -> None:
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _map(self, phase: str, fn: Callable, make_task: Callable[[int], tuple], indices: Iterable[int], desc: str,
+             encode: Callable | None = None, decode: Callable | None = None, on_result: Callable | None = None,
+             on_done: Callable[[int, Any], None] | None = None) -> None:
+        """Run `fn(*make_task(i))` for the shards not already in the work dir, saving each result there.
+
+        Tasks go to the executor a window at a time, so the driver holds a window's results, not the
+        pool's; `on_result(i, r)` may transform a new result before it is saved, and `on_done(i, r)`
+        sees every result (new or cached) in shard order.
+        """
         encode = encode or (lambda r: {"values": r})
         decode = decode or (lambda a: a["values"])
-        results: list = [None] * len(tasks)
-        todo = []
-        for i, name in enumerate(names):
-            cached = self.work.load(phase, name) if self.work else None
-            if cached is None:
-                todo.append(i)
-            else:
-                results[i] = decode(cached)
+        indices = list(indices)
+        window = max(1, 4 * int(getattr(self.executor, "num_workers", 1)))
+        pending = sum(not self.work.has(phase, self.shards[i].name) for i in indices)
+        with tqdm(total=pending, desc=desc, unit="shard", disable=self.spec.quiet, leave=False) as bar:
+            for start in range(0, len(indices), window):
+                self._map_window(phase, fn, make_task, indices[start : start + window], desc, encode, decode,
+                                 on_result, on_done, bar)
 
-        def finished(j: int, result) -> None:
+    def _map_window(self, phase: str, fn: Callable, make_task: Callable[[int], tuple], part: list[int], desc: str,
+                    encode: Callable, decode: Callable, on_result: Callable | None,
+                    on_done: Callable[[int, Any], None] | None, bar: Any) -> None:
+        """One window of `_map`: run the missing tasks, then hand every result to `on_done` in order."""
+        todo = [i for i in part if not self.work.has(phase, self.shards[i].name)]
+        fresh: dict[int, Any] = {}
+
+        def finished(j: int, result: Any, todo: list[int] = todo, fresh: dict = fresh) -> None:
             i = todo[j]
             if on_result is not None:
                 result = on_result(i, result)
-            if self.work is not None:
-                self.work.save(phase, names[i], encode(result))
-            results[i] = result
+            self.work.save(phase, self.shards[i].name, encode(result))
+            fresh[i] = result if on_done is not None else None
 
-        self.executor.map(fn, [tasks[i] for i in todo], desc, self.spec.quiet, on_result=finished)
-        return results
+        self.executor.map(fn, [make_task(i) for i in todo], desc, self.spec.quiet, on_result=finished, bar=bar)
+        if on_done is not None:
+            for i in part:
+                on_done(i, fresh.pop(i) if i in fresh else decode(self.work.load(phase, self.shards[i].name)))
+        else:
+            for i in part:
+                if i not in fresh:
+                    self.work.reused += 1
+
+    # -- per-shard state in the work dir ------------------------------------------------------
+    def _scan(self, i: int, key: str) -> np.ndarray:
+        """One array (`uids`, `col_<name>`, `rows`) of shard i's scan."""
+        return self.work.read(self.scan_phase, self.shards[i].name, key)
+
+    def _rows(self, alive: Mask, i: int) -> np.ndarray:
+        """Shard-local row numbers of shard i's alive rows."""
+        local = np.flatnonzero(self._mask(alive, i))
+        return self._scan(i, "rows")[local] if self.restricted else local.astype(np.int64)
+
+    def _pool_rows(self, i: int) -> np.ndarray | None:
+        return self._scan(i, "rows") if self.restricted else None
+
+    def _mask(self, mask: Mask, i: int) -> np.ndarray:
+        if mask.phase is None:
+            return np.ones(self.sizes[i], dtype=bool)
+        return self.work.get_array(mask.phase, self.shards[i].name)
+
+    def _phase(self, kind: str, label: str) -> str:
+        """A fresh work-dir folder for this run's own per-shard arrays (rewritten by every run)."""
+        self.phases += 1
+        return f"_{kind}-{self.phases}-{_safe(label)}"
+
+    def _save_masks(self, label: str, masks: Iterable[np.ndarray]) -> Mask:
+        phase = self._phase("keep", label)
+        counts = []
+        for i, m in enumerate(masks):
+            self.work.put_array(phase, self.shards[i].name, m)
+            counts.append(int(m.sum()))
+        return Mask(phase, counts)
+
+    def everything(self) -> Mask:
+        return Mask(None, list(self.sizes))
+
+    def _run_path(self, kind: str, i: int) -> str:
+        return str(self.work.path(f"_runs-{kind}", f"{self.shards[i].name}.u8u8"))
 
     # -- passes -------------------------------------------------------------------------------
     def scan(self) -> None:
+        """Pass 1: every shard's uids and score columns into the work dir; uids unique across shards."""
         cols = sorted({p.column for p in self.prepared.values() if p.column})
         given = str(self.spec.given_uids_path) if self.spec.given_uids_path else None
-        tasks = [(s, cols, given) for s in self.shards]
-        self.scans = self._map(f"scan-{self.scan_key}", scan_shard, tasks, [s.name for s in self.shards],
-                               "read parquet", encode=_encode_scan, decode=_decode_scan)
-        self.uids = np.concatenate([sc.uids for sc in self.scans])
-        self.offsets = np.cumsum([0] + [len(sc.uids) for sc in self.scans])
-        ordered = sort_uids(self.uids)
-        dup = first_duplicate(ordered)
-        if dup is not None:
-            raise VaralignError("duplicate uid across shards (also in an earlier shard)",
-                                self._shard_of(ordered[dup]).parquet)
-        self.n_pool = len(self.uids)
+        self.restricted = given is not None
+        self.scan_phase = f"scan-{self.scan_key}"
+        self.sizes = [0] * len(self.shards)
+
+        def done(i: int, sc: ShardScan) -> None:
+            self.sizes[i] = len(sc.uids)
+            save_run(self._run_path("pool", i), sc.sorted_uids if sc.sorted_uids is not None else sort_uids(sc.uids))
+
+        self._map(self.scan_phase, scan_shard, lambda i: (self.shards[i], cols, given), range(len(self.shards)),
+                  "read parquet", encode=_encode_scan, decode=_decode_scan, on_done=done)
+        runs = [self._run_path("pool", i) for i in range(len(self.shards))]
+        later = first_shared(merge_runs(runs, self.sizes))
+        if later is not None:
+            raise VaralignError("duplicate uid across shards (also in an earlier shard)", self.shards[later].parquet)
+        self.n_pool = int(sum(self.sizes))
         self.counts["pool"] = self.n_pool
         self.clock.lap("scan")
 
-    def evaluate(self, recipe: Recipe, alive: np.ndarray, prefix: str, key: str) -> np.ndarray:
-        """Boolean mask over the pool of the rows `recipe` keeps, starting from `alive`."""
+    def evaluate(self, recipe: Recipe, alive: Mask, prefix: str, key: str) -> Mask:
+        """The rows `recipe` keeps, starting from `alive`."""
         if recipe.op:
-            masks = [self.evaluate(p, alive.copy(), f"{prefix}{p.name}.", key) for p in recipe.parts]
+            masks = [self.evaluate(p, alive, f"{prefix}{p.name}.", key) for p in recipe.parts]
             combine = np.logical_and if recipe.op == "intersection" else np.logical_or
-            out = masks[0]
-            for m in masks[1:]:
-                out = combine(out, m)
-            return out
+            return self._save_masks(prefix + recipe.op, (functools.reduce(combine, [self._mask(m, i) for m in masks])
+                                                         for i in range(len(self.shards))))
         for stage in recipe.stages:
             key = digest(key, _stage_identity(stage, self.prepared[id(stage)]))
             alive = self._stage(stage, alive, prefix + stage.label, key)
-            self.counts[prefix + stage.label] = int(alive.sum())
+            self.counts[prefix + stage.label] = alive.total
             self.clock.lap(prefix + stage.label)
         return alive
 
-    def _stage(self, stage: Stage, alive: np.ndarray, label: str, key: str) -> np.ndarray:
+    def _stage(self, stage: Stage, alive: Mask, label: str, key: str) -> Mask:
         prep = self.prepared[id(stage)]
         self.info[label] = {"score": stage.score, "params": _plain(stage.params), "fraction": stage.fraction,
                             "threshold": stage.threshold, "select": stage.select, **prep.info}
         if prep.kind == "vas_d":
             return self._vas_d(stage, prep, alive, label, key)
-        values = self._values(prep, alive, label, key)
-        keep = self._keep(stage, values[alive], int(alive.sum()), label)
-        out = np.zeros_like(alive)
-        out[np.flatnonzero(alive)[keep]] = True
-        self.columns[f"kept_{label}"] = pa.array(out)
+        values, dtype = self._values(prep, alive, label, key)
+        keeps = self._keep(stage, values, dtype, alive.total, label)
+        out = self._save_masks(label, (self._expand(alive, i, k) for i, k in enumerate(keeps)))
+        self.columns[f"kept_{label}"] = lambda i: pa.array(self._mask(out, i))
         return out
 
-    def _values(self, prep: Prepared, alive: np.ndarray, label: str, key: str) -> np.ndarray:
-        """The stage's score for every pool row (computed for `alive` rows; the rest NaN/False)."""
-        if prep.kind == "column":
-            values = np.concatenate([sc.columns[prep.column] for sc in self.scans])
-            self.columns[label] = pa.array(values)
-            return values
-        rows = self._rows_per_shard(alive)
-        idx = [i for i, r in enumerate(rows) if len(r) or prep.every_shard]
-        tasks = [(prep.fn, self.shards[i], rows[i], prep.kwargs) for i in idx]
-        parts = self._map(f"{_safe(label)}-{key}", _call, tasks, [self.shards[i].name for i in idx], label)
-        got = np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
-        if got.dtype == bool:
-            values = np.zeros(self.n_pool, dtype=bool)
-        else:
-            values = np.full(self.n_pool, np.nan, dtype=np.float32)
-        values[alive] = got
-        self.columns[label] = pa.array(values, mask=~alive)
-        return values
+    def _expand(self, alive: Mask, i: int, keep: np.ndarray) -> np.ndarray:
+        """A keep mask over the alive rows of shard i, as a mask over all its rows."""
+        a = self._mask(alive, i)
+        out = np.zeros_like(a)
+        out[np.flatnonzero(a)[keep]] = True
+        return out
 
-    def _keep(self, stage: Stage, values: np.ndarray, n_alive: int, label: str) -> np.ndarray:
-        """Which of the alive rows survive the stage's keep rule."""
-        if values.dtype == bool:
-            return values
+    def _values(self, prep: Prepared, alive: Mask, label: str, key: str) -> tuple[Callable[[int], np.ndarray],
+                                                                                   np.dtype]:
+        """The stage's score of shard i's alive rows (a function of i), and its dtype (float32 or bool)."""
+        if prep.kind == "column":
+            col = f"col_{prep.column}"
+            self.columns[label] = lambda i: pa.array(self._scan(i, col))
+            return (lambda i: self._scan(i, col)[self._mask(alive, i)]), np.dtype(np.float32)
+        phase = f"{_safe(label)}-{key}"
+        ran = [i for i in range(len(self.shards)) if alive.counts[i] or prep.every_shard]
+        self._map(phase, _call, lambda i: (prep.fn, self.shards[i], self._rows(alive, i), prep.kwargs), ran, label)
+        first = self.work.read(phase, self.shards[ran[0]].name, "values") if ran else None
+        dtype = np.dtype(bool) if first is not None and first.dtype == bool else np.dtype(np.float32)
+        has = set(ran)
+
+        def values(i: int) -> np.ndarray:
+            if i not in has:
+                return np.empty(0, dtype=dtype)
+            return self.work.read(phase, self.shards[i].name, "values").astype(dtype, copy=False)
+
+        def column(i: int) -> pa.Array:
+            a = self._mask(alive, i)
+            full = np.zeros(len(a), dtype=bool) if dtype.kind == "b" else np.full(len(a), np.nan, dtype=np.float32)
+            full[a] = values(i)
+            return pa.array(full, mask=~a)
+
+        self.columns[label] = column
+        return values, dtype
+
+    def _keep(self, stage: Stage, values: Callable[[int], np.ndarray], dtype: np.dtype, n_alive: int,
+              label: str) -> Iterable[np.ndarray]:
+        """Per shard, which of its alive rows survive the stage's keep rule."""
+        def parts() -> Iterator[np.ndarray]:
+            return (values(i) for i in range(len(self.shards)))
+
+        if dtype.kind == "b":
+            return parts()
         if stage.threshold is not None:
             self.thresholds[label] = float(stage.threshold)
-            return at_least(values, stage.threshold)
+            return (at_least(v, stage.threshold) for v in parts())
         k = count_for_fraction(self.n_pool, stage.fraction)
         if stage.select == "datacomp":
-            t = threshold_at_rank(values, k)
+            t = threshold_at_rank_parts(parts, k)
             self.thresholds[label] = t
-            return at_least(values, t)
+            return (at_least(v, t) for v in parts())
         if k > n_alive:
             raise VaralignError(f"stage {label!r} asks for {k} rows (fraction {stage.fraction} of the pool) "
                                 f"but only {n_alive} survived the previous stage")
-        return top_k_mask(values, k)
+        return top_k_parts(parts, k)
 
-    def _vas_d(self, stage: Stage, prep: Prepared, alive: np.ndarray, label: str, key: str) -> np.ndarray:
+    def _vas_d(self, stage: Stage, prep: Prepared, alive: Mask, label: str, key: str) -> Mask:
         key_name, dim, iters = prep.kwargs["key"], prep.kwargs["dim"], prep.kwargs["num_iters"]
-        cand = np.flatnonzero(alive)
         target_count = count_for_fraction(self.n_pool, stage.fraction)
-        if target_count > len(cand):
-            raise VaralignError(f"stage {label!r} asks for {target_count} rows but only {len(cand)} survived "
+        if target_count > alive.total:
+            raise VaralignError(f"stage {label!r} asks for {target_count} rows but only {alive.total} survived "
                                 "the previous stage")
-        cand_rows = self._rows_per_shard(alive)
-        store_offsets = np.cumsum([0] + [len(r) for r in cand_rows])
+        offsets = np.cumsum([0] + alive.counts)
         dtype = np.result_type(*[m.dtype for m in self.members[(key_name, dim)]])
         phase = f"{_safe(label)}-{key}"
-        scratch = None
-        if self.work is not None:
-            store_dir = self.work.path(phase)
-        else:
-            scratch = tempfile.mkdtemp(prefix=".varalign-vas_d-", dir=self._scratch_root())
-            store_dir = Path(scratch)
-        try:
-            store = CandidateStore.create(str(store_dir / "candidates.bin"), len(cand), dim, dtype)
-            direct = self.executor.shared_filesystem
-            tasks = [(s, key_name, dim, sc.rows, r, store.path if direct else None, int(o))
-                     for s, sc, r, o in zip(self.shards, self.scans, cand_rows, store_offsets[:-1], strict=True)]
+        store = CandidateStore.create(str(self.work.path(phase) / "candidates.bin"), alive.total, dim, dtype)
+        direct = self.executor.shared_filesystem
 
-            def write_returned(i: int, result: tuple) -> tuple:
-                if result[2] is not None:
-                    write_rows(store.path, int(store_offsets[i]), result[2])
-                return result[:2]
+        def task(i: int) -> tuple:
+            return (self.shards[i], key_name, dim, self._pool_rows(i), self._rows(alive, i),
+                    store.path if direct else None, int(offsets[i]))
 
-            grams = self._map(f"{phase}-collect", collect_shard, tasks, [s.name for s in self.shards],
-                              f"{label} (npz)", encode=lambda r: {"g_all": r[0], "g_cand": r[1]},
-                              decode=lambda a: (a["g_all"], a["g_cand"]), on_result=write_returned)
-            g_all = np.sum([g[0] for g in grams], axis=0)
-            g_cand = np.sum([g[1] for g in grams], axis=0)
-            first_target = (g_all / self.n_pool).astype(np.float32)
-            if prep.kwargs["mode"] == "lowrank":  # fast mode: every round in a rank-r subspace
-                basis = lowrank_basis(g_cand, prep.kwargs["rank"])
-                store = project_store(store, basis)
-                b64 = basis.astype(np.float64)
+        def write_returned(i: int, result: tuple) -> tuple:
+            if result[2] is not None:
+                write_rows(store.path, int(offsets[i]), result[2])
+            return result[:2]
+
+        grams = [np.zeros((dim, dim), dtype=np.float64), np.zeros((dim, dim), dtype=np.float64)]
+
+        def add(i: int, g: tuple) -> None:  # in shard order: the sums do not depend on the executor
+            grams[0] += g[0]
+            grams[1] += g[1]
+
+        self._map(f"{phase}-collect", collect_shard, task, range(len(self.shards)), f"{label} (npz)",
+                  encode=lambda r: {"g_all": r[0], "g_cand": r[1]}, decode=lambda a: (a["g_all"], a["g_cand"]),
+                  on_result=write_returned, on_done=add)
+        g_all, g_cand = grams
+        first_target = (g_all / self.n_pool).astype(np.float32)
+        if prep.kwargs["mode"] == "lowrank":  # fast mode: every round in a rank-r subspace
+            basis = lowrank_basis(g_cand, prep.kwargs["rank"])
+            store = project_store(store, basis)
+            b64 = basis.astype(np.float64)
+            with threadpool_limits(limits=1):  # the same numbers whatever the core count
                 g_cand = b64.T @ g_cand @ b64
                 first_target = (b64.T @ first_target.astype(np.float64) @ b64).astype(np.float32)
-            state, checkpoint = self._vas_d_state(phase)
-            res = vas_d_iterate(store, g_cand, first_target, target_count, iters, self.executor_threads(),
-                                self.spec.quiet, state=state, checkpoint=checkpoint, device=self.spec.device)
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        removed_at = np.full(self.n_pool, -1, dtype=np.int32)
-        removed_at[cand] = res.removed_at
-        last = np.full(self.n_pool, np.nan, dtype=np.float32)
-        last[cand] = res.last_score
-        self.columns[f"{label}_removed_at"] = pa.array(removed_at)
-        self.columns[f"{label}_score"] = pa.array(last, mask=~alive)
-        out = np.zeros_like(alive)
-        out[cand[res.keep]] = True
-        self.columns[f"kept_{label}"] = pa.array(out)
+        state, checkpoint = self._vas_d_state(phase)
+        # the greedy rounds hold O(candidates) state in RAM: alive (1 B), removed_at (4 B) and last score
+        # (4 B) per candidate, 9 B in all; the embeddings stay in the on-disk store
+        res = vas_d_iterate(store, g_cand, first_target, target_count, iters, self.executor_threads(),
+                            self.spec.quiet, state=state, checkpoint=checkpoint, device=self.spec.device)
+        return self._vas_d_outputs(label, alive, offsets, res)
+
+    def _vas_d_outputs(self, label: str, alive: Mask, offsets: np.ndarray, res: VasDResult) -> Mask:
+        """Split VAS-D's per-candidate result into per-shard keep masks and --save_scores columns."""
+        phase = self._phase("cols", label)
+
+        def split(i: int) -> np.ndarray:
+            a = self._mask(alive, i)
+            part = slice(int(offsets[i]), int(offsets[i + 1]))
+            removed = np.full(len(a), -1, dtype=np.int32)
+            removed[a] = res.removed_at[part]
+            last = np.full(len(a), np.nan, dtype=np.float32)
+            last[a] = res.last_score[part]
+            self.work.put_array(phase, f"{self.shards[i].name}.removed_at", removed)
+            self.work.put_array(phase, f"{self.shards[i].name}.score", last)
+            return self._expand(alive, i, res.keep[part])
+
+        out = self._save_masks(label, (split(i) for i in range(len(self.shards))))
+        self.columns[f"{label}_removed_at"] = lambda i: pa.array(
+            self.work.get_array(phase, f"{self.shards[i].name}.removed_at"))
+        self.columns[f"{label}_score"] = lambda i: pa.array(
+            self.work.get_array(phase, f"{self.shards[i].name}.score"), mask=~self._mask(alive, i))
+        self.columns[f"kept_{label}"] = lambda i: pa.array(self._mask(out, i))
         return out
 
     def _vas_d_state(self, phase: str):
         """The last saved VAS-D round (if resuming) and a function that saves each round."""
-        if self.work is None:
+        if self.temp_dir is not None:  # nothing to resume into
             return None, None
         path = self.work.path(phase, "rounds.npz")
         state = None
@@ -454,41 +579,49 @@ class _Run:
     def executor_threads(self) -> int:
         return self.spec.num_workers or default_workers()
 
-    def _rows_per_shard(self, alive: np.ndarray) -> list[np.ndarray]:
-        """Shard-local row numbers of the alive pool rows."""
-        out = []
-        for i, sc in enumerate(self.scans):
-            local = np.flatnonzero(alive[self.offsets[i] : self.offsets[i + 1]])
-            out.append(sc.rows[local] if sc.rows is not None else local.astype(np.int64))
-        return out
-
-    def _scratch_root(self) -> Path | None:
-        return None
-
-    def _shard_of(self, uid: np.ndarray) -> Shard:
-        hits = np.flatnonzero((self.uids["f0"] == uid["f0"]) & (self.uids["f1"] == uid["f1"]))
-        return self.shards[int(np.searchsorted(self.offsets, int(hits[-1]), side="right") - 1)]
-
-    def finish(self, selected: np.ndarray) -> FilterResult:
+    # -- outputs ------------------------------------------------------------------------------
+    def finish(self, selected: Mask) -> FilterResult:
         spec = self.spec
-        self.counts["selected"] = int(selected.sum())
-        self.columns["selected"] = pa.array(selected)
-        result = FilterResult(sort_uids(self.uids[selected]), self.counts, self.clock.laps, self.thresholds)
+        self.counts["selected"] = selected.total
+        self.columns["selected"] = lambda i: pa.array(self._mask(selected, i))
+        for i in range(len(self.shards)):
+            save_run(self._run_path("selected", i), sort_uids(self._scan(i, "uids")[self._mask(selected, i)]))
+        runs = [self._run_path("selected", i) for i in range(len(self.shards))]
+        result = FilterResult(np.empty(0, dtype=UID_DTYPE), self.counts, self.clock.laps, self.thresholds)
         # every output goes to a temp file first; they are renamed together only when all were written
         with contextlib.ExitStack() as outputs:
             if spec.save_scores:
-                table = pa.table({"uid": uids_to_hex(self.uids), **self.columns})
-                pq.write_table(table, outputs.enter_context(atomic_path(spec.save_scores, ".parquet")))
+                self._write_scores(outputs.enter_context(atomic_path(spec.save_scores, ".parquet")))
                 result.scores_path = str(spec.save_scores)
             if self.save_path is not None:
-                save_subset(outputs.enter_context(atomic_path(self.save_path, ".npy")), result.uids)
+                tmp = outputs.enter_context(atomic_path(self.save_path, ".npy"))
+                stream_subset(tmp, selected.total, (b for b, _ in merge_runs(runs, selected.counts)))
                 result.save_path = str(self.save_path)
                 self.clock.lap("write")
                 result.manifest_path = str(_manifest_path(self.save_path))
-                save_json(outputs.enter_context(atomic_path(result.manifest_path, ".json")), self._manifest(result))
+                save_json(outputs.enter_context(atomic_path(result.manifest_path, ".json")),
+                          self._manifest(result, selected.total))
+        if self.save_path is not None:
+            result.uids = _open_subset(self.save_path)  # the saved file, mapped: not a copy in RAM
+        else:
+            batches = [b for b, _ in merge_runs(runs, selected.counts)]
+            result.uids = np.concatenate(batches) if batches else np.empty(0, dtype=UID_DTYPE)
         return result
 
-    def _manifest(self, result: FilterResult) -> dict:
+    def _write_scores(self, path: Path) -> None:
+        """The --save_scores parquet, one row group per shard: uid, then every stage's columns."""
+        writer = None
+        try:
+            for i in range(len(self.shards)):
+                cols = {"uid": uids_to_hex(self._scan(i, "uids"))} | {k: f(i) for k, f in self.columns.items()}
+                table = pa.table(cols)
+                writer = writer or pq.ParquetWriter(path, table.schema)
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _manifest(self, result: FilterResult, n_uids: int) -> dict:
         return {
             "tool": "varalign filter",
             "varalign_version": __version__,
@@ -504,7 +637,7 @@ class _Run:
                 "shard_listing_sha256": digest(self.listing),
                 "given_uids_path": self.spec.given_uids_path,
             },
-            "output": {"path": result.save_path, "uids": int(len(result.uids)), "scores": result.scores_path},
+            "output": {"path": result.save_path, "uids": n_uids, "scores": result.scores_path},
             "counts": result.counts,
             "thresholds": result.thresholds,
             "executor": self.executor.name,
@@ -519,13 +652,19 @@ def _encode_scan(sc) -> dict[str, np.ndarray]:
     out = {"uids": sc.uids, **{f"col_{k}": v for k, v in sc.columns.items()}}
     if sc.rows is not None:
         out["rows"] = sc.rows
+    if sc.sorted_uids is not None:
+        out["sorted_uids"] = sc.sorted_uids
     return out
 
 
-def _decode_scan(a: dict[str, np.ndarray]):
-    from .scores.scan import ShardScan  # noqa: PLC0415
+def _decode_scan(a: dict[str, np.ndarray]) -> ShardScan:
+    return ShardScan(a["uids"], {k[4:]: v for k, v in a.items() if k.startswith("col_")}, a.get("rows"),
+                     a.get("sorted_uids"))
 
-    return ShardScan(a["uids"], {k[4:]: v for k, v in a.items() if k.startswith("col_")}, a.get("rows"))
+
+def _open_subset(path: str | os.PathLike) -> np.ndarray:
+    """A subset file this tool wrote (sorted, unique), memory-mapped copy-on-write."""
+    return np.load(path, mmap_mode="c", allow_pickle=False)
 
 
 def _listing(shards: list[Shard]) -> list[list]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -147,3 +148,72 @@ def load_subset(path: str | os.PathLike) -> np.ndarray:
         keep[1:] = (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])
         arr = arr[keep]
     return arr
+
+
+# -- sorted runs on disk: k-way merge in bounded memory ---------------------------------------------
+MERGE_BUDGET = 1 << 19  # uids read per merge step across all runs (8 MiB), whatever the pool size
+
+
+def save_run(path: str | os.PathLike, uids: np.ndarray) -> None:
+    """Write a sorted uid run as raw `u8,u8` records (read back in slices by `read_run`)."""
+    np.ascontiguousarray(uids, dtype=UID_DTYPE).tofile(path)
+
+
+def read_run(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
+    """Records `[start, stop)` of a raw run file."""
+    return np.fromfile(path, dtype=UID_DTYPE, count=max(0, stop - start), offset=start * UID_DTYPE.itemsize)
+
+
+def _count_at_most(run: np.ndarray, hi: np.uint64, lo: np.uint64) -> int:
+    """How many uids of the sorted `run` are <= (hi, lo)."""
+    left = int(np.searchsorted(run["f0"], hi, side="left"))
+    right = int(np.searchsorted(run["f0"], hi, side="right"))
+    return left + int(np.searchsorted(run["f1"][left:right], lo, side="right"))
+
+
+def merge_runs(paths: list[str], lengths: list[int],
+               budget: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Merge sorted run files; yield `(uids, run_index)` batches in ascending uid order.
+
+    Each step reads the next `budget // runs` uids of every run, takes from each those <= the
+    smallest last-read uid, and sorts that batch (equal uids land in the same batch, ordered by run).
+    """
+    pos = np.zeros(len(paths), dtype=np.int64)
+    ends = np.asarray(lengths, dtype=np.int64)
+    chunk = max(1, (budget or MERGE_BUDGET) // max(1, len(paths)))
+    while True:
+        live = np.flatnonzero(pos < ends)
+        if not len(live):
+            return
+        heads = [read_run(paths[r], int(pos[r]), int(min(pos[r] + chunk, ends[r]))) for r in live]
+        lasts = np.array([h[-1] for h in heads], dtype=UID_DTYPE)
+        bound = lasts[np.lexsort((lasts["f1"], lasts["f0"]))[0]]
+        takes = [_count_at_most(h, bound["f0"], bound["f1"]) for h in heads]
+        pos[live] += takes
+        batch = np.concatenate([h[:t] for h, t in zip(heads, takes, strict=True)])
+        source = np.repeat(live.astype(np.int32), takes)
+        order = np.lexsort((source, batch["f1"], batch["f0"]))
+        yield batch[order], source[order]
+
+
+def first_shared(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> int | None:
+    """The latest run holding the smallest uid that occurs in two runs, or None."""
+    for uids, source in batches:
+        dup = first_duplicate(uids)
+        if dup is not None:
+            same = (uids["f0"] == uids["f0"][dup]) & (uids["f1"] == uids["f1"][dup])
+            return int(source[same].max())
+    return None
+
+
+def stream_subset(path: str | os.PathLike, total: int, batches: Iterable[np.ndarray]) -> None:
+    """Write `total` sorted uids, arriving in batches, as the bytes `save_subset` would write."""
+    header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False, "shape": (total,)}
+    written = 0
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for batch in batches:
+            fh.write(np.ascontiguousarray(batch, dtype=UID_DTYPE).tobytes())
+            written += len(batch)
+    if written != total:
+        raise RuntimeError(f"wrote {written} uids, expected {total}")

@@ -46,6 +46,10 @@ class WorkDir:
         d.mkdir(exist_ok=True)
         return d / name if name else d
 
+    def has(self, phase: str, name: str) -> bool:
+        """Whether the task `name` of `phase` has finished."""
+        return (self.root / phase / f"{name}.done").exists()
+
     def load(self, phase: str, name: str) -> dict[str, np.ndarray] | None:
         """A finished task's arrays, or None if it has not finished."""
         if not (self.root / phase / f"{name}.done").exists():
@@ -60,6 +64,24 @@ class WorkDir:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
         (self.root / phase / f"{name}.done").touch()
+
+    def read(self, phase: str, name: str, key: str) -> np.ndarray | None:
+        """One array of a finished task's result (not counted as reused), or None if there is none."""
+        path = self.root / phase / f"{name}.npz"
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as npz:
+            return npz[key]
+
+    def put_array(self, phase: str, name: str, array: np.ndarray) -> None:
+        """Store one array of the run's own state (a keep mask, a column) as `{phase}/{name}.npy`."""
+        with atomic_path(self.path(phase, f"{name}.npy"), ".npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+
+    def get_array(self, phase: str, name: str) -> np.ndarray:
+        """An array stored by `put_array`."""
+        return np.load(self.root / phase / f"{name}.npy", allow_pickle=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -19,6 +19,7 @@ class ShardScan:
     uids: np.ndarray
     columns: dict[str, np.ndarray]  # float32 score columns, restricted like `uids`
     rows: np.ndarray | None  # row indices into the shard when --given_uids_path restricts it
+    sorted_uids: np.ndarray | None = None  # `uids` sorted: the shard's run for the pool-wide duplicate check
 
 
 @lru_cache(maxsize=2)
@@ -32,7 +33,8 @@ def scan_shard(shard: Shard, score_columns: list[str], given_path: str | None) -
     if table.num_rows != shard.num_rows:  # the file changed under us
         raise VaralignError(f"parquet now has {table.num_rows} rows, expected {shard.num_rows}", shard.parquet)
     uids = hex_to_uids(table.column("uid"), shard.parquet)
-    dup = first_duplicate(sort_uids(uids))
+    ordered = sort_uids(uids)
+    dup = first_duplicate(ordered)
     if dup is not None:
         raise VaralignError("duplicate uid within the shard", shard.parquet)
     columns = {c: read_scores(table, c, shard) for c in score_columns}
@@ -42,4 +44,5 @@ def scan_shard(shard: Shard, score_columns: list[str], given_path: str | None) -
         rows = np.flatnonzero(keep).astype(np.int64)
         uids = uids[rows]
         columns = {c: v[rows] for c, v in columns.items()}
-    return ShardScan(uids, columns, rows)
+        ordered = ordered[isin_sorted(ordered, _given(given_path))]
+    return ShardScan(uids, columns, rows, ordered)
