@@ -211,13 +211,15 @@ def baselines_table(pool: Path, root: Path, args: argparse.Namespace) -> list[di
     """The other methods: the caption rules on the whole pool; negCLIPLoss and NormSim (whose cost per
     row is ~B·D and ~|G|·D multiply-adds) on a `--small` subset of the pool via --given_uids_path."""
     from varalign.synth import SynthWorld  # noqa: PLC0415
-    from varalign.uids import load_subset, save_subset  # noqa: PLC0415
+    from varalign.uids import save_subset  # noqa: PLC0415
 
-    all_uids = load_subset(root / "out" / "clip_score.npy") if (root / "out" / "clip_score.npy").exists() else None
-    if all_uids is None or len(all_uids) < args.small:
-        run_method(pool, root / "out" / "all.npy", "no_filter", {})
-        all_uids = load_subset(root / "out" / "all.npy")
-    save_subset(root / "small_subset.npy", all_uids[: args.small])
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from varalign.uids import hex_to_uids  # noqa: PLC0415
+
+    first = sorted(pool.glob("*.parquet"))[0]  # rows of ONE shard: negCLIPLoss batches never cross shards
+    uid_col = pq.read_table(first, columns=["uid"]).column("uid")
+    save_subset(root / "small_subset.npy", hex_to_uids(uid_col.slice(0, args.small)))
     target_rows = SynthWorld.make(0).downstream(args.normsim_target, list(range(0, 60, 3)))
     np.save(root / "normsim_target.npy", target_rows)
     small = {"given_uids_path": str(root / "small_subset.npy")}
