@@ -210,12 +210,13 @@ def main() -> None:
 def baselines_table(pool: Path, root: Path, args: argparse.Namespace) -> list[dict]:
     """The other methods: the caption rules on the whole pool; negCLIPLoss and NormSim (whose cost per
     row is ~B·D and ~|G|·D multiply-adds) on a `--small` subset of the pool via --given_uids_path."""
-    from varalign.synth import SynthWorld  # noqa: PLC0415
-    from varalign.uids import save_subset  # noqa: PLC0415
-
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    from varalign.uids import hex_to_uids  # noqa: PLC0415
+    from varalign.synth import SynthWorld  # noqa: PLC0415
+    from varalign.uids import (
+        hex_to_uids,  # noqa: PLC0415
+        save_subset,  # noqa: PLC0415
+    )
 
     first = sorted(pool.glob("*.parquet"))[0]  # rows of ONE shard: negCLIPLoss batches never cross shards
     uid_col = pq.read_table(first, columns=["uid"]).column("uid")
