@@ -524,7 +524,7 @@ class _Run:
         first_target = (g_all / self.n_pool).astype(np.float32)
         if prep.kwargs["mode"] == "lowrank":  # fast mode: every round in a rank-r subspace
             basis = lowrank_basis(g_cand, prep.kwargs["rank"])
-            store = project_store(store, basis)
+            store = project_store(store, basis, path=f"{store.path}.rank{prep.kwargs['rank']}")
             b64 = basis.astype(np.float64)
             with threadpool_limits(limits=1):  # the same numbers whatever the core count
                 g_cand = b64.T @ g_cand @ b64

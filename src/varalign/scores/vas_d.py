@@ -57,11 +57,28 @@ class CandidateStore:
         return arr.reshape(-1, self.dim)
 
     def gather(self, index: np.ndarray) -> np.ndarray:
+        """Rows at sorted `index`, read run by run with pread (a memory map would count every page
+        it touches in the process's RSS)."""
         if self.array is not None:
             return np.asarray(self.array[index])
-        mm = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.rows, self.dim))
-        out = np.asarray(mm[index])
-        del mm
+        out = np.empty((len(index), self.dim), dtype=self.dtype)
+        if not len(index):
+            return out
+        row_bytes = self.dim * self.dtype.itemsize
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(index)]])
+        flat = out.reshape(-1).view(np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                size = (b - a) * row_bytes
+                data = os.pread(fd, size, int(index[a]) * row_bytes)
+                if len(data) != size:
+                    raise OSError(f"short read from {self.path}")
+                flat[a * row_bytes : b * row_bytes] = np.frombuffer(data, dtype=np.uint8)
+        finally:
+            os.close(fd)
         return out
 
 
@@ -194,11 +211,23 @@ def lowrank_basis(gram_candidates: np.ndarray, rank: int) -> np.ndarray:
     return np.ascontiguousarray(vecs[:, ::-1][:, :rank]).astype(np.float32)
 
 
-def project_store(store: CandidateStore, basis: np.ndarray, block_rows: int = BLOCK_ROWS) -> CandidateStore:
-    """The candidates projected onto `basis` (M×rank float32, in memory: 450k rows × 128 = 230 MB)."""
-    out = np.empty((store.rows, basis.shape[1]), dtype=np.float32)
+def project_store(store: CandidateStore, basis: np.ndarray, block_rows: int = BLOCK_ROWS,
+                  path: str | None = None) -> CandidateStore:
+    """The candidates projected onto `basis` (M×rank float32): into a file at `path` (read back block
+    by block, so memory does not grow with the pool), or in memory without one."""
+    rank = basis.shape[1]
+    if path is None:
+        out = np.empty((store.rows, rank), dtype=np.float32)
+    else:
+        projected = CandidateStore.create(path, store.rows, rank, np.dtype(np.float32))
     with threadpool_limits(limits=1):  # same numbers whatever the core count
         for start in range(0, store.rows, block_rows):
             stop = min(start + block_rows, store.rows)
-            out[start:stop] = to_float32(store.read(start, stop)) @ basis
+            part = to_float32(store.read(start, stop)) @ basis
+            if path is None:
+                out[start:stop] = part
+            else:
+                write_rows(path, start, np.ascontiguousarray(part, dtype=np.float32))
+    if path is not None:
+        return projected
     return CandidateStore.from_array(out)
