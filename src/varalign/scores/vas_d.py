@@ -97,7 +97,7 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
     (float64), and the candidate rows: written into the store at `store_offset`, or returned
     (third item) when `store_path` is None (a Ray worker on another node)."""
     member = embedding_member(shard, key, dim)
-    g_all = np.zeros((dim, dim), dtype=np.float64)
+    g_rest = np.zeros((dim, dim), dtype=np.float64)  # pool rows that are not candidates
     g_cand = np.zeros((dim, dim), dtype=np.float64)
     start = 0
     written = 0
@@ -105,14 +105,17 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
     for block in iter_blocks(member, BLOCK_ROWS):
         end = start + len(block)
         check_finite(block, start, shard.npz, key, member)
-        if pool_rows is None:
-            g_all += gram64(to_float32(block))
-        else:
+        in_pool = np.ones(len(block), dtype=bool)
+        if pool_rows is not None:
+            in_pool[:] = False
             lo, hi = np.searchsorted(pool_rows, [start, end])
-            g_all += gram64(to_float32(block[pool_rows[lo:hi] - start]))
+            in_pool[pool_rows[lo:hi] - start] = True
         lo, hi = np.searchsorted(cand_rows, [start, end])
+        local = cand_rows[lo:hi] - start
+        in_pool[local] = False
+        g_rest += gram64(to_float32(block[in_pool]))  # each row enters one Gram only: ~30% less work
         if hi > lo:
-            picked = block[cand_rows[lo:hi] - start]
+            picked = block[local]
             g_cand += gram64(to_float32(picked))
             if store_path is not None:
                 write_rows(store_path, store_offset + written, picked)
@@ -121,7 +124,7 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
             written += len(picked)
         start = end
     rows = None if store_path is not None else (np.concatenate(kept) if kept else np.empty((0, dim), member.dtype))
-    return g_all, g_cand, rows
+    return g_rest + g_cand, g_cand, rows
 
 
 @dataclass
