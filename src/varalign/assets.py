@@ -117,11 +117,17 @@ def find_asset(name: str, cache_path: str | os.PathLike | None = None, download:
 
 def check_sha256(path: str | os.PathLike, expected: str) -> bool:
     """True if the file's sha256 is `expected`; otherwise warn (the file is still used)."""
-    digest = _sha256(str(path), os.stat(path).st_size, os.stat(path).st_mtime_ns)
+    digest = file_sha256(path)
     if digest != expected:
         warnings.warn(f"{path}: sha256 {digest} differs from DataComp's {expected}", stacklevel=2)
         return False
     return True
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached per (path, size, mtime): large assets are hashed once per process."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=32)

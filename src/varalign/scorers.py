@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .assets import file_sha256
 from .errors import VaralignError
 from .pool import ARCHS, SCORE_COLUMN, image_key, text_key
 from .scores.vas import vas_shard
@@ -74,7 +75,7 @@ def _vas(params: dict[str, Any], ctx: Context) -> Prepared:
     key = image_key(arch)
     return Prepared("shard", fn=vas_shard, kwargs={"key": key, "target": target, "device": ctx.device},
                     members=[(key, ARCHS[arch])],
-                    every_shard=True, info={"target": str(path), "target_sha256": _sha256(Path(path))})
+                    every_shard=True, info={"target": str(path), "target_sha256": file_sha256(Path(path))})
 
 
 def _vas_d(params: dict[str, Any], ctx: Context) -> Prepared:
@@ -199,7 +200,7 @@ def image_based_assets(params: dict[str, Any], ctx: Context) -> tuple[Any, Any, 
     feats = params.get("target_features")
     sources = [Path(f) for f in (feats if isinstance(feats, list) else [feats])] if feats else \
         [find_asset(n, cache, ctx.download) for n in IN1K_FEATURES]
-    key = _sha256(cpath)[:12] + "-" + "-".join(_sha256(f)[:8] for f in sources)
+    key = file_sha256(cpath)[:12] + "-" + "-".join(file_sha256(f)[:8] for f in sources)
     cached = cpath.parent / f".{cpath.stem}.allowed-{key}.npy"
     if cached.exists():
         allowed = np.load(cached, allow_pickle=False)
@@ -208,7 +209,7 @@ def image_based_assets(params: dict[str, Any], ctx: Context) -> tuple[Any, Any, 
             if feats else iter_in1k_features(cache, ctx.download)
         allowed = target_centroid_set(centroids, it)
         save_npy(cached, allowed)
-    info = {"centroids": str(cpath), "centroids_sha256": _sha256(cpath), "allowed_centroids": int(allowed.sum())}
+    info = {"centroids": str(cpath), "centroids_sha256": file_sha256(cpath), "allowed_centroids": int(allowed.sum())}
     return centroids, allowed, info
 
 
@@ -241,13 +242,3 @@ def prepare(score: str, params: dict[str, Any], ctx: Context) -> Prepared:
 
 def rule_scores() -> set[str]:
     return {name for name, info in SCORERS.items() if info.rule}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib  # noqa: PLC0415
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
