@@ -195,10 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     _centroids_parser(sub)
     _demo_parser(sub)
     from .experiment.cli import register  # noqa: PLC0415 - embed, reshard, train, evaluate, experiment
+    from .minicomp.cli import register_minicomp  # noqa: PLC0415
     from .report import register_report  # noqa: PLC0415
 
     register(sub)
     register_report(sub)
+    register_minicomp(sub)
     return parser
 
 

@@ -1,0 +1,476 @@
+"""`varalign minicomp build`: a small real-image DataComp-format pool with known noise, on one CPU.
+
+Layout of the build directory:
+
+- `shards/{:08d}.tar` (+ `_stats.json`): the pool as img2dataset-style webdataset shards (.png/.txt/.json)
+- `metadata/{:08d}.parquet` + `.npz`: DataComp-format metadata embedded by the teacher, plus the hidden
+  `label_*` columns (never read by the methods; `varalign report` breaks them down)
+- `teacher/`: the teacher CLIP (config JSON, training shards, open_clip_train run and checkpoint)
+- `eval/`: downstream tasks in clip_benchmark's `wds/` layout (`mnist/`, `minicomp_fashion_mnist/`,
+  `minicomp_retrieval/`)
+- `files/variance/variance_downstream.npy`: VAS target from the downstream training splits;
+  `files/normsim_downstream/`: their teacher image features, a NormSim `--proxy_path`
+- `minicomp.json`: configuration, counts per noise kind, times
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path, save_json
+from ..errors import VaralignError
+from ..pool import ARCHS
+from . import captions as cap
+from .sources import SIZE, Source, load_sources
+
+MANIFEST = "minicomp.json"
+TEACHER_NAME = "varalign-minicomp-teacher"
+LABEL_COLUMNS = ("label_caption_kind", "label_image_kind", "label_class", "label_source", "label_language")
+CAPTION_KINDS = ("aligned", "wrong_class", "uninformative", "non_english")
+IMAGE_KINDS = ("clean", "near_duplicate", "blank", "noise")
+
+
+def teacher_config(arch: str) -> dict:
+    """A small ViT CLIP on 32×32 images whose embeddings are as wide as DataComp's `arch` features."""
+    return {
+        "embed_dim": ARCHS[arch],
+        "vision_cfg": {"image_size": SIZE, "layers": 3, "width": 128, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
+    }
+
+
+@dataclass
+class BuildConfig:
+    """Everything the pool depends on (the build is deterministic given these)."""
+
+    size: int = 20_000
+    seed: int = 0
+    arch: str = "l14"
+    shard_size: int = 5_000
+    # caption kinds of images that show a class (clean or near-duplicate); the rest is "aligned"
+    p_wrong_class: float = 0.15
+    p_uninformative: float = 0.15
+    p_non_english: float = 0.12
+    # image kinds; the rest is "clean"
+    p_near_duplicate: float = 0.08
+    p_blank: float = 0.03
+    p_noise: float = 0.04
+    # the over-represented class of each source takes this share of its class draws
+    overrep_share: float = 0.3
+    # share of the pool per source (renormalised over the sources present)
+    source_weights: dict = field(default_factory=lambda: {"digits": 0.3, "fashion_mnist": 0.6, "mnist": 0.1})
+    p_small: float = 0.25  # min(width, height) < 200
+    p_wide: float = 0.06  # aspect ratio > 3
+    fashion_mnist_dir: str | None = None
+    use_fashion: bool = True
+    use_mnist: bool = True
+    fashion_test_size: int = 1000
+    teacher_samples: int = 40_000  # samples seen by the teacher
+    teacher_batch: int = 128
+    teacher_lr: float = 1e-3
+    teacher_checkpoints: int = 1
+
+
+@dataclass
+class BuildResult:
+    build_dir: str
+    metadata_dir: str
+    shards_dir: str
+    eval_dir: str
+    target: str
+    normsim_dir: str
+    teacher_checkpoint: str
+    counts: dict
+    seconds: dict
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(arr[..., None], 3, axis=2)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jitter(img: np.ndarray, rng: np.random.Generator, max_shift: int, noise: float) -> np.ndarray:
+    """A small shift (edge-padded) plus Gaussian noise: a near-duplicate of `img`."""
+    dx, dy = rng.integers(-max_shift, max_shift + 1, 2)
+    out = np.roll(np.pad(img, max_shift, mode="edge"), (int(dy), int(dx)), axis=(0, 1))
+    out = out[max_shift:-max_shift, max_shift:-max_shift].astype(np.float32)
+    out += noise * rng.standard_normal(out.shape)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def _blank(rng: np.random.Generator) -> np.ndarray:
+    level = rng.integers(0, 256)
+    grad = np.linspace(0, rng.uniform(-30, 30), SIZE)[None, :]
+    return np.clip(level + grad + np.zeros((SIZE, SIZE)), 0, 255).astype(np.uint8)
+
+
+def _noise(rng: np.random.Generator) -> np.ndarray:
+    if rng.random() < 0.5:
+        return rng.integers(0, 256, (SIZE, SIZE)).astype(np.uint8)
+    coarse = rng.integers(0, 256, (SIZE // 4, SIZE // 4)).astype(np.uint8)  # blocky noise
+    return np.kron(coarse, np.ones((4, 4), dtype=np.uint8))
+
+
+def _size(rng: np.random.Generator, p_small: float, p_wide: float) -> tuple[int, int]:
+    short = int(rng.integers(48, 200)) if rng.random() < p_small else int(rng.integers(200, 1200))
+    aspect = rng.uniform(3.05, 6.0) if rng.random() < p_wide else float(np.exp(rng.uniform(-0.7, 0.7)))
+    if aspect < 1:
+        short, aspect = short, 1 / aspect
+    long_side = int(round(short * aspect))
+    return (long_side, short) if rng.random() < 0.6 else (short, long_side)
+
+
+# ----------------------------------------------------------------------------------------------- pool
+
+class _ClassCycler:
+    """Draws images of a class from a split, without replacement until the class is used up."""
+
+    def __init__(self, src: Source, split: str, rng: np.random.Generator) -> None:
+        idx = src.splits[split]
+        self.by_class = {c: rng.permutation(idx[src.labels[idx] == c]) for c in range(len(src.classes))}
+        self.pos = dict.fromkeys(self.by_class, 0)
+
+    def next(self, c: int) -> tuple[int, bool]:
+        arr = self.by_class[c]
+        i = self.pos[c]
+        self.pos[c] += 1
+        return int(arr[i % len(arr)]), i >= len(arr)
+
+
+def generate_pool(sources: list[Source], cfg: BuildConfig) -> list[dict]:
+    """The pool's samples (image array, caption, labels, json metadata), deterministic given cfg.seed."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    weights = np.array([cfg.source_weights.get(s.name, 0.1) for s in sources], float)
+    weights /= weights.sum()
+    cyclers = [_ClassCycler(s, "pool", np.random.default_rng([cfg.seed, 2, k])) for k, s in enumerate(sources)]
+    over = [int(np.random.default_rng([cfg.seed, 3, k]).integers(len(s.classes))) for k, s in enumerate(sources)]
+    class_p = []
+    for k, s in enumerate(sources):
+        p = np.full(len(s.classes), (1 - cfg.overrep_share) / (len(s.classes) - 1))
+        p[over[k]] = cfg.overrep_share
+        class_p.append(p)
+    p_img = np.array([1 - cfg.p_near_duplicate - cfg.p_blank - cfg.p_noise, cfg.p_near_duplicate,
+                      cfg.p_blank, cfg.p_noise])
+    p_cap = np.array([1 - cfg.p_wrong_class - cfg.p_uninformative - cfg.p_non_english, cfg.p_wrong_class,
+                      cfg.p_uninformative, cfg.p_non_english])
+    if (p_img < 0).any() or (p_cap < 0).any():
+        raise VaralignError("noise proportions add up to more than 1")
+    samples: list[dict] = []
+    clean_idx: list[int] = []
+    for i in range(cfg.size):
+        k = int(rng.choice(len(sources), p=weights))
+        src = sources[k]
+        image_kind = IMAGE_KINDS[int(rng.choice(4, p=p_img))]
+        if image_kind == "near_duplicate" and not clean_idx:
+            image_kind = "clean"
+        meta: dict = {}
+        if image_kind == "clean":
+            c = int(rng.choice(len(src.classes), p=class_p[k]))
+            j, reused = cyclers[k].next(c)
+            img = src.images[j]
+            if reused:  # more pool samples than images of this class: a fresh light augmentation
+                img = _jitter(img, rng, 1, 4.0)
+            meta["source_index"] = j
+        elif image_kind == "near_duplicate":
+            orig = samples[clean_idx[int(rng.integers(len(clean_idx)))]]
+            k, src, c = orig["_k"], sources[orig["_k"]], orig["_class"]
+            img = _jitter(orig["_img"], rng, 2, 8.0)
+            meta["duplicate_of"] = orig["uid"]
+        else:
+            c = None
+            img = _blank(rng) if image_kind == "blank" else _noise(rng)
+        lang = "en"
+        if c is None:
+            caption_kind = "uninformative" if rng.random() < 0.6 else "wrong_class"
+        else:
+            caption_kind = CAPTION_KINDS[int(rng.choice(4, p=p_cap))]
+        if caption_kind == "aligned":
+            text = cap.aligned(src.kind, src.classes, c, rng)
+        elif caption_kind == "wrong_class":
+            text = cap.wrong_class(src.kind, src.classes, c, rng)
+        elif caption_kind == "uninformative":
+            text, lang = cap.uninformative(rng), "none"
+        else:
+            text, lang = cap.non_english(src.kind, c, rng)
+        w, h = _size(rng, cfg.p_small, cfg.p_wide)
+        uid = hashlib.md5(f"minicomp-{cfg.seed}-{i}".encode()).hexdigest()
+        meta.update({"uid": uid, "url": f"https://cdn{i % 4}.example.com/{uid[:2]}/{uid[2:10]}.jpg",
+                     "original_width": w, "original_height": h})
+        sample = {"uid": uid, "text": text, "_img": img, "_k": k, "_class": c, "meta": meta,
+                  "label_caption_kind": caption_kind, "label_image_kind": image_kind,
+                  "label_class": "none" if c is None else f"{src.name}:{src.classes[c]}",
+                  "label_source": src.name if c is not None or image_kind == "near_duplicate" else "synthetic",
+                  "label_language": lang}
+        if image_kind == "clean":
+            clean_idx.append(i)
+        samples.append(sample)
+    return samples
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_shards(samples: list[dict], out: Path, shard_size: int, prefix: str = "") -> int:
+    """img2dataset-style `{:08d}.tar` (+ `_stats.json`) of png/txt/json samples; returns the shard count."""
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-len(samples) // shard_size)
+    for s in range(n_shards):
+        part = samples[s * shard_size:(s + 1) * shard_size]
+        with atomic_path(out / f"{s:08d}.tar", ".tar") as tmp, tarfile.open(tmp, "w") as tf:
+            for j, smp in enumerate(part):
+                key = f"{prefix}{s:04d}{j:05d}"
+                meta = {"key": key, "caption": smp["text"], "width": SIZE, "height": SIZE, **smp["meta"]}
+                _add(tf, f"{key}.png", _png(smp["_img"]))
+                _add(tf, f"{key}.txt", smp["text"].encode())
+                _add(tf, f"{key}.json", json.dumps(meta).encode())
+        save_json(out / f"{s:08d}_stats.json", {"count": len(part), "successes": len(part)})
+    return n_shards
+
+
+def _clean_samples(sources: list[Source], split: str, seed: int, tag: str, limit: int | None = None) -> list[dict]:
+    """Aligned English captions for every image of `split` (teacher training, downstream-train embedding)."""
+    rng = np.random.default_rng([seed, 5, sum(map(ord, tag))])
+    out = []
+    for src in sources:
+        idx = src.splits[split][:limit]
+        for j in idx:
+            c = int(src.labels[j])
+            uid = hashlib.md5(f"minicomp-{tag}-{seed}-{src.name}-{j}".encode()).hexdigest()
+            out.append({"uid": uid, "text": cap.aligned(src.kind, src.classes, c, rng), "_img": src.images[j],
+                        "meta": {"uid": uid}})
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+def write_classification_task(task_dir: Path, src: Source) -> int:
+    (task_dir / "test").mkdir(parents=True, exist_ok=True)
+    idx = src.splits["test"]
+    with atomic_path(task_dir / "test" / "0.tar", ".tar") as tmp, tarfile.open(tmp, "w") as tf:
+        for k, j in enumerate(idx):
+            _add(tf, f"s{k:07d}.png", _png(src.images[j]))
+            _add(tf, f"s{k:07d}.cls", str(int(src.labels[j])).encode())
+    (task_dir / "test" / "nshards.txt").write_text("1\n")
+    (task_dir / "classnames.txt").write_text("\n".join(src.classes) + "\n")
+    (task_dir / "zeroshot_classification_templates.txt").write_text("\n".join(cap.ZEROSHOT_TEMPLATES[src.kind]) + "\n")
+    return len(idx)
+
+
+def write_retrieval_task(task_dir: Path, sources: list[Source], seed: int) -> int:
+    rng = np.random.default_rng([seed, 6])
+    (task_dir / "test").mkdir(parents=True, exist_ok=True)
+    k = 0
+    with atomic_path(task_dir / "test" / "0.tar", ".tar") as tmp, tarfile.open(tmp, "w") as tf:
+        for src in sources:
+            for j in src.splits["retrieval"]:
+                c = int(src.labels[j])
+                texts = [cap.aligned(src.kind, src.classes, c, rng) for _ in range(2)]
+                _add(tf, f"s{k:07d}.png", _png(src.images[j]))
+                _add(tf, f"s{k:07d}.txt", "\n".join(texts).encode())
+                k += 1
+    (task_dir / "test" / "nshards.txt").write_text("1\n")
+    (task_dir / "dataset_type.txt").write_text("retrieval\n")
+    return k
+
+
+def task_dirs(eval_dir: Path, sources: list[Source]) -> dict[str, Path]:
+    """{task name: folder}: `mnist` (digits; DataComp's key, so `varalign evaluate` reads it), one
+    `minicomp_{source}` per other source, and `minicomp_retrieval`."""
+    out = {}
+    for src in sources:
+        out["mnist" if src.name == "digits" else f"minicomp_{src.name}"] = eval_dir / (
+            "mnist" if src.name == "digits" else f"minicomp_{src.name}")
+    out["minicomp_retrieval"] = eval_dir / "minicomp_retrieval"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+
+def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path) -> Path:
+    """Train (or reuse) the teacher CLIP on the sources' clean `teacher` splits; returns its checkpoint."""
+    from ..experiment.train import build_args
+
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = root / f"{TEACHER_NAME}.json"
+    identity = {"model_config": teacher_config(cfg.arch), "seed": cfg.seed, "samples": cfg.teacher_samples,
+                "batch": cfg.teacher_batch, "lr": cfg.teacher_lr, "checkpoints": cfg.teacher_checkpoints,
+                "sources": [s.name for s in sources]}
+    ckpt = root / "run" / "checkpoints" / f"epoch_{cfg.teacher_checkpoints}.pt"
+    id_path = root / "teacher.json"
+    if ckpt.exists() and id_path.exists() and json.loads(id_path.read_text()).get("identity") == identity:
+        return ckpt
+    for p in (root / "run", root / "shards"):
+        shutil.rmtree(p, ignore_errors=True)
+    save_json(config_path, identity["model_config"])
+    write_shards(_clean_samples(sources, "teacher", cfg.seed, "teacher"), root / "shards", 2000)
+    gpu = _has_gpu()
+    train_cfg = {"model": TEACHER_NAME, "batch_size": cfg.teacher_batch, "learning_rate": cfg.teacher_lr,
+                 "train_num_samples": cfg.teacher_samples, "warmup": max(1, min(100, cfg.teacher_samples
+                                                                              // cfg.teacher_batch // 10))}
+    args = build_args("tiny", str(root / "shards"), str(root), "run", cfg=train_cfg,
+                      num_checkpoints=cfg.teacher_checkpoints, workers=1, precision="amp" if gpu else "fp32",
+                      seed=cfg.seed, resume=None, log_every_n_steps=50, grad_checkpointing=False)
+    env = {**os.environ, "VARALIGN_MODEL_CONFIG": str(config_path)}
+    cmd = [sys.executable, "-m", "varalign.experiment.openclip_entry", *args]
+    log_path = root / "train.log"
+    with open(log_path, "w") as fh:  # open_clip_train's own log is run/out.log; this keeps stdout/stderr
+        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not ckpt.exists():
+        lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
+        tail = lines[-1][:300] if lines else ""
+        raise VaralignError(f"teacher training failed (exit code {proc.returncode}): {tail}", log_path)
+    save_json(id_path, {"identity": identity, "checkpoint": str(ckpt), "model_config": str(config_path)})
+    return ckpt
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+def add_labels(metadata_dir: Path, labels: dict[str, dict]) -> None:
+    """Add the hidden `label_*` columns to every parquet of the embedded pool (joined on uid)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in sorted(metadata_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        if "label_caption_kind" in table.column_names:
+            continue
+        uids = table.column("uid").to_pylist()
+        for col in LABEL_COLUMNS:
+            table = table.append_column(col, pa.array([labels[u][col] for u in uids], pa.string()))
+        with atomic_path(path, ".parquet") as tmp:
+            pq.write_table(table, tmp)
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, overwrite: bool = False,
+          quiet: bool = False) -> BuildResult:
+    """Build the mini pool in `build_dir` (see the module docstring); stages already done are reused."""
+    from ..experiment.embed import embed
+    from ..target import build_target
+
+    cfg = config or BuildConfig()
+    if cfg.arch not in ARCHS:
+        raise VaralignError(f"--arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
+    if cfg.size < 1:
+        raise VaralignError("--size must be >= 1")
+    root = Path(build_dir)
+    manifest_path = root / MANIFEST
+    ident = asdict(cfg)
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("config") != ident:
+            if not overwrite:
+                raise VaralignError("build directory holds a pool built with another configuration "
+                                    "(pass --overwrite to rebuild)", manifest_path)
+            for sub in ("shards", "metadata", "eval", "files", "teacher"):
+                shutil.rmtree(root / sub, ignore_errors=True)
+            manifest_path.unlink()
+        elif old.get("complete"):
+            return BuildResult(**old["result"])
+    root.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(f"minicomp: {msg}", file=sys.stderr)
+
+    t = time.time()
+    sources = load_sources(cfg.seed, cfg.fashion_mnist_dir, cfg.use_fashion, cfg.use_mnist, cfg.fashion_test_size)
+    log(f"sources: {', '.join(f'{s.name} ({len(s.images):,} images)' for s in sources)}")
+    samples = generate_pool(sources, cfg)
+    shards_dir = root / "shards"
+    if shards_dir.exists():
+        shutil.rmtree(shards_dir)
+    write_shards(samples, shards_dir, cfg.shard_size)
+    times["pool_shards"] = round(time.time() - t, 1)
+    log(f"wrote {len(samples):,} pool samples in {times['pool_shards']} s")
+
+    t = time.time()
+    eval_dir = root / "eval"
+    dirs = task_dirs(eval_dir, sources)
+    task_sizes = {}
+    for src in sources:
+        name = "mnist" if src.name == "digits" else f"minicomp_{src.name}"
+        task_sizes[name] = write_classification_task(dirs[name], src)
+    task_sizes["minicomp_retrieval"] = write_retrieval_task(dirs["minicomp_retrieval"], sources, cfg.seed)
+    times["eval_tasks"] = round(time.time() - t, 1)
+
+    t = time.time()
+    log(f"training the teacher ({cfg.teacher_samples:,} samples seen)")
+    ckpt = train_teacher(sources, cfg, root / "teacher")
+    times["teacher"] = round(time.time() - t, 1)
+    teacher_cfg = root / "teacher" / f"{TEACHER_NAME}.json"
+
+    t = time.time()
+    metadata = root / "metadata"
+    embed([shards_dir], metadata, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch,
+          batch_size=512, num_workers=2, overwrite=True, quiet=True)
+    add_labels(metadata, {s["uid"]: {c: s[c] for c in LABEL_COLUMNS} for s in samples})
+    times["embed_pool"] = round(time.time() - t, 1)
+
+    t = time.time()
+    files = root / "files"
+    ds_shards = root / "teacher" / "downstream_train_shards"
+    shutil.rmtree(ds_shards, ignore_errors=True)
+    write_shards(_clean_samples(sources, "downstream_train", cfg.seed, "downstream"), ds_shards, 5000)
+    ds_meta = files / "downstream_train_metadata"
+    embed([ds_shards], ds_meta, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch, batch_size=512,
+          num_workers=2, overwrite=True, quiet=True)
+    target = files / "variance" / "variance_downstream.npy"
+    build_target([ds_meta], target, arch=cfg.arch, quiet=True)
+    normsim_dir = files / "normsim_downstream"
+    normsim_dir.mkdir(parents=True, exist_ok=True)
+    feats = [np.load(p)[f"{cfg.arch}_img"].astype(np.float32) for p in sorted(ds_meta.glob("*.npz"))]
+    np.save(normsim_dir / "train_features.npy", np.concatenate(feats))
+    times["targets"] = round(time.time() - t, 1)
+
+    counts = {col: _count(samples, col) for col in LABEL_COLUMNS}
+    counts["pool"] = len(samples)
+    counts["tasks"] = task_sizes
+    counts["teacher_images"] = sum(len(s.splits["teacher"]) for s in sources)
+    counts["downstream_train_images"] = sum(len(s.splits["downstream_train"]) for s in sources)
+    times["total"] = round(sum(times.values()), 1)
+    result = BuildResult(str(root), str(metadata), str(shards_dir), str(eval_dir), str(target), str(normsim_dir),
+                         str(ckpt), counts, times)
+    save_json(manifest_path, {"tool": "varalign minicomp build", "config": ident, "complete": True,
+                              "sources": [s.name for s in sources], "result": asdict(result)})
+    log(f"done in {times['total']} s: metadata {metadata}, eval tasks {eval_dir}, VAS target {target}")
+    return result
+
+
+def _count(samples: list[dict], col: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in samples:
+        out[s[col]] = out.get(s[col], 0) + 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,188 @@
+"""`varalign minicomp run`: filter the mini pool with each method, train a `tiny` CLIP from scratch on every
+subset with the same number of samples seen, evaluate on the mini downstream tasks, over seeds.
+
+Writes `{run_dir}/subsets/{method}.npy`, `{run_dir}/shards/{method}/`, `{run_dir}/train/{method}_seed_{s}/`
+(checkpoint + `minicomp_eval.json`), and `{run_dir}/results.md` / `results.json`: mean ± std of each task's
+main metric per method, and the share of each hidden noise kind (`label_*`) that each method kept.
+A method whose inputs are missing here (fastText model for `basic_filter`, centroids for `image_based`) is
+reported as skipped with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path, save_json
+from ..errors import VaralignError
+from ..uids import hex_to_uids, isin_sorted, load_subset, save_subset, sort_uids
+from .build import LABEL_COLUMNS, MANIFEST
+
+# method -> filter_pool options ({target}, {normsim}, {files} filled in); `random` is drawn here
+METHODS: dict[str, dict] = {
+    "no_filter": {"name": "no_filter"},
+    "random_30": {"name": "random", "fraction": 0.3},
+    "clip_score_30": {"name": "clip_score", "fraction": 0.3},
+    "vas_clip_score": {"name": "vas", "fraction": 0.45, "fraction_vas": 0.3, "target": "{target}"},
+    "vas_d_clip_score": {"name": "vas_d", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": 10},
+    "negcliploss_30": {"name": "negcliploss", "fraction": 0.3},
+    "negcliploss_normsim": {"name": "negcliploss", "fraction": 0.45, "fraction_vas": 0.3, "proxy_path": "{normsim}"},
+    "basic_filter": {"name": "basic_filter"},
+    "image_based": {"name": "image_based"},
+}
+
+
+def _pool_labels(metadata_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    uids, labels = [], {c: [] for c in LABEL_COLUMNS}
+    for p in sorted(metadata_dir.glob("*.parquet")):
+        t = pq.read_table(p, columns=["uid", *LABEL_COLUMNS])
+        uids.append(hex_to_uids(t.column("uid")))
+        for c in LABEL_COLUMNS:
+            labels[c] += t.column(c).to_pylist()
+    return np.concatenate(uids), {c: np.array(v) for c, v in labels.items()}
+
+
+def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: str = "l14") -> int:
+    """Write `method`'s subset of the pool to `save_path`; returns its size."""
+    from .. import filter_pool
+
+    opts = dict(METHODS[method])
+    name = opts.pop("name")
+    metadata = build_dir / "metadata"
+    if name == "random":
+        uids, _ = _pool_labels(metadata)
+        rng = np.random.default_rng([seed, 7])
+        pick = uids[rng.permutation(len(uids))[: int(len(uids) * opts["fraction"])]]
+        save_subset(save_path, sort_uids(pick))
+        return len(pick)
+    fill = {"{target}": str(build_dir / "files" / "variance" / "variance_downstream.npy"),
+            "{normsim}": str(build_dir / "files" / "normsim_downstream")}
+    opts = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
+    if name in ("clip_score", "vas", "vas_d", "negcliploss"):
+        opts["arch"] = arch
+    r = filter_pool(metadata, save_path, name=name, num_workers=1, quiet=True, **opts)
+    return len(r.uids)
+
+
+def _evaluate(exp_dir: Path, eval_dir: Path, info: dict) -> dict[str, float]:
+    from ..experiment.evaluate import _run_task, load_model
+    from ..experiment.tasks import Task
+
+    model, preprocess, tok = load_model(info, "cuda" if _cuda() else "cpu")
+    out = {}
+    for d in sorted(p for p in eval_dir.iterdir() if (p / "test" / "nshards.txt").exists()):
+        kind = "retrieval" if (d / "dataset_type.txt").exists() else "classification"
+        task = Task(d.name, d.name, "mean_recall@1" if kind == "retrieval" else "acc1", None, kind)
+        out[d.name] = _run_task(task, d, model, preprocess, tok, "cuda" if _cuda() else "cpu", 256, 0, True)[
+            "main_metric"]
+    save_json(exp_dir / "minicomp_eval.json", out)
+    return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: list[str] | None = None,
+        seeds: list[int] | None = None, train_num_samples: int = 12_800, batch_size: int = 64,
+        quiet: bool = False) -> dict:
+    """Run every method (default: all of METHODS) over `seeds` (default [0]); returns the results dict."""
+    from ..experiment.reshard import reshard
+    from ..experiment.train import read_info, train
+
+    build_dir, run_dir = Path(build_dir), Path(run_dir)
+    if not (build_dir / MANIFEST).exists() or not json.loads((build_dir / MANIFEST).read_text()).get("complete"):
+        raise VaralignError("not a finished `varalign minicomp build` directory", build_dir)
+    arch = json.loads((build_dir / MANIFEST).read_text())["config"]["arch"]
+    methods = methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise VaralignError(f"unknown method(s) {', '.join(unknown)} (one of {', '.join(METHODS)})")
+    seeds = seeds or [0]
+    pool_uids, labels = _pool_labels(build_dir / "metadata")
+    results: dict = {"methods": {}, "skipped": {}, "train_num_samples": train_num_samples, "seeds": seeds}
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(f"minicomp run: {msg}", file=sys.stderr)
+
+    for method in methods:
+        sub = run_dir / "subsets" / f"{method}.npy"
+        try:
+            if not sub.exists():
+                select(method, build_dir, sub, arch=arch)
+        except VaralignError as exc:
+            results["skipped"][method] = str(exc)
+            log(f"{method}: skipped ({exc})")
+            continue
+        kept = load_subset(sub)
+        mask = isin_sorted(pool_uids, kept)
+        kept_share = {c: {v: round(float(mask[labels[c] == v].mean()), 4) for v in sorted(set(labels[c]))}
+                      for c in ("label_caption_kind", "label_image_kind")}
+        shard_dir = run_dir / "shards" / method
+        if method == "no_filter":
+            data_dir = build_dir / "shards"
+        else:
+            data_dir = shard_dir
+            if not (shard_dir / "meta.json").exists():
+                reshard(build_dir / "shards", shard_dir, sub, num_workers=1, overwrite=True, quiet=True)
+        per_seed = []
+        for seed in seeds:
+            exp = f"{method}_seed_{seed}"
+            exp_dir = run_dir / "train" / exp
+            eval_path = exp_dir / "minicomp_eval.json"
+            if eval_path.exists():
+                per_seed.append(json.loads(eval_path.read_text()))
+                continue
+            t = time.time()
+            if not (exp_dir / "info.json").exists():
+                shutil.rmtree(exp_dir, ignore_errors=True)
+                train("tiny", str(data_dir), run_dir / "train", exp, seed=seed, train_num_samples=train_num_samples,
+                      batch_size=batch_size, num_checkpoints=1, quiet=True)
+            per_seed.append(_evaluate(exp_dir, build_dir / "eval", read_info(exp_dir)))
+            log(f"{exp}: {len(kept):,} samples, {per_seed[-1]} ({time.time() - t:.0f} s)")
+        tasks = sorted(per_seed[0])
+        results["methods"][method] = {
+            "samples": int(len(kept)),
+            "metrics": {k: {"mean": float(np.mean([s[k] for s in per_seed])),
+                            "std": float(np.std([s[k] for s in per_seed]))} for k in tasks},
+            "kept_share": kept_share,
+        }
+    save_json(run_dir / "results.json", results)
+    with atomic_path(run_dir / "results.md", ".md") as tmp:
+        tmp.write_text(results_table(results))
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown: per method, samples and mean ± std per task; then the share of each noise kind kept."""
+    rows = results["methods"]
+    if not rows:
+        return "no method ran\n"
+    tasks = sorted(next(iter(rows.values()))["metrics"])
+    kinds = [(c, v) for c in ("label_caption_kind", "label_image_kind")
+             for v in next(iter(rows.values()))["kept_share"][c]]
+    n = len(results["seeds"])
+    lines = [f"Tiny CLIP trained from scratch, {results['train_num_samples']:,} samples seen, {n} seed(s): "
+             "main metric mean ± std.", "", "| method | samples | " + " | ".join(tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+    for m, r in rows.items():
+        cells = [f"{r['metrics'][t]['mean']:.3f} ± {r['metrics'][t]['std']:.3f}" for t in tasks]
+        lines.append(f"| {m} | {r['samples']:,} | " + " | ".join(cells) + " |")
+    lines += ["", "Share of each hidden noise kind kept:", "",
+              "| method | " + " | ".join(f"{v}" for _, v in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for m, r in rows.items():
+        lines.append(f"| {m} | " + " | ".join(f"{r['kept_share'][c][v]:.2f}" for c, v in kinds) + " |")
+    for m, why in results["skipped"].items():
+        lines.append(f"\nskipped {m}: {why}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,193 @@
+"""`varalign minicomp build`: a tiny real-image pool (a few hundred samples, a teacher trained for a few
+steps) in DataComp format, its noise proportions, filtering it, and its downstream task folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("PIL")
+pytest.importorskip("torch")
+pytest.importorskip("open_clip")
+pytest.importorskip("open_clip_train")
+pytest.importorskip("clip_benchmark")
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from varalign import filter_pool, load_subset  # noqa: E402
+from varalign.minicomp import LABEL_COLUMNS, BuildConfig, build  # noqa: E402
+from varalign.minicomp.build import TEACHER_NAME, generate_pool  # noqa: E402
+from varalign.minicomp.sources import load_sources  # noqa: E402
+
+DATACOMP_COLUMNS = ("uid", "key", "text", "url", "original_width", "original_height", "sha256",
+                    "clip_l14_similarity_score")
+SMALL = BuildConfig(size=300, shard_size=120, teacher_samples=128, teacher_batch=64, fashion_test_size=60,
+                    use_mnist=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("minicomp") / "mc"
+    return build(root, SMALL, quiet=True)
+
+
+def _parquets(result) -> list[Path]:
+    return sorted(Path(result.metadata_dir).glob("*.parquet"))
+
+
+def test_datacomp_format(built) -> None:
+    paths = _parquets(built)
+    assert [p.stem for p in paths] == ["00000000", "00000001", "00000002"]
+    uids = []
+    for p in paths:
+        table = pq.read_table(p)
+        for col in (*DATACOMP_COLUMNS, *LABEL_COLUMNS):
+            assert col in table.column_names, col
+        with zipfile.ZipFile(p.with_suffix(".npz")) as zf:
+            assert sorted(zf.namelist()) == ["l14_img.npy", "l14_txt.npy"]
+        npz = np.load(p.with_suffix(".npz"))
+        img, txt = npz["l14_img"], npz["l14_txt"]
+        assert img.shape == txt.shape == (table.num_rows, 768) and img.dtype == np.float16
+        assert np.allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=1e-2)
+        score = (img.astype(np.float32) * txt.astype(np.float32)).sum(1)
+        assert np.allclose(table.column("clip_l14_similarity_score").to_numpy(), score, atol=2e-3)
+        uids += table.column("uid").to_pylist()
+        w, h = table.column("original_width").to_numpy(), table.column("original_height").to_numpy()
+        assert (np.minimum(w, h) < 200).any() and (np.minimum(w, h) >= 200).any()
+    assert len(uids) == len(set(uids)) == SMALL.size
+    assert all(len(u) == 32 and int(u, 16) >= 0 for u in uids)
+    manifest = json.loads((Path(built.build_dir) / "minicomp.json").read_text())
+    assert manifest["complete"] and manifest["result"]["counts"]["pool"] == SMALL.size
+    assert Path(built.teacher_checkpoint).exists()
+    assert np.load(built.target).shape == (768, 768)
+    assert np.load(Path(built.normsim_dir) / "train_features.npy").shape[1] == 768
+
+
+def test_labels_match_counts(built) -> None:
+    got: dict[str, dict[str, int]] = {c: {} for c in LABEL_COLUMNS}
+    for p in _parquets(built):
+        table = pq.read_table(p, columns=list(LABEL_COLUMNS))
+        for c in LABEL_COLUMNS:
+            for v in table.column(c).to_pylist():
+                got[c][v] = got[c].get(v, 0) + 1
+    for c in LABEL_COLUMNS:
+        assert got[c] == built.counts[c]
+
+
+def test_noise_proportions_and_determinism() -> None:
+    cfg = BuildConfig(size=6000, seed=3)
+    sources = load_sources(cfg.seed, use_mnist=False, fashion_test_size=10)
+    samples = generate_pool(sources, cfg)
+    n = len(samples)
+
+    def share(col: str, value: str, among=None) -> float:
+        rows = [s for s in samples if among is None or among(s)]
+        return sum(s[col] == value for s in rows) / len(rows)
+
+    assert abs(share("label_image_kind", "near_duplicate") - cfg.p_near_duplicate) < 0.02
+    assert abs(share("label_image_kind", "blank") - cfg.p_blank) < 0.015
+    assert abs(share("label_image_kind", "noise") - cfg.p_noise) < 0.015
+
+    def has_class(s: dict) -> bool:
+        return s["label_class"] != "none"
+
+    for kind, p in (("wrong_class", cfg.p_wrong_class), ("uninformative", cfg.p_uninformative),
+                    ("non_english", cfg.p_non_english)):
+        assert abs(share("label_caption_kind", kind, has_class) - p) < 0.025, kind
+    assert {s["label_language"] for s in samples if s["label_caption_kind"] == "non_english"} == {"de", "fr", "es"}
+    # the over-represented class of each source takes ~overrep_share of that source's clean draws
+    for src in sources:
+        clean = [s for s in samples if s["label_source"] == src.name and s["label_image_kind"] == "clean"]
+        top = max({s["label_class"] for s in clean}, key=lambda c: sum(s["label_class"] == c for s in clean))
+        assert abs(sum(s["label_class"] == top for s in clean) / len(clean) - cfg.overrep_share) < 0.05
+    # near-duplicates point at an earlier sample of the same class
+    by_uid = {s["uid"]: s for s in samples}
+    for s in samples:
+        if s["label_image_kind"] == "near_duplicate":
+            assert by_uid[s["meta"]["duplicate_of"]]["label_class"] == s["label_class"]
+    assert len({s["uid"] for s in samples}) == n
+    again = generate_pool(load_sources(cfg.seed, use_mnist=False, fashion_test_size=10), cfg)
+    assert [s["text"] for s in again] == [s["text"] for s in samples]
+    assert all(np.array_equal(a["_img"], b["_img"]) for a, b in zip(again, samples, strict=True))
+    other = generate_pool(sources, BuildConfig(size=200, seed=4))
+    assert [s["text"] for s in other] != [s["text"] for s in samples[:200]]
+
+
+def test_filters_run(built, tmp_path: Path) -> None:
+    cs = filter_pool(built.metadata_dir, tmp_path / "cs.npy", name="clip_score", arch="l14", fraction=0.3,
+                     num_workers=1, quiet=True)
+    assert len(load_subset(tmp_path / "cs.npy")) == len(cs.uids) >= int(SMALL.size * 0.3)
+    vas = filter_pool(built.metadata_dir, tmp_path / "vas.npy", name="vas", arch="l14", fraction=0.45,
+                      fraction_vas=0.3, target=built.target, num_workers=1, quiet=True)
+    assert len(vas.uids) == int(SMALL.size * 0.3)
+    vas_named = filter_pool(built.metadata_dir, tmp_path / "vas2.npy", name="vas", arch="l14", fraction=0.45,
+                            fraction_vas=0.3, files_path=str(Path(built.build_dir) / "files"),
+                            target_variance_name="downstream", num_workers=1, quiet=True)
+    assert np.array_equal(vas_named.uids, vas.uids)
+    ns = filter_pool(built.metadata_dir, tmp_path / "ns.npy", name="negcliploss", arch="l14", fraction=0.3,
+                     fraction_vas=0.2, proxy_path=built.normsim_dir, num_workers=1, quiet=True)
+    assert len(ns.uids) == int(SMALL.size * 0.2)
+
+
+def test_tasks_readable_by_evaluate(built, tmp_path: Path) -> None:
+    import open_clip
+    import torch
+
+    from varalign.experiment import evaluate
+    from varalign.experiment.evaluate import _run_task, load_model
+    from varalign.experiment.tasks import Task
+
+    eval_dir = Path(built.eval_dir)
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["minicomp_fashion_mnist", "minicomp_retrieval", "mnist"] \
+        or sorted(p.name for p in eval_dir.iterdir()) == ["minicomp_retrieval", "mnist"]
+    open_clip.add_model_config(Path(built.build_dir) / "teacher" / f"{TEACHER_NAME}.json")
+    # `mnist` is a DataComp task key, so `varalign evaluate` runs it as is
+    rep = evaluate(data_dir=eval_dir, output_dir=tmp_path / "ev", tasks=["mnist"], batch_size=128,
+                   use_model=(TEACHER_NAME, built.teacher_checkpoint), quiet=True)
+    assert 0 <= rep.main_metrics["mnist"] <= 1
+    model, preprocess, tok = load_model({"model": TEACHER_NAME, "checkpoint": built.teacher_checkpoint}, "cpu")
+    torch.set_num_threads(2)
+    for name in [p.name for p in eval_dir.iterdir() if p.name != "mnist"]:
+        kind = "retrieval" if (eval_dir / name / "dataset_type.txt").exists() else "classification"
+        task = Task(name, name, "mean_recall@1" if kind == "retrieval" else "acc1", None, kind)
+        m = _run_task(task, eval_dir / name, model, preprocess, tok, "cpu", 128, 0, True)
+        assert 0 <= m["main_metric"] <= 1
+
+
+def test_rebuild_is_reused_and_other_config_refused(built) -> None:
+    from varalign.errors import VaralignError
+
+    again = build(built.build_dir, SMALL, quiet=True)
+    assert again.counts == built.counts
+    with pytest.raises(VaralignError, match="another configuration"):
+        build(built.build_dir, BuildConfig(size=301), quiet=True)
+
+
+def test_cli_wiring() -> None:
+    from varalign.minicomp.cli import register_minicomp
+
+    parser = argparse.ArgumentParser()
+    register_minicomp(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["minicomp", "build", "out", "--size", "500", "--seed", "2", "--arch", "b32"])
+    assert (args.build_dir, args.size, args.seed, args.arch) == ("out", 500, 2, "b32")
+    assert callable(args.func)
+
+
+def test_run_two_methods(built, tmp_path: Path) -> None:
+    from varalign.minicomp.run import run
+
+    res = run(built.build_dir, tmp_path / "run", methods=["random_30", "clip_score_30", "image_based"], seeds=[0],
+              train_num_samples=128, quiet=True)
+    assert set(res["methods"]) == {"random_30", "clip_score_30"} and "image_based" in res["skipped"]
+    for r in res["methods"].values():
+        assert r["samples"] >= int(SMALL.size * 0.3)  # clip_score keeps ties at the cut
+        assert set(r["metrics"]) >= {"mnist", "minicomp_retrieval"}
+        assert all(0 <= v["mean"] <= 1 for v in r["metrics"].values())
+        assert set(r["kept_share"]["label_caption_kind"]) == set(built.counts["label_caption_kind"])
+    assert "clip_score_30" in (tmp_path / "run" / "results.md").read_text()
