@@ -20,5 +20,7 @@ def test_demo_runs_and_reuses_pool(tmp_path, capsys) -> None:
         assert f"{out / 'uids' / name}.npy" in first
         assert (out / "uids" / f"{name}.manifest.json").exists()
         assert pq.read_table(out / "scores" / f"{name}.parquet").num_rows == 2000
+    html = (out / "report.html").read_text()
+    assert "report (open in a browser)" in first and "vas_d" in html and "synthetic_caption_kind" in html
     assert main(args) == 0
     assert "generating" not in capsys.readouterr().out  # the pool is reused

@@ -42,6 +42,10 @@ def run_demo(out_dir: str = "varalign_demo", num_samples: int = 50_000, num_shar
         rows.append({"method": name, **res.counts, "seconds": res.timings["total"], "path": res.save_path,
                      **_shares(pool_dir, out / "scores" / f"{name}.parquet")})
     _print_table(rows, t_pool)
+    from .report import build_report  # noqa: PLC0415
+
+    report = build_report(pool_dir, [r["path"] for r in rows], out / "report.html", title="varalign demo")
+    print(f"report (open in a browser): {report}")
     return rows
 
 
