@@ -179,14 +179,17 @@ def test_cli_wiring() -> None:
     assert callable(args.func)
 
 
-def test_run_two_methods(built, tmp_path: Path) -> None:
+def test_run_three_methods(built, tmp_path: Path) -> None:
     from varalign.minicomp.run import run
 
     res = run(built.build_dir, tmp_path / "run", methods=["random_30", "clip_score_30", "image_based"], seeds=[0],
               train_num_samples=128, quiet=True)
-    assert set(res["methods"]) == {"random_30", "clip_score_30"} and "image_based" in res["skipped"]
-    for r in res["methods"].values():
-        assert r["samples"] >= int(SMALL.size * 0.3)  # clip_score keeps ties at the cut
+    assert set(res["methods"]) == {"random_30", "clip_score_30", "image_based"} and not res["skipped"]
+    assert (Path(built.build_dir) / "centroids" / "pool_centroids.npy").exists()  # image_based built its centroids
+    for name, r in res["methods"].items():
+        if name != "image_based":
+            assert r["samples"] >= int(SMALL.size * 0.3)  # clip_score keeps ties at the cut
+        assert r["samples"] > 0
         assert set(r["metrics"]) >= {"mnist", "minicomp_retrieval"}
         assert all(0 <= v["mean"] <= 1 for v in r["metrics"].values())
         assert set(r["kept_share"]["label_caption_kind"]) == set(built.counts["label_caption_kind"])

@@ -68,8 +68,31 @@ def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: s
     opts = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
     if name in ("clip_score", "vas", "vas_d", "negcliploss"):
         opts["arch"] = arch
+    if name == "image_based":
+        opts = {"recipe": str(_image_based_recipe(build_dir, save_path.parent))}
+        name = None
     r = filter_pool(metadata, save_path, name=name, num_workers=1, quiet=True, **opts)
     return len(r.uids)
+
+
+def _image_based_recipe(build_dir: Path, out_dir: Path) -> Path:
+    """DataComp's image_based on the mini pool: k-means centroids of the pool (DataComp's recipe,
+    K = pool / 128 as DataComp-small's 12.8M / 100k), and the downstream training split's features
+    standing in for ImageNet-1k train."""
+    from ..centroids import build_centroids
+    from ..pool import discover_shards
+
+    centroids = build_dir / "centroids" / "pool_centroids.npy"
+    if not centroids.exists():
+        rows = sum(s.num_rows for s in discover_shards(build_dir / "metadata", need_npz=True))
+        build_centroids(build_dir / "metadata", k=max(8, rows // 128), niter=20, seed=0, save_path=centroids)
+    features = build_dir / "files" / "normsim_downstream" / "train_features.npy"
+    recipe = out_dir / "image_based.toml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text('name = "image_based"\ndescription = "DataComp image_based on the mini pool"\n'
+                      f'[[stages]]\nscore = "image_based"\ncentroids = "{centroids}"\n'
+                      f'target_features = ["{features}"]\n')
+    return recipe
 
 
 def _evaluate(exp_dir: Path, eval_dir: Path, info: dict) -> dict[str, float]:
