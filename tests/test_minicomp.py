@@ -186,6 +186,8 @@ def test_run_three_methods(built, tmp_path: Path) -> None:
               train_num_samples=128, quiet=True)
     assert set(res["methods"]) == {"random_30", "clip_score_30", "image_based"} and not res["skipped"]
     assert (Path(built.build_dir) / "centroids" / "pool_centroids.npy").exists()  # image_based built its centroids
+    svg = (tmp_path / "run" / "results.svg").read_text()
+    assert svg.startswith("<svg") and "clip_score_30" in svg and "mnist" in svg
     for name, r in res["methods"].items():
         if name != "image_based":
             assert r["samples"] >= int(SMALL.size * 0.3)  # clip_score keeps ties at the cut

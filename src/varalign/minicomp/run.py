@@ -23,6 +23,7 @@ from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 from ..uids import hex_to_uids, isin_sorted, load_subset, save_subset, sort_uids
 from .build import LABEL_COLUMNS, MANIFEST
+from .plot import write_plot
 
 # method -> filter_pool options ({target}, {normsim}, {files} filled in); `random` is drawn here
 METHODS: dict[str, dict] = {
@@ -184,6 +185,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
     save_json(run_dir / "results.json", results)
     with atomic_path(run_dir / "results.md", ".md") as tmp:
         tmp.write_text(results_table(results))
+    write_plot(run_dir / "results.json", run_dir / "results.svg")
     return results
 
 
