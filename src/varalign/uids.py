@@ -128,6 +128,23 @@ def save_subset(path: str | os.PathLike, uids: np.ndarray) -> np.ndarray:
 
 def load_subset(path: str | os.PathLike) -> np.ndarray:
     """Read a subset file as DataComp's resharder does (npy, or a raw `u8,u8` memmap); sorted, unique."""
+    return load_subset_counts(path)[0]
+
+
+def load_subset_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A subset file as (sorted unique uids, how often each occurs): a uid repeated k times is
+    written k times by the resharder (DataComp's up-sampling)."""
+    arr = sort_uids(_read_subset(path))
+    if len(arr) == 0:
+        return arr, np.zeros(0, dtype=np.int64)
+    new = np.ones(len(arr), dtype=bool)
+    new[1:] = (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])
+    starts = np.flatnonzero(new)
+    return arr[starts], np.diff(np.append(starts, len(arr))).astype(np.int64)
+
+
+def _read_subset(path: str | os.PathLike) -> np.ndarray:
+    """The raw `u8,u8` array of a subset file (npy, or raw records like DataComp's resharder)."""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(6)
@@ -142,12 +159,7 @@ def load_subset(path: str | os.PathLike) -> np.ndarray:
         raise VaralignError(f"not a uid subset file ({exc})", path) from None
     if arr.dtype != UID_DTYPE or arr.ndim != 1:
         raise VaralignError(f"subset file must hold a 1-d u8,u8 array, found {arr.dtype} {arr.shape}", path)
-    arr = sort_uids(np.asarray(arr))
-    if len(arr) > 1:
-        keep = np.ones(len(arr), dtype=bool)
-        keep[1:] = (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])
-        arr = arr[keep]
-    return arr
+    return np.asarray(arr)
 
 
 # -- sorted runs on disk: k-way merge in bounded memory ---------------------------------------------

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json, save_npy
 from ..errors import VaralignError
-from ..uids import UID_DTYPE, hex_to_uids, sort_uids, uids_to_hex
+from ..uids import UID_DTYPE, hex_to_uids, load_subset_counts, sort_uids, uids_to_hex
 from .wds import add_bytes, iter_samples, open_tar, read_json, read_member, sample_uid
 
 WORK_DIR = ".reshard-work"
@@ -49,32 +49,6 @@ class ReshardResult:
     output_shard_format: str = "{:08d}.tar"
     failed_shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def load_subset_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a subset file (npy or raw `u8,u8` memmap) -> (sorted unique uids, repeat counts)."""
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(6)
-    except OSError as exc:
-        raise VaralignError(f"cannot read subset file ({exc.strerror})", path) from None
-    try:
-        if magic == b"\x93NUMPY":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        else:
-            arr = np.memmap(path, dtype=UID_DTYPE, mode="r")
-    except ValueError as exc:
-        raise VaralignError(f"not a uid subset file ({exc})", path) from None
-    if arr.dtype != UID_DTYPE or arr.ndim != 1:
-        raise VaralignError(f"subset file must hold a 1-d u8,u8 array, found {arr.dtype} {arr.shape}", path)
-    arr = sort_uids(np.asarray(arr))
-    if len(arr) == 0:
-        return arr, np.zeros(0, dtype=np.int64)
-    new = np.ones(len(arr), dtype=bool)
-    new[1:] = (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])
-    starts = np.flatnonzero(new)
-    counts = np.diff(np.append(starts, len(arr)))
-    return arr[starts], counts.astype(np.int64)
 
 
 def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_file: str | os.PathLike, *,
