@@ -139,11 +139,14 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
                   target_count: int, num_iters: int, num_workers: int = 1, quiet: bool = True,
                   block_rows: int = BLOCK_ROWS, state: dict[str, np.ndarray] | None = None,
                   checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None,
-                  device: str = "cpu") -> VasDResult:
+                  device: str = "cpu", resident: bool | None = None) -> VasDResult:
     """Greedy backward elimination from `store.rows` candidates down to `target_count`.
 
     `checkpoint(state)` is called after every round with everything needed to continue;
     passing that `state` back resumes after the round it was saved in, with identical results.
+    On a torch `device`, `resident` copies the candidates (as stored, float16) to the device once
+    and runs every round there; None (default) does so on an accelerator when they fit in half of
+    its free memory, and streams them from the store every round otherwise.
     """
     m = store.rows
     if target_count > m:
@@ -157,34 +160,98 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     start = int(state["it"])
     limits = threadpool_limits(limits=1)  # results must not depend on BLAS's thread count
     try:
+        on_device = _resident_store(store, device, resident, block_rows) if start < num_iters else None
         _rounds(store, state, start, num_iters, chunk, target_count, num_workers, quiet, block_rows, checkpoint,
-                device)
+                device, on_device)
     finally:
         limits.restore_original_limits()
     return VasDResult(state["alive"], state["removed_at"], state["last"], chunk)
 
 
 def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chunk: int, target_count: int,
-            num_workers: int, quiet: bool, block_rows: int, checkpoint, device: str) -> None:
+            num_workers: int, quiet: bool, block_rows: int, checkpoint, device: str,
+            on_device: ResidentStore | None = None) -> None:
     alive, removed_at, last = state["alive"], state["removed_at"], state["last"]
     target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
     for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
                    initial=start, total=num_iters):
         idx = np.flatnonzero(alive)
-        scores = _score_alive(store, alive, target, num_workers, block_rows, device)
+        if on_device is not None:
+            scores = on_device.score(idx, target)
+        else:
+            scores = _score_alive(store, alive, target, num_workers, block_rows, device)
         last[idx] = scores
         k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
         removed = idx[~top_k_mask(scores, k)]
         alive[removed] = False
         removed_at[removed] = it
         n_alive = k
-        if it < num_iters - 1 and len(removed):
+        if it < num_iters - 1 and len(removed) and on_device is not None:
+            gram_keep -= on_device.gram64(removed)
+            target = (gram_keep / n_alive).astype(np.float32)
+        elif it < num_iters - 1 and len(removed):
             for s in range(0, len(removed), block_rows):
                 gram_keep -= gram64_on(store.gather(removed[s : s + block_rows]), device)
             target = (gram_keep / n_alive).astype(np.float32)
         state |= {"it": np.int64(it + 1), "target": target, "n_alive": np.int64(n_alive)}
         if checkpoint is not None:
             checkpoint(state)
+
+
+class ResidentStore:
+    """The candidate store copied once into an accelerator's memory (as stored: float16 stays float16).
+
+    Every round then scores and gathers there: nothing is read from disk or sent to the device but
+    the target (D×D) and the row indices. Products are float32 like the streamed path; the Gram of
+    the removed rows is accumulated in float64 on the device.
+    """
+
+    def __init__(self, torch, dev, data, block_rows: int) -> None:
+        self.torch, self.dev, self.data, self.block_rows = torch, dev, data, block_rows
+
+    def score(self, idx: np.ndarray, target: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        s = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(self.dev)
+        index = torch.from_numpy(idx.astype(np.int64)).to(self.dev)
+        out = torch.empty(len(idx), dtype=torch.float32, device=self.dev)
+        step = self.block_rows * 4
+        for a in range(0, len(idx), step):
+            f = self.data.index_select(0, index[a : a + step]).float()
+            out[a : a + step] = ((f @ s) * f).sum(dim=1)
+        return out.cpu().numpy()
+
+    def gram64(self, rows: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        index = torch.from_numpy(rows.astype(np.int64)).to(self.dev)
+        dim = self.data.shape[1]
+        total = torch.zeros((dim, dim), dtype=torch.float64, device=self.dev)
+        for a in range(0, len(rows), self.block_rows):
+            f = self.data.index_select(0, index[a : a + self.block_rows]).float()
+            total += (f.T @ f).double()
+        return total.cpu().numpy()
+
+
+def _resident_store(store: CandidateStore, device: str, resident: bool | None,
+                    block_rows: int) -> ResidentStore | None:
+    """The store on `device` when asked for (or, by default, on an accelerator with room), else None."""
+    if device == "cpu" or resident is False:
+        return None
+    from ..backend import _torch_device  # noqa: PLC0415
+
+    torch, dev = _torch_device(device)
+    nbytes = store.rows * store.dim * store.dtype.itemsize
+    if resident is None:
+        if dev.type != "cuda":
+            return None  # on the host the streamed store keeps memory bounded
+        free, _total = torch.cuda.mem_get_info(dev)
+        if nbytes > free // 2:
+            return None
+    probe = torch.from_numpy(np.zeros((1, store.dim), dtype=store.dtype))
+    data = torch.empty((store.rows, store.dim), dtype=probe.dtype, device=dev)
+    for start in range(0, store.rows, block_rows):
+        stop = min(start + block_rows, store.rows)
+        data[start:stop] = torch.from_numpy(np.ascontiguousarray(store.read(start, stop))).to(dev)
+    return ResidentStore(torch, dev, data, block_rows)
 
 
 def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, num_workers: int,
