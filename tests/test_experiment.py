@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from experiment_data import (
     make_train_shards,
 )
 
+from varalign.cli import main as varalign_main
 from varalign.errors import VaralignError
 from varalign.experiment.cli import register
 from varalign.experiment.reshard import reshard
@@ -152,7 +154,8 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 TRAIN_FAST = ["--train_num_samples", "640", "--num_checkpoints", "2", "--batch_size", "32", "--warmup", "2"]
 
 
-def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline: None) -> None:
+def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline: None,
+                                             capsys: pytest.CaptureFixture) -> None:
     import pyarrow.parquet as pq
 
     from varalign import filter_pool
@@ -217,6 +220,34 @@ def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline
              "--tasks", f"{MNIST},{FLICKR}", "--quiet"])
     assert len((out / "cs" / "eval_results.jsonl").read_text().splitlines()) == 2
 
+    # custom tasks: a folder of task folders (a DataComp key there stays DataComp's) and NAME=PATH, whose
+    # kind is detected from its files or forced; reported beside DataComp's tasks, never in its groups
+    tasks = tmp_path / "my_tasks"
+    shutil.copytree(data / "eval" / MNIST, tasks / MNIST)
+    shutil.copytree(data / "eval" / MNIST, tasks / "digits_again")
+    shutil.copytree(data / "eval" / FLICKR, tmp_path / "captions")
+    (tmp_path / "captions" / "dataset_type.txt").unlink()  # not declared: --task_kind forces retrieval
+    argv = ["evaluate", "--train_output_dir", str(out / "cs"), "--output_dir", str(tmp_path / "ev"),
+            "--tasks_dir", str(tasks), "--task", f"captions={tmp_path / 'captions'}",
+            "--task_kind", "captions=retrieval", "--quiet"]
+    capsys.readouterr()
+    assert varalign_main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "ev" / "eval_summary.json").read_text())
+    m = summary["main_metrics"]
+    assert set(m) == {MNIST, "digits_again", "captions"}
+    assert m["digits_again"] == pytest.approx(by_key[MNIST]["acc1"]) == pytest.approx(m[MNIST])  # same data
+    assert 0 <= m["captions"] <= 1
+    assert summary["custom_tasks"]["captions"]["kind"] == "retrieval"
+    assert summary["custom_tasks"]["digits_again"]["kind"] == "classification"
+    assert summary["groups"][AVERAGE]["n"] == 1 and summary["missing"] == {}
+    assert f"digits_again (custom classification): acc1 = {m['digits_again']:.4f}" in printed
+    assert f"captions (custom retrieval): mean_recall@1 = {m['captions']:.4f}" in printed
+    assert "| digits_again (custom classification:" in (tmp_path / "ev" / "eval_results.md").read_text()
+    lines = [json.loads(x) for x in (tmp_path / "ev" / "eval_results.jsonl").read_text().splitlines()]
+    assert {x["key"]: x.get("custom", False) for x in lines} == {MNIST: False, "digits_again": True,
+                                                                 "captions": True}
+
 
 def test_experiment_command(data: Path, tmp_path: Path, offline: None) -> None:
     uids = [fake_uid(i) for i in range(300)]
@@ -244,3 +275,23 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
         run_cli(["evaluate", "--use_model", "ViT-B-32 x.pt", "--data_dir", str(tmp_path), "--tasks", "imagenet2k"])
     with pytest.raises(VaralignError, match="--pretrained"):
         run_cli(["embed", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--model", "ViT-B-32"])
+
+
+def test_custom_task_missing_file_is_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    task = tmp_path / "shirts"
+    shutil.copytree(data / "eval" / MNIST, task)
+    (task / "zeroshot_classification_templates.txt").unlink()
+    base = ["evaluate", "--use_model", "ViT-B-32 x.pt", "--output_dir", str(tmp_path / "ev")]
+    assert varalign_main([*base, "--task", f"shirts={task}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(task) in err and "missing zeroshot_classification_templates.txt" in err
+    assert varalign_main([*base, "--tasks_dir", str(tmp_path)]) == 1  # found there: the same check
+    assert "missing zeroshot_classification_templates.txt" in capsys.readouterr().err
+    (task / "test" / "0.tar").unlink()
+    assert varalign_main([*base, "--task", f"shirts={task}", "--task_kind", "shirts=retrieval"]) == 1
+    assert "missing test/0.tar" in capsys.readouterr().err
+    for bad, why in (([], "--data_dir"), (["--task", "shirts"], "NAME=PATH"), (["--task", f"mnist={task}"],
+                     "DataComp"), (["--task", f"x={task}", "--task_kind", "x=multilabel"], "classification or")):
+        assert varalign_main([*base, *bad]) == 1
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()

@@ -24,6 +24,36 @@ def _tasks(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
+def _pairs(values: list[str] | None, flag: str, what: str) -> dict[str, str]:
+    """["a=x", "b=y"] -> {"a": "x", "b": "y"}; a malformed or repeated NAME is one error."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, rest = v.partition("=")
+        name = name.strip()
+        if not sep or not name or not rest:
+            raise VaralignError(f"{flag} wants NAME={what}, got {v!r}")
+        if name in out:
+            raise VaralignError(f"{flag} names {name!r} twice")
+        out[name] = rest
+    return out
+
+
+def _add_custom_task_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", action="append", metavar="NAME=PATH",
+                   help="a custom task: a folder in clip_benchmark's wds layout (test/nshards.txt, test/N.tar, "
+                        "and classnames.txt + zeroshot_classification_templates.txt, or dataset_type.txt = "
+                        "retrieval); repeatable")
+    p.add_argument("--tasks_dir", help="evaluate every task folder in DIR (named by folder; a DataComp key such "
+                                       "as mnist stays that DataComp task)")
+    p.add_argument("--task_kind", action="append", metavar="NAME=KIND",
+                   help="force a custom task's kind: classification or retrieval (default: detected); repeatable")
+
+
+def _custom_task_args(args: argparse.Namespace) -> dict:
+    return {"custom_tasks": _pairs(args.task, "--task", "PATH") or None, "tasks_dir": args.tasks_dir,
+            "task_kinds": _pairs(args.task_kind, "--task_kind", "KIND") or None}
+
+
 # ---- embed ---------------------------------------------------------------------------------------
 
 def _embed_parser(sub: argparse._SubParsersAction) -> None:
@@ -153,14 +183,17 @@ def _run_train(args: argparse.Namespace) -> int:
 # ---- evaluate ------------------------------------------------------------------------------------
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="zero-shot evaluation on DataComp's 38 tasks (clip_benchmark)",
+    p = sub.add_parser("evaluate", help="zero-shot evaluation on DataComp's 38 tasks and your own (clip_benchmark)",
                        description="Zero-shot classification and retrieval on local webdataset copies of "
-                                   "DataComp's tasks; DataComp's aggregation; missing tasks are reported.")
+                                   "DataComp's tasks (DataComp's aggregation; missing tasks are reported) and of "
+                                   "custom tasks (--task NAME=PATH, --tasks_dir DIR).")
     p.add_argument("--train_output_dir", help="a `varalign train` experiment directory (reads info.json)")
-    p.add_argument("--data_dir", required=True, help="local eval data: {task}/ or wds_{task}_test/ per task")
+    p.add_argument("--data_dir", help="local DataComp eval data: {task}/ or wds_{task}_test/ per task "
+                                      "(needed unless only custom tasks are evaluated)")
     p.add_argument("--output_dir", help="default: --train_output_dir")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--tasks", help="comma-separated task keys (default: all 38)")
+    p.add_argument("--tasks", help="comma-separated DataComp task keys (default: all 38 when --data_dir is given)")
+    _add_custom_task_flags(p)
     p.add_argument("--use_model", help='"ARCH CHECKPOINT": evaluate this open_clip model instead of info.json')
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--device")
@@ -170,7 +203,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .tasks import GROUPS, format_score
+    from .tasks import GROUPS, TASK_BY_KEY, format_score
 
     use_model = None
     if args.use_model:
@@ -178,11 +211,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if len(parts) != 2:
             raise VaralignError('--use_model wants "ARCH CHECKPOINT"')
         use_model = (parts[0], parts[1])
+    custom = _custom_task_args(args)
+    if args.data_dir is None and not (custom["custom_tasks"] or custom["tasks_dir"]):
+        raise VaralignError("give --data_dir (DataComp's tasks) and/or --task NAME=PATH / --tasks_dir DIR (your own)")
     r = evaluate(args.train_output_dir, args.data_dir, output_dir=args.output_dir, batch_size=args.batch_size,
                  tasks=_tasks(args.tasks), num_workers=args.num_workers, device=args.device, use_model=use_model,
-                 quiet=args.quiet)
+                 quiet=args.quiet, **custom)
     for g in GROUPS:
         print(f"{g}: {format_score(r.groups[g])}")
+    for key, value in r.main_metrics.items():
+        if key in TASK_BY_KEY:
+            print(f"{key}: {TASK_BY_KEY[key].main_metric} = {value:.4f}")
+    for name, c in r.custom.items():
+        print(f"{name} (custom {c['kind']}): {c['main_metric']} = {r.main_metrics[name]:.4f}")
     if r.missing:
         print(f"missing {len(r.missing)} task(s): {', '.join(r.missing)}")
     print(f"results: {r.output_dir}/eval_results.jsonl, eval_results.md ({r.seconds:.1f} s)")
@@ -204,7 +245,8 @@ def _experiment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", required=True, choices=list(SCALE_CONFIGS))
     p.add_argument("--eval_data_dir", required=True)
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--tasks", help="comma-separated task keys (default: all 38)")
+    p.add_argument("--tasks", help="comma-separated DataComp task keys (default: all 38)")
+    _add_custom_task_flags(p)
     p.add_argument("-j", "--num-workers", type=int, default=None, help="reshard processes")
     p.add_argument("--overwrite", action="store_true", help="reshard over earlier outputs")
     _add_train_overrides(p)
@@ -224,6 +266,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
                "num_checkpoints": args.num_checkpoints}
     run_experiment(args.input_dir, args.subset_file, args.output_dir, scale=args.scale,
                    eval_data_dir=args.eval_data_dir, seeds=seeds, tasks=_tasks(args.tasks),
-                   num_workers=args.num_workers, overwrite=args.overwrite, train_options=options, quiet=args.quiet)
+                   num_workers=args.num_workers, overwrite=args.overwrite, train_options=options, quiet=args.quiet,
+                   **_custom_task_args(args))
     print((Path(args.output_dir) / "comparison.md").read_text(), end="")
     return 0

@@ -25,11 +25,14 @@ def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.Pat
                    output_dir: str | os.PathLike, *, scale: str, eval_data_dir: str | os.PathLike,
                    seeds: tuple[int, ...] | list[int] = (0,), tasks: list[str] | None = None,
                    num_workers: int | None = None, overwrite: bool = False, train_options: dict | None = None,
-                   eval_batch_size: int = 64, quiet: bool = False) -> list[dict]:
+                   eval_batch_size: int = 64, custom_tasks: dict[str, str | os.PathLike] | None = None,
+                   tasks_dir: str | os.PathLike | None = None, task_kinds: dict[str, str] | None = None,
+                   quiet: bool = False) -> list[dict]:
     """Run the whole loop for every subset file; returns the comparison rows (also written to disk).
 
     A subset named `no_filter` trains on `input_dir` itself (as run_exp.sh does).
     `train_options` are extra keyword arguments for `train` (e.g. `train_num_samples`, `workers`).
+    `custom_tasks`, `tasks_dir` and `task_kinds` add your own tasks, as in `evaluate`.
     """
     out = Path(output_dir)
     names = [Path(s).name.removesuffix(".npy") for s in subset_files]
@@ -53,7 +56,8 @@ def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.Pat
                 train(scale, str(data_dir), str(out / "output"), exp_name, seed=seed, quiet=quiet,
                       **(train_options or {}))
             _say(f"experiment: evaluate {exp_name}", quiet)
-            report = evaluate(exp_dir, eval_data_dir, tasks=tasks, batch_size=eval_batch_size, quiet=quiet)
+            report = evaluate(exp_dir, eval_data_dir, tasks=tasks, batch_size=eval_batch_size, quiet=quiet,
+                              custom_tasks=custom_tasks, tasks_dir=tasks_dir, task_kinds=task_kinds)
             rows.append({"subset": name, "seed": seed, "samples": samples, "exp_dir": str(exp_dir),
                          "groups": {g: report.groups[g]["score"] for g in GROUPS},
                          "group_detail": report.groups, "main_metrics": report.main_metrics,
@@ -88,9 +92,11 @@ def _trained(exp_dir: Path) -> bool:
 
 
 def comparison_table(rows: list[dict]) -> str:
-    """One row per subset × seed: samples, DataComp's group scores, then every evaluated task."""
+    """One row per subset × seed: samples, DataComp's group scores, then every evaluated task (custom ones last)."""
     keys = [k for k in TASK_BY_KEY if any(k in r["main_metrics"] for r in rows)]
-    head = ["subset", "seed", "samples", *GROUPS, *(TASK_BY_KEY[k].name for k in keys)]
+    keys += sorted({k for r in rows for k in r["main_metrics"] if k not in TASK_BY_KEY})
+    head = ["subset", "seed", "samples", *GROUPS,
+            *(TASK_BY_KEY[k].name if k in TASK_BY_KEY else f"{k} (custom)" for k in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["subset"], str(r["seed"]), "-" if r["samples"] is None else f"{r['samples']:,}"]

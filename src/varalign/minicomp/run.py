@@ -96,25 +96,14 @@ def _image_based_recipe(build_dir: Path, out_dir: Path) -> Path:
     return recipe
 
 
-def _evaluate(exp_dir: Path, eval_dir: Path, info: dict) -> dict[str, float]:
-    from ..experiment.evaluate import _run_task, load_model
-    from ..experiment.tasks import Task
+def _evaluate(exp_dir: Path, eval_dir: Path) -> dict[str, float]:
+    """Every task folder of the build's `eval/` through `varalign evaluate`'s custom tasks (`mnist` is
+    DataComp's key; the `minicomp_*` folders are custom tasks); {task: main metric}."""
+    from ..experiment.evaluate import evaluate
 
-    model, preprocess, tok = load_model(info, "cuda" if _cuda() else "cpu")
-    out = {}
-    for d in sorted(p for p in eval_dir.iterdir() if (p / "test" / "nshards.txt").exists()):
-        kind = "retrieval" if (d / "dataset_type.txt").exists() else "classification"
-        task = Task(d.name, d.name, "mean_recall@1" if kind == "retrieval" else "acc1", None, kind)
-        out[d.name] = _run_task(task, d, model, preprocess, tok, "cuda" if _cuda() else "cpu", 256, 0, True)[
-            "main_metric"]
-    save_json(exp_dir / "minicomp_eval.json", out)
-    return out
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    report = evaluate(exp_dir, tasks_dir=eval_dir, batch_size=256, quiet=True)
+    save_json(exp_dir / "minicomp_eval.json", report.main_metrics)
+    return report.main_metrics
 
 
 def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: list[str] | None = None,
@@ -122,7 +111,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
         quiet: bool = False) -> dict:
     """Run every method (default: all of METHODS) over `seeds` (default [0]); returns the results dict."""
     from ..experiment.reshard import reshard
-    from ..experiment.train import read_info, train
+    from ..experiment.train import train
 
     build_dir, run_dir = Path(build_dir), Path(run_dir)
     if not (build_dir / MANIFEST).exists() or not json.loads((build_dir / MANIFEST).read_text()).get("complete"):
@@ -173,7 +162,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
                 shutil.rmtree(exp_dir, ignore_errors=True)
                 train("tiny", str(data_dir), run_dir / "train", exp, seed=seed, train_num_samples=train_num_samples,
                       batch_size=batch_size, num_checkpoints=1, quiet=True)
-            per_seed.append(_evaluate(exp_dir, build_dir / "eval", read_info(exp_dir)))
+            per_seed.append(_evaluate(exp_dir, build_dir / "eval"))
             log(f"{exp}: {len(kept):,} samples, {per_seed[-1]} ({time.time() - t:.0f} s)")
         tasks = sorted(per_seed[0])
         results["methods"][method] = {
