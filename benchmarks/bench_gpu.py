@@ -103,7 +103,9 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
     for label, name, opts, passes in plan:
         outs = {}
         for device in ("cpu", args.gpu):
-            if device == "cpu" and args.skip_cpu_exact and label == "vas_d exact" and samples > 1_000_000:
+            if device == "cpu" and samples > 1_000_000 and (
+                (args.skip_cpu_exact and label == "vas_d exact") or (args.skip_cpu_vas and label == "vas")
+            ):
                 continue
             out = root / "out" / f"gpu_{samples}_{label.replace(' ', '_').replace('=', '')}_{device}.npy"
             out.unlink(missing_ok=True)
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=128, help="rank of the VAS-D lowrank mode")
     ap.add_argument("--skip_cpu_exact", action="store_true", help="no exact VAS-D on the CPU above 1M samples")
     ap.add_argument("--gpu", default="cuda", help="the torch device to compare (torch-cpu: a dry run without GPU)")
+    ap.add_argument("--skip_cpu_vas", action="store_true", help="no vas on the CPU above 1M samples")
     ap.add_argument("--data_dir", default=str(HERE / "_data"))
     ap.add_argument("--json", default=None, help="write the results here (after every run)")
     ap.add_argument("--child")

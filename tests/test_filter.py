@@ -199,6 +199,7 @@ def test_vas_d_bad_rank_is_an_error(pool) -> None:
 @pytest.mark.parametrize("name, opts", [
     ("vas", {"fraction_vas": 0.3, "target_variance_name": "imagenet_1k"}),
     ("vas_d", {"fraction_vas": 0.3, "num_iters": 3}),
+    ("vas_d", {"fraction_vas": 0.3, "num_iters": 3, "vas_d_mode": "lowrank", "vas_d_rank": 16}),
 ])
 def test_torch_backend_gives_the_same_uids(pool, name, opts) -> None:
     """The torch path (what --device cuda runs) on torch's CPU device equals numpy/BLAS."""

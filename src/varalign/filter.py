@@ -504,7 +504,7 @@ class _Run:
 
         def task(i: int) -> tuple:
             return (self.shards[i], key_name, dim, self._pool_rows(i), self._rows(alive, i),
-                    store.path if direct else None, int(offsets[i]))
+                    store.path if direct else None, int(offsets[i]), self.spec.device)
 
         def write_returned(i: int, result: tuple) -> tuple:
             if result[2] is not None:
@@ -524,7 +524,8 @@ class _Run:
         first_target = (g_all / self.n_pool).astype(np.float32)
         if prep.kwargs["mode"] == "lowrank":  # fast mode: every round in a rank-r subspace
             basis = lowrank_basis(g_cand, prep.kwargs["rank"])
-            store = project_store(store, basis, path=f"{store.path}.rank{prep.kwargs['rank']}")
+            store = project_store(store, basis, path=f"{store.path}.rank{prep.kwargs['rank']}",
+                                  num_workers=self.executor_threads(), device=self.spec.device)
             b64 = basis.astype(np.float64)
             with threadpool_limits(limits=1):  # the same numbers whatever the core count
                 g_cand = b64.T @ g_cand @ b64

@@ -21,7 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ..backend import check_finite, gram64, gram64_on, quadratic_rows_on, to_float32
+from ..backend import check_finite, gram64_on, quadratic_rows_on, to_float32
 from ..npz import iter_blocks
 from ..pool import Shard, embedding_member
 from ..select import top_k_mask
@@ -92,10 +92,12 @@ def write_rows(path: str, row_offset: int, rows: np.ndarray) -> None:
 
 
 def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None, cand_rows: np.ndarray,
-                  store_path: str | None, store_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  store_path: str | None, store_offset: int,
+                  device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One pass over a shard's embeddings: Gram of the pool rows and of the candidate rows
     (float64), and the candidate rows: written into the store at `store_offset`, or returned
-    (third item) when `store_path` is None (a Ray worker on another node)."""
+    (third item) when `store_path` is None (a Ray worker on another node). On a torch `device`
+    the Grams are computed there."""
     member = embedding_member(shard, key, dim)
     g_rest = np.zeros((dim, dim), dtype=np.float64)  # pool rows that are not candidates
     g_cand = np.zeros((dim, dim), dtype=np.float64)
@@ -113,10 +115,10 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
         lo, hi = np.searchsorted(cand_rows, [start, end])
         local = cand_rows[lo:hi] - start
         in_pool[local] = False
-        g_rest += gram64(to_float32(block[in_pool]))  # each row enters one Gram only: ~30% less work
+        g_rest += gram64_on(block[in_pool], device)  # each row enters one Gram only: ~30% less work
         if hi > lo:
             picked = block[local]
-            g_cand += gram64(to_float32(picked))
+            g_cand += gram64_on(picked, device)
             if store_path is not None:
                 write_rows(store_path, store_offset + written, picked)
             else:
@@ -282,22 +284,42 @@ def lowrank_basis(gram_candidates: np.ndarray, rank: int) -> np.ndarray:
 
 
 def project_store(store: CandidateStore, basis: np.ndarray, block_rows: int = BLOCK_ROWS,
-                  path: str | None = None) -> CandidateStore:
+                  path: str | None = None, num_workers: int = 1, device: str = "cpu") -> CandidateStore:
     """The candidates projected onto `basis` (M×rank float32): into a file at `path` (read back block
-    by block, so memory does not grow with the pool), or in memory without one."""
+    by block, so memory does not grow with the pool), or in memory without one. Blocks are
+    projected by `num_workers` threads, one BLAS thread each (the same numbers whatever the core
+    count), or on a torch `device`."""
     rank = basis.shape[1]
     if path is None:
         out = np.empty((store.rows, rank), dtype=np.float32)
     else:
         projected = CandidateStore.create(path, store.rows, rank, np.dtype(np.float32))
+    if device != "cpu":
+        from ..backend import _torch_device  # noqa: PLC0415
+
+        torch, dev = _torch_device(device)
+        basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32)).to(dev)
+
+    def one(start: int) -> None:
+        stop = min(start + block_rows, store.rows)
+        block = store.read(start, stop)
+        if device == "cpu":
+            part = to_float32(block) @ basis
+        else:
+            part = (torch.from_numpy(np.ascontiguousarray(block)).to(dev).float() @ basis_t).cpu().numpy()
+        if path is None:
+            out[start:stop] = part
+        else:
+            write_rows(path, start, np.ascontiguousarray(part, dtype=np.float32))
+
+    starts = range(0, store.rows, block_rows)
     with threadpool_limits(limits=1):  # same numbers whatever the core count
-        for start in range(0, store.rows, block_rows):
-            stop = min(start + block_rows, store.rows)
-            part = to_float32(store.read(start, stop)) @ basis
-            if path is None:
-                out[start:stop] = part
-            else:
-                write_rows(path, start, np.ascontiguousarray(part, dtype=np.float32))
+        if num_workers <= 1 or device != "cpu":
+            for start in starts:
+                one(start)
+        else:
+            with ThreadPoolExecutor(num_workers) as pool:
+                list(pool.map(one, starts))
     if path is not None:
         return projected
     return CandidateStore.from_array(out)
