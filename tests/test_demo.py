@@ -1,14 +1,157 @@
+"""`varalign demo`: the real-image demo on a tiny mini pool (built from scratch, then reused through the CLI,
+then with --train), its one-line error without the training stack, and the synthetic demo."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from varalign.cli import main
-from varalign.uids import UID_DTYPE
+from varalign.uids import UID_DTYPE, hex_to_uids, sort_uids
+
+REAL_METHODS = (
+    "no_filter",
+    "clip_score_30",
+    "vas_clip_score",
+    "vas_d_clip_score",
+    "negcliploss_30",
+    "negcliploss_normsim",
+    "basic_filter",
+)
+ROW = re.compile(r"^(\w+)\s+([\d,]+)\s+([\d.]+) \|((?:\s+\d+%){4}) \|((?:\s+\d+%){4})$")
 
 
-def test_demo_runs_and_reuses_pool(tmp_path, capsys) -> None:
+def _needs_train_stack() -> None:
+    for mod in ("sklearn", "PIL", "torch", "open_clip", "open_clip_train", "fasttext"):
+        pytest.importorskip(mod)
+
+
+def _table(text: str) -> dict[str, tuple[int, list[float]]]:
+    """{method: (kept, [share kept of each caption kind and image kind])} from the printed table."""
+    out = {}
+    for line in text.splitlines():
+        m = ROW.match(line)
+        if m:
+            shares = [int(x[:-1]) / 100 for x in (m.group(4) + m.group(5)).split()]
+            out[m.group(1)] = (int(m.group(2).replace(",", "")), shares)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    """The demo from scratch on a 300-sample pool, with Fashion-MNIST hidden (so: scikit-learn digits only)."""
+    _needs_train_stack()
+    from varalign.demo import run_demo
+    from varalign.minicomp import BuildConfig, sources
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    cfg = BuildConfig(size=300, shard_size=120, teacher_samples=128, teacher_batch=64, use_mnist=False)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sources, "FASHION_DIRS", ())
+    mp.delenv("VARALIGN_FASHION_MNIST_DIR", raising=False)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            result = run_demo(str(out), config=cfg, quiet=True)
+    finally:
+        mp.undo()
+    return out, result, buf.getvalue()
+
+
+def test_real_demo_outputs_match_table(demo) -> None:
+    out, result, printed = demo
+    assert "Fashion-MNIST not found" in printed and "apt-get install dataset-fashion-mnist" in printed
+    assert "building the real-image mini pool" in printed
+    table = _table(printed)
+    assert list(table) == list(REAL_METHODS) and not result["skipped"]
+    pool = [p for p in sorted((out / "minicomp" / "metadata").glob("*.parquet"))]
+    pool_uids = sort_uids(np.concatenate([hex_to_uids(pq.read_table(p, columns=["uid"]).column(0)) for p in pool]))
+    assert len(pool_uids) == 300
+    labels = {
+        c: np.concatenate([pq.read_table(p, columns=[c]).column(0).to_numpy(zero_copy_only=False) for p in pool])
+        for c in ("uid", "label_caption_kind")
+    }
+    kept_aligned = {}
+    for method, (kept, shares) in table.items():
+        path = out / "subsets" / f"{method}.npy"
+        uids = np.load(path)
+        assert uids.dtype == UID_DTYPE and np.array_equal(uids, np.sort(uids))  # DataComp's sorted subset file
+        assert len(uids) == kept and np.isin(uids, pool_uids).all()
+        assert (out / "subsets" / f"{method}.manifest.json").exists()
+        scores = pq.read_table(out / "scores" / f"{method}.parquet")
+        assert scores.num_rows == 300 and int(np.sum(scores.column("selected").to_numpy(zero_copy_only=False))) == kept
+        # the `aligned` share in the table is what the subset really kept of the aligned captions
+        in_sub = np.isin(hex_to_uids(labels["uid"].tolist()), uids)
+        aligned = labels["label_caption_kind"] == "aligned"
+        assert abs(in_sub[aligned].mean() - shares[0]) <= 0.005 + 1e-9
+        kept_aligned[method] = shares[0]
+    assert table["no_filter"][0] == 300 and all(s == 1.0 for s in table["no_filter"][1])
+    assert table["vas_clip_score"][0] == table["negcliploss_30"][0] == 90  # 30% of 300
+    assert table["clip_score_30"][0] >= 90  # keeps ties at the cut
+    html = (out / "report.html").read_text()
+    assert all(m in html for m in REAL_METHODS) and "label_caption_kind" in html
+    assert '<img class="thumb" alt="" src="data:image/png;base64,' in html  # thumbnails from the pool's shards
+    assert f"{out / 'report.html'}" in printed and f"{out / 'subsets'}" in printed
+
+
+def test_cli_reuses_the_pool(demo, capsys) -> None:
+    out, _, first = demo
+    assert main(["demo", "--out_dir", str(out), "--quiet"]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the mini pool" in again and "building" not in again
+    assert "built without Fashion-MNIST" in again  # the note, on reuse too
+    assert {m: k for m, (k, _) in _table(again).items()} == {m: k for m, (k, _) in _table(first).items()}
+    assert "were reused" in again  # the subsets are up to date: not recomputed
+
+
+def test_train_short(demo, capsys) -> None:
+    pytest.importorskip("clip_benchmark")
+    from varalign.demo import run_demo
+
+    out, _, _ = demo
+    res = run_demo(str(out), train=True, train_methods=["clip_score_30"], train_num_samples=64, quiet=True)["train"]
+    printed = capsys.readouterr().out
+    assert set(res["methods"]) == {"clip_score_30"} and res["methods"]["clip_score_30"]["samples"] >= 90
+    assert "| clip_score_30 | " in printed and (out / "results.md").exists()
+    assert all(0 <= v["mean"] <= 1 for r in res["methods"].values() for v in r["metrics"].values())
+
+
+def test_missing_train_stack_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    assert main(["demo", "--out_dir", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "open_clip" in err
+    assert "pip install -e '.[demo]'" in err and "varalign demo --synthetic" in err
+    assert not (tmp_path / "d" / "minicomp" / "minicomp.json").exists()
+
+
+def test_flags_of_the_other_demo_refused(tmp_path, capsys) -> None:
+    assert main(["demo", "--out_dir", str(tmp_path), "--num_samples", "10"]) == 1
+    assert main(["demo", "--synthetic", "--out_dir", str(tmp_path), "--train"]) == 1
+    assert "--synthetic only" in capsys.readouterr().err
+
+
+def test_synthetic_demo_runs_and_reuses_pool(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    args = ["demo", "--out_dir", str(out), "--num_samples", "2000", "--num_shards", "2", "--num_iters", "3",
-            "--quiet"]
+    args = [
+        "demo",
+        "--synthetic",
+        "--out_dir",
+        str(out),
+        "--num_samples",
+        "2000",
+        "--num_shards",
+        "2",
+        "--num_iters",
+        "3",
+        "--quiet",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "SYNTHETIC" in first
