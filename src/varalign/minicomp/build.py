@@ -69,6 +69,9 @@ class BuildConfig:
     p_noise: float = 0.04
     # the over-represented class of each source takes this share of its class draws
     overrep_share: float = 0.3
+    # each visible attribute (size, brightness, texture: captions.ATTRIBUTES) of its image is named in an
+    # aligned caption with this probability; wrong-class captions name random ones just as often
+    p_attribute: float = 0.6
     # share of the pool per source (renormalised over the sources present)
     source_weights: dict = field(default_factory=lambda: {"digits": 0.3, "fashion_mnist": 0.6, "mnist": 0.1})
     p_small: float = 0.25  # min(width, height) < 200
@@ -172,6 +175,7 @@ def generate_pool(sources: list[Source], cfg: BuildConfig) -> list[dict]:
                       cfg.p_uninformative, cfg.p_non_english])
     if (p_img < 0).any() or (p_cap < 0).any():
         raise VaralignError("noise proportions add up to more than 1")
+    cuts = [_cuts(s) for s in sources]
     samples: list[dict] = []
     clean_idx: list[int] = []
     for i in range(cfg.size):
@@ -202,9 +206,10 @@ def generate_pool(sources: list[Source], cfg: BuildConfig) -> list[dict]:
         else:
             caption_kind = CAPTION_KINDS[int(rng.choice(4, p=p_cap))]
         if caption_kind == "aligned":
-            text = cap.aligned(src.kind, src.classes, c, rng)
+            words = cap.attribute_words(src.kind, img, cuts[k])
+            text = cap.aligned(src.kind, src.classes, c, rng, words, cfg.p_attribute)
         elif caption_kind == "wrong_class":
-            text = cap.wrong_class(src.kind, src.classes, c, rng)
+            text = cap.wrong_class(src.kind, src.classes, c, rng, cfg.p_attribute)
         elif caption_kind == "uninformative":
             text, lang = cap.uninformative(rng), "none"
         else:
@@ -248,17 +253,32 @@ def write_shards(samples: list[dict], out: Path, shard_size: int, prefix: str = 
     return n_shards
 
 
-def _clean_samples(sources: list[Source], split: str, seed: int, tag: str, limit: int | None = None) -> list[dict]:
-    """Aligned English captions for every image of `split` (teacher training, downstream-train embedding)."""
+_CUTS: dict[tuple[str, int], dict] = {}
+
+
+def _cuts(src: Source) -> dict[str, np.ndarray]:
+    """The source's attribute tertiles (captions.levels over all its images), computed once per source."""
+    key = (src.name, id(src.images))
+    if key not in _CUTS:
+        _CUTS[key] = cap.levels(src.images)
+    return _CUTS[key]
+
+
+def _clean_samples(sources: list[Source], split: str, seed: int, tag: str, limit: int | None = None,
+                   p_attribute: float = 0.0) -> list[dict]:
+    """Aligned English captions for every image of `split` (teacher training, downstream-train embedding),
+    naming each visible attribute with probability `p_attribute`."""
     rng = np.random.default_rng([seed, 5, sum(map(ord, tag))])
     out = []
     for src in sources:
         idx = src.splits[split][:limit]
+        cuts = _cuts(src)
         for j in idx:
             c = int(src.labels[j])
             uid = hashlib.md5(f"minicomp-{tag}-{seed}-{src.name}-{j}".encode()).hexdigest()
-            out.append({"uid": uid, "text": cap.aligned(src.kind, src.classes, c, rng), "_img": src.images[j],
-                        "meta": {"uid": uid}})
+            text = cap.aligned(src.kind, src.classes, c, rng, cap.attribute_words(src.kind, src.images[j], cuts),
+                               p_attribute)
+            out.append({"uid": uid, "text": text, "_img": src.images[j], "meta": {"uid": uid}})
     order = rng.permutation(len(out))
     return [out[i] for i in order]
 
@@ -279,14 +299,18 @@ def write_classification_task(task_dir: Path, src: Source) -> int:
 
 
 def write_retrieval_task(task_dir: Path, sources: list[Source], seed: int) -> int:
+    """Held-out images with 2 captions each that name the class and every visible attribute of the image
+    (captions.retrieval_captions), so that images of one class are not all described alike."""
     rng = np.random.default_rng([seed, 6])
     (task_dir / "test").mkdir(parents=True, exist_ok=True)
     k = 0
     with atomic_path(task_dir / "test" / "0.tar", ".tar") as tmp, tarfile.open(tmp, "w") as tf:
         for src in sources:
+            cuts = _cuts(src)
             for j in src.splits["retrieval"]:
                 c = int(src.labels[j])
-                texts = [cap.aligned(src.kind, src.classes, c, rng) for _ in range(2)]
+                words = cap.attribute_words(src.kind, src.images[j], cuts)
+                texts = cap.retrieval_captions(src.kind, src.classes, c, words, rng)
                 _add(tf, f"s{k:07d}.png", _png(src.images[j]))
                 _add(tf, f"s{k:07d}.txt", "\n".join(texts).encode())
                 k += 1
@@ -316,7 +340,7 @@ def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path) -> Path:
     config_path = root / f"{TEACHER_NAME}.json"
     identity = {"model_config": teacher_config(cfg.arch), "seed": cfg.seed, "samples": cfg.teacher_samples,
                 "batch": cfg.teacher_batch, "lr": cfg.teacher_lr, "checkpoints": cfg.teacher_checkpoints,
-                "sources": [s.name for s in sources]}
+                "sources": [s.name for s in sources], "p_attribute": cfg.p_attribute, "captions": 2}
     ckpt = root / "run" / "checkpoints" / f"epoch_{cfg.teacher_checkpoints}.pt"
     id_path = root / "teacher.json"
     if ckpt.exists() and id_path.exists() and json.loads(id_path.read_text()).get("identity") == identity:
@@ -324,7 +348,8 @@ def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path) -> Path:
     for p in (root / "run", root / "shards"):
         shutil.rmtree(p, ignore_errors=True)
     save_json(config_path, identity["model_config"])
-    write_shards(_clean_samples(sources, "teacher", cfg.seed, "teacher"), root / "shards", 2000)
+    write_shards(_clean_samples(sources, "teacher", cfg.seed, "teacher", p_attribute=cfg.p_attribute),
+                 root / "shards", 2000)
     gpu = _has_gpu()
     train_cfg = {"model": TEACHER_NAME, "batch_size": cfg.teacher_batch, "learning_rate": cfg.teacher_lr,
                  "train_num_samples": cfg.teacher_samples, "warmup": max(1, min(100, cfg.teacher_samples
@@ -443,7 +468,8 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
     files = root / "files"
     ds_shards = root / "teacher" / "downstream_train_shards"
     shutil.rmtree(ds_shards, ignore_errors=True)
-    write_shards(_clean_samples(sources, "downstream_train", cfg.seed, "downstream"), ds_shards, 5000)
+    write_shards(_clean_samples(sources, "downstream_train", cfg.seed, "downstream", p_attribute=cfg.p_attribute),
+                 ds_shards, 5000)
     ds_meta = files / "downstream_train_metadata"
     embed([ds_shards], ds_meta, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch, batch_size=512,
           num_workers=2, overwrite=True, quiet=True)
