@@ -37,7 +37,10 @@ def child(args: argparse.Namespace) -> None:
     res = filter_pool(args.pool, args.out, args.child, quiet=True, **opts)
     wall = time.perf_counter() - t0
     rss = _vm_hwm()
-    print(json.dumps({"wall": wall, "rss": rss, "counts": res.counts, "timings": res.timings}))
+    gpu = None  # peak GPU memory of a --device cuda run
+    if "torch" in sys.modules and str(opts.get("device", "cpu")).startswith("cuda"):
+        gpu = sys.modules["torch"].cuda.max_memory_allocated()
+    print(json.dumps({"wall": wall, "rss": rss, "gpu_bytes": gpu, "counts": res.counts, "timings": res.timings}))
 
 
 def _vm_hwm() -> int:
@@ -48,7 +51,7 @@ def _vm_hwm() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def ensure_pool(root: Path, samples: int, shards: int) -> tuple[Path, Path]:
+def ensure_pool(root: Path, samples: int, shards: int, stored: bool = False) -> tuple[Path, Path]:
     from varalign.synth import make_pool, make_target  # noqa: PLC0415
 
     pool = root / f"pool_{samples}_{shards}"
@@ -60,13 +63,36 @@ def ensure_pool(root: Path, samples: int, shards: int) -> tuple[Path, Path]:
     target = root / "target_l14.npy"
     if not target.exists():
         make_target(target)
+    if stored:
+        pool = stored_copy(pool, root / f"pool_{samples}_{shards}_stored")
     return pool, target
+
+
+def stored_copy(pool: Path, out: Path) -> Path:
+    """The same pool with uncompressed npz members (what `np.savez` writes instead of `savez_compressed`)."""
+    import shutil  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    if (out / ".complete").exists():
+        return out
+    print(f"writing an uncompressed-npz copy of {pool} in {out} (once) ...", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    for src in sorted(pool.glob("*.npz")):
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out / src.name, "w", zipfile.ZIP_STORED) as zout:
+            for info in zin.infolist():
+                with zin.open(info) as fin, zout.open(info.filename, "w", force_zip64=True) as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 24)
+        shutil.copyfile(src.with_suffix(".parquet"), out / src.with_suffix(".parquet").name)
+    (out / ".complete").touch()
+    return out
 
 
 def run_method(pool: Path, out: Path, name: str, opts: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--child_opts", json.dumps(opts), "--pool", str(pool),
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name} {opts} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -148,6 +174,9 @@ def main() -> None:
     ap.add_argument("--normsim_target", type=int, default=100_000, help="NormSim target rows |G|")
     ap.add_argument("--no_baselines", action="store_true", help="skip the caption-rule/negCLIPLoss/NormSim table")
     ap.add_argument("--only_baselines", action="store_true", help="only the caption-rule/negCLIPLoss/NormSim table")
+    ap.add_argument("--stored", action="store_true",
+                    help="run on an uncompressed-npz copy of the pool (np.savez rather than savez_compressed)")
+    ap.add_argument("--only", default=None, help="comma-separated labels of the methods to run (e.g. vas)")
     ap.add_argument("--data_dir", default=str(HERE / "_data"))
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--child")
@@ -159,7 +188,7 @@ def main() -> None:
         child(args)
         return
     root = Path(args.data_dir)
-    pool, target_path = ensure_pool(root, args.samples, args.shards)
+    pool, target_path = ensure_pool(root, args.samples, args.shards, args.stored)
     if args.only_baselines:
         baselines_table(pool, root, args)
         return
@@ -171,6 +200,9 @@ def main() -> None:
         ("vas_d", "vas_d", vas_d, args.iters),
         (f"vas_d lowrank r={args.rank}", "vas_d", vas_d | {"vas_d_mode": "lowrank", "vas_d_rank": args.rank}, 0),
     ]
+    if args.only:
+        wanted = set(args.only.split(","))
+        methods = [m for m in methods if m[0] in wanted]
     feats = load_candidates(pool, 0.45)
     one_pass = blas_seconds(feats, target, repeats=2)
     n = args.samples
@@ -197,12 +229,14 @@ def main() -> None:
         ratio = f"{r['wall'] / ceiling:.2f}" if ceiling else "-"
         print(f"| {label}{' (' + str(args.iters) + ' iters)' if name == 'vas_d' else ''} | {r['wall']:.1f} | "
               f"{n / r['wall']:,.0f} | {r['rss'] / 1e6:,.0f} | {ceiling:.1f} | {ratio} |")
-    exact = set(np.load(outputs["vas_d"]).tolist())
-    fast = set(np.load(outputs[methods[3][0]]).tolist())
-    print(f"\nVAS-D lowrank vs exact: Jaccard {len(exact & fast) / len(exact | fast):.4f} "
-          f"({len(exact):,} uids each)")
+    low = [label for label in outputs if label.startswith("vas_d lowrank")]
+    if "vas_d" in outputs and low:
+        exact = set(np.load(outputs["vas_d"]).tolist())
+        fast = set(np.load(outputs[low[0]]).tolist())
+        print(f"\nVAS-D lowrank vs exact: Jaccard {len(exact & fast) / len(exact | fast):.4f} "
+              f"({len(exact):,} uids each)")
     print("\n| decode primitive | GB/s |\n|---|---|")
-    dec = decode_table(pool)
+    dec = [] if args.stored else decode_table(pool)
     for name, rate in dec:
         print(f"| {name} | {rate:.2f} |")
     extra = [] if args.no_baselines else baselines_table(pool, root, args)

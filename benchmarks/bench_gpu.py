@@ -4,7 +4,7 @@
     python benchmarks/bench_gpu.py --pools 1000000:16,4000000:32 --json gpu.json
 
 Run it on a machine with a CUDA GPU and torch. For every pool it runs, each in a fresh child process
-(wall time, peak RSS, peak GPU memory): `vas` (L/14, 45% -> 30%) and `vas_d` (45% -> 30%, exact and
+(bench_filter.py's, reporting wall time, peak RSS, peak GPU memory): `vas` (L/14, 45% -> 30%) and `vas_d` (45% -> 30%, exact and
 lowrank r=128) on `--device cpu` (numpy/BLAS, all cores) and `--device cuda`, and checks that the
 GPU's subset has the same uids as the CPU's (exact ties aside: both pick the earliest row, but float32
 sums in another order can reorder two scores that differ in the last bit). The ceilings are the bare
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,30 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_filter import _vm_hwm, blas_seconds, ensure_pool, load_candidates  # noqa: E402
-
-
-def child(args: argparse.Namespace) -> None:
-    from varalign import filter_pool  # noqa: PLC0415
-
-    opts = json.loads(args.child_opts)
-    t0 = time.perf_counter()
-    res = filter_pool(args.pool, args.out, args.child, quiet=True, **opts)
-    wall = time.perf_counter() - t0
-    gpu = None
-    if "torch" in sys.modules and opts.get("device", "cpu").startswith("cuda"):
-        gpu = sys.modules["torch"].cuda.max_memory_allocated()
-    print(json.dumps({"wall": wall, "rss": _vm_hwm(), "gpu_bytes": gpu, "counts": res.counts,
-                      "timings": res.timings}))
-
-
-def run_child(pool: Path, out: Path, name: str, opts: dict) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--child_opts", json.dumps(opts), "--pool", str(pool),
-           "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{name} {opts} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from bench_filter import blas_seconds, ensure_pool, load_candidates, run_method  # noqa: E402
 
 
 def gpu_seconds(feats: np.ndarray, target: np.ndarray, device: str, repeats: int = 3) -> float:
@@ -109,7 +85,7 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
                 continue
             out = root / "out" / f"gpu_{samples}_{label.replace(' ', '_').replace('=', '')}_{device}.npy"
             out.unlink(missing_ok=True)
-            r = run_child(pool, out, name, opts | {"device": device})
+            r = run_method(pool, out, name, opts | {"device": device})
             outs[device] = out
             ceiling = (cpu_pass if device == "cpu" else gpu_pass) * passes
             jac = jaccard(outs["cpu"], out) if device != "cpu" and "cpu" in outs else None
@@ -135,14 +111,7 @@ def main() -> None:
     ap.add_argument("--skip_cpu_vas", action="store_true", help="no vas on the CPU above 1M samples")
     ap.add_argument("--data_dir", default=str(HERE / "_data"))
     ap.add_argument("--json", default=None, help="write the results here (after every run)")
-    ap.add_argument("--child")
-    ap.add_argument("--child_opts")
-    ap.add_argument("--pool")
-    ap.add_argument("--out")
     args = ap.parse_args()
-    if args.child:
-        child(args)
-        return
     import torch  # noqa: PLC0415
 
     if args.gpu.startswith("cuda") and not torch.cuda.is_available():
