@@ -117,6 +117,26 @@ def test_noise_proportions_and_determinism() -> None:
     assert all(np.array_equal(a["_img"], b["_img"]) for a, b in zip(again, samples, strict=True))
     other = generate_pool(sources, BuildConfig(size=200, seed=4))
     assert [s["text"] for s in other] != [s["text"] for s in samples[:200]]
+    # aligned captions name attributes of their own image (each with p_attribute); wrong-class ones name
+    # random ones as often, so the words alone do not tell the two apart
+    from varalign.minicomp.build import _cuts
+    from varalign.minicomp.captions import ATTRIBUTES, attribute_words
+
+    by_name = {src.name: src for src in sources}
+
+    def named(s: dict) -> dict[str, str]:
+        kind = by_name[s["label_source"]].kind
+        found = {a: w for a, ws in ATTRIBUTES[kind].items() for w in ws if w and f" {w} " in f" {s['text']} "}
+        return found
+
+    aligned = [s for s in samples if s["label_caption_kind"] == "aligned"]
+    with_words = [s for s in aligned if named(s)]
+    assert 0.7 < len(with_words) / len(aligned) < 0.95
+    agree = [named(s).items() <= attribute_words(by_name[s["label_source"]].kind, s["_img"],
+                                                 _cuts(by_name[s["label_source"]])).items() for s in with_words]
+    assert all(agree)
+    wrong = [s for s in samples if s["label_caption_kind"] == "wrong_class" and s["label_source"] != "synthetic"]
+    assert abs(sum(bool(named(s)) for s in wrong) / len(wrong) - len(with_words) / len(aligned)) < 0.1
 
 
 def test_filters_run(built, tmp_path: Path) -> None:
@@ -151,6 +171,20 @@ def test_tasks_readable_by_evaluate(built, tmp_path: Path) -> None:
     assert all(0 <= v <= 1 for v in rep.main_metrics.values())
     assert rep.custom["minicomp_retrieval"]["kind"] == "retrieval" and "mnist" not in rep.custom
     assert rep.groups["Average over 38 datasets"]["n"] == 1 and not rep.missing
+
+
+def test_retrieval_captions_tell_images_of_a_class_apart(built) -> None:
+    import tarfile
+
+    with tarfile.open(Path(built.eval_dir) / "minicomp_retrieval" / "test" / "0.tar") as tf:
+        texts = [tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")]
+    assert len(texts) == built.counts["tasks"]["minicomp_retrieval"] and all(t.count("\n") == 1 for t in texts)
+    # class-only captions gave at most 20 distinct descriptions; the attributes give many more
+    from varalign.minicomp.captions import ATTRIBUTES
+
+    vocab = {w for kind in ATTRIBUTES.values() for ws in kind.values() for w in ws if w}
+    described = {frozenset(w for w in t.split("\n")[0].split() if w in vocab) for t in texts}
+    assert len(described) >= 8
 
 
 def test_rebuild_is_reused_and_other_config_refused(built) -> None:

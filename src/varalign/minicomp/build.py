@@ -175,6 +175,8 @@ def generate_pool(sources: list[Source], cfg: BuildConfig) -> list[dict]:
                       cfg.p_uninformative, cfg.p_non_english])
     if (p_img < 0).any() or (p_cap < 0).any():
         raise VaralignError("noise proportions add up to more than 1")
+    if not 0 <= cfg.p_attribute <= 1:
+        raise VaralignError(f"--p_attribute must be between 0 and 1, got {cfg.p_attribute}")
     cuts = [_cuts(s) for s in sources]
     samples: list[dict] = []
     clean_idx: list[int] = []

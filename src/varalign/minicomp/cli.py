@@ -32,7 +32,7 @@ def register_minicomp(sub: argparse._SubParsersAction) -> None:
                    help="samples seen by the teacher (default: %(default)s)")
     b.add_argument("--teacher_batch", type=int, default=d.teacher_batch)
     for name in ("p_wrong_class", "p_uninformative", "p_non_english", "p_near_duplicate", "p_blank", "p_noise",
-                 "overrep_share"):
+                 "overrep_share", "p_attribute"):
         b.add_argument(f"--{name}", type=float, default=getattr(d, name), help="default: %(default)s")
     b.add_argument("--overwrite", action="store_true", help="rebuild a directory built with other settings")
     b.add_argument("--quiet", action="store_true")
@@ -61,7 +61,7 @@ def _run_build(args: argparse.Namespace) -> int:
                       teacher_batch=args.teacher_batch, p_wrong_class=args.p_wrong_class,
                       p_uninformative=args.p_uninformative, p_non_english=args.p_non_english,
                       p_near_duplicate=args.p_near_duplicate, p_blank=args.p_blank, p_noise=args.p_noise,
-                      overrep_share=args.overrep_share)
+                      overrep_share=args.overrep_share, p_attribute=args.p_attribute)
     r = build(args.build_dir, cfg, overwrite=args.overwrite, quiet=args.quiet)
     print(f"minicomp: {r.counts['pool']:,} samples -> {r.metadata_dir} (shards {r.shards_dir})")
     print(f"  caption kinds: {r.counts['label_caption_kind']}")
