@@ -158,7 +158,7 @@ def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool)
     if manifest is not None and config is None:
         print(
             f"reusing the mini pool in {root} ({manifest['result']['counts']['pool']:,} samples; "
-            "built by `varalign minicomp build`)"
+            "a finished `varalign minicomp build`)"
         )
         return manifest, False
     require_train_stack("`varalign demo` builds a real-image pool with a teacher CLIP it trains, and")
