@@ -207,7 +207,8 @@ def main() -> None:
     one_pass = blas_seconds(feats, target, repeats=2)
     n = args.samples
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, numpy {np.__version__}")
-    print(f"pool: {n:,} synthetic samples in {args.shards} shards (l14_img float16, compressed npz)\n")
+    kind = "uncompressed (stored) npz" if args.stored else "compressed npz"
+    print(f"pool: {n:,} synthetic samples in {args.shards} shards (l14_img float16, {kind})\n")
     print("| method | wall (s) | samples/s | peak RSS (MB) | BLAS ceiling (s) | wall / ceiling |")
     print("|---|---|---|---|---|---|")
     results = []

@@ -196,6 +196,15 @@ def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline
     assert Path(info["checkpoint"]).exists() and (out / "cs" / "checkpoints" / "epoch_latest.pt").exists()
     assert "--dataset-resampled" in info["open_clip_args"] and "{00000000..00000002}.tar" in " ".join(
         info["open_clip_args"])
+    # reproducible: the same arguments give the same weights (open_clip_train's sample shuffle is seeded)
+    assert run_cli(["train", "--scale", "tiny", "--data_dir", str(shards), "--output_dir", str(out),
+                    "--exp_name", "cs_again", *TRAIN_FAST, "--quiet"]) == 0
+    import torch
+
+    first = torch.load(info["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    again = torch.load(out / "cs_again" / "checkpoints" / "epoch_2.pt", map_location="cpu",
+                       weights_only=True)["state_dict"]
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     # resume: training again finds epoch_latest at the last epoch and finishes at once
     assert run_cli(["train", "--scale", "tiny", "--data_dir", str(shards), "--output_dir", str(out),
                     "--exp_name", "cs", *TRAIN_FAST, "--quiet"]) == 0
