@@ -28,7 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_filter import blas_seconds, ensure_pool, load_candidates, run_method  # noqa: E402
+from bench_filter import blas_seconds, ensure_pool, load_candidates, run_method, vas_d_passes  # noqa: E402
 
 
 def gpu_seconds(feats: np.ndarray, target: np.ndarray, device: str, repeats: int = 3) -> float:
@@ -66,8 +66,7 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
     cpu_pass = blas_seconds(feats, target, repeats=2)
     gpu_pass = gpu_seconds(feats, target, args.gpu)
     del feats
-    alive = [0.45 - (0.15 * i / args.iters) for i in range(args.iters)]
-    rounds = sum(alive) / 0.45
+    rounds = vas_d_passes(args.iters)
     vas = {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "target": str(target_path)}
     vas_d = {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": args.iters}
     low = vas_d | {"vas_d_mode": "lowrank", "vas_d_rank": args.rank}

@@ -85,7 +85,9 @@ def run_demo(
         )
     arch = manifest["config"]["arch"]
     metadata = root / "metadata"
-    uids, labels = _pool_labels(metadata)
+    from .minicomp.run import pool_labels  # noqa: PLC0415
+
+    uids, labels = pool_labels(metadata)
 
     t1 = time.perf_counter()
     rows, skipped = [], {}
@@ -183,17 +185,9 @@ def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool)
 
 def _run_method(method: str, root: Path, out: Path, arch: str, quiet: bool) -> dict:
     """filter_pool with `minicomp run`'s configuration of `method`, saving the subset and its scores."""
-    from .minicomp.run import METHODS  # noqa: PLC0415
+    from .minicomp.run import filter_options  # noqa: PLC0415
 
-    opts = dict(METHODS[method])
-    name = opts.pop("name")
-    fill = {
-        "{target}": str(root / "files" / "variance" / "variance_downstream.npy"),
-        "{normsim}": str(root / "files" / "normsim_downstream"),
-    }
-    opts = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
-    if name in ("clip_score", "vas", "vas_d", "negcliploss"):
-        opts["arch"] = arch
+    name, opts = filter_options(method, root, arch)
     path, scores = out / "subsets" / f"{method}.npy", out / "scores" / f"{method}.parquet"
     res = filter_pool(root / "metadata", path, name=name, quiet=True, save_scores=str(scores), **opts)
     seconds, reused = res.timings.get("total", 0.0), False
@@ -212,19 +206,6 @@ def _run_method(method: str, root: Path, out: Path, arch: str, quiet: bool) -> d
         "path": str(path),
         "scores": str(scores),
     }
-
-
-def _pool_labels(metadata: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    from .uids import hex_to_uids  # noqa: PLC0415
-
-    cols = ("label_caption_kind", "label_image_kind")
-    uids, labels = [], {c: [] for c in cols}
-    for shard in discover_shards(metadata, need_npz=True):
-        t = pq.read_table(shard.parquet, columns=["uid", *cols])
-        uids.append(hex_to_uids(t.column("uid"), shard.parquet))
-        for c in cols:
-            labels[c].append(t.column(c).to_numpy(zero_copy_only=False))
-    return np.concatenate(uids), {c: np.concatenate(v) for c, v in labels.items()}
 
 
 def _kept_share(uids: np.ndarray, labels: dict[str, np.ndarray], subset: str) -> dict[str, float]:

@@ -39,36 +39,43 @@ METHODS: dict[str, dict] = {
 }
 
 
-def _pool_labels(metadata_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def pool_labels(metadata_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The pool's uids (in shard order) and its hidden `label_*` columns."""
     import pyarrow.parquet as pq
 
     uids, labels = [], {c: [] for c in LABEL_COLUMNS}
     for p in sorted(metadata_dir.glob("*.parquet")):
         t = pq.read_table(p, columns=["uid", *LABEL_COLUMNS])
-        uids.append(hex_to_uids(t.column("uid")))
+        uids.append(hex_to_uids(t.column("uid"), p))
         for c in LABEL_COLUMNS:
             labels[c] += t.column(c).to_pylist()
     return np.concatenate(uids), {c: np.array(v) for c, v in labels.items()}
+
+
+def filter_options(method: str, build_dir: Path, arch: str) -> tuple[str, dict]:
+    """`method`'s `filter_pool` name and options on the build in `build_dir` (its targets filled in)."""
+    opts = dict(METHODS[method])
+    name = opts.pop("name")
+    fill = {"{target}": str(build_dir / "files" / "variance" / "variance_downstream.npy"),
+            "{normsim}": str(build_dir / "files" / "normsim_downstream")}
+    opts = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
+    if name in ("clip_score", "vas", "vas_d", "negcliploss"):
+        opts["arch"] = arch
+    return name, opts
 
 
 def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: str = "l14") -> int:
     """Write `method`'s subset of the pool to `save_path`; returns its size."""
     from .. import filter_pool
 
-    opts = dict(METHODS[method])
-    name = opts.pop("name")
+    name, opts = filter_options(method, build_dir, arch)
     metadata = build_dir / "metadata"
     if name == "random":
-        uids, _ = _pool_labels(metadata)
+        uids, _ = pool_labels(metadata)
         rng = np.random.default_rng([seed, 7])
         pick = uids[rng.permutation(len(uids))[: int(len(uids) * opts["fraction"])]]
         save_subset(save_path, sort_uids(pick))
         return len(pick)
-    fill = {"{target}": str(build_dir / "files" / "variance" / "variance_downstream.npy"),
-            "{normsim}": str(build_dir / "files" / "normsim_downstream")}
-    opts = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
-    if name in ("clip_score", "vas", "vas_d", "negcliploss"):
-        opts["arch"] = arch
     if name == "image_based":
         opts = {"recipe": str(_image_based_recipe(build_dir, save_path.parent))}
         name = None
@@ -122,7 +129,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
     if unknown:
         raise VaralignError(f"unknown method(s) {', '.join(unknown)} (one of {', '.join(METHODS)})")
     seeds = seeds or [0]
-    pool_uids, labels = _pool_labels(build_dir / "metadata")
+    pool_uids, labels = pool_labels(build_dir / "metadata")
     results: dict = {"methods": {}, "skipped": {}, "train_num_samples": train_num_samples, "seeds": seeds}
 
     def log(msg: str) -> None:

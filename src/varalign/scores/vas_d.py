@@ -188,12 +188,12 @@ def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chun
         alive[removed] = False
         removed_at[removed] = it
         n_alive = k
-        if it < num_iters - 1 and len(removed) and on_device is not None:
-            gram_keep -= on_device.gram64(removed)
-            target = (gram_keep / n_alive).astype(np.float32)
-        elif it < num_iters - 1 and len(removed):
-            for s in range(0, len(removed), block_rows):
-                gram_keep -= gram64_on(store.gather(removed[s : s + block_rows]), device)
+        if it < num_iters - 1 and len(removed):
+            if on_device is not None:
+                gram_keep -= on_device.gram64(removed)
+            else:
+                for s in range(0, len(removed), block_rows):
+                    gram_keep -= gram64_on(store.gather(removed[s : s + block_rows]), device)
             target = (gram_keep / n_alive).astype(np.float32)
         state |= {"it": np.int64(it + 1), "target": target, "n_alive": np.int64(n_alive)}
         if checkpoint is not None:
