@@ -216,3 +216,25 @@ def test_cuda_without_gpu_is_a_clear_error(pool) -> None:
     with pytest.raises(VaralignError, match="no CUDA device"):
         filter_pool(pool[0] / "pool", None, "vas_d", arch="l14", fraction=0.45, fraction_vas=0.3, num_iters=2,
                     device="cuda")
+
+
+def test_all_finite_on_every_float16_bit_pattern() -> None:
+    """The two-reduction NaN/inf test agrees with np.isfinite on all 65,536 float16 values, alone and
+    hidden among finite ones; float32/float64 blocks use max/min."""
+    from varalign.backend import all_finite, first_nonfinite_row  # noqa: PLC0415
+
+    values = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.isfinite(values.astype(np.float32))
+    alone = np.array([all_finite(values[i : i + 1]) for i in range(len(values))])
+    assert np.array_equal(alone, finite)
+    block = np.full((4, 6), 0.5, dtype=np.float16)
+    for v in values[~finite][::97]:
+        block[2, 3] = v
+        assert not all_finite(block) and first_nonfinite_row(block) == 2
+    block[2, 3] = -0.0
+    assert all_finite(block) and first_nonfinite_row(block) is None
+    for dtype in (np.float32, np.float64):
+        for v, ok in ((np.nan, False), (np.inf, False), (-np.inf, False), (-3.0, True)):
+            a = np.zeros((3, 4), dtype=dtype)
+            a[1, 2] = v
+            assert all_finite(a) is ok and first_nonfinite_row(a) == (None if ok else 1)

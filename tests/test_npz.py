@@ -44,3 +44,35 @@ def test_object_member_refused(tmp_path) -> None:
     np.savez(tmp_path / "o.npz", l14_img=np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(VaralignError, match="pickle"):
         open_member(tmp_path / "o.npz", "l14_img")
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_reused_buffer_blocks_are_the_same_rows(tmp_path, compressed) -> None:
+    """reuse=True: each block is a view of one buffer, overwritten by the next; copied as they come,
+    the blocks are the member's rows (also the short last block)."""
+    arr = np.random.default_rng(1).standard_normal((1003, 16)).astype(np.float16)
+    path = tmp_path / "r.npz"
+    (np.savez_compressed if compressed else np.savez)(path, l14_img=arr)
+    member = open_member(path, "l14_img")
+    blocks = []
+    bases = set()
+    for block in iter_blocks(member, 100, reuse=True):
+        bases.add(block.__array_interface__["data"][0])
+        blocks.append(block.copy())
+    assert len(bases) == 1  # one buffer for all 11 blocks
+    assert [len(b) for b in blocks] == [100] * 10 + [3]
+    assert np.array_equal(np.concatenate(blocks), arr)
+
+
+def test_stored_member_checks_its_crc(tmp_path) -> None:
+    """An uncompressed member is read straight into the blocks; a flipped byte still fails the CRC."""
+    arr = np.arange(4000, dtype=np.float16).reshape(500, 8)
+    path = tmp_path / "s.npz"
+    np.savez(path, l14_img=arr)
+    member = open_member(path, "l14_img")
+    data = bytearray(path.read_bytes())
+    data[member.data_offset + member.header_len + 3000] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(VaralignError, match=r"s\.npz: corrupt npz: member 'l14_img' fails its CRC check"):
+        for _ in iter_blocks(member, 64, reuse=True):
+            pass

@@ -5,7 +5,17 @@ import pyarrow as pa
 import pytest
 
 from varalign.errors import VaralignError
-from varalign.uids import UID_DTYPE, first_duplicate, hex_to_uids, isin_sorted, load_subset, save_subset, uids_to_hex
+from varalign.uids import (
+    UID_DTYPE,
+    first_duplicate,
+    hex_to_uids,
+    isin_sorted,
+    load_subset,
+    save_subset,
+    sort_uids,
+    uid_order,
+    uids_to_hex,
+)
 
 
 def _reference(uids: list[str]) -> np.ndarray:
@@ -69,3 +79,18 @@ def test_isin_sorted_and_duplicates() -> None:
     assert isin_sorted(hex_to_uids(["1" * 16 + "3" * 16, "1" * 16 + "4" * 16]), twins).tolist() == [True, False]
     assert first_duplicate(np.sort(np.concatenate([twins, twins[:1]]))) == 0
     assert first_duplicate(twins) is None
+
+
+@pytest.mark.parametrize("high_values", [4, 2**63])  # many equal high words / (almost surely) none
+def test_uid_order_is_lexsort(high_values: int) -> None:
+    """The fast path (one argsort of the high words) and its fallback order like np.lexsort."""
+    rng = np.random.default_rng(high_values % 97)
+    for n in (0, 1, 2, 50, 3000):
+        u = np.empty(n, dtype=UID_DTYPE)
+        u["f0"] = rng.integers(0, high_values, n, dtype=np.uint64)
+        u["f1"] = rng.integers(0, 3, n, dtype=np.uint64)  # exact duplicates too
+        then = rng.integers(0, 5, n)
+        assert np.array_equal(sort_uids(u), u[np.lexsort((u["f1"], u["f0"]))])
+        order = uid_order(u, then)
+        ref = np.lexsort((then, u["f1"], u["f0"]))
+        assert np.array_equal(u[order], u[ref]) and np.array_equal(then[order], then[ref])

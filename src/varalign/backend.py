@@ -35,8 +35,26 @@ def to_float32(block: np.ndarray) -> np.ndarray:
     return _F16_TO_F32[np.ascontiguousarray(block).view(np.uint16)]
 
 
+def all_finite(block: np.ndarray) -> bool:
+    """Whether no value is NaN/inf: two read-only reductions, no temporary array.
+
+    float16 NaN/inf have all exponent bits set: as uint16, the negative ones are >= 0xFC00; as
+    int16, the positive ones are >= 0x7C00 (every negative number is < 0 there).
+    """
+    if block.size == 0:
+        return True
+    if block.dtype == np.float16:
+        bits = block.view(np.uint16)
+        return int(bits.max()) < 0xFC00 and int(bits.view(np.int16).max()) < 0x7C00
+    if block.dtype.kind == "f":  # max/min propagate NaN and reach +-inf
+        return bool(np.isfinite(block.max()) and np.isfinite(block.min()))
+    return True
+
+
 def first_nonfinite_row(block: np.ndarray) -> int | None:
     """Index of the first row holding NaN/inf, or None (bit test on float16: no decode)."""
+    if all_finite(block):
+        return None
     if block.dtype == np.float16:
         bad = (block.view(np.uint16) & _EXP_MASK) == _EXP_MASK
     else:

@@ -26,7 +26,7 @@ try:  # zlib-ng is a core dependency; fall back to the standard library if it is
 except ImportError:  # pragma: no cover - exercised only without the wheel
     _zlib = zlib
 
-_READ = 8 << 20  # compressed bytes per read
+_READ = 8 << 20  # bytes per file read
 
 
 @dataclass(frozen=True)
@@ -85,18 +85,27 @@ def open_member(path: str | os.PathLike, key: str) -> NpzMember:
                      info.file_size, info.CRC, header_len)
 
 
-def iter_blocks(member: NpzMember, block_rows: int) -> Iterator[np.ndarray]:
-    """Yield consecutive row blocks (each `(<=block_rows, ...)`, C order) of a 2-d+ member."""
+def iter_blocks(member: NpzMember, block_rows: int, reuse: bool = False) -> Iterator[np.ndarray]:
+    """Yield consecutive row blocks (each `(<=block_rows, ...)`, C order) of a 2-d+ member.
+
+    `reuse=True`: every block is a view of one buffer, overwritten by the next block (no page
+    faults for a fresh allocation per block): only for callers that drop a block before the next.
+    An uncompressed (`np.savez`) member is read straight into the block, with no copy.
+    """
     if member.fortran_order:  # cannot stream rows of a column-major array: read it whole
         full = read_member(member)
         for start in range(0, len(full), block_rows):
             yield np.ascontiguousarray(full[start : start + block_rows])
+        return
+    if not member.compressed:
+        yield from _iter_stored_blocks(member, block_rows, reuse)
         return
     n_rows = member.shape[0] if member.shape else 1
     row_shape = tuple(member.shape[1:])
     skip = member.header_len
     done = 0
     block = fill = None
+    buffer = None
     for chunk in _iter_raw(member):
         view = memoryview(chunk)
         if skip:
@@ -108,7 +117,12 @@ def iter_blocks(member: NpzMember, block_rows: int) -> Iterator[np.ndarray]:
                 if rows <= 0:
                     raise VaralignError(f"corrupt npz: member {member.key!r} has more data than its header says",
                                         member.path)
-                block = np.empty((rows,) + row_shape, dtype=member.dtype)
+                if reuse:
+                    if buffer is None:
+                        buffer = np.empty((min(block_rows, n_rows),) + row_shape, dtype=member.dtype)
+                    block = buffer[:rows]
+                else:
+                    block = np.empty((rows,) + row_shape, dtype=member.dtype)
                 fill = 0
             target = block.reshape(-1).view(np.uint8)
             take = min(len(view), target.nbytes - fill)
@@ -121,6 +135,43 @@ def iter_blocks(member: NpzMember, block_rows: int) -> Iterator[np.ndarray]:
                 block = None
     if block is not None or done != n_rows:
         raise VaralignError(f"corrupt npz: member {member.key!r} ends early ({done} of {n_rows} rows)", member.path)
+
+
+def _iter_stored_blocks(member: NpzMember, block_rows: int, reuse: bool) -> Iterator[np.ndarray]:
+    """`iter_blocks` of an uncompressed member: `readinto` the block, CRC-checked at the end."""
+    n_rows = member.shape[0] if member.shape else 1
+    row_shape = tuple(member.shape[1:])
+    buffer = None
+    try:
+        with open(member.path, "rb") as fh:
+            fh.seek(member.data_offset)
+            head = fh.read(member.header_len)
+            crc = _zlib.crc32(head)
+            total = len(head)
+            done = 0
+            while done < n_rows:
+                rows = min(block_rows, n_rows - done)
+                if reuse:
+                    if buffer is None:
+                        buffer = np.empty((min(block_rows, n_rows),) + row_shape, dtype=member.dtype)
+                    block = buffer[:rows]
+                else:
+                    block = np.empty((rows,) + row_shape, dtype=member.dtype)
+                view = memoryview(block.reshape(-1).view(np.uint8))
+                got = 0
+                while got < len(view):
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        raise VaralignError(f"corrupt npz: member {member.key!r} is truncated", member.path)
+                    got += n
+                crc = _zlib.crc32(view, crc)
+                total += got
+                done += rows
+                yield block
+    except OSError as exc:
+        raise VaralignError(f"cannot read npz ({exc.strerror or exc})", member.path) from None
+    if total != member.file_size or (crc & 0xFFFFFFFF) != member.crc:
+        raise VaralignError(f"corrupt npz: member {member.key!r} fails its CRC check", member.path)
 
 
 def verify_member(member: NpzMember) -> None:

@@ -90,8 +90,22 @@ def uids_to_hex(uids: np.ndarray) -> pa.Array:
 
 def sort_uids(uids: np.ndarray) -> np.ndarray:
     """Lexicographic (high, low) sort, the order DataComp's resharder searches in."""
-    order = np.lexsort((uids["f1"], uids["f0"]))
-    return uids[order]
+    return uids[uid_order(uids)]
+
+
+def uid_order(uids: np.ndarray, then: np.ndarray | None = None) -> np.ndarray:
+    """Indices that sort `uids` by (high, low[, then]): `np.lexsort((then, f1, f0))`, faster.
+
+    Random 128-bit uids almost never share their high 64 bits, so one (SIMD) argsort of the high
+    words orders them; only when two high words are equal is the full lexsort needed.
+    """
+    hi = uids["f0"]
+    order = np.argsort(hi)
+    ranked = hi[order]
+    if len(ranked) > 1 and bool((ranked[1:] == ranked[:-1]).any()):
+        keys = (uids["f1"], hi) if then is None else (then, uids["f1"], hi)
+        return np.lexsort(keys)
+    return order
 
 
 def first_duplicate(sorted_uids: np.ndarray) -> int | None:
@@ -204,7 +218,7 @@ def merge_runs(paths: list[str], lengths: list[int],
         pos[live] += takes
         batch = np.concatenate([h[:t] for h, t in zip(heads, takes, strict=True)])
         source = np.repeat(live.astype(np.int32), takes)
-        order = np.lexsort((source, batch["f1"], batch["f0"]))
+        order = uid_order(batch, source)
         yield batch[order], source[order]
 
 

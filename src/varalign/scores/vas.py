@@ -32,7 +32,7 @@ def vas_shard(shard: Shard, key: str, rows: np.ndarray, target: np.ndarray,
     out = np.empty(len(rows), dtype=np.float32)
     start = 0
     pos = 0
-    for block in iter_blocks(member, block_rows):
+    for block in iter_blocks(member, block_rows, reuse=True):  # rows are gathered (copied)
         end = start + len(block)
         check_finite(block, start, shard.npz, key, member)
         stop = int(np.searchsorted(rows, end, side="left"))

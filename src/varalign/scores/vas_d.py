@@ -104,7 +104,7 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
     start = 0
     written = 0
     kept: list[np.ndarray] = []
-    for block in iter_blocks(member, BLOCK_ROWS):
+    for block in iter_blocks(member, BLOCK_ROWS, reuse=True):  # rows are copied out
         end = start + len(block)
         check_finite(block, start, shard.npz, key, member)
         in_pool = np.ones(len(block), dtype=bool)
