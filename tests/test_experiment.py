@@ -241,7 +241,9 @@ def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline
             "--task_kind", "captions=retrieval", "--quiet"]
     capsys.readouterr()
     assert varalign_main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "it/s" not in captured.err and "%|" not in captured.err  # --quiet silences clip_benchmark's bars
     summary = json.loads((tmp_path / "ev" / "eval_summary.json").read_text())
     m = summary["main_metrics"]
     assert set(m) == {MNIST, "digits_again", "captions"}

@@ -16,12 +16,15 @@ DataComp's tasks (same result lines, summary and table) and never enter DataComp
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,6 +274,29 @@ def _run_task(task: Task, where: Path, model, preprocess, tokenizer, device: str
     ds = _custom_dataset(task, where, preprocess) if custom else _datacomp_dataset(task, where, preprocess)
     loader = torch.utils.data.DataLoader(ds.batched(batch_size), batch_size=None, shuffle=False,
                                          num_workers=num_workers)
+    with _progress_bars((zsc, zsr), enabled=not quiet):
+        m = _metrics(task, ds, where, model, tokenizer, loader, device, zsc, zsr)
+    m["main_metric"] = m[task.main_metric]
+    return {k: float(v) for k, v in m.items()}
+
+
+@contextlib.contextmanager
+def _progress_bars(modules: tuple, enabled: bool) -> Iterator[None]:
+    """clip_benchmark's own tqdm bars (module-level `tqdm` names), silenced for --quiet."""
+    if enabled:
+        yield
+        return
+    saved = [(m, m.tqdm) for m in modules if hasattr(m, "tqdm")]
+    for m, bar in saved:
+        m.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        for m, bar in saved:
+            m.tqdm = bar
+
+
+def _metrics(task: Task, ds, where: Path, model, tokenizer, loader, device: str, zsc, zsr) -> dict:
     try:
         if task.kind == "retrieval":
             m = zsr.evaluate(model, loader, tokenizer, device=device, amp=False, recall_k_list=[1, 5, 10])
@@ -287,8 +313,7 @@ def _run_task(task: Task, where: Path, model, preprocess, tokenizer, device: str
             raise
         raise VaralignError(f"cannot read the {task.kind} task's samples ({' '.join(str(exc).split())[:200]})",
                             where) from None
-    m["main_metric"] = m[task.main_metric]
-    return {k: float(v) for k, v in m.items()}
+    return m
 
 
 def _datacomp_dataset(task: Task, where: Path, preprocess):
