@@ -14,7 +14,7 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,11 +101,10 @@ def iter_blocks(member: NpzMember, block_rows: int, reuse: bool = False) -> Iter
         yield from _iter_stored_blocks(member, block_rows, reuse)
         return
     n_rows = member.shape[0] if member.shape else 1
-    row_shape = tuple(member.shape[1:])
+    new_block = _allocator(member, block_rows, reuse)
     skip = member.header_len
     done = 0
     block = fill = None
-    buffer = None
     for chunk in _iter_raw(member):
         view = memoryview(chunk)
         if skip:
@@ -117,12 +116,7 @@ def iter_blocks(member: NpzMember, block_rows: int, reuse: bool = False) -> Iter
                 if rows <= 0:
                     raise VaralignError(f"corrupt npz: member {member.key!r} has more data than its header says",
                                         member.path)
-                if reuse:
-                    if buffer is None:
-                        buffer = np.empty((min(block_rows, n_rows),) + row_shape, dtype=member.dtype)
-                    block = buffer[:rows]
-                else:
-                    block = np.empty((rows,) + row_shape, dtype=member.dtype)
+                block = new_block(rows)
                 fill = 0
             target = block.reshape(-1).view(np.uint8)
             take = min(len(view), target.nbytes - fill)
@@ -137,11 +131,26 @@ def iter_blocks(member: NpzMember, block_rows: int, reuse: bool = False) -> Iter
         raise VaralignError(f"corrupt npz: member {member.key!r} ends early ({done} of {n_rows} rows)", member.path)
 
 
+def _allocator(member: NpzMember, block_rows: int, reuse: bool) -> Callable[[int], np.ndarray]:
+    """`new_block(rows)`: a fresh `(rows, ...)` array, or (reuse) a view of one buffer allocated once."""
+    n_rows = member.shape[0] if member.shape else 1
+    row_shape = tuple(member.shape[1:])
+    buffer: list[np.ndarray] = []
+
+    def new_block(rows: int) -> np.ndarray:
+        if not reuse:
+            return np.empty((rows,) + row_shape, dtype=member.dtype)
+        if not buffer:
+            buffer.append(np.empty((min(block_rows, n_rows),) + row_shape, dtype=member.dtype))
+        return buffer[0][:rows]
+
+    return new_block
+
+
 def _iter_stored_blocks(member: NpzMember, block_rows: int, reuse: bool) -> Iterator[np.ndarray]:
     """`iter_blocks` of an uncompressed member: `readinto` the block, CRC-checked at the end."""
     n_rows = member.shape[0] if member.shape else 1
-    row_shape = tuple(member.shape[1:])
-    buffer = None
+    new_block = _allocator(member, block_rows, reuse)
     try:
         with open(member.path, "rb") as fh:
             fh.seek(member.data_offset)
@@ -151,12 +160,7 @@ def _iter_stored_blocks(member: NpzMember, block_rows: int, reuse: bool) -> Iter
             done = 0
             while done < n_rows:
                 rows = min(block_rows, n_rows - done)
-                if reuse:
-                    if buffer is None:
-                        buffer = np.empty((min(block_rows, n_rows),) + row_shape, dtype=member.dtype)
-                    block = buffer[:rows]
-                else:
-                    block = np.empty((rows,) + row_shape, dtype=member.dtype)
+                block = new_block(rows)
                 view = memoryview(block.reshape(-1).view(np.uint8))
                 got = 0
                 while got < len(view):
