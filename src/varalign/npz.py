@@ -174,8 +174,7 @@ def _iter_stored_blocks(member: NpzMember, block_rows: int, reuse: bool) -> Iter
                 yield block
     except OSError as exc:
         raise VaralignError(f"cannot read npz ({exc.strerror or exc})", member.path) from None
-    if total != member.file_size or (crc & 0xFFFFFFFF) != member.crc:
-        raise VaralignError(f"corrupt npz: member {member.key!r} fails its CRC check", member.path)
+    _check_crc(member, total, crc)
 
 
 def verify_member(member: NpzMember) -> None:
@@ -221,6 +220,11 @@ def _iter_raw(member: NpzMember) -> Iterator[bytes]:
         raise VaralignError(f"corrupt npz: cannot inflate member {member.key!r} ({exc})", member.path) from None
     except OSError as exc:
         raise VaralignError(f"cannot read npz ({exc.strerror or exc})", member.path) from None
+    _check_crc(member, total, crc)
+
+
+def _check_crc(member: NpzMember, total: int, crc: int) -> None:
+    """The member's byte count and CRC-32 as its zip entry records them, else the corrupt-npz error."""
     if total != member.file_size or (crc & 0xFFFFFFFF) != member.crc:
         raise VaralignError(f"corrupt npz: member {member.key!r} fails its CRC check", member.path)
 

@@ -213,7 +213,7 @@ def merge_runs(paths: list[str], lengths: list[int],
             return
         heads = [read_run(paths[r], int(pos[r]), int(min(pos[r] + chunk, ends[r]))) for r in live]
         lasts = np.array([h[-1] for h in heads], dtype=UID_DTYPE)
-        bound = lasts[np.lexsort((lasts["f1"], lasts["f0"]))[0]]
+        bound = lasts[uid_order(lasts)[0]]
         takes = [_count_at_most(h, bound["f0"], bound["f1"]) for h in heads]
         pos[live] += takes
         batch = np.concatenate([h[:t] for h, t in zip(heads, takes, strict=True)])
