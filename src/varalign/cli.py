@@ -240,12 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     _centroids_parser(sub)
     _demo_parser(sub)
     from .experiment.cli import register  # noqa: PLC0415 - embed, reshard, train, evaluate, experiment
+    from .download.cli import register_download  # noqa: PLC0415
     from .minicomp.cli import register_minicomp  # noqa: PLC0415
     from .report import register_report  # noqa: PLC0415
 
     register(sub)
     register_report(sub)
     register_minicomp(sub)
+    register_download(sub)
     return parser
 
 

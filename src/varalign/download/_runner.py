@@ -1,0 +1,40 @@
+"""Child process that runs `img2dataset.download` for `varalign download` (`python -m` this module CONFIG.json).
+
+It runs in its own process group with img2dataset's workers; when its parent (the `varalign` command)
+dies, even by SIGKILL, a watchdog thread kills the whole group, so no orphaned worker goes on writing
+shards that a resumed run is rewriting. img2dataset spawns its workers, which import this module
+first (as `__mp_main__`), so the settings at the top apply to every process of the group.
+"""
+
+import os
+import sys
+
+# albumentations (imported by img2dataset) asks PyPI for a newer version at import unless told not to
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+# webdataset imports torch when it can; img2dataset never needs it, and it costs ~1 GB and ~2 s per process
+sys.modules.setdefault("torch", None)
+
+
+def _watch_parent(parent: int) -> None:
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os.killpg(0, signal.SIGKILL)
+
+
+def main(config_path: str) -> None:
+    import json  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    with open(config_path) as fh:
+        config = json.load(fh)
+    from img2dataset import download  # noqa: PLC0415
+
+    download(**config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

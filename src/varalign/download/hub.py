@@ -1,0 +1,86 @@
+"""The pool's metadata from the Hugging Face Hub, as DataComp's download_upstream.py fetches it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..atomic import save_json
+from ..errors import VaralignError
+
+SCALES = ("small", "medium", "large", "xlarge", "datacomp_1b")
+DONE = ".varalign_metadata.json"  # written once every file is in place
+STARTED = ".varalign_metadata.partial"  # present while a download is unfinished (resume it)
+
+
+def repo_id(scale: str) -> str:
+    return "mlfoundations/datacomp_1b" if scale == "datacomp_1b" else f"mlfoundations/datacomp_{scale}"
+
+
+def fetch_metadata(scale: str, metadata_dir: Path, cache_dir: Path, *, download_npz: bool, overwrite: bool,
+                   quiet: bool) -> str:
+    """Download `*.parquet` (and `*.npz`) of `mlfoundations/datacomp_{scale}` into `metadata_dir`.
+
+    As DataComp: an existing metadata directory is used as it is (`overwrite` fetches again). Unlike
+    DataComp, a download that was interrupted is resumed rather than taken for complete, and
+    `overwrite` re-downloads the Hub's files over the old ones instead of deleting the directory.
+    Returns what happened: "present" or "downloaded".
+    """
+    started = metadata_dir / STARTED
+    has_parquet = metadata_dir.is_dir() and any(p.suffix == ".parquet" for p in metadata_dir.iterdir())
+    if has_parquet and not overwrite and not started.exists():
+        if download_npz and not any(p.suffix == ".npz" for p in metadata_dir.iterdir()):
+            _snapshot(scale, metadata_dir, cache_dir, ["npz"], overwrite=False, quiet=quiet)
+            return "downloaded"
+        return "present"
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    started.write_text("")
+    kinds = ["parquet"] + (["npz"] if download_npz else [])
+    files = _snapshot(scale, metadata_dir, cache_dir, kinds, overwrite=overwrite, quiet=quiet)
+    save_json(metadata_dir / DONE, {"repo": repo_id(scale), "files": files})
+    started.unlink()
+    shutil.rmtree(cache_dir, ignore_errors=True)  # snapshot_download's cache: created by us, as DataComp's hf/
+    return "downloaded"
+
+
+def _snapshot(scale: str, metadata_dir: Path, cache_dir: Path, kinds: list[str], overwrite: bool,
+              quiet: bool) -> list[str]:
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - the [download] extra
+
+    repo = repo_id(scale)
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now, not when huggingface_hub was imported
+    names: list[str] = []
+    for kind in kinds:
+        # xlarge keeps its files in part_* folders; DataComp asks for */*.{kind} and moves them up
+        pattern = f"*/*.{kind}" if scale == "xlarge" else f"*.{kind}"
+        try:
+            snapshot_download(repo, repo_type="dataset", allow_patterns=pattern, local_dir=str(metadata_dir),
+                              cache_dir=str(cache_dir), force_download=overwrite, endpoint=endpoint,
+                              tqdm_class=_Quiet if quiet else None)
+        except Exception as exc:  # noqa: BLE001 - network, HTTP and Hub errors: all end the same way
+            where = f"{endpoint or 'https://huggingface.co'}/datasets/{repo}"
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise VaralignError(f"cannot download the metadata from {where} ({type(exc).__name__}: {text}); "
+                                "run the same command again to resume", metadata_dir) from None
+        if scale == "xlarge":
+            _flatten(metadata_dir, kind)
+        names += sorted(p.name for p in metadata_dir.iterdir() if p.suffix == f".{kind}")
+    return names
+
+
+def _flatten(metadata_dir: Path, kind: str) -> None:
+    """Move `part_*/x.{kind}` up into `metadata_dir` (DataComp's xlarge layout) and drop emptied folders."""
+    for sub in sorted(p for p in metadata_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(sub.glob(f"*.{kind}")):
+            os.replace(f, metadata_dir / f.name)
+        if not any(sub.iterdir()):
+            sub.rmdir()
+
+
+class _Quiet(tqdm):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)

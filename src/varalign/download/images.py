@@ -1,0 +1,134 @@
+"""One img2dataset pass over a prepared input, in a child process group we can always stop, with a
+progress bar fed by the shards it finishes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..atomic import save_json
+from ..errors import VaralignError
+from .outcomes import finished_shards, shard_stats
+
+# the suffixes img2dataset gives a shard's files, per output format (the `files` format writes a folder)
+SHARD_SUFFIXES = (".tar", ".parquet", ".tfrecord")
+
+
+def img2dataset_config(input_dir: str, shards_dir: Path, opts: dict, mode: str) -> dict:
+    """The arguments DataComp's download_upstream.py gives img2dataset.download, plus hash verification."""
+    verify = opts["verify_hash"]
+    return {
+        "url_list": input_dir, "output_folder": str(shards_dir), "input_format": "parquet", "url_col": "url",
+        "caption_col": "text", "bbox_col": None if opts["skip_bbox_blurring"] else "face_bboxes",
+        "save_additional_columns": ["uid"], "number_sample_per_shard": opts["number_sample_per_shard"],
+        "oom_shard_count": 8, "processes_count": opts["processes_count"], "thread_count": opts["thread_count"],
+        "image_size": opts["image_size"], "resize_mode": opts["resize_mode"],
+        "resize_only_if_bigger": opts["resize_only_if_bigger"], "encode_format": opts["encode_format"],
+        "output_format": opts["output_format"], "retries": opts["retries"], "timeout": opts["timeout"],
+        "enable_wandb": opts["enable_wandb"], "wandb_project": opts["wandb_project"],
+        "distributor": "multiprocessing", "compute_hash": "sha256",
+        "verify_hash": ["sha256", "sha256"] if verify else None, "incremental_mode": mode,
+    }
+
+
+def remove_unfinished(shards_dir: Path) -> list[str]:
+    """Delete the files of shards img2dataset began but did not finish (no `_stats.json`: a killed run).
+    Only called on a shards folder varalign created."""
+    if not shards_dir.is_dir():
+        return []
+    done = {f"{i:08d}" for i in finished_shards(shards_dir)}
+    removed = []
+    for p in shards_dir.iterdir():
+        stem = p.name.split(".")[0] if p.is_file() else p.name
+        if len(stem) == 8 and stem.isdigit() and stem not in done and (p.is_dir() or p.suffix in SHARD_SUFFIXES):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p.name)
+    return sorted(removed)
+
+
+def run_pass(config: dict, work_dir: Path, name: str, shard_rows: dict[int, int], quiet: bool) -> None:
+    """Run img2dataset with `config` in a child process group; `shard_rows` maps the shard ids this pass
+    will write to their row counts (drives the progress bar). Logs go to `work_dir/{name}.log`."""
+    shards_dir = Path(config["output_folder"])
+    cfg_path = work_dir / f"{name}.json"
+    save_json(cfg_path, config)
+    log_path = work_dir / f"{name}.log"
+    before = set(finished_shards(shards_dir)) if shards_dir.is_dir() else set()
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    with open(log_path, "ab") as log, _bar(sum(shard_rows.values()), quiet) as bar:
+        proc = subprocess.Popen([sys.executable, "-m", "varalign.download._runner", str(cfg_path)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        (work_dir / "runner.pid").write_text(str(proc.pid))
+        try:
+            while proc.poll() is None:
+                _advance(bar, shards_dir, before, shard_rows)
+                time.sleep(0.5)
+            _advance(bar, shards_dir, before, shard_rows)
+        finally:
+            _kill_group(proc)
+    if proc.returncode != 0:
+        raise VaralignError(f"img2dataset stopped with exit code {proc.returncode}: {_last_line(log_path)} "
+                            f"(log: {log_path}); finished shards are kept, run the same command again to resume")
+
+
+def previous_runner_alive(work_dir: Path) -> int | None:
+    """The process group of an earlier pass that is still running (its parent was killed very recently)."""
+    try:
+        pid = int((work_dir / "runner.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"varalign.download._runner" in cmdline else None
+
+
+def _advance(bar: tqdm, shards_dir: Path, before: set[int], shard_rows: dict[int, int]) -> None:
+    if not shards_dir.is_dir():
+        return
+    for shard in set(finished_shards(shards_dir)) - before:
+        try:
+            stats = shard_stats(shards_dir, shard)
+        except (OSError, ValueError):  # being written right now: next time
+            continue
+        before.add(shard)
+        bar.update(int(stats.get("count", shard_rows.get(shard, 0))))
+        bar.ok = getattr(bar, "ok", 0) + int(stats.get("successes", 0))
+        bar.set_postfix_str(f"{bar.ok:,} ok ({100.0 * bar.ok / max(bar.n, 1):.1f}%)")
+
+
+@contextlib.contextmanager
+def _bar(total: int, quiet: bool) -> Iterator[tqdm]:
+    bar = tqdm(total=total, unit="url", unit_scale=True, disable=quiet, desc="images", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop the runner and every img2dataset process it started (they share its process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].strip()[:300] if lines else "no output"
+
+
+def read_config(path: Path) -> dict:
+    return json.loads(path.read_text())

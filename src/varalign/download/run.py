@@ -1,0 +1,313 @@
+"""`varalign download`: metadata from the Hub, then the images of the pool or of a subset, resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import save_json
+from ..errors import VaralignError
+from . import hub, images, outcomes, plan
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+ENCODE_FORMATS = ("png", "jpg", "webp")
+OUTPUT_FORMATS = ("webdataset", "tfrecord", "parquet", "files")
+WORK = ".varalign-download"  # inside data_dir: state, img2dataset inputs and logs
+REPORT = "download_report.json"  # beside shards/ (img2dataset reads every *.json inside shards/ as its own)
+# settings that decide which shard holds what: a data_dir keeps the ones it was started with
+FINGERPRINT = ("verify_hash", "skip_bbox_blurring", "image_size", "resize_mode", "resize_only_if_bigger",
+               "encode_format", "output_format", "number_sample_per_shard")
+
+
+@dataclass
+class DownloadOptions:
+    """DataComp's download_upstream.py flags (same defaults) and varalign's additions."""
+
+    data_dir: str
+    scale: str = "small"
+    metadata_dir: str | None = None
+    download_npz: bool = False
+    skip_shards: bool = False
+    overwrite_metadata: bool = False
+    skip_bbox_blurring: bool = False
+    processes_count: int = 16
+    thread_count: int = 128
+    image_size: int = 512
+    resize_mode: str = "keep_ratio_largest"
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    output_format: str = "webdataset"
+    retries: int = 2
+    enable_wandb: bool = False
+    wandb_project: str = "datacomp"
+    # varalign's own
+    subset: list[str] = field(default_factory=list)
+    verify_hash: bool = True
+    retry_failed: bool = False
+    force: bool = False
+    timeout: float = 10.0
+    number_sample_per_shard: int = 10000
+    quiet: bool = False
+
+
+@dataclass
+class DownloadResult:
+    data_dir: Path
+    metadata: str  # "present" or "downloaded"
+    report: dict | None = None  # None with skip_shards
+    plan: dict | None = None
+
+
+def download(opts: DownloadOptions) -> DownloadResult:
+    """Fetch the metadata, then (unless `skip_shards`) the images, and write `download_report.json`."""
+    _validate(opts)
+    data_dir = Path(opts.data_dir)
+    meta_dir = Path(opts.metadata_dir) if opts.metadata_dir else data_dir / "metadata"
+    work = data_dir / WORK
+    _prepare_dir(data_dir)
+    with _locked(work):
+        fetched = hub.fetch_metadata(opts.scale, meta_dir, work / "hf", download_npz=opts.download_npz,
+                                     overwrite=opts.overwrite_metadata, quiet=opts.quiet)
+        _say(opts, f"metadata: {meta_dir} ({'downloaded' if fetched == 'downloaded' else 'already there'})")
+        files = plan.metadata_files(meta_dir)
+        rows = plan.check_metadata(files, [] if opts.skip_shards else
+                                   plan.needed_columns(opts.verify_hash, not opts.skip_bbox_blurring))
+        if opts.skip_shards:
+            return _metadata_only(opts, data_dir, meta_dir, files, rows, fetched)
+        main = _main_plan(opts, work, meta_dir, files, rows)
+        shards = data_dir / "shards"
+        _claim(work, shards, opts, files, main)
+        _run_main(opts, work, shards, main)
+        if opts.retry_failed:
+            _run_retry(opts, work, shards, main)
+        summary = outcomes.summarize(shards, len(main.shard_rows))
+        report = _write_report(opts, data_dir, meta_dir, main, summary)
+    if not opts.quiet:
+        print(outcomes.format_table(summary))
+        print(f"report: {data_dir / REPORT}")
+    if summary.incomplete:
+        raise VaralignError(f"{len(summary.incomplete)} shard(s) did not finish (log: {work}/pass_main.log); "
+                            "run the same command again to resume", data_dir)
+    return DownloadResult(data_dir, fetched, report, main.to_json())
+
+
+# -- checks ----------------------------------------------------------------------------------------------
+def _validate(opts: DownloadOptions) -> None:
+    choices = {"scale": hub.SCALES, "resize_mode": RESIZE_MODES, "encode_format": ENCODE_FORMATS,
+               "output_format": OUTPUT_FORMATS}
+    for name, allowed in choices.items():
+        if getattr(opts, name) not in allowed:
+            raise VaralignError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(opts, name)!r}")
+    for name in ("processes_count", "thread_count", "image_size", "number_sample_per_shard"):
+        if getattr(opts, name) < 1:
+            raise VaralignError(f"--{name} must be at least 1")
+    if opts.retries < 0 or opts.timeout <= 0:
+        raise VaralignError("--retries must be >= 0 and --timeout > 0")
+    if "://" in opts.data_dir or "://" in (opts.metadata_dir or ""):
+        raise VaralignError("varalign download writes to local folders only (no cloud paths)")
+    missing = [m for m in ("huggingface_hub", "img2dataset") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise VaralignError(f"varalign download needs {' and '.join(missing)}: pip install 'varalign[download]'")
+    if opts.subset and opts.skip_shards:
+        raise VaralignError("--subset chooses which images to download; --skip_shards downloads none")
+
+
+def _prepare_dir(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise VaralignError("--data_dir is a file, not a directory", data_dir)
+    try:
+        (data_dir / WORK).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VaralignError(f"cannot create the download directory ({exc.strerror})", data_dir) from None
+    if not os.access(data_dir / WORK, os.W_OK):
+        raise VaralignError("the download directory is not writable", data_dir)
+
+
+@contextlib.contextmanager
+def _locked(work: Path) -> Iterator[None]:
+    with open(work / "lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise VaralignError("another `varalign download` is running on this directory", work.parent) from None
+        pid = images.previous_runner_alive(work)
+        if pid is not None:
+            raise VaralignError(f"img2dataset processes of an interrupted download are still stopping (process "
+                                f"group {pid}); run again in a moment", work.parent)
+        yield
+
+
+def _claim(work: Path, shards: Path, opts: DownloadOptions, files: list[Path], main: plan.Plan) -> None:
+    """Record the settings this data_dir downloads with; refuse a shards folder varalign did not start
+    or one started with other settings (its shard ids would mean other rows)."""
+    state_path = work / "state.json"
+    want = {k: getattr(opts, k) for k in FINGERPRINT}
+    want["metadata"] = [[f.name, f.stat().st_size] for f in files]
+    want["subset_uids_sha256"] = main.to_json().get("subset_digest")
+    if state_path.exists():
+        have = json.loads(state_path.read_text())["settings"]
+        diff = [k for k in want if have.get(k) != want[k]]
+        if diff:
+            k = diff[0]
+            what = "the metadata files" if k == "metadata" else "the subset" if k.startswith("subset") else f"--{k}"
+            raise VaralignError(f"this download was started with other settings ({what} changed: "
+                                f"{_short(have.get(k))} -> {_short(want[k])}); use another --data_dir", shards.parent)
+        return
+    if shards.exists() and any(shards.iterdir()):
+        raise VaralignError("shards/ holds files that varalign download did not write; use another --data_dir",
+                            shards)
+    save_json(state_path, {"settings": want, "main_shards": len(main.shard_rows)})
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_disk(opts: DownloadOptions, data_dir: Path, urls: int, est: int) -> None:
+    free = shutil.disk_usage(data_dir).free
+    _say(opts, f"to download: {urls:,} URLs, about {_size(est)} of shards ({_size(free)} free)")
+    if est > free and not opts.force:
+        raise VaralignError(f"not enough disk space: about {_size(est)} needed, {_size(free)} free "
+                            "(--force to go on anyway)", data_dir)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
+
+
+# -- the passes --------------------------------------------------------------------------------------------
+def _image_settings(opts: DownloadOptions) -> dict:
+    return {"image_size": opts.image_size, "resize_mode": opts.resize_mode,
+            "resize_only_if_bigger": opts.resize_only_if_bigger, "encode_format": opts.encode_format}
+
+
+def _main_plan(opts: DownloadOptions, work: Path, meta_dir: Path, files: list[Path], rows: list[int]) -> plan.Plan:
+    """The first pass's input: the metadata directory itself, or the subset's rows (written once)."""
+    nps = opts.number_sample_per_shard
+    if not opts.subset:
+        return plan.pool_plan(meta_dir, files, rows, nps, _image_settings(opts))
+    keep = plan.read_subsets(opts.subset)
+    digest = plan.uid_digest(keep)
+    saved = work / "subset_plan.json"
+    if saved.exists() and (work / "input").is_dir():
+        p = json.loads(saved.read_text())
+        if p.get("subset_digest") == digest:
+            return _SubsetPlan(**{k: v for k, v in p.items() if k != "subset_digest"}, subset_digest=digest)
+    p = plan.write_selection(files, keep, work / "input", nps, _image_settings(opts))
+    if p.urls == 0:
+        shutil.rmtree(work / "input")
+        names = ", ".join(opts.subset)
+        raise VaralignError(f"none of the subset's {len(keep):,} uids is in the pool ({meta_dir})", names)
+    out = _SubsetPlan(**asdict(p), subset_digest=digest)
+    save_json(saved, out.to_json())
+    return out
+
+
+@dataclass
+class _SubsetPlan(plan.Plan):
+    subset_digest: str = ""
+
+
+def _run_main(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan) -> None:
+    removed = images.remove_unfinished(shards)
+    if removed:
+        _say(opts, f"resuming: removed {len(removed)} unfinished shard file(s) of an interrupted run")
+    done = set(outcomes.finished_shards(shards)) if shards.is_dir() else set()
+    pending = {i: n for i, n in enumerate(main.shard_rows) if i not in done}
+    if main.subset_uids:
+        _say(opts, f"subset: {main.urls:,} of its {main.subset_uids:,} uids are in the pool"
+                   + (f" ({main.not_in_pool:,} not in the pool)" if main.not_in_pool else ""))
+    if not pending:
+        return
+    urls = sum(pending.values())
+    _check_disk(opts, shards.parent, urls, int(main.est_bytes * urls / max(main.urls, 1)))
+    if done:
+        _say(opts, f"resuming: {len(done & set(range(len(main.shard_rows)))):,} of {len(main.shard_rows):,} "
+                   "shards already finished")
+    config = images.img2dataset_config(main.input_dir, shards, _opts_dict(opts), "incremental")
+    images.run_pass(config, work, "pass_main", pending, opts.quiet)
+
+
+def _run_retry(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan) -> None:
+    """One more pass over the URLs whose latest attempt failed for a retryable reason, into new shards."""
+    images.remove_unfinished(shards)
+    summary = outcomes.summarize(shards, len(main.shard_rows))
+    if summary.incomplete:
+        return
+    todo = summary.retryable
+    if len(todo) == 0:
+        _say(opts, "retry: no URL failed with a retryable status (timeout, HTTP 5xx, connection error)")
+        return
+    _say(opts, f"retry: {len(todo):,} URLs that failed with a timeout, HTTP 5xx or connection error")
+    files = plan.metadata_files(Path(main.input_dir))
+    retry = plan.write_selection(files, todo, work / "retry", opts.number_sample_per_shard, _image_settings(opts))
+    _check_disk(opts, shards.parent, retry.urls, retry.est_bytes)
+    first = max(outcomes.finished_shards(shards), default=-1) + 1
+    config = images.img2dataset_config(retry.input_dir, shards, _opts_dict(opts), "extend")
+    try:
+        images.run_pass(config, work, "pass_retry", {first + i: n for i, n in enumerate(retry.shard_rows)},
+                        opts.quiet)
+    finally:
+        shutil.rmtree(work / "retry", ignore_errors=True)
+
+
+def _opts_dict(opts: DownloadOptions) -> dict:
+    return asdict(opts)
+
+
+def _metadata_only(opts: DownloadOptions, data_dir: Path, meta_dir: Path, files: list[Path], rows: list[int],
+                   fetched: str) -> DownloadResult:
+    p = plan.pool_plan(meta_dir, files, rows, opts.number_sample_per_shard, _image_settings(opts))
+    _say(opts, f"--skip_shards: {len(files):,} metadata files, {p.urls:,} URLs; downloading every image would "
+               f"take about {_size(p.est_bytes)} (a subset: pass --subset)")
+    return DownloadResult(data_dir, fetched, None, p.to_json())
+
+
+def _write_report(opts: DownloadOptions, data_dir: Path, meta_dir: Path, main: plan.Plan,
+                  summary: outcomes.Summary) -> dict:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("quiet",)}
+    settings["metadata_dir"] = str(meta_dir)
+    report = {"settings": settings, "verify_hash": opts.verify_hash,
+              "versions": {"varalign": ver("varalign"), "img2dataset": ver("img2dataset"),
+                           "huggingface_hub": ver("huggingface_hub")},
+              "subset": {"files": opts.subset, "uids": main.subset_uids, "in_pool": main.urls,
+                         "not_in_pool": main.not_in_pool} if opts.subset else None,
+              "estimated_bytes": main.est_bytes,
+              **summary.to_json()}
+    save_json(data_dir / REPORT, report)
+    return report
+
+
+def _say(opts: DownloadOptions, text: str) -> None:
+    if not opts.quiet:
+        print(f"varalign: download: {text}", file=sys.stderr)
+
+
+def retryable_uids(data_dir: str | os.PathLike) -> np.ndarray:
+    """The uids a `--retry_failed` run would fetch again (for scripts and tests)."""
+    work = Path(data_dir) / WORK
+    state = json.loads((work / "state.json").read_text())
+    return outcomes.summarize(Path(data_dir) / "shards", int(state["main_shards"])).retryable
