@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from .errors import VaralignError
 
@@ -63,7 +65,10 @@ def _filter_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray_address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--work_dir", help="per-shard results + completion markers, for resume "
                                       "(default: .{save_path stem}.varalign-work beside the output)")
-    p.add_argument("--keep_work_dir", action="store_true", help="keep the work directory after success")
+    p.add_argument("--keep_work_dir", action="store_true", help="keep the work directory after success (and after "
+                                                               "an error)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save_path/--save_scores file that "
+                                                           "varalign did not write (refused by default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_filter)
 
@@ -95,7 +100,7 @@ def _run_filter(args: argparse.Namespace) -> int:
         centroid_path=args.centroid_path, fasttext_model=args.fasttext_model, temperature=args.temperature,
         average_num=args.average_num, norm=args.norm, proxy_name=args.proxy_name, proxy_path=args.proxy_path,
         seed=args.seed, device=args.device, executor=args.executor, ray_address=args.ray_address,
-        work_dir=args.work_dir, keep_work_dir=args.keep_work_dir, quiet=args.quiet)
+        work_dir=args.work_dir, keep_work_dir=args.keep_work_dir, overwrite=args.overwrite, quiet=args.quiet)
     stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
     print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")
     return 0
@@ -239,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _target_parser(sub)
     _centroids_parser(sub)
     _demo_parser(sub)
-    from .experiment.cli import register  # noqa: PLC0415 - embed, reshard, train, evaluate, experiment
     from .download.cli import register_download  # noqa: PLC0415
+    from .experiment.cli import register  # noqa: PLC0415 - embed, reshard, train, evaluate, experiment
     from .minicomp.cli import register_minicomp  # noqa: PLC0415
     from .report import register_report  # noqa: PLC0415
 
@@ -251,10 +256,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: temp files removed, work kept for resume."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _interrupt_on_sigterm(), warnings.catch_warnings():
+            # numpy's RuntimeWarnings (0/0 on an empty selection, ...) are handled where they matter;
+            # the command line shows one-line messages only
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return args.func(args)
     except VaralignError as exc:
         print(f"varalign: error: {exc}", file=sys.stderr)
         return 1
@@ -263,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"varalign: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("varalign: interrupted; nothing was written", file=sys.stderr)
+        print("varalign: interrupted; no output was written (finished tasks are kept: run the same command "
+              "again to resume)", file=sys.stderr)
         return 130
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import atomic_path, check_output_path, save_json
+from .atomic import OutputGroup, atomic_path, check_output_path, manifest_path
 from .backend import check_device
 from .errors import VaralignError
 from .execute import default_workers, make_executor
+from .guard import check_paths, lock, lock_file_for, lock_outputs
 from .pool import Shard, discover_shards, embedding_member
 from .recipe import Recipe, Stage, list_presets, load_recipe, validate_recipe
 from .scorers import SCORERS, Context, Prepared, prepare, rule_scores
@@ -41,7 +43,7 @@ from .scores.vas_d import (
 )
 from .select import at_least, count_for_fraction, threshold_at_rank_parts, top_k_parts
 from .uids import UID_DTYPE, first_shared, merge_runs, save_run, sort_uids, stream_subset, uids_to_hex
-from .workdir import WorkDir, digest
+from .workdir import WorkDir, digest, is_ours
 
 METHODS = {
     "no_filter": "every uid of the pool",
@@ -98,12 +100,14 @@ class FilterSpec:
     ray_address: str | None = None
     work_dir: str | None = None
     keep_work_dir: bool = False
+    overwrite: bool = False
     quiet: bool = False
 
     def to_recipe(self) -> Recipe:
         """The `--name` preset (or the `--recipe` file) as a recipe; checks the flags first."""
         if (self.name is None) == (self.recipe is None):
             raise VaralignError("give exactly one of --name or --recipe")
+        self._check_options()
         if self.recipe is not None:
             return load_recipe(self.recipe)
         if self.name not in METHODS:
@@ -135,6 +139,30 @@ class FilterSpec:
                        self.threshold_vas)
         return Recipe(self.name, METHODS[self.name], [self._clip_stage("top_k"), second])
 
+    def _check_options(self) -> None:
+        """Numbers in range and finite, no two options that contradict each other (before any work)."""
+        for flag in ("threshold", "threshold_vas"):
+            v = getattr(self, flag)
+            if v is not None and not math.isfinite(float(v)):
+                raise VaralignError(f"--{flag} must be a finite number, got {v}")
+        for flag in ("fraction", "fraction_vas"):
+            _check_fraction(getattr(self, flag), f"--{flag}")
+        for flag, low in (("num_iters", 1), ("vas_d_rank", 1), ("batch_size", 1), ("batch_size_vass", 1),
+                          ("num_workers", 1), ("average_num", 1), ("seed", 0)):
+            v = getattr(self, flag)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+                raise VaralignError(f"--{flag} must be an integer >= {low}, got {v!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise VaralignError(f"--temperature must be a finite number > 0, got {self.temperature!r}")
+        from .scores.normsim import parse_p  # noqa: PLC0415
+
+        parse_p(self.norm)
+        for a, b in (("target", "target_variance_name"), ("proxy_path", "proxy_name"),
+                     ("centroid_path", "image_based_scale")):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise VaralignError(f"--{a} and --{b} both choose the same input: give one")
+
     def _rule_stage(self, name: str) -> Stage:
         if name == "laion2b" and any(v is not None for v in (self.fraction, self.threshold, self.arch)):
             raise VaralignError("laion2b does not take --fraction, --threshold or --arch (it uses B/32 >= 0.28)")
@@ -149,7 +177,7 @@ class FilterSpec:
         if None not in (self.fraction_vas, self.fraction) and self.fraction_vas > self.fraction:
             raise VaralignError(f"--fraction_vas ({self.fraction_vas}) cannot exceed --fraction ({self.fraction})")
         ncl = {"arch": self.arch, "temperature": self.temperature, "average_num": self.average_num,
-               "batch_size": self.batch_size or 32768}
+               "batch_size": 32768 if self.batch_size is None else self.batch_size}
         stages = [Stage("negcliploss", ncl, self.fraction, self.threshold)]
         if self.threshold_vas is not None or (self.fraction_vas is not None and self.fraction_vas != self.fraction):
             norm = {"arch": self.arch, "p": self.norm}
@@ -201,7 +229,9 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
 
     `name` is a `--name` method; or pass `recipe=` (a TOML file or preset name). `options` are the
     fields of `FilterSpec` (e.g. `arch="l14", fraction=0.45, fraction_vas=0.3, target=...`).
-    Nothing is written unless the whole run succeeds; a killed run resumes from its work directory.
+    Nothing is written unless the whole run succeeds, and then every output appears together (the
+    manifest last); a killed run resumes from its work directory; nothing varalign did not write is
+    removed or overwritten (`overwrite=True` allows replacing an existing output file).
     """
     spec = FilterSpec(name=name, **options)  # type: ignore[arg-type]
     recipe = spec.to_recipe()
@@ -210,20 +240,28 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
         if out is not None:
             check_output_path(out)
     run = _Run(spec, recipe, metadata_dir, save_path)
-    done = run.up_to_date()
-    if done is not None:
-        return done
-    run.open_work_dir()
-    try:
-        run.scan()
-        selected = run.evaluate(recipe, run.everything(), prefix="", key=run.scan_key)
-        result = run.finish(selected)
-    except VaralignError:
-        run.discard_work_dir()  # bad input: leave nothing behind
-        raise
-    finally:
+    run.check_paths()
+    with lock_outputs(run.group.all_paths()), run.work_dir_lock():
+        run.group.recover()
+        done = run.up_to_date()
+        if done is not None:
+            run.drop_stale_work_dir()  # e.g. left by a run killed after its last rename
+            return done
+        run.group.check_overwrite()
+        run.open_work_dir()
+        try:
+            with run.group.writing():
+                run.scan()
+                selected = run.evaluate(recipe, run.everything(), prefix="", key=run.scan_key)
+                result = run.finish(selected)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished tasks, to resume
+            run.remove_temp_dir()
+            raise
+        except BaseException:  # bad input or an I/O fault: leave nothing behind (unless --keep_work_dir)
+            run.discard_work_dir()
+            raise
         run.remove_temp_dir()
-    run.close_work_dir()
+        run.close_work_dir()
     return result
 
 
@@ -265,38 +303,84 @@ class _Run:
         self.info: dict[str, dict] = {}
         self.work: WorkDir | None = None
         self.temp_dir: str | None = None
+        self.outputs = [Path(p) for p in (save_path, spec.save_scores) if p is not None]
+        manifest = manifest_path(save_path if save_path is not None else spec.save_scores) if self.outputs else None
+        self.group = OutputGroup(self.outputs, manifest, overwrite=spec.overwrite)
+        self.work_root = self._work_root()
         self.phases = 0
         self.clock.lap("validate")
 
     # -- work directory and resume ------------------------------------------------------------
+    def _work_root(self) -> Path | None:
+        if self.spec.work_dir:
+            return Path(self.spec.work_dir)
+        return _default_work_dir(self.save_path) if self.save_path is not None else None
+
+    def input_paths(self) -> dict[str, object]:
+        """Every file and folder this run reads, by flag."""
+        spec = self.spec
+        found = {"--metadata_dir": str(self.metadata_dir),
+                 "a pool shard": [f for s in self.shards for f in (s.parquet, s.npz) if f],
+                 "--given_uids_path": spec.given_uids_path, "--target": spec.target,
+                 "--centroid_path": spec.centroid_path, "--proxy_path": spec.proxy_path,
+                 "--fasttext_model": spec.fasttext_model, "--recipe": spec.recipe if spec.recipe and
+                 os.path.exists(spec.recipe) else None}
+        for p in self.prepared.values():  # what the scorers resolved (e.g. --target_variance_name's file)
+            for k, v in p.info.items():
+                if isinstance(v, str) and len(v) < 4096 and os.path.isfile(v):
+                    found[f"the {k} file"] = v
+        return found
+
+    def check_paths(self) -> None:
+        """No output is an input or another output; the work directory holds neither."""
+        outs = {"--save_path": self.save_path, "--save_scores": self.spec.save_scores}
+        if self.group.outputs:
+            outs["the manifest"] = str(self.group.manifest)
+        check_paths(self.input_paths(), outs, self.work_root, pool_dirs=[self.metadata_dir])
+
+    @contextlib.contextmanager
+    def work_dir_lock(self) -> Iterator[None]:
+        if self.work_root is None:
+            yield
+            return
+        with lock(lock_file_for(self.work_root.absolute()), f"the work directory {self.work_root}"):
+            yield
+
+    # -- work directory and resume ------------------------------------------------------------
     def up_to_date(self) -> FilterResult | None:
-        """The previous result, if the outputs exist and were made from the same inputs and config."""
-        if self.save_path is None or not Path(self.save_path).exists():
+        """The previous result, if its outputs are there, unchanged (sizes and SHA-256 as the manifest
+        records them), and were made from the same inputs and configuration."""
+        if self.save_path is None:
             return None
-        try:
-            manifest = json.loads(_manifest_path(self.save_path).read_text())
-        except (OSError, ValueError):
-            return None
-        if manifest.get("plan") != self.plan or (self.spec.save_scores and not Path(self.spec.save_scores).exists()):
+        manifest = self.group.up_to_date(self.plan)
+        if manifest is None:
             return None
         if not self.spec.quiet:
-            print(f"varalign: {self.save_path} is up to date (same inputs and configuration); nothing to do",
-                  file=sys.stderr)
+            print(f"varalign: {self.save_path} is up to date (same inputs and configuration, output verified); "
+                  "nothing to do", file=sys.stderr)
         return FilterResult(_open_subset(self.save_path), manifest["counts"], {"total": 0.0},
-                            manifest.get("thresholds", {}), str(self.save_path), str(_manifest_path(self.save_path)),
+                            manifest.get("thresholds", {}), str(self.save_path), str(self.group.manifest),
                             self.spec.save_scores)
 
     def open_work_dir(self) -> None:
         """The user's (or the default) work dir; a temporary one, removed at the end, when there is none."""
-        root = self.spec.work_dir or (_default_work_dir(self.save_path) if self.save_path is not None else None)
+        root = self.work_root
         if root is None:
             self.temp_dir = tempfile.mkdtemp(prefix="varalign-work-")
             root = Path(self.temp_dir) / "work"
         self.work = WorkDir(root, self.plan)
 
+    def drop_stale_work_dir(self) -> None:
+        root = self.work_root
+        if root is not None and not self.spec.keep_work_dir and root.is_dir() and is_ours(root):
+            WorkDir(root, self.plan).remove()
+
     def discard_work_dir(self) -> None:
-        if self.work is not None and self.work.created:
-            self.work.remove()
+        """After an error: remove the work dir (only if it is varalign's), unless --keep_work_dir."""
+        self.remove_temp_dir()
+        if self.work is not None and not self.spec.keep_work_dir and is_ours(self.work.root):
+            with contextlib.suppress(OSError, VaralignError):
+                self.work.remove()
 
     def close_work_dir(self) -> None:
         if self.work is not None and not self.spec.keep_work_dir:
@@ -305,6 +389,7 @@ class _Run:
     def remove_temp_dir(self) -> None:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
 
     def _map(self, phase: str, fn: Callable, make_task: Callable[[int], tuple], indices: Iterable[int], desc: str,
              encode: Callable | None = None, decode: Callable | None = None, on_result: Callable | None = None,
@@ -496,6 +581,12 @@ class _Run:
         if target_count > alive.total:
             raise VaralignError(f"stage {label!r} asks for {target_count} rows but only {alive.total} survived "
                                 "the previous stage")
+        if iters > alive.total - target_count:  # every round would drop at most one row: the rest do nothing
+            capped = max(1, alive.total - target_count)
+            print(f"varalign: note: --num_iters {iters} capped at {capped} (VAS-D drops {alive.total - target_count} "
+                  "rows, at least one per round; the subset is the same)", file=sys.stderr)
+            iters = capped
+        self.info[label]["num_iters_run"] = iters
         offsets = np.cumsum([0] + alive.counts)
         dtype = np.result_type(*[m.dtype for m in self.members[(key_name, dim)]])
         phase = f"{_safe(label)}-{key}"
@@ -567,11 +658,14 @@ class _Run:
         path = self.work.path(phase, "rounds.npz")
         state = None
         if path.exists():
-            with np.load(path, allow_pickle=False) as npz:
-                state = {k: npz[k] for k in npz.files}
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    state = {k: npz[k] for k in npz.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # torn by a power loss: start over
+                state = None
 
         def save(st: dict) -> None:
-            with atomic_path(path, ".npz") as tmp:
+            with atomic_path(path, ".npz", durable=False) as tmp:
                 with open(tmp, "wb") as fh:
                     np.savez(fh, **st)
 
@@ -589,19 +683,20 @@ class _Run:
             save_run(self._run_path("selected", i), sort_uids(self._scan(i, "uids")[self._mask(selected, i)]))
         runs = [self._run_path("selected", i) for i in range(len(self.shards))]
         result = FilterResult(np.empty(0, dtype=UID_DTYPE), self.counts, self.clock.laps, self.thresholds)
-        # every output goes to a temp file first; they are renamed together only when all were written
-        with contextlib.ExitStack() as outputs:
-            if spec.save_scores:
-                self._write_scores(outputs.enter_context(atomic_path(spec.save_scores, ".parquet")))
-                result.scores_path = str(spec.save_scores)
-            if self.save_path is not None:
-                tmp = outputs.enter_context(atomic_path(self.save_path, ".npy"))
+        # every output goes to a temp file first; they are renamed together only when all were written,
+        # the manifest (with each output's size and SHA-256) last
+        if spec.save_scores:
+            with self.group.write(spec.save_scores) as tmp:
+                self._write_scores(tmp)
+            result.scores_path = str(spec.save_scores)
+        if self.save_path is not None:
+            with self.group.write(self.save_path) as tmp:
                 stream_subset(tmp, selected.total, (b for b, _ in merge_runs(runs, selected.counts)))
-                result.save_path = str(self.save_path)
-                self.clock.lap("write")
-                result.manifest_path = str(_manifest_path(self.save_path))
-                save_json(outputs.enter_context(atomic_path(result.manifest_path, ".json")),
-                          self._manifest(result, selected.total))
+            result.save_path = str(self.save_path)
+            self.clock.lap("write")
+        if self.group.outputs:
+            result.manifest_path = str(self.group.manifest)
+            self.group.commit(self._manifest(result, selected.total))
         if self.save_path is not None:
             result.uids = _open_subset(self.save_path)  # the saved file, mapped: not a copy in RAM
         else:
@@ -709,11 +804,6 @@ def _call(fn, shard: Shard, rows: np.ndarray, kwargs: dict) -> np.ndarray:
 
 def _plain(params: dict) -> dict:
     return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in params.items()}
-
-
-def _manifest_path(save_path: str | os.PathLike) -> Path:
-    p = Path(save_path)
-    return p.with_name(p.stem + ".manifest.json")
 
 
 def _versions() -> dict[str, str]:

@@ -206,10 +206,10 @@ def _iter_raw(member: NpzMember) -> Iterator[bytes]:
                 if not raw:
                     raise VaralignError(f"corrupt npz: member {member.key!r} is truncated", member.path)
                 remaining -= len(raw)
-                out = inflater.decompress(raw) if inflater else raw
-                crc = _zlib.crc32(out, crc)
-                total += len(out)
-                yield out
+                for out in _inflate(inflater, raw, member, total) if inflater else (raw,):
+                    crc = _zlib.crc32(out, crc)
+                    total += len(out)
+                    yield out
             if inflater:
                 tail = inflater.flush()
                 if tail:
@@ -221,6 +221,25 @@ def _iter_raw(member: NpzMember) -> Iterator[bytes]:
     except OSError as exc:
         raise VaralignError(f"cannot read npz ({exc.strerror or exc})", member.path) from None
     _check_crc(member, total, crc)
+
+
+def _inflate(inflater, raw: bytes, member: NpzMember, total: int) -> Iterator[bytes]:
+    """Inflate `raw` in pieces of at most 4 MiB, never past the member's declared size plus one byte:
+    a deflate bomb (a member that inflates far beyond its zip entry's size) stops after one block,
+    not gigabytes later. `total`: bytes inflated before `raw`."""
+    data = raw
+    while True:
+        budget = member.file_size - total + 1  # >= 1: max_length 0 would mean "no limit"
+        out = inflater.decompress(data, max(1, min(budget, _READ)))
+        total += len(out)
+        if total > member.file_size:
+            raise VaralignError(f"corrupt npz: member {member.key!r} inflates beyond its declared size "
+                                f"({member.file_size} bytes)", member.path)
+        if out:
+            yield out
+        data = inflater.unconsumed_tail
+        if not data:
+            return
 
 
 def _check_crc(member: NpzMember, total: int, crc: int) -> None:

@@ -89,10 +89,9 @@ def read_scores(table: pa.Table, column: str, shard: Shard) -> np.ndarray:
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise VaralignError(f"column {column!r} is null at row {row}", shard.parquet)
-    try:
-        values = col.to_numpy().astype(np.float32, copy=False)
-    except (pa.ArrowException, ValueError, TypeError):
-        raise VaralignError(f"column {column!r} is not numeric ({col.type})", shard.parquet) from None
+    if not pa.types.is_floating(col.type):  # a bool or a numeric string is not a score
+        raise VaralignError(f"column {column!r} must be floating point, found {col.type}", shard.parquet)
+    values = col.to_numpy().astype(np.float32, copy=False)
     bad = ~np.isfinite(values)
     if bad.any():
         raise VaralignError(f"column {column!r} is not finite at row {int(np.flatnonzero(bad)[0])}", shard.parquet)

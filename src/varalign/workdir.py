@@ -1,18 +1,30 @@
 """The work directory: one result file + completion marker per finished shard task, so a killed
-run resumes where it stopped (datatrove-style). Results are plain numpy arrays (never pickle)."""
+run resumes where it stopped (datatrove-style). Results are plain numpy arrays (never pickle).
+
+Ownership: a work directory is varalign's only if it holds the marker file varalign wrote when it
+created it (`.varalign-workdir`, with a random token). varalign removes nothing else: a user-given
+folder that is not empty and has no marker is refused, and `remove()` checks the marker (and its
+token) first. A finished task whose files are missing, truncated or corrupt is simply redone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path, save_json
+from .atomic import atomic_path, os_error, save_json
+from .errors import VaralignError
+
+MARKER = ".varalign-workdir"
 
 
 def digest(*parts: Any) -> str:
@@ -21,25 +33,71 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _read_marker(root: Path) -> dict | None:
+    try:
+        data = json.loads((root / MARKER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == "varalign" else None
+
+
+def is_ours(root: str | os.PathLike) -> bool:
+    return _read_marker(Path(root)) is not None
+
+
 class WorkDir:
     """`{root}/plan.json` + `{root}/{phase}/{shard}.npz` with `{shard}.done` markers."""
 
     def __init__(self, root: str | os.PathLike, plan: str) -> None:
         self.root = Path(root)
         self.plan = plan
-        meta = self.root / "plan.json"
-        if meta.exists():
-            try:
-                same = json.loads(meta.read_text()).get("plan") == plan
-            except (OSError, ValueError):
-                same = False
-            if not same:  # inputs or configuration changed: nothing in here is valid
-                shutil.rmtree(self.root)
-        self.created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not meta.exists():
-            save_json(meta, {"plan": plan})
         self.reused = 0
+        self._verified: set[tuple[str, str]] = set()
+        try:
+            self._open()
+        except OSError as exc:
+            raise os_error(exc, "cannot use the work directory", self.root) from None
+
+    def _open(self) -> None:
+        root = self.root
+        if root.is_symlink() or (root.exists() and not root.is_dir()):
+            raise VaralignError("the work directory exists and is not a folder", root)
+        marker = _read_marker(root) if root.exists() else None
+        if root.exists() and marker is None and any(root.iterdir()):
+            raise VaralignError("the work directory is not empty and was not created by varalign (no "
+                                f"{MARKER} marker): refused, nothing in it is touched; give an empty or new folder",
+                                root)
+        self.created = marker is None
+        if marker is None:  # an empty folder the user made is emptied at the end, not removed
+            marker = {"tool": "varalign", "token": secrets.token_hex(8), "pid": os.getpid(),
+                      "keep_folder": root.exists()}
+            root.mkdir(parents=True, exist_ok=True)
+            save_json(root / MARKER, marker)
+        self.token = marker["token"]
+        self.keep_folder = bool(marker.get("keep_folder"))
+        meta = root / "plan.json"
+        try:
+            same = json.loads(meta.read_text()).get("plan") == self.plan
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:  # inputs or configuration changed: nothing in here is valid (and all of it is ours)
+            self._clear()
+            save_json(meta, {"plan": self.plan})
+
+    def _clear(self, marker_too: bool = False) -> None:
+        self._check_owned()
+        for entry in self.root.iterdir():
+            if entry.name == MARKER and not marker_too:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def _check_owned(self) -> None:
+        marker = _read_marker(self.root)
+        if marker is None or marker.get("token") != self.token:
+            raise VaralignError(f"the work directory's {MARKER} marker changed or vanished: not removing it", self.root)
 
     def path(self, phase: str, name: str = "") -> Path:
         d = self.root / phase
@@ -47,23 +105,49 @@ class WorkDir:
         return d / name if name else d
 
     def has(self, phase: str, name: str) -> bool:
-        """Whether the task `name` of `phase` has finished."""
-        return (self.root / phase / f"{name}.done").exists()
+        """Whether the task `name` of `phase` has finished and its result is intact (else it is redone)."""
+        if (phase, name) in self._verified:
+            return True
+        done, result = self.root / phase / f"{name}.done", self.root / phase / f"{name}.npz"
+        if not done.exists():
+            return False
+        try:
+            size = int(done.read_text().strip() or -1)
+            ok = result.stat().st_size == size
+            if ok:
+                with zipfile.ZipFile(result) as zf:
+                    ok = zf.testzip() is None  # every member's CRC
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            ok = False
+        if not ok:  # truncated, empty or corrupt (power loss, a full disk): redo the task
+            for p in (done, result):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            return False
+        self._verified.add((phase, name))
+        return True
 
     def load(self, phase: str, name: str) -> dict[str, np.ndarray] | None:
         """A finished task's arrays, or None if it has not finished."""
-        if not (self.root / phase / f"{name}.done").exists():
+        if not self.has(phase, name):
             return None
         with np.load(self.root / phase / f"{name}.npz", allow_pickle=False) as npz:
             self.reused += 1
             return {k: npz[k] for k in npz.files}
 
     def save(self, phase: str, name: str, arrays: dict[str, np.ndarray]) -> None:
-        """Write the result atomically, then its completion marker."""
-        with atomic_path(self.path(phase, f"{name}.npz"), ".npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        (self.root / phase / f"{name}.done").touch()
+        """Write the result atomically, then its completion marker (holding the result's size). Not
+        fsynced: a result torn by a power loss fails `has()`'s size and CRC checks and is redone."""
+        dest = self.path(phase, f"{name}.npz")
+        try:
+            with atomic_path(dest, ".npz", durable=False) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **arrays)
+            with atomic_path(self.root / phase / f"{name}.done", durable=False) as tmp:
+                tmp.write_text(f"{dest.stat().st_size}\n")
+        except VaralignError as exc:
+            raise VaralignError(f"cannot write the work directory: {exc}", self.root) from None
+        self._verified.add((phase, name))
 
     def read(self, phase: str, name: str, key: str) -> np.ndarray | None:
         """One array of a finished task's result (not counted as reused), or None if there is none."""
@@ -75,13 +159,23 @@ class WorkDir:
 
     def put_array(self, phase: str, name: str, array: np.ndarray) -> None:
         """Store one array of the run's own state (a keep mask, a column) as `{phase}/{name}.npy`."""
-        with atomic_path(self.path(phase, f"{name}.npy"), ".npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, array, allow_pickle=False)
+        try:
+            with atomic_path(self.path(phase, f"{name}.npy"), ".npy", durable=False) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, array, allow_pickle=False)
+        except VaralignError as exc:
+            raise VaralignError(f"cannot write the work directory: {exc}", self.root) from None
 
     def get_array(self, phase: str, name: str) -> np.ndarray:
         """An array stored by `put_array`."""
         return np.load(self.root / phase / f"{name}.npy", allow_pickle=False)
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Remove the work directory, only if it still carries our marker (with our token)."""
+        if not self.root.exists():
+            return
+        self._check_owned()
+        if self.keep_folder:
+            self._clear(marker_too=True)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
