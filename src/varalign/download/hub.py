@@ -48,26 +48,32 @@ def fetch_metadata(scale: str, metadata_dir: Path, cache_dir: Path, *, download_
 
 def _snapshot(scale: str, metadata_dir: Path, cache_dir: Path, kinds: list[str], overwrite: bool,
               quiet: bool) -> list[str]:
-    from huggingface_hub import snapshot_download  # noqa: PLC0415 - the [download] extra
+    from huggingface_hub import HfApi, snapshot_download  # noqa: PLC0415 - the [download] extra
 
     repo = repo_id(scale)
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now, not when huggingface_hub was imported
     names: list[str] = []
-    for kind in kinds:
-        # xlarge keeps its files in part_* folders; DataComp asks for */*.{kind} and moves them up
-        pattern = f"*/*.{kind}" if scale == "xlarge" else f"*.{kind}"
-        try:
+    try:
+        # listed first: snapshot_download falls back to whatever local_dir holds when the Hub cannot be reached
+        listed = HfApi(endpoint=endpoint).list_repo_files(repo, repo_type="dataset")
+        for kind in kinds:
+            # xlarge keeps its files in part_* folders; DataComp asks for */*.{kind} and moves them up
+            pattern = f"*/*.{kind}" if scale == "xlarge" else f"*.{kind}"
             snapshot_download(repo, repo_type="dataset", allow_patterns=pattern, local_dir=str(metadata_dir),
                               cache_dir=str(cache_dir), force_download=overwrite, endpoint=endpoint,
                               tqdm_class=_Quiet if quiet else None)
-        except Exception as exc:  # noqa: BLE001 - network, HTTP and Hub errors: all end the same way
-            where = f"{endpoint or 'https://huggingface.co'}/datasets/{repo}"
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise VaralignError(f"cannot download the metadata from {where} ({type(exc).__name__}: {text}); "
-                                "run the same command again to resume", metadata_dir) from None
-        if scale == "xlarge":
-            _flatten(metadata_dir, kind)
-        names += sorted(p.name for p in metadata_dir.iterdir() if p.suffix == f".{kind}")
+            if scale == "xlarge":
+                _flatten(metadata_dir, kind)
+            want = sorted(Path(f).name for f in listed if f.endswith(f".{kind}") and ("/" in f) == (scale == "xlarge"))
+            missing = [n for n in want if not (metadata_dir / n).is_file()]
+            if not want or missing:
+                raise RuntimeError(f"no *.{kind} files in the repo" if not want else f"{missing[0]} did not arrive")
+            names += want
+    except Exception as exc:  # noqa: BLE001 - network, HTTP and Hub errors: all end the same way
+        where = f"{endpoint or 'https://huggingface.co'}/datasets/{repo}"
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VaralignError(f"cannot download the metadata from {where} ({type(exc).__name__}: {text}); "
+                            "run the same command again to resume", metadata_dir) from None
     return names
 
 

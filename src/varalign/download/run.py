@@ -84,9 +84,11 @@ def download(opts: DownloadOptions) -> DownloadResult:
                                    plan.needed_columns(opts.verify_hash, not opts.skip_bbox_blurring))
         if opts.skip_shards:
             return _metadata_only(opts, data_dir, meta_dir, files, rows, fetched)
-        main = _main_plan(opts, work, meta_dir, files, rows)
         shards = data_dir / "shards"
-        _claim(work, shards, opts, files, main)
+        keep = plan.read_subsets(opts.subset) if opts.subset else None
+        settings = _claim(work, shards, opts, files, None if keep is None else plan.uid_digest(keep))
+        main = _main_plan(opts, work, meta_dir, files, rows, keep)
+        save_json(work / "state.json", {"settings": settings, "main_shards": len(main.shard_rows)})
         _run_main(opts, work, shards, main)
         if opts.retry_failed:
             _run_retry(opts, work, shards, main)
@@ -147,13 +149,13 @@ def _locked(work: Path) -> Iterator[None]:
         yield
 
 
-def _claim(work: Path, shards: Path, opts: DownloadOptions, files: list[Path], main: plan.Plan) -> None:
-    """Record the settings this data_dir downloads with; refuse a shards folder varalign did not start
-    or one started with other settings (its shard ids would mean other rows)."""
-    state_path = work / "state.json"
+def _claim(work: Path, shards: Path, opts: DownloadOptions, files: list[Path], digest: str | None) -> dict:
+    """The settings this data_dir downloads with. Refuses a shards folder varalign did not start, or one
+    started with other settings (its shard ids would mean other rows)."""
     want = {k: getattr(opts, k) for k in FINGERPRINT}
     want["metadata"] = [[f.name, f.stat().st_size] for f in files]
-    want["subset_uids_sha256"] = main.to_json().get("subset_digest")
+    want["subset_uids_sha256"] = digest
+    state_path = work / "state.json"
     if state_path.exists():
         have = json.loads(state_path.read_text())["settings"]
         diff = [k for k in want if have.get(k) != want[k]]
@@ -162,11 +164,10 @@ def _claim(work: Path, shards: Path, opts: DownloadOptions, files: list[Path], m
             what = "the metadata files" if k == "metadata" else "the subset" if k.startswith("subset") else f"--{k}"
             raise VaralignError(f"this download was started with other settings ({what} changed: "
                                 f"{_short(have.get(k))} -> {_short(want[k])}); use another --data_dir", shards.parent)
-        return
-    if shards.exists() and any(shards.iterdir()):
+    elif shards.exists() and any(shards.iterdir()):
         raise VaralignError("shards/ holds files that varalign download did not write; use another --data_dir",
                             shards)
-    save_json(state_path, {"settings": want, "main_shards": len(main.shard_rows)})
+    return want
 
 
 def _short(value: object) -> str:
@@ -196,31 +197,21 @@ def _image_settings(opts: DownloadOptions) -> dict:
             "resize_only_if_bigger": opts.resize_only_if_bigger, "encode_format": opts.encode_format}
 
 
-def _main_plan(opts: DownloadOptions, work: Path, meta_dir: Path, files: list[Path], rows: list[int]) -> plan.Plan:
+def _main_plan(opts: DownloadOptions, work: Path, meta_dir: Path, files: list[Path], rows: list[int],
+               keep: np.ndarray | None) -> plan.Plan:
     """The first pass's input: the metadata directory itself, or the subset's rows (written once)."""
     nps = opts.number_sample_per_shard
-    if not opts.subset:
+    if keep is None:
         return plan.pool_plan(meta_dir, files, rows, nps, _image_settings(opts))
-    keep = plan.read_subsets(opts.subset)
-    digest = plan.uid_digest(keep)
     saved = work / "subset_plan.json"
-    if saved.exists() and (work / "input").is_dir():
-        p = json.loads(saved.read_text())
-        if p.get("subset_digest") == digest:
-            return _SubsetPlan(**{k: v for k, v in p.items() if k != "subset_digest"}, subset_digest=digest)
+    if saved.exists() and (work / "input").is_dir():  # same subset: _claim checked it
+        return plan.Plan(**json.loads(saved.read_text()))
     p = plan.write_selection(files, keep, work / "input", nps, _image_settings(opts))
     if p.urls == 0:
         shutil.rmtree(work / "input")
-        names = ", ".join(opts.subset)
-        raise VaralignError(f"none of the subset's {len(keep):,} uids is in the pool ({meta_dir})", names)
-    out = _SubsetPlan(**asdict(p), subset_digest=digest)
-    save_json(saved, out.to_json())
-    return out
-
-
-@dataclass
-class _SubsetPlan(plan.Plan):
-    subset_digest: str = ""
+        raise VaralignError(f"none of the subset's {len(keep):,} uids is in the pool ({meta_dir})", ", ".join(opts.subset))
+    save_json(saved, p.to_json())
+    return p
 
 
 def _run_main(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan) -> None:
