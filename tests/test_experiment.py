@@ -123,9 +123,19 @@ def test_reshard_refuses_non_empty_output(data: Path, tmp_path: Path) -> None:
     argv = ["reshard", "-i", str(data / "shards"), "-o", str(tmp_path / "out"), "-s", str(tmp_path / "s.npy"), "-q"]
     with pytest.raises(VaralignError, match="not empty"):
         run_cli(argv)
-    assert run_cli([*argv, "--overwrite"]) == 0
+    with pytest.raises(VaralignError, match="holds no varalign reshard output"):  # not ours: never deleted
+        run_cli([*argv, "--overwrite"])
+    assert (tmp_path / "out" / "00000007.tar").read_bytes() == b"stale"
+    (tmp_path / "out" / "00000007.tar").unlink()
+    assert run_cli(argv) == 0
+    (tmp_path / "out" / "notes.txt").write_text("the user's")
+    with pytest.raises(VaralignError, match="not empty"):
+        run_cli(argv)
+    assert run_cli([*argv, "--overwrite"]) == 0  # replaces its own earlier output, nothing else
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "00000000.tar", "00000000_stats.json", "meta.json", "sample_ids.npy"]
+        "00000000.tar", "00000000_stats.json", "meta.json", "notes.txt", "sample_ids.npy"]
+    with pytest.raises(VaralignError, match="output directory is the input"):
+        run_cli(["reshard", "-i", str(data / "shards"), "-o", str(data / "shards"), "-s", str(tmp_path / "s.npy")])
     with pytest.raises(VaralignError, match="subset file"):
         run_cli(["reshard", "-i", str(data / "shards"), "-o", str(tmp_path / "o2"), "-s", str(tmp_path / "nope.npy")])
     with pytest.raises(VaralignError, match="no .tar shards"):

@@ -475,3 +475,66 @@ def test_no_warnings_on_stderr(ws: Path, capsys) -> None:
     r = subprocess.run([sys.executable, "-W", "default", "-m", "varalign", *argv], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "Warning" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- the other commands
+
+
+def test_target_outputs_are_guarded_and_the_alias_round_trips(ws: Path, capsys) -> None:
+    feats = ws / "feats"
+    feats.mkdir()
+    np.save(feats / "a.npy", np.random.default_rng(0).standard_normal((50, 768)).astype(np.float32))
+    before = _snapshot(ws)
+    code, err = _cli(["target", str(feats / "a.npy"), "--save_path", str(feats / "a.npy"), "--quiet"], capsys)
+    _one_line_error(code, err, feats / "a.npy")
+    code, err = _cli(["target", str(feats), "--save_path", str(feats / "t.npy"), "--quiet"], capsys)
+    _one_line_error(code, err, "inside the input folder")
+    (ws / "mine.npy").write_bytes(b"user data")
+    code, err = _cli(["target", str(feats), "--save_path", str(ws / "mine.npy"), "--quiet"], capsys)
+    _one_line_error(code, err, ws / "mine.npy", "--overwrite")
+    assert _snapshot(ws) == before | {"mine.npy": b"user data"}
+    # `--name imagenet-1k` is stored under the canonical name, where `filter` looks for it
+    code, err = _cli(["target", str(ws / "pool"), "--files_path", str(ws / "files"), "--name", "imagenet-1k",
+                      "--quiet"], capsys)
+    assert code == 0, err
+    code, err = _cli(["filter", "--name", "vas", "--metadata_dir", str(ws / "pool"), "--save_path",
+                      str(ws / "s.npy"), "--arch", "l14", "--fraction", "0.5", "--fraction_vas", "0.3",
+                      "--target_variance_name", "imagenet-1k", "--files_path", str(ws / "files"), "--quiet"], capsys)
+    assert code == 0, err
+    again = ["target", str(ws / "pool"), "--files_path", str(ws / "files"), "--name", "imagenet_1k", "--quiet"]
+    assert _cli(again, capsys)[0] == 0  # its own earlier output is replaced without --overwrite
+
+
+def test_report_output_is_guarded(ws: Path, capsys) -> None:
+    sub = ws / "s.npy"
+    filter_pool(ws / "pool", sub, "clip_score", arch="l14", fraction=0.3, quiet=True)
+    base = ["report", "--metadata_dir", str(ws / "pool"), "--selections", str(sub), "--top", "2"]
+    code, err = _cli(base + ["--output", str(sub)], capsys)
+    _one_line_error(code, err, sub)
+    code, err = _cli(base + ["--output", str(manifest_path(sub))], capsys)
+    _one_line_error(code, err, manifest_path(sub))
+    page = ws / "index.html"
+    page.write_text("<html>the user's page</html>")
+    code, err = _cli(base + ["--output", str(page)], capsys)
+    _one_line_error(code, err, page, "--overwrite")
+    assert page.read_text() == "<html>the user's page</html>"
+    ours = ws / "r.html"
+    assert _cli(base + ["--output", str(ours)], capsys)[0] == 0
+    assert _cli(base + ["--output", str(ours)], capsys)[0] == 0  # a varalign report is regenerated in place
+    _no_hidden_leftovers(ws)
+
+
+def test_embed_output_directory_is_guarded(ws: Path, capsys) -> None:
+    imgs = ws / "imgs"
+    imgs.mkdir()
+    (imgs / "a.txt").write_text("a caption")
+    (imgs / "a.png").write_bytes(b"not decoded before the checks")
+    base = ["embed", str(imgs), "--model_config", str(ws / "none.json"), "--random_init", "--quiet"]
+    code, err = _cli(base + ["--output_dir", str(imgs)], capsys)
+    _one_line_error(code, err, imgs)
+    mine = ws / "mine"
+    mine.mkdir()
+    (mine / "00000000.parquet").write_bytes(b"the user's shard")
+    code, err = _cli(base + ["--output_dir", str(mine), "--overwrite"], capsys)
+    _one_line_error(code, err, mine, "not touched")
+    assert (mine / "00000000.parquet").read_bytes() == b"the user's shard"

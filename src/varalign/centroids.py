@@ -16,15 +16,15 @@ numpy state of spawned workers, which its seed does not reach).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
-from .atomic import save_npy
 from .backend import check_finite, to_float32
 from .errors import VaralignError
+from .guard import guarded_outputs
 from .npz import iter_blocks
 from .pool import Shard, discover_shards, embedding_member
 
@@ -91,22 +91,37 @@ def build_centroids(source: str | os.PathLike | Iterable[np.ndarray], k: int = 1
                     seed: int = 0, max_points_per_centroid: int = 10_000_000, sample_ratio: float = -1.0,
                     caption_filter: bool = True, key: str = "l14_img",
                     model_path: str | os.PathLike | None = None, gpu: bool | None = None,
-                    save_path: str | os.PathLike | None = None, verbose: bool = False) -> np.ndarray:
+                    save_path: str | os.PathLike | None = None, verbose: bool = False,
+                    overwrite: bool = False) -> np.ndarray:
     """Centroids of a pool directory (caption filter + sample as DataComp) or of embedding arrays.
 
     An iterator of arrays is used as given (no caption filter, no sampling). With `save_path`
-    the centroids are written atomically as float32 `.npy`.
+    the centroids are written atomically as float32 `.npy`, with a manifest beside them; an existing
+    file varalign did not write is not replaced unless `overwrite`.
     """
     if sample_ratio > 1:
         raise VaralignError(f"sample_ratio must be <= 1 (or <= 0 for no sampling), got {sample_ratio}")
-    if isinstance(source, (str, os.PathLike)):
-        x = load_training_embeddings(source, key, caption_filter, sample_ratio, seed, model_path)
-    else:
-        parts = [to_float32(np.asarray(a)) for a in source]
-        x = np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise VaralignError("training embeddings hold NaN/inf")
-    centroids = train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu, verbose)
-    if save_path is not None:
-        save_npy(Path(save_path), centroids)
+    with contextlib.ExitStack() as stack:
+        group = None
+        if save_path is not None:  # checked, locked and verified before the (long) k-means
+            inputs = {"--metadata_dir": str(source) if isinstance(source, (str, os.PathLike)) else None,
+                      "--fasttext_model": model_path}
+            group = stack.enter_context(guarded_outputs({"--save_path": save_path}, inputs, overwrite=overwrite,
+                                                        pool_dirs=[inputs["--metadata_dir"]] if inputs[
+                                                            "--metadata_dir"] else []))
+        if isinstance(source, (str, os.PathLike)):
+            x = load_training_embeddings(source, key, caption_filter, sample_ratio, seed, model_path)
+        else:
+            parts = [to_float32(np.asarray(a)) for a in source]
+            x = np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise VaralignError("training embeddings hold NaN/inf")
+        centroids = train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu, verbose)
+        if group is not None:
+            with group.write(save_path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, centroids, allow_pickle=False)
+            group.commit({"tool": "varalign centroids", "path": str(save_path), "k": int(len(centroids)),
+                          "dim": int(centroids.shape[1]), "niter": niter, "seed": seed,
+                          "sample_ratio": sample_ratio, "caption_filter": caption_filter, "training_rows": len(x),
+                          "source": str(source) if isinstance(source, (str, os.PathLike)) else "arrays"})
     return centroids

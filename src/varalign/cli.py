@@ -117,19 +117,20 @@ def _target_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--files_path", help="save as FILES_PATH/variance/variance_{name}.npy")
     p.add_argument("--name", help="target name for --files_path (e.g. imagenet_1k)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise every row first")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output varalign did not write")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_target)
 
 
 def _run_target(args: argparse.Namespace) -> int:
-    from .target import build_target  # noqa: PLC0415
+    from .target import build_target, canonical_target_name  # noqa: PLC0415
 
     if args.save_path is None:
         if not (args.files_path and args.name):
             raise VaralignError("give --save_path, or --files_path and --name")
-        args.save_path = os.path.join(args.files_path, "variance", f"variance_{args.name}.npy")
+        args.save_path = os.path.join(args.files_path, "variance", f"variance_{canonical_target_name(args.name)}.npy")
     info = build_target(args.inputs, args.save_path, arch=args.arch, key=args.key, normalize=args.normalize,
-                        quiet=args.quiet)
+                        quiet=args.quiet, overwrite=args.overwrite)
     print(f"target {info['dim']}×{info['dim']} from {info['rows']:,} rows -> {args.save_path}")
     return 0
 
@@ -152,6 +153,7 @@ def _centroids_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no_caption_filter", action="store_true", help="train on every row")
     p.add_argument("--fasttext_model", help="fastText model for the caption filter (default: bundled lid.176.ftz)")
     p.add_argument("--gpu", action="store_true", help="faiss on the GPU(s) (default: GPU when faiss sees one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output varalign did not write")
     p.set_defaults(func=_run_centroids)
 
 
@@ -161,7 +163,7 @@ def _run_centroids(args: argparse.Namespace) -> int:
     c = build_centroids(args.metadata_dir, k=args.num_clusters, niter=args.niter, seed=args.seed,
                         max_points_per_centroid=args.max_points_per_centroid, sample_ratio=args.sample_ratio,
                         caption_filter=not args.no_caption_filter, model_path=args.fasttext_model,
-                        gpu=True if args.gpu else None, save_path=args.save_path)
+                        gpu=True if args.gpu else None, save_path=args.save_path, overwrite=args.overwrite)
     print(f"{len(c):,} centroids × {c.shape[1]} -> {args.save_path}")
     return 0
 

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .atomic import OutputGroup, check_output_path
 from .errors import VaralignError
 
 POOL_SUFFIXES = (".parquet", ".npz")
@@ -40,7 +41,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_paths(inputs: dict[str, object], outputs: dict[str, object], work_dir: object | None = None,
-                pool_dirs: Iterable[object] = ()) -> None:
+                pool_dirs: Iterable[object] = (), dir_label: str = "work directory") -> None:
     """Refuse (one line, naming both) any output that is an input, another output, or inside the
     work directory; a work directory that is or holds an input or an output; and a `.parquet`/`.npz`
     output inside a pool directory (the next run would read it as a shard).
@@ -67,10 +68,9 @@ def check_paths(inputs: dict[str, object], outputs: dict[str, object], work_dir:
     for kind, items in (("input", ins), ("output", outs)):
         for k, p in items:
             if _same(w, p):
-                raise VaralignError(f"the work directory is the {kind} {k} ({p}): refused", w)
+                raise VaralignError(f"the {dir_label} is the {kind} {k} ({p}): refused", w)
             if _inside(p, w):
-                raise VaralignError(f"the work directory holds the {kind} {k} ({p}): refused (it is removed after "
-                                    "the run)", w)
+                raise VaralignError(f"the {dir_label} holds the {kind} {k} ({p}): refused", w)
 
 
 def _paths(value: object) -> list[str]:
@@ -142,3 +142,26 @@ def lock_outputs(outputs: Iterable[object]) -> Iterator[None]:
             Path(p).parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(lock(lock_file_for(p), f"the output {p}"))
         yield
+
+
+@contextlib.contextmanager
+def guarded_outputs(outputs: dict[str, object], inputs: dict[str, object], manifest: object | None = None,
+                    overwrite: bool = False, pool_dirs: Iterable[object] = ()) -> Iterator[OutputGroup]:
+    """Everything a command does before and around writing its output files: each path writable, no
+    output an input or another output, every output locked, a killed commit recovered, no file that
+    varalign did not write replaced (unless `overwrite`); temps removed whatever happens.
+
+    `outputs`: {flag: path}; the first is the primary one (the manifest goes beside it unless given).
+    Use: `with guarded_outputs(...) as group: with group.write(path) as tmp: ...; group.commit(manifest)`.
+    """
+    paths = {k: Path(str(v)) for k, v in outputs.items() if v is not None}
+    for p in paths.values():
+        check_output_path(p)
+    group = OutputGroup(list(paths.values()), manifest, overwrite=overwrite)
+    named = dict(paths) | ({"the manifest": group.manifest} if group.manifest is not None else {})
+    check_paths(inputs, named, pool_dirs=pool_dirs)
+    with lock_outputs(group.all_paths()):
+        group.recover()
+        group.check_overwrite()
+        with group.writing():
+            yield group

@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__
-from .atomic import atomic_path, check_output_path
+from .atomic import atomic_path, check_output_path, manifest_path, remove_stale_temps
 from .errors import VaralignError
+from .guard import check_paths, lock_outputs
 from .pool import Shard, discover_shards
 from .uids import hex_to_uids, isin_sorted, load_subset
 
@@ -88,10 +89,6 @@ class Selection:
     labels: dict[str, Counter] = field(default_factory=dict)
 
 
-def _manifest_path(subset: Path) -> Path:
-    return subset.with_name(subset.stem + ".manifest.json")
-
-
 def _read_manifest(path: Path) -> dict | None:
     if not path.exists():
         return None
@@ -139,7 +136,7 @@ def load_selections(selections: list, scores: list | None) -> list[Selection]:
         if not path.is_file():
             raise VaralignError("selection (subset .npy) not found", path)
         size = len(load_subset(path))
-        mpath = _manifest_path(path)
+        mpath = manifest_path(path)
         manifest = _read_manifest(mpath)
         notes = [] if manifest else [f"no manifest ({mpath.name}): counts per stage unknown"]
         sc = _find_scores(manifest, mpath, str(scores[i]) if scores else None, notes)
@@ -623,7 +620,8 @@ def selection_html(sel: Selection, pool: Pool, rows: dict[str, dict]) -> str:
 
 def render(sels: list[Selection], pool: Pool, inter: dict, rows: dict[str, dict], title: str) -> str:
     head = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body>')
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">{GENERATOR}<style>{CSS}</style>'
+            '</head><body>')
     intro = (f"<h1>{esc(title)}</h1><p class=\"meta\">pool {esc(pool.root)}: {pool.rows:,} samples in "
              f"{len(pool.shards)} shards · generated {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} by varalign "
              f"{esc(__version__)}. Histograms: grey = rows the stage scored, blue = rows it kept, red = the "
@@ -634,12 +632,40 @@ def render(sels: list[Selection], pool: Pool, inter: dict, rows: dict[str, dict]
 
 
 # -- entry points -----------------------------------------------------------------------------------
+GENERATOR = '<meta name="generator" content="varalign report">'
+
+
+def _is_our_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return GENERATOR.encode() in fh.read(1 << 16)
+    except OSError:
+        return False
+
+
 def build_report(metadata_dir: str | os.PathLike, selections: list, output: str | os.PathLike,
-                 scores: list | None = None, top: int = 12, title: str | None = None) -> Path:
-    """Write the HTML report for `selections` (subset .npy files) over the pool in `metadata_dir`."""
+                 scores: list | None = None, top: int = 12, title: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the HTML report for `selections` (subset .npy files) over the pool in `metadata_dir`.
+
+    An existing `output` that is not a varalign report is not replaced unless `overwrite`."""
     if top < 0:
         raise VaralignError(f"--top must be >= 0, got {top}")
+    output = Path(output)
     check_output_path(output)
+    check_paths({"--metadata_dir": str(metadata_dir), "--selections": [str(s) for s in selections],
+                 "--scores": [str(s) for s in scores or []],
+                 "a manifest": [str(manifest_path(s)) for s in selections]}, {"--output": output})
+    with lock_outputs([output]):
+        remove_stale_temps(output)
+        if output.exists() and not overwrite and not _is_our_report(output):
+            raise VaralignError("exists and is not a varalign report: not overwritten; remove it, choose another "
+                                "--output, or pass --overwrite", output)
+        return _build_report(metadata_dir, selections, output, scores, top, title)
+
+
+def _build_report(metadata_dir: str | os.PathLike, selections: list, output: Path, scores: list | None, top: int,
+                  title: str | None) -> Path:
     pool = open_pool(metadata_dir)
     sels = load_selections(list(selections), list(scores) if scores is not None else None)
     count_labels(pool, None)
@@ -666,10 +692,12 @@ def register_report(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scores", nargs="+", help="one --save_scores parquet per selection (default: the manifest's)")
     p.add_argument("--top", type=int, default=12, help="highest/lowest-scored samples shown per selection")
     p.add_argument("--title", help="page title")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output that is not a varalign report")
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    out = build_report(args.metadata_dir, args.selections, args.output, args.scores, args.top, args.title)
+    out = build_report(args.metadata_dir, args.selections, args.output, args.scores, args.top, args.title,
+                       overwrite=args.overwrite)
     print(f"report -> {out}")
     return 0

@@ -14,12 +14,17 @@ from .errors import VaralignError
 TARGET_ALIASES = {"imagenet-1k": "imagenet_1k", "variance_imagenet_1k": "imagenet_1k"}
 
 
+def canonical_target_name(name: str) -> str:
+    """The name a target is stored under (`imagenet-1k` and `variance_imagenet_1k` are `imagenet_1k`)."""
+    return TARGET_ALIASES.get(name, name)
+
+
 def target_path_for(files_path: str | os.PathLike, name: str) -> Path:
     """Where the VAS reference looks for a named target: `{files_path}/variance/variance_{name}.pt`.
 
     A `.npy` with the same stem (what `varalign target` writes without torch) is found too.
     """
-    name = TARGET_ALIASES.get(name, name)
+    name = canonical_target_name(name)
     base = Path(files_path) / "variance" / f"variance_{name}"
     for suffix in (".pt", ".npy"):
         if base.with_suffix(suffix).exists():
@@ -185,55 +190,71 @@ def _is_pool(path: Path) -> bool:
 
 
 def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLike, arch: str = "l14",
-                 key: str | None = None, normalize: bool = False, quiet: bool = False) -> dict:
+                 key: str | None = None, normalize: bool = False, quiet: bool = False,
+                 overwrite: bool = False) -> dict:
     """Build the (1/N) Σ f fᵀ target from embeddings and save it (float32 `.npy`, or `.pt` with torch).
 
     `inputs`: DataComp metadata dirs (reads `{arch}_img`, or `key`), `.npy`/`.pt` files, or
-    folders of them. Returns a summary dict (rows, dim, trace, mean row norm).
+    folders of them. Returns a summary dict (rows, dim, trace, mean row norm). The target and its
+    manifest appear together; an existing file varalign did not write is not replaced unless `overwrite`.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from .atomic import atomic_path, check_output_path, save_json, save_npy  # noqa: PLC0415
     from .backend import to_float32  # noqa: PLC0415
+    from .guard import guarded_outputs  # noqa: PLC0415
 
-    check_output_path(save_path)
-    sources: list[Iterator[tuple[str, np.ndarray]]] = []
-    for item in inputs:
-        p = Path(item)
-        if _is_pool(p):
-            sources.append(_pool_blocks(p, key or f"{arch}_img"))
-        else:
-            sources.extend(_file_blocks(f, key) for f in expand_inputs([p]))
-    acc = SecondMoment()
-    norm_sum = 0.0
-    with tqdm(desc="target", unit="row", unit_scale=True, disable=quiet, leave=False) as bar:
-        for source in sources:
-            for origin, block in source:
-                f = to_float32(block)
-                norms = np.linalg.norm(f, axis=1)
-                if normalize:
-                    f = f / np.maximum(norms, 1e-12)[:, None]
-                norm_sum += float(norms.sum())
-                try:
-                    acc.add(f)
-                except ValueError as exc:
-                    raise VaralignError(str(exc), origin) from None
-                bar.update(len(f))
-    if acc.count == 0:
-        raise VaralignError("no embeddings found in the inputs")
-    target = acc.result()
+    inputs = list(inputs)
     save_path = Path(save_path)
     if save_path.suffix == ".pt":
         try:
             import torch  # noqa: PLC0415
         except ImportError:
             raise VaralignError("saving .pt needs torch; save as .npy instead", save_path) from None
-        with atomic_path(save_path, ".pt") as tmp:
-            torch.save(torch.from_numpy(target), tmp)
-    else:
-        save_npy(save_path, target)
-    info = {"rows": acc.count, "dim": int(target.shape[0]), "trace": float(np.trace(target)),
-            "mean_row_norm": norm_sum / acc.count, "normalized": normalize,
-            "inputs": [str(i) for i in inputs], "path": str(save_path)}
-    save_json(save_path.with_name(save_path.stem + ".manifest.json"), {"tool": "varalign target", **info})
+    files: list[Path] = []
+    sources: list[Iterator[tuple[str, np.ndarray]]] = []
+    for item in inputs:
+        p = Path(item)
+        if _is_pool(p):
+            files.append(p)
+            sources.append(_pool_blocks(p, key or f"{arch}_img"))
+        else:
+            found = expand_inputs([p])
+            files.extend(found)
+            sources.extend(_file_blocks(f, key) for f in found)
+    for item in inputs:  # a target saved into a folder of input arrays would be read by the next run
+        p = Path(item)
+        if p.is_dir() and not _is_pool(p) and save_path.suffix in (".npy", ".pt", ".pth") \
+                and save_path.absolute().parent.resolve() == p.resolve():
+            raise VaralignError(f"--save_path is inside the input folder {p}: the next run would read it as an "
+                                "input; write it elsewhere", save_path)
+    with guarded_outputs({"--save_path": save_path}, {"an input": [str(f) for f in files]},
+                         overwrite=overwrite) as group:
+        acc = SecondMoment()
+        norm_sum = 0.0
+        with tqdm(desc="target", unit="row", unit_scale=True, disable=quiet, leave=False) as bar:
+            for source in sources:
+                for origin, block in source:
+                    f = to_float32(block)
+                    norms = np.linalg.norm(f, axis=1)
+                    if normalize:
+                        f = f / np.maximum(norms, 1e-12)[:, None]
+                    norm_sum += float(norms.sum())
+                    try:
+                        acc.add(f)
+                    except ValueError as exc:
+                        raise VaralignError(str(exc), origin) from None
+                    bar.update(len(f))
+        if acc.count == 0:
+            raise VaralignError("no embeddings found in the inputs")
+        target = acc.result()
+        with group.write(save_path) as tmp:
+            if save_path.suffix == ".pt":
+                torch.save(torch.from_numpy(target), tmp)
+            else:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, target, allow_pickle=False)
+        info = {"rows": acc.count, "dim": int(target.shape[0]), "trace": float(np.trace(target)),
+                "mean_row_norm": norm_sum / acc.count, "normalized": normalize,
+                "inputs": [str(i) for i in inputs], "path": str(save_path)}
+        group.commit({"tool": "varalign target", **info})
     return info

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
+from ..guard import check_paths, lock, lock_file_for
 from ..pool import ARCHS, SCORE_COLUMN, image_key, text_key
 from ..synth import write_npz
 from ..uids import hex_to_uids
@@ -73,6 +74,23 @@ def embed(inputs: list[str | os.PathLike], output_dir: str | os.PathLike, *, mod
         raise VaralignError("give --pretrained (tag or checkpoint); --random_init embeds with untrained weights")
     units = _units(inputs, shard_size)
     out = Path(output_dir)
+    check_paths({"an input": [str(i) for i in inputs]}, {}, work_dir=out, dir_label="output directory")
+    for i in inputs:
+        if Path(i).is_dir() and Path(i).resolve() == out.resolve():
+            raise VaralignError("the output directory is an input: refused", out)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with lock(lock_file_for(out.absolute()), f"the output directory {out}"):
+        return _embed(units, out, model=model, pretrained=pretrained, model_config=model_config, arch=arch,
+                      batch_size=batch_size, device=device, num_workers=num_workers, random_init=random_init,
+                      seed=seed, overwrite=overwrite, quiet=quiet, start=start)
+
+
+def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str | None,
+           model_config: str | os.PathLike | None, arch: str, batch_size: int, device: str | None, num_workers: int,
+           random_init: bool, seed: int, overwrite: bool, quiet: bool, start: float) -> EmbedResult:
+    if out.is_dir() and any(out.iterdir()) and _read_manifest(out) is None:
+        raise VaralignError("output directory is not empty and holds no varalign embed output "
+                            f"({MANIFEST}): not touched; give an empty or new folder", out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"model": model, "pretrained": pretrained, "model_config": str(model_config) if model_config else None,
               "arch": arch, "random_init": random_init, "seed": seed}
@@ -80,7 +98,13 @@ def embed(inputs: list[str | os.PathLike], output_dir: str | os.PathLike, *, mod
     result = EmbedResult(str(out))
     todo = [u for u in units if not (out / f"{u.name}.parquet").exists() or not (out / f"{u.name}.npz").exists()]
     result.reused = len(units) - len(todo)
-    manifest: dict = {"config": config, "shards": {}}
+    old = _read_manifest(out) or {}
+    manifest: dict = {"config": config, "shards": {},
+                      "planned": sorted(set(old.get("planned", [])) | {u.name for u in units})}
+    # written before the first shard: the folder is varalign's from now on, and the shards it will hold
+    # are named, so --overwrite later removes exactly those (a killed run's included)
+    save_json(out / MANIFEST, {**old, **{k: v for k, v in manifest.items() if k != "shards"},
+                               "shards": old.get("shards", {})})
     if todo:
         net, preprocess, tokenizer, dev = _load(model, pretrained, model_config, random_init, seed, device)
         for unit in tqdm(todo, desc="embed", unit="shard", disable=quiet or len(todo) == 1):
@@ -150,13 +174,12 @@ def _check_manifest(out: Path, config: dict, overwrite: bool) -> None:
         if not overwrite:
             raise VaralignError("output was embedded with another model/config (pass --overwrite to redo it)",
                                 out / MANIFEST)
-        for p in out.iterdir():
-            if p.suffix in (".parquet", ".npz") or p.name == MANIFEST:
-                p.unlink()
-    elif old is None and overwrite:
-        for p in out.iterdir():
-            if p.suffix in (".parquet", ".npz"):
-                p.unlink()
+        for name in set(old.get("shards") or {}) | set(old.get("planned") or []):  # only embed's own shards
+            for suffix in (".parquet", ".npz"):
+                p = out / f"{Path(str(name)).name}{suffix}"
+                if p.is_file():
+                    p.unlink()
+        (out / MANIFEST).unlink()
 
 
 def _load(model: str | None, pretrained: str | None, model_config: str | os.PathLike | None, random_init: bool,

@@ -12,6 +12,8 @@ The output is deterministic and independent of the number of workers.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import sys
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json, save_npy
 from ..errors import VaralignError
+from ..guard import check_paths, lock, lock_file_for
 from ..uids import UID_DTYPE, hex_to_uids, load_subset_counts, sort_uids, uids_to_hex
 from .wds import add_bytes, iter_samples, open_tar, read_json, read_member, sample_uid
 
@@ -58,10 +61,26 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
             overwrite: bool = False, dry_run: bool = False, quiet: bool = False) -> ReshardResult:
     """Write the samples of `input_dir` whose uid is in `subset_file` as new shards in `output_dir`.
 
-    Refuses a non-empty `output_dir` unless `overwrite` (which deletes only earlier reshard outputs:
-    tars, stats, `meta.json`, `sample_ids.npy`). Writes `meta.json` (arguments + counters) and
+    Refuses a non-empty `output_dir` unless it holds an earlier reshard's output and `overwrite` is
+    given (which deletes only that reshard's shards, stats, `meta.json`, `sample_ids.npy`); refuses an
+    output directory that is, or holds, the input or the subset file. Writes `meta.json` (arguments + counters) and
     `sample_ids.npy` (the subset file). Subset uids absent from the input are counted in `not_found`.
     """
+    out = Path(output_dir)
+    with contextlib.ExitStack() as stack:
+        if not dry_run:  # a second reshard into the same folder is refused (naming this one's pid)
+            out.absolute().parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(lock(lock_file_for(out.absolute()), f"the output directory {out}"))
+        return _reshard(input_dir, output_dir, subset_file, num_shards=num_shards, first_shard=first_shard,
+                        num_workers=num_workers, shard_size=shard_size, shard_format=shard_format,
+                        output_shard_format=output_shard_format, output_shard_stats_format=output_shard_stats_format,
+                        overwrite=overwrite, dry_run=dry_run, quiet=quiet)
+
+
+def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_file: str | os.PathLike, *,
+             num_shards: int | None, first_shard: int, num_workers: int | None, shard_size: int, shard_format: str,
+             output_shard_format: str, output_shard_stats_format: str, overwrite: bool, dry_run: bool,
+             quiet: bool) -> ReshardResult:
     start = time.time()
     if shard_size < 1:
         raise VaralignError(f"--shard-size must be >= 1, got {shard_size}")
@@ -69,7 +88,8 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
     unique, counts = load_subset_counts(subset_file)
     out = Path(output_dir)
     if not dry_run:
-        _prepare_output(out, overwrite)
+        _prepare_output(out, overwrite, Path(input_dir), subset_file, output_shard_format,
+                        output_shard_stats_format)
     work = out / WORK_DIR if not dry_run else Path(os.environ.get("TMPDIR", "/tmp")) / f"varalign-reshard-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     workers = max(1, num_workers or os.cpu_count() or 1)
@@ -104,6 +124,7 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
                          "output_shard_stats_format": output_shard_stats_format},
                 **asdict(result)}
         save_json(out / "meta.json", meta)
+        (out / MARKER).unlink(missing_ok=True)  # meta.json now proves the folder is a reshard output
     if result.not_found:
         _warn(f"{result.not_found:,} uids in the subset were not found in the input", quiet)
     return result
@@ -127,18 +148,52 @@ def _input_shards(root: Path, num_shards: int | None, first: int, fmt: str, quie
     return shards
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+MARKER = ".varalign-reshard"
+
+
+def _prepare_output(out: Path, overwrite: bool, input_dir: Path, subset_file: str | os.PathLike,
+                    output_shard_format: str, output_shard_stats_format: str) -> None:
+    """A new or empty folder, or (with `overwrite`) one that an earlier reshard wrote (its marker or
+    meta.json): then only that reshard's own files are removed; nothing else is ever touched."""
+    check_paths({"--input_dir": str(input_dir), "--subset_file": str(subset_file)}, {},
+                work_dir=out, dir_label="output directory")
     if out.exists() and not out.is_dir():
         raise VaralignError("output path exists and is not a directory", out)
     if out.is_dir() and any(out.iterdir()):
+        ours = (out / MARKER).exists() or _reshard_meta(out) is not None
+        if not ours:
+            raise VaralignError("output directory is not empty and holds no varalign reshard output: not touched; "
+                                "give an empty or new folder", out)
         if not overwrite:
             raise VaralignError("output directory is not empty (pass --overwrite to replace its shards)", out)
+        old = _reshard_meta(out) or {}
+        formats = {(old.get("output_shard_format") or output_shard_format),
+                   ((old.get("args") or {}).get("output_shard_stats_format") or output_shard_stats_format)}
         for p in out.iterdir():
-            if p.name == WORK_DIR:
+            if p.name == WORK_DIR and p.is_dir():
                 shutil.rmtree(p)
-            elif p.name.endswith((".tar", "_stats.json")) or p.name in ("meta.json", "sample_ids.npy"):
+            elif p.name in ("meta.json", "sample_ids.npy") or _numbered(p.name, formats):
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    save_json(out / MARKER, {"tool": "varalign reshard", "pid": os.getpid()})
+
+
+def _reshard_meta(out: Path) -> dict | None:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and "output_shard_count" in meta and "args" in meta else None
+
+
+def _numbered(name: str, formats: set[str]) -> bool:
+    """Whether `name` is `fmt.format(i)` for one of the shard formats (e.g. 00000012.tar)."""
+    for fmt in formats:
+        head, _, tail = fmt.partition("{")
+        spec, _, rest = tail.partition("}")
+        if name.startswith(head) and name.endswith(rest) and name[len(head):len(name) - len(rest)].isdigit():
+            return True
+    return False
 
 
 def _is_npy(path: str | os.PathLike) -> bool:
