@@ -19,8 +19,9 @@ from ..uids import UID_DTYPE, hex_to_uids, isin_sorted, load_subset, sort_uids
 
 # DataComp's metadata columns that img2dataset reads (the sizes only feed the estimate)
 ALL_COLUMNS = ("uid", "url", "text", "original_width", "original_height", "face_bboxes", "sha256")
-# JPEG at img2dataset's quality 95 on web photos, roughly; PNG is lossless. Plus the .txt, .json and tar headers.
-BYTES_PER_PIXEL = {"jpg": 0.25, "webp": 0.2, "png": 1.5}
+# a rule of thumb for photos at img2dataset's quality 95 (JPEG ~4 bits per pixel; PNG is lossless), erring
+# high since the estimate guards the disk; plus the .txt, .json and tar headers of a sample
+BYTES_PER_PIXEL = {"jpg": 0.5, "webp": 0.35, "png": 2.0}
 BYTES_PER_SAMPLE = 2500
 BATCH = 65536
 
@@ -163,7 +164,7 @@ def _estimate(batch: pa.RecordBatch, image: dict) -> int:
 def _sample_bytes(w: np.ndarray | None, h: np.ndarray | None, image: dict):  # noqa: ANN202 - int or array
     """Bytes one sample takes in a shard: the pixels img2dataset keeps after resizing, encoded."""
     size, mode = float(image["image_size"]), image["resize_mode"]
-    bpp = BYTES_PER_PIXEL.get(image["encode_format"], 0.25)
+    bpp = BYTES_PER_PIXEL.get(image["encode_format"], 0.5)
     if w is None:
         return int(size * size * bpp + BYTES_PER_SAMPLE)
     w, h = np.maximum(w, 1.0), np.maximum(h, 1.0)

@@ -39,6 +39,7 @@ class LocalServer:
     def __init__(self, routes: dict[str, Route] | None = None, max_seconds: float = 600.0) -> None:
         self.routes: dict[str, Route] = dict(routes or {})
         self.requests: Counter = Counter()
+        self.bytes_sent = 0  # response bodies written, all paths
         self.gate = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -77,7 +78,10 @@ class LocalServer:
             return None
         if route.fault == "redirect":
             return _send(handler, 302, b"", "text/plain", head, {"Location": route.target})
-        return _send(handler, 200, route.body, route.content_type, head, route.headers, handler.headers.get("Range"))
+        sent = _send(handler, 200, route.body, route.content_type, head, route.headers, handler.headers.get("Range"))
+        with self._lock:
+            self.bytes_sent += sent
+        return None
 
     def close(self) -> None:
         """Stop serving (idempotent); releases every waiting handler."""
@@ -112,7 +116,8 @@ def _handler(server: LocalServer) -> type[BaseHTTPRequestHandler]:
 
 
 def _send(handler: BaseHTTPRequestHandler, code: int, body: bytes, content_type: str, head: bool,
-          headers: dict | None = None, byte_range: str | None = None) -> None:
+          headers: dict | None = None, byte_range: str | None = None) -> int:
+    """Answer; returns the body bytes written."""
     start, end = 0, len(body)
     if byte_range and code == 200 and byte_range.startswith("bytes="):
         first, _, last = byte_range[6:].partition("-")
@@ -129,8 +134,10 @@ def _send(handler: BaseHTTPRequestHandler, code: int, body: bytes, content_type:
         handler.end_headers()
         if not head:
             handler.wfile.write(body[start:end])
+            return end - start
     except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): nothing to do
         pass
+    return 0
 
 
 def _trickle(handler: BaseHTTPRequestHandler, body: bytes, gate: threading.Event, limit: float) -> None:
@@ -182,9 +189,10 @@ def _json_route(obj: object) -> Route:
 
 
 # -- a small image pool ------------------------------------------------------------------------------
-def digit_images(n: int, size: int = 96, seed: int = 0) -> list[np.ndarray]:
+def digit_images(n: int, size: int = 96, seed: int = 0, noise: float = 0.0) -> list[np.ndarray]:
     """`n` real images: scikit-learn's handwritten digits (8x8, shipped in its wheel), upscaled to
-    `size` px with a random aspect ratio and colour tint, as HxWx3 uint8 BGR arrays."""
+    `size` px with a random aspect ratio and colour tint, as HxWx3 uint8 BGR arrays; `noise` adds
+    Gaussian grain of that standard deviation (so that JPEG sizes look more like photos')."""
     import cv2  # noqa: PLC0415 - comes with img2dataset ([download])
     from sklearn.datasets import load_digits  # noqa: PLC0415
 
@@ -196,7 +204,10 @@ def digit_images(n: int, size: int = 96, seed: int = 0) -> list[np.ndarray]:
         h = int(size * rng.uniform(0.6, 1.0))
         img = cv2.resize(gray, (size, h), interpolation=cv2.INTER_LINEAR)
         tint = rng.uniform(0.5, 1.0, 3)
-        out.append((img[:, :, None] * tint[None, None, :]).astype(np.uint8))
+        pixels = img[:, :, None] * tint[None, None, :]
+        if noise:
+            pixels = pixels + rng.normal(0.0, noise, pixels.shape)
+        out.append(np.clip(pixels, 0, 255).astype(np.uint8))
     return out
 
 
