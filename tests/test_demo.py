@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shlex
 import sys
 
 import numpy as np
@@ -45,7 +46,8 @@ def _table(text: str) -> dict[str, tuple[int, list[float]]]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory):
-    """The demo from scratch on a 300-sample pool, with Fashion-MNIST hidden (so: scikit-learn digits only)."""
+    """The demo from scratch on a 300-sample pool, with Fashion-MNIST hidden (so: scikit-learn digits only),
+    not quiet: (out_dir, result, stdout, stderr)."""
     _needs_train_stack()
     from varalign.demo import run_demo
     from varalign.minicomp import BuildConfig, sources
@@ -55,17 +57,22 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     mp = pytest.MonkeyPatch()
     mp.setattr(sources, "FASHION_DIRS", ())
     mp.delenv("VARALIGN_FASHION_MNIST_DIR", raising=False)
-    buf = io.StringIO()
+    buf, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf):
-            result = run_demo(str(out), config=cfg, quiet=True)
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+            result = run_demo(str(out), config=cfg, quiet=False)
     finally:
         mp.undo()
-    return out, result, buf.getvalue()
+    return out, result, buf.getvalue(), err.getvalue()
+
+
+def _bar_states(err: str, desc: str) -> list[str]:
+    """Every state a tqdm bar named `desc` printed (tqdm separates them with carriage returns)."""
+    return [x.strip() for x in re.split(r"[\r\n]", err) if x.strip().startswith(f"{desc}:")]
 
 
 def test_real_demo_outputs_match_table(demo) -> None:
-    out, result, printed = demo
+    out, result, printed, _ = demo
     assert "Fashion-MNIST not found" in printed and "apt-get install dataset-fashion-mnist" in printed
     assert "building the real-image mini pool" in printed
     table = _table(printed)
@@ -100,10 +107,42 @@ def test_real_demo_outputs_match_table(demo) -> None:
     assert f"{out / 'report.html'}" in printed and f"{out / 'subsets'}" in printed
 
 
+def test_progress_on_stderr(demo) -> None:
+    """Each step of the build and the methods show a bar (samples seen, epochs, an estimate) on stderr."""
+    _, _, printed, err = demo
+    teacher = _bar_states(err, "teacher CLIP")
+    # the teacher (128 samples, batch 64, one epoch) moves with open_clip_train's log lines and ends at 128/128
+    assert teacher and all("epoch 1/1" in x for x in teacher)
+    assert re.search(r"100%\|.*\| 128/128 \[\d\d:\d\d<00:00", teacher[-1]), teacher[-1]
+    for desc in ("image sources", "pool samples", "pool shards", "teacher shards", "downstream shards"):
+        assert re.search(r"\d+/\d+ \[", _bar_states(err, desc)[0]), desc  # a count out of a total
+    assert re.search(r"100%\|.*\| 7/7 \[", _bar_states(err, "methods")[-1])
+    assert "minicomp: teacher trained in" in err and "  vas_clip_score: 90 kept in" in err
+    assert "teacher CLIP:" not in printed and "%|" not in printed  # bars never on stdout
+
+
+def test_summary_names_the_target(demo) -> None:
+    """The summary names the VAS target (path and name) and a `varalign filter` command that re-runs
+    vas_clip_score with it: that command gives the demo's subset."""
+    out, _, printed, _ = demo
+    target = out / "minicomp" / "files" / "variance" / "variance_downstream.npy"
+    assert target.exists()
+    assert re.search(rf"^  VAS target \(vas_clip_score\): +{re.escape(str(target))}$", printed, re.M)
+    assert f"--target_variance_name downstream --files_path {out / 'minicomp' / 'files'}" in printed
+    command = next(x.strip() for x in printed.splitlines() if x.strip().startswith("varalign filter "))
+    argv = shlex.split(command)[1:]
+    assert argv[argv.index("--target") + 1] == str(target)
+    assert main([*argv, "--quiet"]) == 0
+    rerun = np.load(argv[argv.index("--save_path") + 1])
+    assert np.array_equal(rerun, np.load(out / "subsets" / "vas_clip_score.npy"))
+
+
 def test_cli_reuses_the_pool(demo, capsys) -> None:
-    out, _, first = demo
+    out, _, first, _ = demo
     assert main(["demo", "--out_dir", str(out), "--quiet"]) == 0
-    again = capsys.readouterr().out
+    captured = capsys.readouterr()
+    again = captured.out
+    assert "%|" not in captured.err and "methods:" not in captured.err  # --quiet: no progress
     assert "reusing the mini pool" in again and "building" not in again
     assert "built without Fashion-MNIST" in again  # the note, on reuse too
     assert {m: k for m, (k, _) in _table(again).items()} == {m: k for m, (k, _) in _table(first).items()}
@@ -114,7 +153,7 @@ def test_train_short(demo, capsys) -> None:
     pytest.importorskip("clip_benchmark")
     from varalign.demo import run_demo
 
-    out, _, _ = demo
+    out, _, _, _ = demo
     res = run_demo(str(out), train=True, train_methods=["clip_score_30"], train_num_samples=64, quiet=True)["train"]
     printed = capsys.readouterr().out
     assert set(res["methods"]) == {"clip_score_30"} and res["methods"]["clip_score_30"]["samples"] >= 90
@@ -167,3 +206,33 @@ def test_synthetic_demo_runs_and_reuses_pool(tmp_path, capsys) -> None:
     assert "report (open in a browser)" in first and "vas_d" in html and "synthetic_caption_kind" in html
     assert main(args) == 0
     assert "generating" not in capsys.readouterr().out  # the pool is reused
+
+
+def test_training_progress_from_log_lines(tmp_path, capsys) -> None:
+    """open_clip_train's `Train Epoch` lines move the bar (samples seen over all epochs, the epoch); the output
+    is kept in the log file and its last lines are returned; quiet shows nothing."""
+    from varalign.experiment.train import run_with_progress
+
+    script = tmp_path / "fake_train.py"
+    script.write_text(
+        "import sys\n"
+        "print('starting', flush=True)\n"
+        "for e in range(2):\n"
+        "    for n in (64, 100):\n"
+        "        print(f'2026 | INFO | Train Epoch: {e} [{n:>4}/128 ({n * 100 // 128}%)] Loss: 1.0', file=sys.stderr,"
+        " flush=True)\n"
+        "print('finished')\n"
+        "sys.exit(3)\n"
+    )
+    log = tmp_path / "train.log"
+    code, tail = run_with_progress([sys.executable, str(script)], None, total=200, epochs=2, desc="fake",
+                                   log_path=log)
+    assert code == 3 and tail[0] == "starting" and tail[-1] == "finished" and len(tail) == 6
+    assert log.read_text().splitlines() == tail
+    states = _bar_states(capsys.readouterr().err, "fake")
+    # samples per epoch from the log (128, not total/epochs = 100); the second epoch counts on from the first
+    assert any("| 64/256 [" in x and "epoch 1/2" in x for x in states)
+    assert any("| 192/256 [" in x and "epoch 2/2" in x for x in states)
+    assert "| 228/256 [" in states[-1] and "epoch 2/2" in states[-1]
+    code, _ = run_with_progress([sys.executable, str(script)], None, total=200, epochs=2, desc="fake", quiet=True)
+    assert code == 3 and capsys.readouterr().err == ""

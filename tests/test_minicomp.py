@@ -206,12 +206,22 @@ def test_cli_wiring() -> None:
     assert callable(args.func)
 
 
-def test_run_three_methods(built, tmp_path: Path) -> None:
+def test_run_three_methods(built, tmp_path: Path, capsys) -> None:
+    import re
+
     from varalign.minicomp.run import run
 
     res = run(built.build_dir, tmp_path / "run", methods=["random_30", "clip_score_30", "image_based"], seeds=[0],
-              train_num_samples=128, quiet=True)
+              train_num_samples=128, quiet=False)
     assert set(res["methods"]) == {"random_30", "clip_score_30", "image_based"} and not res["skipped"]
+    # progress on stderr: the runs done out of all, and each training's samples seen (from its log lines)
+    err = capsys.readouterr().err
+    states = [x.strip() for x in re.split(r"[\r\n]", err) if x.strip()]
+    assert re.search(r"^minicomp run: 100%\|.*\| 3/3 \[", [x for x in states if x.startswith("minicomp run:")][-1])
+    for method in res["methods"]:
+        train_bar = [x for x in states if x.startswith(f"train {method}_seed_0:")]
+        assert train_bar and re.search(r"\| 128/128 \[.*epoch 1/1\]$", train_bar[-1]), method
+    assert "minicomp run: clip_score_30_seed_0: " in err
     assert (Path(built.build_dir) / "centroids" / "pool_centroids.npy").exists()  # image_based built its centroids
     svg = (tmp_path / "run" / "results.svg").read_text()
     assert svg.startswith("<svg") and "clip_score_30" in svg and "mnist" in svg

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from .errors import VaralignError
 from .filter import filter_pool
@@ -91,19 +92,23 @@ def run_demo(
 
     t1 = time.perf_counter()
     rows, skipped = [], {}
-    for method in DEMO_METHODS:
-        try:
-            rows.append(_run_method(method, root, out, arch, quiet))
-        except VaralignError as exc:
-            skipped[method] = str(exc)
-            continue
-        rows[-1]["kept_share"] = _kept_share(uids, labels, rows[-1]["path"])
+    with tqdm(total=len(DEMO_METHODS), desc="methods", unit="method", disable=quiet, file=sys.stderr) as bar:
+        for method in DEMO_METHODS:
+            bar.set_postfix_str(method)
+            try:
+                rows.append(_run_method(method, root, out, arch, quiet))
+            except VaralignError as exc:
+                skipped[method] = str(exc)
+                bar.update()
+                continue
+            rows[-1]["kept_share"] = _kept_share(uids, labels, rows[-1]["path"])
+            bar.update()
     t_methods = time.perf_counter() - t1
     _print_table(rows, skipped, labels, root, built_now, t_pool, t_methods)
 
     from .report import build_report  # noqa: PLC0415
 
-    view = _report_pool(root, out / "report_pool")
+    view = _report_pool(root, out / "report_pool", quiet)
     report = build_report(
         view,
         [r["path"] for r in rows],
@@ -115,6 +120,7 @@ def run_demo(
     print(f"  subsets (DataComp's sorted uid .npy + manifest):  {out / 'subsets'}/<method>.npy")
     print(f"  per-sample scores (--save_scores):               {out / 'scores'}/<method>.parquet")
     print(f"  report, with thumbnails (open in a browser):     {report}")
+    print(_target_lines(root, out, metadata, arch))
     result = {"rows": rows, "skipped": skipped, "build_dir": str(root), "report": str(report), "train": None}
     if train:
         result["train"] = _train(
@@ -126,6 +132,22 @@ def run_demo(
             quiet,
         )
     return result
+
+
+def _target_lines(root: Path, out: Path, metadata: Path, arch: str) -> str:
+    """The VAS target vas_clip_score used (its path, and its name under the pool's `files/`) and the
+    `varalign filter` command that re-runs that method with it."""
+    from .minicomp.run import filter_options  # noqa: PLC0415
+
+    name, opts = filter_options("vas_clip_score", root, arch)
+    target = Path(opts["target"])
+    flags = " ".join(f"--{k} {v}" for k, v in sorted(opts.items(), key=lambda kv: kv[0] != "arch"))
+    return (
+        f"  VAS target (vas_clip_score):                     {target}\n"
+        f"    (by name: --target_variance_name {target.stem.removeprefix('variance_')} --files_path "
+        f"{target.parent.parent}); to re-run vas_clip_score with it, e.g. with another --fraction_vas:\n"
+        f"    varalign filter --name {name} --metadata_dir {metadata} --save_path {out / 'vas_rerun.npy'} {flags}"
+    )
 
 
 def _have(module: str) -> bool:
@@ -177,8 +199,10 @@ def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool)
             )
         print(
             f"building the real-image mini pool ({cfg.size:,} samples; trains a teacher CLIP on "
-            f"{cfg.teacher_samples:,} samples, about 2 minutes on 2 cores at the default size, once) -> {root}"
+            f"{cfg.teacher_samples:,} samples; once; at the default size about 2 minutes on 2 idle cores, "
+            f"several times that on a busy machine{'' if quiet else '; progress on stderr'}) -> {root}"
         )
+        sys.stdout.flush()
     build(root, cfg, quiet=quiet)
     return _complete(root), manifest is None
 
@@ -196,7 +220,8 @@ def _run_method(method: str, root: Path, out: Path, arch: str, quiet: bool) -> d
         seconds = json.loads(Path(res.manifest_path).read_text()).get("timings_s", {}).get("total", 0.0)
     if not quiet:
         sys.stdout.flush()
-        print(f"  {method}: {len(res.uids):,} kept in {seconds:.1f} s{' (reused)' if reused else ''}", file=sys.stderr)
+        note = " (reused)" if reused else ""
+        tqdm.write(f"  {method}: {len(res.uids):,} kept in {seconds:.1f} s{note}", file=sys.stderr)
     return {
         "method": method,
         "kept": int(len(res.uids)),
@@ -286,9 +311,9 @@ def _print_table(
         print(f"  skipped {m}: {why}")
 
 
-def _report_pool(root: Path, view: Path) -> Path:
+def _report_pool(root: Path, view: Path, quiet: bool = True) -> Path:
     """The pool's parquets plus a `thumbnail` column (the PNG from its webdataset shard), so that the report
-    shows the images; rebuilt only when the pool changed."""
+    shows the images; rebuilt only when the pool changed (a progress bar on stderr unless `quiet`)."""
     import pyarrow as pa  # noqa: PLC0415
 
     from .atomic import atomic_path, save_json  # noqa: PLC0415
@@ -299,16 +324,22 @@ def _report_pool(root: Path, view: Path) -> Path:
         return view
     view.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
-    for tar in sorted((root / "shards").glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf:
-                if m.name.endswith(".png"):
-                    images[m.name[:-4]] = tf.extractfile(m).read()
-    for shard in discover_shards(root / "metadata", need_npz=True):
-        table = pq.read_table(shard.parquet)
-        thumbs = pa.array([images.get(k) for k in table.column("key").to_pylist()], pa.binary())
-        with atomic_path(view / Path(shard.parquet).name, ".parquet") as tmp:
-            pq.write_table(table.append_column("thumbnail", thumbs), tmp)
+    tars = sorted((root / "shards").glob("*.tar"))
+    shards = discover_shards(root / "metadata", need_npz=True)
+    with tqdm(total=len(tars) + len(shards), desc="report thumbnails", unit="shard", disable=quiet, leave=False,
+              file=sys.stderr) as bar:
+        for tar in tars:
+            with tarfile.open(tar) as tf:
+                for m in tf:
+                    if m.name.endswith(".png"):
+                        images[m.name[:-4]] = tf.extractfile(m).read()
+            bar.update()
+        for shard in shards:
+            table = pq.read_table(shard.parquet)
+            thumbs = pa.array([images.get(k) for k in table.column("key").to_pylist()], pa.binary())
+            with atomic_path(view / Path(shard.parquet).name, ".parquet") as tmp:
+                pq.write_table(table.append_column("thumbnail", thumbs), tmp)
+            bar.update()
     save_json(view / "view.json", stamp)
     return view
 

@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,47 @@ SCALE_CONFIGS: dict[str, dict] = {
     "xlarge": {"model": "ViT-L-14", "batch_size": 90112, "learning_rate": 1e-3,
                "train_num_samples": 12_800_000_000, "warmup": 10_000, "beta2": 0.95},
 }
+
+
+# open_clip_train's progress line: "Train Epoch: 0 [ 1280/40064 (3%)] Data (t): ..." (epoch counts from 0)
+_PROGRESS_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) ")
+
+
+def run_with_progress(cmd: list[str], env: dict, *, total: int, epochs: int, desc: str,
+                      log_path: Path | None = None, quiet: bool = False) -> tuple[int, list[str]]:
+    """Run open_clip_train (`cmd`) with its output captured (into `log_path` when given) and show, unless
+    `quiet`, a tqdm bar on stderr of the samples seen and the epoch, with an estimate, read from its
+    `Train Epoch` log lines (one per `--log-every-n-steps` steps). Returns the exit code and its last lines."""
+    from tqdm import tqdm
+
+    tail: deque[str] = deque(maxlen=20)
+    started = False
+    with (open(log_path, "w") if log_path is not None else contextlib.nullcontext()) as log, \
+            tqdm(total=total, desc=desc, unit="sample", disable=quiet, postfix=f"epoch 1/{epochs}",
+                 file=sys.stderr, mininterval=0, miniters=1) as bar:  # the log lines are rare: show each one
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+        for line in proc.stdout:
+            if log is not None:
+                log.write(line)
+            if line.strip():
+                tail.append(line.rstrip())
+            m = _PROGRESS_LINE.search(line)
+            if m:
+                epoch, seen, per_epoch = (int(x) for x in m.groups())
+                epochs = max(epochs, epoch + 1)
+                done = epoch * per_epoch + min(seen, per_epoch)
+                bar.total = epochs * per_epoch  # open_clip rounds the samples per epoch up to whole batches
+                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs}", refresh=False)
+                if started:
+                    bar.update(max(0, done - bar.n))
+                else:  # the first line comes after the start-up (imports, data loader): the rate starts here
+                    started = True
+                    bar.initial = bar.n = bar.last_print_n = done
+                    bar.last_print_t = time.time()
+                    bar.refresh()
+        returncode = proc.wait()
+    return returncode, list(tail)
 
 
 @dataclass
@@ -160,11 +203,14 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
           log_every_n_steps: int = 100, save_frequency: int = 0, grad_clip_norm: float | None = None,
           data_weights: str | None = None, report_to_wandb: bool = False, wandb_project_name: str = "datanet",
           imagenet_val: str | None = None, batch_size: int | None = None, learning_rate: float | None = None,
-          train_num_samples: int | None = None, warmup: int | None = None, quiet: bool = False) -> TrainResult:
+          train_num_samples: int | None = None, warmup: int | None = None, quiet: bool = False,
+          progress: bool = False) -> TrainResult:
     """Train a CLIP model on the shards in `data_dir` at a DataComp scale; resumes from `epoch_latest.pt`.
 
     Defaults follow DataComp (amp, 4 workers, 5 checkpoints); without a GPU precision is fp32.
     `batch_size`, `learning_rate`, `train_num_samples` (samples seen) and `warmup` override the scale.
+    `progress`: instead of open_clip_train's log lines (still in `out.log`), a bar of the samples seen and
+    the epoch on stderr (none when `quiet`).
     """
     start = time.time()
     cfg = scale_config(scale, batch_size=batch_size, learning_rate=learning_rate,
@@ -197,14 +243,20 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
     entry = ["-m", "varalign.experiment.openclip_entry"]
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1
            else [sys.executable]) + entry + args
-    if not quiet:
+    if not quiet and not progress:
         print(f"train: {cfg['model']} on {data_dir}, {cfg['train_num_samples']:,} samples seen, "
               f"batch {cfg['batch_size']} -> {exp_dir}", file=sys.stderr)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None,
-                          stderr=subprocess.PIPE if quiet else None, text=True)
-    if proc.returncode != 0:
+    if progress:
+        returncode, tail = run_with_progress(cmd, env, total=int(cfg["train_num_samples"]), epochs=num_checkpoints,
+                                             desc=f"train {exp_name}", quiet=quiet)
+        tail = tail[-1:]
+    else:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None,
+                              stderr=subprocess.PIPE if quiet else None, text=True)
+        returncode = proc.returncode
         tail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
-        raise VaralignError(f"open_clip_train failed with exit code {proc.returncode}"
+    if returncode != 0:
+        raise VaralignError(f"open_clip_train failed with exit code {returncode}"
                             + (f": {tail[0][:300]}" if tail else f" (see {exp_dir / 'out.log'})"), exp_dir)
     checkpoint = exp_dir / "checkpoints" / f"epoch_{num_checkpoints}.pt"
     if not checkpoint.exists():

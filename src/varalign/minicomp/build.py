@@ -20,7 +20,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
@@ -157,8 +157,9 @@ class _ClassCycler:
         return int(arr[i % len(arr)]), i >= len(arr)
 
 
-def generate_pool(sources: list[Source], cfg: BuildConfig) -> list[dict]:
-    """The pool's samples (image array, caption, labels, json metadata), deterministic given cfg.seed."""
+def generate_pool(sources: list[Source], cfg: BuildConfig, quiet: bool = True) -> list[dict]:
+    """The pool's samples (image array, caption, labels, json metadata), deterministic given cfg.seed;
+    a progress bar on stderr unless `quiet`."""
     rng = np.random.default_rng([cfg.seed, 1])
     weights = np.array([cfg.source_weights.get(s.name, 0.1) for s in sources], float)
     weights /= weights.sum()
@@ -180,7 +181,7 @@ def generate_pool(sources: list[Source], cfg: BuildConfig) -> list[dict]:
     cuts = [_cuts(s) for s in sources]
     samples: list[dict] = []
     clean_idx: list[int] = []
-    for i in range(cfg.size):
+    for i in tqdm(range(cfg.size), desc="pool samples", unit="sample", disable=quiet, leave=False):
         k = int(rng.choice(len(sources), p=weights))
         src = sources[k]
         image_kind = IMAGE_KINDS[int(rng.choice(4, p=p_img))]
@@ -238,10 +239,12 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_shards(samples: list[dict], out: Path, shard_size: int, prefix: str = "") -> int:
-    """img2dataset-style `{:08d}.tar` (+ `_stats.json`) of png/txt/json samples; returns the shard count."""
+def write_shards(samples: list[dict], out: Path, shard_size: int, prefix: str = "", desc: str | None = None) -> int:
+    """img2dataset-style `{:08d}.tar` (+ `_stats.json`) of png/txt/json samples; returns the shard count.
+    With `desc`, a progress bar of the samples written on stderr."""
     out.mkdir(parents=True, exist_ok=True)
     n_shards = -(-len(samples) // shard_size)
+    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=desc is None, leave=False)
     for s in range(n_shards):
         part = samples[s * shard_size:(s + 1) * shard_size]
         with atomic_path(out / f"{s:08d}.tar", ".tar") as tmp, tarfile.open(tmp, "w") as tf:
@@ -251,7 +254,9 @@ def write_shards(samples: list[dict], out: Path, shard_size: int, prefix: str = 
                 _add(tf, f"{key}.png", _png(smp["_img"]))
                 _add(tf, f"{key}.txt", smp["text"].encode())
                 _add(tf, f"{key}.json", json.dumps(meta).encode())
+                bar.update()
         save_json(out / f"{s:08d}_stats.json", {"count": len(part), "successes": len(part)})
+    bar.close()
     return n_shards
 
 
@@ -334,9 +339,10 @@ def task_dirs(eval_dir: Path, sources: list[Source]) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------------------------- teacher
 
-def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path) -> Path:
-    """Train (or reuse) the teacher CLIP on the sources' clean `teacher` splits; returns its checkpoint."""
-    from ..experiment.train import build_args
+def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path, quiet: bool = True) -> Path:
+    """Train (or reuse) the teacher CLIP on the sources' clean `teacher` splits; returns its checkpoint.
+    Unless `quiet`, progress bars on stderr (shards written; samples seen by the teacher, with an estimate)."""
+    from ..experiment.train import build_args, run_with_progress
 
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / f"{TEACHER_NAME}.json"
@@ -351,23 +357,24 @@ def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path) -> Path:
         shutil.rmtree(p, ignore_errors=True)
     save_json(config_path, identity["model_config"])
     write_shards(_clean_samples(sources, "teacher", cfg.seed, "teacher", p_attribute=cfg.p_attribute),
-                 root / "shards", 2000)
+                 root / "shards", 2000, desc=None if quiet else "teacher shards")
     gpu = _has_gpu()
     train_cfg = {"model": TEACHER_NAME, "batch_size": cfg.teacher_batch, "learning_rate": cfg.teacher_lr,
                  "train_num_samples": cfg.teacher_samples, "warmup": max(1, min(100, cfg.teacher_samples
                                                                               // cfg.teacher_batch // 10))}
     args = build_args("tiny", str(root / "shards"), str(root), "run", cfg=train_cfg,
                       num_checkpoints=cfg.teacher_checkpoints, workers=1, precision="amp" if gpu else "fp32",
-                      seed=cfg.seed, resume=None, log_every_n_steps=50, grad_checkpointing=False)
+                      seed=cfg.seed, resume=None, log_every_n_steps=10, grad_checkpointing=False)
     env = {**os.environ, "VARALIGN_MODEL_CONFIG": str(config_path)}
     cmd = [sys.executable, "-m", "varalign.experiment.openclip_entry", *args]
-    log_path = root / "train.log"
-    with open(log_path, "w") as fh:  # open_clip_train's own log is run/out.log; this keeps stdout/stderr
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0 or not ckpt.exists():
-        lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
-        tail = lines[-1][:300] if lines else ""
-        raise VaralignError(f"teacher training failed (exit code {proc.returncode}): {tail}", log_path)
+    log_path = root / "train.log"  # open_clip_train's own log is run/out.log; this keeps stdout/stderr
+    # the bar moves with open_clip_train's log lines (every 10 steps: log_every_n_steps above), which
+    # change nothing in the training
+    returncode, tail = run_with_progress(cmd, env, total=cfg.teacher_samples, epochs=cfg.teacher_checkpoints,
+                                         desc="teacher CLIP", log_path=log_path, quiet=quiet)
+    if returncode != 0 or not ckpt.exists():
+        last = tail[-1][:300] if tail else ""
+        raise VaralignError(f"teacher training failed (exit code {returncode}): {last}", log_path)
     save_json(id_path, {"identity": identity, "checkpoint": str(ckpt), "model_config": str(config_path)})
     return ckpt
 
@@ -433,13 +440,14 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
             print(f"minicomp: {msg}", file=sys.stderr)
 
     t = time.time()
-    sources = load_sources(cfg.seed, cfg.fashion_mnist_dir, cfg.use_fashion, cfg.use_mnist, cfg.fashion_test_size)
+    sources = load_sources(cfg.seed, cfg.fashion_mnist_dir, cfg.use_fashion, cfg.use_mnist, cfg.fashion_test_size,
+                           quiet=quiet)
     log(f"sources: {', '.join(f'{s.name} ({len(s.images):,} images)' for s in sources)}")
-    samples = generate_pool(sources, cfg)
+    samples = generate_pool(sources, cfg, quiet=quiet)
     shards_dir = root / "shards"
     if shards_dir.exists():
         shutil.rmtree(shards_dir)
-    write_shards(samples, shards_dir, cfg.shard_size)
+    write_shards(samples, shards_dir, cfg.shard_size, desc=None if quiet else "pool shards")
     times["pool_shards"] = round(time.time() - t, 1)
     log(f"wrote {len(samples):,} pool samples in {times['pool_shards']} s")
 
@@ -454,29 +462,33 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
     times["eval_tasks"] = round(time.time() - t, 1)
 
     t = time.time()
-    log(f"training the teacher ({cfg.teacher_samples:,} samples seen)")
-    ckpt = train_teacher(sources, cfg, root / "teacher")
+    log(f"training the teacher CLIP ({cfg.teacher_samples:,} samples seen; most of the build)")
+    ckpt = train_teacher(sources, cfg, root / "teacher", quiet=quiet)
     times["teacher"] = round(time.time() - t, 1)
+    log(f"teacher trained in {times['teacher']} s")
     teacher_cfg = root / "teacher" / f"{TEACHER_NAME}.json"
 
     t = time.time()
     metadata = root / "metadata"
+    log("embedding the pool with the teacher")
     embed([shards_dir], metadata, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch,
-          batch_size=512, num_workers=2, overwrite=True, quiet=True)
+          batch_size=512, num_workers=2, overwrite=True, quiet=quiet)
     add_labels(metadata, {s["uid"]: {c: s[c] for c in LABEL_COLUMNS} for s in samples})
     times["embed_pool"] = round(time.time() - t, 1)
+    log(f"pool embedded in {times['embed_pool']} s")
 
     t = time.time()
     files = root / "files"
     ds_shards = root / "teacher" / "downstream_train_shards"
     shutil.rmtree(ds_shards, ignore_errors=True)
+    log("the VAS and NormSim targets: embedding the downstream training split")
     write_shards(_clean_samples(sources, "downstream_train", cfg.seed, "downstream", p_attribute=cfg.p_attribute),
-                 ds_shards, 5000)
+                 ds_shards, 5000, desc=None if quiet else "downstream shards")
     ds_meta = files / "downstream_train_metadata"
     embed([ds_shards], ds_meta, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch, batch_size=512,
-          num_workers=2, overwrite=True, quiet=True)
+          num_workers=2, overwrite=True, quiet=quiet)
     target = files / "variance" / "variance_downstream.npy"
-    build_target([ds_meta], target, arch=cfg.arch, quiet=True)
+    build_target([ds_meta], target, arch=cfg.arch, quiet=quiet)
     normsim_dir = files / "normsim_downstream"
     normsim_dir.mkdir(parents=True, exist_ok=True)
     feats = [np.load(p)[f"{cfg.arch}_img"].astype(np.float32) for p in sorted(ds_meta.glob("*.npz"))]

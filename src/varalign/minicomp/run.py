@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
@@ -134,9 +135,12 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
 
     def log(msg: str) -> None:
         if not quiet:
-            print(f"minicomp run: {msg}", file=sys.stderr)
+            tqdm.write(f"minicomp run: {msg}", file=sys.stderr)
 
+    # one step per (method, seed): filter, reshard, train, evaluate; finished ones are reused
+    bar = tqdm(total=len(methods) * len(seeds), desc="minicomp run", unit="run", disable=quiet, file=sys.stderr)
     for method in methods:
+        bar.set_postfix_str(method)
         sub = run_dir / "subsets" / f"{method}.npy"
         try:
             if not sub.exists():
@@ -144,6 +148,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
         except VaralignError as exc:
             results["skipped"][method] = str(exc)
             log(f"{method}: skipped ({exc})")
+            bar.update(len(seeds))
             continue
         kept = load_subset(sub)
         mask = isin_sorted(pool_uids, kept)
@@ -163,14 +168,18 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
             eval_path = exp_dir / "minicomp_eval.json"
             if eval_path.exists():
                 per_seed.append(json.loads(eval_path.read_text()))
+                bar.update()
                 continue
             t = time.time()
             if not (exp_dir / "info.json").exists():
                 shutil.rmtree(exp_dir, ignore_errors=True)
+                # progress: a bar of the samples seen, moved by open_clip_train's log line every 10 steps
                 train("tiny", str(data_dir), run_dir / "train", exp, seed=seed, train_num_samples=train_num_samples,
-                      batch_size=batch_size, num_checkpoints=1, quiet=True)
+                      batch_size=batch_size, num_checkpoints=1, log_every_n_steps=10, quiet=quiet, progress=True)
+            bar.set_postfix_str(f"{method}: evaluating")
             per_seed.append(_evaluate(exp_dir, build_dir / "eval"))
             log(f"{exp}: {len(kept):,} samples, {per_seed[-1]} ({time.time() - t:.0f} s)")
+            bar.update()
         tasks = sorted(per_seed[0])
         results["methods"][method] = {
             "samples": int(len(kept)),
@@ -178,6 +187,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
                             "std": float(np.std([s[k] for s in per_seed]))} for k in tasks},
             "kept_share": kept_share,
         }
+    bar.close()
     save_json(run_dir / "results.json", results)
     with atomic_path(run_dir / "results.md", ".md") as tmp:
         tmp.write_text(results_table(results))

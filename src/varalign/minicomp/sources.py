@@ -135,14 +135,24 @@ def load_mnist_source(rng: np.random.Generator) -> Source | None:
 
 
 def load_sources(seed: int, fashion_mnist_dir: str | os.PathLike | None = None, use_fashion: bool = True,
-                 use_mnist: bool = True, fashion_test_size: int = 1000) -> list[Source]:
-    """Every source that is available here, each split with its own seeded generator."""
-    out = [load_digits_source(np.random.default_rng([seed, 11]))]
+                 use_mnist: bool = True, fashion_test_size: int = 1000, quiet: bool = True) -> list[Source]:
+    """Every source that is available here, each split with its own seeded generator; a progress bar
+    (sources loaded) on stderr unless `quiet`."""
+    from tqdm import tqdm
+
     fdir = find_fashion_dir(fashion_mnist_dir) if use_fashion or fashion_mnist_dir else None
+    loaders = [("digits", lambda: load_digits_source(np.random.default_rng([seed, 11])))]
     if fdir is not None:
-        out.append(load_fashion_source(fdir, np.random.default_rng([seed, 12]), fashion_test_size))
+        loaders.append(("fashion_mnist",
+                        lambda: load_fashion_source(fdir, np.random.default_rng([seed, 12]), fashion_test_size)))
     if use_mnist:
-        m = load_mnist_source(np.random.default_rng([seed, 13]))
-        if m is not None:
-            out.append(m)
+        loaders.append(("mnist", lambda: load_mnist_source(np.random.default_rng([seed, 13]))))
+    out = []
+    with tqdm(total=len(loaders), desc="image sources", unit="source", disable=quiet, leave=False) as bar:
+        for name, load in loaders:
+            bar.set_postfix_str(name)
+            src = load()
+            if src is not None:
+                out.append(src)
+            bar.update()
     return out
