@@ -638,9 +638,11 @@ GENERATOR = '<meta name="generator" content="varalign report">'
 def _is_our_report(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
-            return GENERATOR.encode() in fh.read(1 << 16)
+            head = fh.read(1 << 16)
     except OSError:
         return False
+    # reports of earlier versions carry no generator tag, but their default titles name varalign
+    return GENERATOR.encode() in head or b"<title>varalign " in head
 
 
 def build_report(metadata_dir: str | os.PathLike, selections: list, output: str | os.PathLike,
