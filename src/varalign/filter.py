@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .atomic import OutputGroup, atomic_path, check_output_path, manifest_path
 from .backend import check_device
 from .errors import VaralignError
@@ -30,8 +30,8 @@ from .execute import default_workers, make_executor
 from .guard import check_paths, lock, lock_file_for, lock_outputs
 from .pool import Shard, discover_shards, embedding_member
 from .recipe import Recipe, Stage, list_presets, load_recipe, validate_recipe
+from .scan import ShardScan, scan_shard
 from .scorers import SCORERS, Context, Prepared, prepare, rule_scores
-from .scores.scan import ShardScan, scan_shard
 from .scores.vas_d import (
     CandidateStore,
     VasDResult,

@@ -7,9 +7,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..errors import VaralignError
-from ..pool import Shard, read_columns, read_scores
-from ..uids import first_duplicate, hex_to_uids, isin_sorted, load_subset, sort_uids
+from .errors import VaralignError
+from .pool import Shard, read_columns, read_scores
+from .uids import first_duplicate, hex_to_uids, isin_sorted, load_subset, sort_uids
 
 
 @dataclass
