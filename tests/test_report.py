@@ -19,7 +19,8 @@ import pytest
 
 import varalign
 from varalign.errors import VaralignError
-from varalign.report import build_report, extremes, histogram, register_report
+from varalign.report import build_report, extremes, histogram
+from varalign.report_cli import register_report
 from varalign.synth import make_pool
 from varalign.uids import save_subset
 

@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .download.cli import register_download  # noqa: PLC0415
     from .experiment.cli import register  # noqa: PLC0415 - embed, reshard, train, evaluate, experiment
     from .minicomp.cli import register_minicomp  # noqa: PLC0415
-    from .report import register_report  # noqa: PLC0415
+    from .report_cli import register_report  # noqa: PLC0415
 
     register(sub)
     register_report(sub)

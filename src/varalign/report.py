@@ -11,7 +11,6 @@ and one or two uid subsets.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__
+from ._version import __version__
 from .atomic import atomic_path, check_output_path, manifest_path, remove_stale_temps
 from .errors import VaralignError
 from .guard import check_paths, lock_outputs
@@ -680,26 +679,3 @@ def _build_report(metadata_dir: str | os.PathLike, selections: list, output: Pat
     with atomic_path(output, ".html") as tmp:
         tmp.write_text(page, encoding="utf-8")
     return Path(output)
-
-
-def register_report(subparsers: argparse._SubParsersAction) -> None:
-    """Add `varalign report` to the CLI."""
-    p = subparsers.add_parser("report", help="a static HTML report comparing selections over a pool",
-                              description="One self-contained HTML file (inline CSS and SVG, no server): per "
-                                          "selection its counts per stage, score histograms with thresholds, the "
-                                          "highest- and lowest-scored samples; overlaps between selections.")
-    p.add_argument("--metadata_dir", required=True, help="the pool (directory of {name}.parquet shards)")
-    p.add_argument("--selections", nargs="+", required=True, help="subset .npy files (manifests are read beside them)")
-    p.add_argument("--output", required=True, help="output .html")
-    p.add_argument("--scores", nargs="+", help="one --save_scores parquet per selection (default: the manifest's)")
-    p.add_argument("--top", type=int, default=12, help="highest/lowest-scored samples shown per selection")
-    p.add_argument("--title", help="page title")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output that is not a varalign report")
-    p.set_defaults(func=_run_report)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    out = build_report(args.metadata_dir, args.selections, args.output, args.scores, args.top, args.title,
-                       overwrite=args.overwrite)
-    print(f"report -> {out}")
-    return 0
