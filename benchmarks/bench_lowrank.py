@@ -29,8 +29,8 @@ from varalign import filter_pool
 
 def stress_pool(pool: Path, out: Path, alpha: float, arch: str, seed: int = 0) -> Path:
     """A copy of `pool` whose `{arch}_img` rows are drawn with a power-law spectrum (the rest unchanged)."""
+    from varalign.npz import write_npz  # noqa: PLC0415
     from varalign.pool import ARCHS, discover_shards, image_key  # noqa: PLC0415
-    from varalign.synth import write_npz  # noqa: PLC0415
 
     dim = ARCHS[arch]
     rng = np.random.default_rng(seed)

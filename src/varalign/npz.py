@@ -1,4 +1,4 @@
-"""Stream one member of a DataComp `.npz` without reading the others.
+"""Stream one member of a DataComp `.npz` without reading the others; write an `.npz`.
 
 `np.load(path)[key]` inflates with the standard zlib and copies the whole member; on this
 project's 2-core reference machine zlib-ng inflates the (nearly incompressible) float16
@@ -240,6 +240,14 @@ def _inflate(inflater, raw: bytes, member: NpzMember, total: int) -> Iterator[by
         data = inflater.unconsumed_tail
         if not data:
             return
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], compress_level: int = 6) -> None:
+    """A standard compressed `.npz` (what `np.savez_compressed` writes) with a chosen zlib level."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compress_level) as zf:
+        for key, arr in arrays.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asarray(arr), allow_pickle=False)
 
 
 def _check_crc(member: NpzMember, total: int, crc: int) -> None:

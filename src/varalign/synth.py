@@ -10,7 +10,6 @@ benchmarks; a real-image pool comes with `varalign minicomp` (see the README).
 from __future__ import annotations
 
 import os
-import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, save_npy
+from .npz import write_npz  # the writer lives beside the reader; `varalign.synth.write_npz` still works
 from .pool import ARCHS, SCORE_COLUMN, image_key, text_key
 from .uids import uids_to_hex
 
@@ -109,14 +109,6 @@ def make_shard(world: SynthWorld, path_stem: str, start: int, n: int, compress_l
         write_npz(tmp, arrays, compress_level)
     with atomic_path(path_stem + ".parquet", ".parquet") as tmp:
         pq.write_table(table, tmp)
-
-
-def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], compress_level: int = 6) -> None:
-    """A standard compressed `.npz` (what `np.savez_compressed` writes) with a chosen zlib level."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compress_level) as zf:
-        for key, arr in arrays.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.asarray(arr), allow_pickle=False)
 
 
 def _captions(rng: np.random.Generator, kind: np.ndarray, concept: np.ndarray) -> list[str]:

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 from ..guard import check_paths, lock, lock_file_for
+from ..npz import write_npz
 from ..pool import ARCHS, SCORE_COLUMN, image_key, text_key
-from ..synth import write_npz
 from ..uids import hex_to_uids
 from .wds import IMAGE_EXTS, iter_samples, list_tars, open_tar, read_json, read_member, sample_uid
 
