@@ -1,4 +1,4 @@
-"""Tests of varalign.assets: DataComp asset lookup, checksum warnings, safe `.pt` loading (no network)."""
+"""Tests of varalign.assets (DataComp asset lookup, checksum warnings) and varalign.ptfile (safe `.pt` loading); no network."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from varalign import assets
+from varalign import assets, ptfile
 from varalign.errors import VaralignError
 
 try:
@@ -127,7 +127,7 @@ def test_torch_weights_only_needs_the_numpy_allowlist(tmp_path: Path) -> None:
     torch.save(arr, path, pickle_protocol=2)
     with pytest.raises(Exception, match="(?i)weights"):
         torch.load(path, weights_only=True)
-    np.testing.assert_array_equal(assets._load_with_torch(path), arr)
+    np.testing.assert_array_equal(ptfile._load_with_torch(path), arr)
 
 
 @needs_torch
@@ -136,14 +136,14 @@ def test_numpy_1x_global_name_is_accepted(tmp_path: Path) -> None:
     raw = pickle.dumps(arr, protocol=2)
     assert b"numpy._core.multiarray\n_reconstruct" in raw
     old = raw.replace(b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct")
-    np.testing.assert_array_equal(assets._NumpyUnpickler(io.BytesIO(old)).load(), arr)
+    np.testing.assert_array_equal(ptfile._NumpyUnpickler(io.BytesIO(old)).load(), arr)
     with pytest.raises(pickle.UnpicklingError, match="latin1"):
-        assets._latin1_encode("x", "rot13")
+        ptfile._latin1_encode("x", "rot13")
     legacy = tmp_path / "legacy.pt"
     torch.save(arr, legacy, pickle_protocol=2, _use_new_zipfile_serialization=False)
     data = legacy.read_bytes()
     legacy.write_bytes(data.replace(b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct"))
-    np.testing.assert_array_equal(assets._load_with_torch(legacy), arr)
+    np.testing.assert_array_equal(ptfile._load_with_torch(legacy), arr)
 
 
 @needs_torch

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -40,6 +41,22 @@ def test_build_from_npy_pt_and_folder(tmp_path) -> None:
     build_target([folder], tmp_path / "f.pt", quiet=True)
     loaded = load_target(tmp_path / "f.pt", dim=32)
     np.testing.assert_allclose(loaded, a.astype(np.float64).T @ a / 300, rtol=1e-5, atol=1e-7)
+
+
+def test_one_pt_reader_for_targets_and_datacomp_files(tmp_path, monkeypatch) -> None:
+    """Targets go through the same `.pt` reader as DataComp's assets: a numpy array saved by torch
+    (DataComp's centroid layout) is read without torch; a bfloat16 tensor comes back as float32."""
+    f = _unit(np.random.default_rng(2), 100, 16).astype(np.float64)
+    want = (f.T @ f / 100).astype(np.float32)
+    torch.save(want, tmp_path / "np.pt", pickle_protocol=4)
+    torch.save(torch.from_numpy(want).bfloat16(), tmp_path / "bf16.pt")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    np.testing.assert_array_equal(load_target(tmp_path / "np.pt", dim=16), want)
+    with pytest.raises(VaralignError, match="needs torch"):
+        load_target(tmp_path / "bf16.pt")
+    monkeypatch.undo()
+    got = load_target(tmp_path / "bf16.pt", dim=16)
+    np.testing.assert_array_equal(got, torch.from_numpy(want).bfloat16().float().numpy())
 
 
 def test_build_from_pool_and_found_by_name(synth_pool, tmp_path, capsys) -> None:

@@ -6,11 +6,9 @@ URL ends in `small_centroids_l14.pt`), except fastText's `lid.176.bin`, which `a
 caches under `~/.cache/fasttext`. `find_asset` looks there (or in `cache_path`), accepting the
 URL's file name too. A checksum that differs from DataComp's is a warning, not an error.
 
-`.pt` files are never fully unpickled: a numpy array in a `.pt` (DataComp's centroids, saved
-with pickle protocol 4, which torch's `weights_only` reader cannot parse) is read by a
-restricted unpickler that resolves only numpy's array-reconstruction globals; tensors (the
-ImageNet-1k features) go through `torch.load(weights_only=True)` with the same numpy
-allowlist added through `torch.serialization.safe_globals`.
+`.pt` files are never fully unpickled: they are read by `ptfile.load_pt` (a restricted
+unpickler for numpy arrays such as DataComp's centroids; `torch.load(weights_only=True)` with a
+numpy allowlist for tensors such as the ImageNet-1k features).
 """
 
 from __future__ import annotations
@@ -18,21 +16,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.client
-import io
 import os
-import pickle
 import urllib.request
 import warnings
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .atomic import atomic_path
 from .errors import VaralignError
+from .ptfile import load_pt
 
 SCALES = ("small", "medium", "large", "xlarge")
 DATACOMP_CACHE = "~/.cache/datacomp"
@@ -149,108 +144,6 @@ def download_asset(asset: Asset, dest: Path) -> Path:
         raise VaralignError(f"cannot download {asset.url} ({exc})", dest) from None
     check_sha256(dest, asset.sha256)
     return dest
-
-
-# ----------------------------------------------------------------------------- .pt loading
-
-
-def _numpy_globals() -> dict[str, Any]:
-    """The only globals a pickled numpy array needs: `_reconstruct`, `ndarray`, `dtype`."""
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return {
-        "numpy.core.multiarray._reconstruct": _reconstruct,  # files written by numpy 1.x
-        "numpy._core.multiarray._reconstruct": _reconstruct,  # ... by numpy 2.x
-        "numpy.ndarray": np.ndarray,
-        "numpy.dtype": np.dtype,
-        "_codecs.encode": _latin1_encode,  # protocol 2 pickles bytes as codecs.encode(str, "latin1")
-    }
-
-
-def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
-    """`codecs.encode` restricted to what pickle protocol 2 writes for bytes."""
-    if not isinstance(text, str) or encoding != "latin1":
-        raise pickle.UnpicklingError(f"_codecs.encode allowed only as (str, 'latin1'), got {encoding!r}")
-    return text.encode("latin1")
-
-
-def torch_safe_globals() -> list[Any]:
-    """Allowlist for `torch.serialization.safe_globals`: numpy's array reconstruction only."""
-    dtype_classes = {type(np.dtype(c)) for c in np.typecodes["AllFloat"] + np.typecodes["AllInteger"] + "?"}
-    names = [(obj, name) for name, obj in _numpy_globals().items() if name.endswith("_reconstruct")]
-    return [*names, np.ndarray, np.dtype, *sorted(dtype_classes, key=str)]
-
-
-class _NeedsTorch(Exception):
-    """The pickle holds more than a numpy array: hand it to torch's weights_only reader."""
-
-
-class _NumpyUnpickler(pickle.Unpickler):
-    """Resolves numpy's array-reconstruction globals and nothing else (no persistent ids)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = _numpy_globals().get(f"{module}.{name}")
-        if obj is None:  # tensors, OrderedDict, ... or an attack: torch's allowlist decides
-            raise _NeedsTorch(f"{module}.{name}")
-        return obj
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _NeedsTorch("storage")
-
-
-def load_pt(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
-    """A numeric array from a `.pt` (numpy array, tensor, or dict holding one under `key`)."""
-    path = Path(path)
-    try:
-        obj = _load_numpy_pickle(path)
-    except _NeedsTorch:
-        obj = _load_with_torch(path)
-    if isinstance(obj, dict):
-        if key is None or key not in obj:
-            raise VaralignError(f".pt holds a dict without key {key!r} (keys: {list(obj)[:8]})", path)
-        obj = obj[key]
-    if hasattr(obj, "detach"):  # a torch tensor
-        obj = obj.detach().cpu().float().numpy() if obj.is_floating_point() else obj.detach().cpu().numpy()
-    if not isinstance(obj, np.ndarray) or obj.dtype.kind not in "fiu":
-        raise VaralignError(f".pt must hold a numeric array, found {type(obj).__name__}", path)
-    return obj
-
-
-def _load_numpy_pickle(path: Path) -> Any:
-    """Unpickle the `data.pkl` of a zip-format `.pt` with `_NumpyUnpickler`."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            if pkl is None:
-                raise VaralignError("not a torch .pt zip archive (no data.pkl)", path)
-            data = zf.read(pkl)
-    except zipfile.BadZipFile:
-        raise _NeedsTorch("legacy format") from None
-    except OSError as exc:
-        raise VaralignError(f"cannot read .pt ({exc.strerror or exc})", path) from None
-    try:
-        return _NumpyUnpickler(io.BytesIO(data)).load()
-    except _NeedsTorch:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a refused/broken file
-        raise VaralignError(f"cannot load .pt safely ({exc})", path) from None
-
-
-def _load_with_torch(path: Path) -> Any:
-    try:
-        import torch  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        raise VaralignError("this .pt holds more than a numpy array: reading it needs torch", path) from None
-    try:
-        with torch.serialization.safe_globals(torch_safe_globals()), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # we report the failure
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a refused or bad file
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        detail = next((ln for ln in lines if "nsupported" in ln or "Trying to" in ln), lines[0])
-        raise VaralignError(f"cannot load .pt safely (weights_only=True): {detail[:200]}", path) from None
 
 
 def load_centroids(path: str | os.PathLike) -> np.ndarray:

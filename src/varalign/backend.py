@@ -1,9 +1,12 @@
-"""Array kernels on CPU: float16 decoding, row-wise quadratic forms, Gram accumulation."""
+"""Array kernels: float16 decoding, NaN/inf checks, row-wise quadratic forms, Gram accumulation,
+projections; on the CPU with numpy/BLAS, or on a torch device (`--device`). Every torch kernel
+lives here: callers pass numpy arrays and a device name and get numpy arrays back."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -106,7 +109,8 @@ def check_device(device: str) -> str:
     return device
 
 
-def _torch_device(device: str):
+def torch_device(device: str):
+    """`(torch, torch.device)` for a device name that is not `cpu` (`torch-cpu` is torch on the CPU)."""
     import torch  # noqa: PLC0415
 
     return torch, torch.device("cpu" if device == "torch-cpu" else device)
@@ -116,7 +120,7 @@ def quadratic_rows_on(features: np.ndarray, target: np.ndarray, device: str) -> 
     """`quadratic_rows` on a device: float16 rows are shipped as float16 and decoded there."""
     if device == "cpu":
         return quadratic_rows(to_float32(features), target)
-    torch, dev = _torch_device(device)
+    torch, dev = torch_device(device)
     f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
     s = torch.tensor(np.asarray(target, dtype=np.float32), device=dev)
     return ((f @ s) * f).sum(dim=1).cpu().numpy()
@@ -126,6 +130,75 @@ def gram64_on(features: np.ndarray, device: str) -> np.ndarray:
     """`gram64` on a device (float32 products, float64 sum on the host)."""
     if device == "cpu":
         return gram64(to_float32(features))
-    torch, dev = _torch_device(device)
+    torch, dev = torch_device(device)
     f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
     return (f.T @ f).double().cpu().numpy()
+
+
+def projector(basis: np.ndarray, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """`project(rows)`: float32 `rows @ basis` (float16 rows decoded first), on `device`; the basis
+    is sent to a torch device once."""
+    if device == "cpu":
+        return lambda rows: to_float32(rows) @ basis
+    torch, dev = torch_device(device)
+    basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32)).to(dev)
+    return lambda rows: (torch.from_numpy(np.ascontiguousarray(rows)).to(dev).float() @ basis_t).cpu().numpy()
+
+
+class ResidentRows:
+    """Rows copied once into a torch device's memory, as stored (float16 stays float16).
+
+    Scoring and Gram accumulation over any subset of them then happen there: nothing is sent to
+    the device but the target (D×D) and the row indices. Products are float32 like the host path;
+    the Gram of the chosen rows is accumulated in float64 on the device.
+    """
+
+    def __init__(self, torch, dev, data, block_rows: int) -> None:
+        self.torch, self.dev, self.data, self.block_rows = torch, dev, data, block_rows
+
+    @classmethod
+    def load(cls, read: Callable[[int, int], np.ndarray], rows: int, dim: int, dtype: np.dtype, device: str,
+             block_rows: int, resident: bool | None = None) -> ResidentRows | None:
+        """Rows `read(start, stop)` (numpy, `(stop - start, dim)` of `dtype`) copied to `device`;
+        None where they should stay on the host: `device` is `cpu`, `resident` is False, or (by
+        default, `resident=None`) the device is not an accelerator or they would take more than half
+        of its free memory."""
+        if device == "cpu" or resident is False:
+            return None
+        torch, dev = torch_device(device)
+        nbytes = rows * dim * np.dtype(dtype).itemsize
+        if resident is None:
+            if dev.type != "cuda":
+                return None  # on the host the streamed rows keep memory bounded
+            free, _total = torch.cuda.mem_get_info(dev)
+            if nbytes > free // 2:
+                return None
+        probe = torch.from_numpy(np.zeros((1, dim), dtype=dtype))
+        data = torch.empty((rows, dim), dtype=probe.dtype, device=dev)
+        for start in range(0, rows, block_rows):
+            stop = min(start + block_rows, rows)
+            data[start:stop] = torch.from_numpy(np.ascontiguousarray(read(start, stop))).to(dev)
+        return cls(torch, dev, data, block_rows)
+
+    def score(self, idx: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """f_iᵀ S f_i (float32) for the rows at `idx`."""
+        torch = self.torch
+        s = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(self.dev)
+        index = torch.from_numpy(idx.astype(np.int64)).to(self.dev)
+        out = torch.empty(len(idx), dtype=torch.float32, device=self.dev)
+        step = self.block_rows * 4
+        for a in range(0, len(idx), step):
+            f = self.data.index_select(0, index[a : a + step]).float()
+            out[a : a + step] = ((f @ s) * f).sum(dim=1)
+        return out.cpu().numpy()
+
+    def gram64(self, rows: np.ndarray) -> np.ndarray:
+        """Σ f fᵀ (float64) over the rows at `rows`."""
+        torch = self.torch
+        index = torch.from_numpy(rows.astype(np.int64)).to(self.dev)
+        dim = self.data.shape[1]
+        total = torch.zeros((dim, dim), dtype=torch.float64, device=self.dev)
+        for a in range(0, len(rows), self.block_rows):
+            f = self.data.index_select(0, index[a : a + self.block_rows]).float()
+            total += (f.T @ f).double()
+        return total.cpu().numpy()

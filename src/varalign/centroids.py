@@ -22,11 +22,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .backend import check_finite, to_float32
+from .backend import to_float32
 from .errors import VaralignError
 from .guard import guarded_outputs
-from .npz import iter_blocks
-from .pool import Shard, discover_shards, embedding_member
+from .pool import Shard, discover_shards, embedding_member, iter_row_blocks
 
 SAMPLE_RATIO = {"small": -1.0, "medium": -1.0, "large": 0.3, "xlarge": 0.03}
 BLOCK_ROWS = 16384
@@ -57,14 +56,9 @@ def load_training_embeddings(pool_dir: str | os.PathLike, key: str = "l14_img", 
     pos = 0
     for shard, rows in zip(shards, picked, strict=True):
         member = embedding_member(shard, key, dim)
-        start = 0
-        for block in iter_blocks(member, BLOCK_ROWS):
-            check_finite(block, start, shard.npz, key, member)
-            lo, hi = np.searchsorted(rows, [start, start + len(block)])
-            sel = rows[lo:hi] - start
-            out[pos : pos + len(sel)] = to_float32(block[sel])
-            pos += len(sel)
-            start += len(block)
+        for rb in iter_row_blocks(member, rows, BLOCK_ROWS):
+            out[pos + rb.span.start : pos + rb.span.stop] = to_float32(rb.block[rb.local])
+        pos += len(rows)
     return out
 
 

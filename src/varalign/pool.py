@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .backend import check_finite
 from .errors import VaralignError
-from .npz import NpzMember, open_member
+from .npz import NpzMember, iter_blocks, open_member
 
 ARCHS = {"l14": 768, "b32": 512}
 SCORE_COLUMN = {"l14": "clip_l14_similarity_score", "b32": "clip_b32_similarity_score"}
+BLOCK_ROWS = 16384  # npz rows inflated at once
 
 
 def image_key(arch: str) -> str:
@@ -113,6 +117,50 @@ def embedding_member(shard: Shard, key: str, dim: int | None = None) -> NpzMembe
     if dim is not None and member.shape[1] != dim:
         raise VaralignError(f"npz member {key!r} has dim {member.shape[1]}, expected {dim}", shard.npz)
     return member
+
+
+def iter_checked_blocks(member: NpzMember, block_rows: int, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """`(start, block)` for consecutive row blocks of an npz member, each checked for NaN/inf
+    (a bit test on float16, no decode; the error names the file, the key and the pool row).
+    `reuse`: as `npz.iter_blocks` (every block overwrites the previous one)."""
+    start = 0
+    for block in iter_blocks(member, block_rows, reuse=reuse):
+        check_finite(block, start, member.path, member.key, member)
+        yield start, block
+        start += len(block)
+
+
+class RowBlock(NamedTuple):
+    """One block of a member and the requested rows that fall inside it."""
+
+    start: int  # member row of block[0]
+    block: np.ndarray  # member rows start .. start + len(block), NaN/inf-checked
+    span: slice  # the entries of the requested `rows` that fall in this block
+    local: np.ndarray  # those rows as indices into `block` (rows[span] - start)
+
+
+def iter_row_blocks(member: NpzMember, rows: np.ndarray, block_rows: int,
+                    reuse: bool = False) -> Iterator[RowBlock]:
+    """Walk a member block by block with the sorted row indices `rows` that each block holds.
+
+    Every block is yielded (and NaN/inf-checked), also those holding none of `rows` (then
+    `local` is empty): the whole member is read, so its CRC is checked at the end.
+    """
+    pos = 0
+    for start, block in iter_checked_blocks(member, block_rows, reuse):
+        stop = int(np.searchsorted(rows, start + len(block), side="left"))
+        yield RowBlock(start, block, slice(pos, stop), rows[pos:stop] - start)
+        pos = stop
+
+
+def read_rows(shard: Shard, key: str, rows: np.ndarray, dim: int | None = None,
+              block_rows: int = BLOCK_ROWS) -> np.ndarray:
+    """The given (sorted) rows of one npz member, in its stored dtype; every block NaN/inf-checked."""
+    member = embedding_member(shard, key, dim)
+    out = np.empty((len(rows), member.shape[1]), dtype=member.dtype)
+    for rb in iter_row_blocks(member, rows, block_rows):
+        out[rb.span] = rb.block[rb.local]
+    return out
 
 
 def _short(exc: BaseException) -> str:

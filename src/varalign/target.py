@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .errors import VaralignError
+from .ptfile import load_pt
 
 TARGET_ALIASES = {"imagenet-1k": "imagenet_1k", "variance_imagenet_1k": "imagenet_1k"}
 
@@ -35,7 +35,7 @@ def target_path_for(files_path: str | os.PathLike, name: str) -> Path:
 
 
 def load_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
-    """Load a numeric array from `.npy` (no pickle) or `.pt` (torch, weights_only)."""
+    """Load a numeric array from `.npy` (no pickle) or `.pt` (`ptfile.load_pt`: never a full unpickle)."""
     path = Path(path)
     if not path.exists():
         raise VaralignError("file not found", path)
@@ -48,41 +48,12 @@ def load_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
         except (OSError, EOFError) as exc:
             raise VaralignError(f"unreadable .npy ({exc})", path) from None
     elif path.suffix in (".pt", ".pth"):
-        arr = _load_pt(path, key)
+        arr = load_pt(path, key)
     else:
         raise VaralignError("unsupported array file: use .npy or .pt", path)
     if arr.dtype.kind not in "fiu":
         raise VaralignError(f"array must be numeric, found {arr.dtype}", path)
     return arr
-
-
-def _load_pt(path: Path, key: str | None) -> np.ndarray:
-    try:
-        import torch  # noqa: PLC0415 - torch is optional
-    except ImportError:
-        raise VaralignError(
-            "reading .pt needs torch: pip install 'torch==2.13.0' (CPU), or pass the array as .npy",
-            path) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise VaralignError(f"cannot load .pt safely (weights_only=True): {_torch_load_reason(exc)}", path) from None
-    if isinstance(obj, dict):
-        keys = [key] if key else [k for k in ("image_features", "features", "embeddings") if k in obj]
-        if not keys or keys[0] not in obj:
-            raise VaralignError(f".pt holds a dict without {key or 'image_features'!r} (keys: {list(obj)[:8]})", path)
-        obj = obj[keys[0]]
-    if not isinstance(obj, torch.Tensor):
-        raise VaralignError(f".pt must hold a tensor, found {type(obj).__name__}", path)
-    return obj.detach().float().numpy() if obj.dtype in (torch.float16, torch.bfloat16) else obj.detach().numpy()
-
-
-def _torch_load_reason(exc: BaseException) -> str:
-    """The informative line of a torch.load error (its weights_only errors wrap it in advice and ANSI codes)."""
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
-    detail = next((ln for ln in lines if "nsupported" in ln), lines[0] if lines else type(exc).__name__)
-    detail = detail.replace("WeightsUnpickler error:", "").split(". Please")[0]
-    return " ".join(detail.split())[:160]
 
 
 def load_target(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:
@@ -159,16 +130,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _pool_blocks(root: Path, key: str) -> Iterator[tuple[str, np.ndarray]]:
-    from .backend import check_finite  # noqa: PLC0415
-    from .npz import iter_blocks  # noqa: PLC0415
-    from .pool import discover_shards, embedding_member  # noqa: PLC0415
+    from .pool import discover_shards, embedding_member, iter_checked_blocks  # noqa: PLC0415
 
     for shard in discover_shards(root, need_npz=True):
-        member = embedding_member(shard, key)
-        start = 0
-        for block in iter_blocks(member, 65536):
-            check_finite(block, start, shard.npz, key, member)
-            start += len(block)
+        for _start, block in iter_checked_blocks(embedding_member(shard, key), 65536):
             yield shard.npz, block
 
 

@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..backend import check_finite, first_nonfinite_row, to_float32
+from ..backend import first_nonfinite_row, to_float32
 from ..errors import VaralignError
-from ..npz import iter_blocks
-from ..pool import Shard, embedding_member
+from ..pool import Shard, embedding_member, iter_row_blocks
 from .rules import PathArg, check_rows, image_based_caption_shard
 
 BLOCK_ROWS = 16384  # npz rows per streamed block
@@ -132,13 +131,7 @@ def _shard_labels(shard: Shard, rows: np.ndarray, centroids: np.ndarray, block_r
     member = embedding_member(shard, key, centroids.shape[1])
     assign = centroid_assigner(centroids)
     out = np.empty(len(rows), dtype=np.int64)
-    start = pos = 0
-    for block in iter_blocks(member, block_rows):
-        end = start + len(block)
-        check_finite(block, start, shard.npz, key, member)
-        stop = int(np.searchsorted(rows, end, side="left"))
-        if stop > pos:
-            out[pos:stop] = assign(to_float32(block[rows[pos:stop] - start]))
-            pos = stop
-        start = end
+    for rb in iter_row_blocks(member, rows, block_rows):
+        if len(rb.local):
+            out[rb.span] = assign(to_float32(rb.block[rb.local]))
     return out

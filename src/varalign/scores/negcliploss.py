@@ -25,10 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..backend import check_finite, to_float32
+from ..backend import to_float32
 from ..errors import VaralignError
-from ..npz import iter_blocks
-from ..pool import Shard, embedding_member
+from ..pool import Shard, read_rows
 
 DEFAULT_TEMPERATURE = 0.01
 DEFAULT_BATCH_SIZE = 32768
@@ -116,21 +115,6 @@ def negcliploss_shard(shard: Shard, rows: np.ndarray, img_key: str = "l14_img", 
     txt = read_rows(shard, txt_key, rows, dim=img.shape[1], block_rows=block_rows)
     return negcliploss_scores(img, txt, temperature=temperature, batch_size=batch_size, average_num=average_num,
                               seed=(seed, zlib.crc32(shard.name.encode())))
-
-
-def read_rows(shard: Shard, key: str, rows: np.ndarray, dim: int | None = None,
-              block_rows: int = BLOCK_ROWS) -> np.ndarray:
-    """The given (sorted) rows of one npz member, in its stored dtype; every block NaN/inf-checked."""
-    member = embedding_member(shard, key, dim)
-    out = np.empty((len(rows), member.shape[1]), dtype=member.dtype)
-    start = pos = 0
-    for block in iter_blocks(member, block_rows):
-        end = start + len(block)
-        check_finite(block, start, shard.npz, key, member)
-        stop = int(np.searchsorted(rows, end, side="left"))
-        out[pos:stop] = block[rows[pos:stop] - start]
-        pos, start = stop, end
-    return out
 
 
 def _check_args(img: np.ndarray, txt: np.ndarray, temperature: float, batch_size: int, average_num: int) -> None:

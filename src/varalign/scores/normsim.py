@@ -26,8 +26,7 @@ import numpy as np
 
 from ..backend import check_finite, gram64, quadratic_rows, to_float32
 from ..errors import VaralignError
-from ..npz import iter_blocks
-from ..pool import Shard, embedding_member
+from ..pool import Shard, embedding_member, iter_row_blocks
 from ..target import expand_inputs, load_array
 
 INF_FROM = 100.0  # any p >= this is treated as infinity (the reference's convention)
@@ -214,17 +213,13 @@ def normsim_shard(shard: Shard, rows: np.ndarray, target: NormSimTarget | np.nda
     tgt.arrays()
     member = embedding_member(shard, key, tgt.dim)
     out = np.empty(len(rows), dtype=np.float32)
-    start = pos = done = 0
+    pos = done = 0
     pending: list[np.ndarray] = []
-    for block in iter_blocks(member, block_rows):
-        end = start + len(block)
-        check_finite(block, start, shard.npz, key, member)
-        stop = int(np.searchsorted(rows, end, side="left"))
-        if stop > pos:
-            pending.append(to_float32(block[rows[pos:stop] - start]))
-            pos = stop
-        if pos - done >= block_rows or (end == member.shape[0] and pos > done):
+    for rb in iter_row_blocks(member, rows, block_rows):
+        if len(rb.local):
+            pending.append(to_float32(rb.block[rb.local]))
+            pos = rb.span.stop
+        if pos - done >= block_rows or (rb.start + len(rb.block) == member.shape[0] and pos > done):
             out[done:pos] = _score_block(np.concatenate(pending), tgt, p, gram)
             pending, done = [], pos
-        start = end
     return out

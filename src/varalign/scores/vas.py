@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import check_finite, quadratic_rows, quadratic_rows_on, to_float32
-from ..npz import iter_blocks
-from ..pool import Shard, embedding_member
+from ..backend import quadratic_rows, quadratic_rows_on, to_float32
+from ..pool import Shard, embedding_member, iter_row_blocks
 
 BLOCK_ROWS = 16384
 
@@ -30,14 +29,7 @@ def vas_shard(shard: Shard, key: str, rows: np.ndarray, target: np.ndarray,
     """
     member = embedding_member(shard, key, target.shape[0])
     out = np.empty(len(rows), dtype=np.float32)
-    start = 0
-    pos = 0
-    for block in iter_blocks(member, block_rows, reuse=True):  # rows are gathered (copied)
-        end = start + len(block)
-        check_finite(block, start, shard.npz, key, member)
-        stop = int(np.searchsorted(rows, end, side="left"))
-        if stop > pos:
-            out[pos:stop] = quadratic_rows_on(block[rows[pos:stop] - start], target, device)
-            pos = stop
-        start = end
+    for rb in iter_row_blocks(member, rows, block_rows, reuse=True):  # rows are gathered (copied)
+        if len(rb.local):
+            out[rb.span] = quadratic_rows_on(rb.block[rb.local], target, device)
     return out

@@ -21,9 +21,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ..backend import check_finite, gram64_on, quadratic_rows_on, to_float32
-from ..npz import iter_blocks
-from ..pool import Shard, embedding_member
+from ..backend import ResidentRows, gram64_on, projector, quadratic_rows_on
+from ..pool import Shard, embedding_member, iter_row_blocks
 from ..select import top_k_mask
 
 BLOCK_ROWS = 16384
@@ -101,22 +100,17 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
     member = embedding_member(shard, key, dim)
     g_rest = np.zeros((dim, dim), dtype=np.float64)  # pool rows that are not candidates
     g_cand = np.zeros((dim, dim), dtype=np.float64)
-    start = 0
     written = 0
     kept: list[np.ndarray] = []
-    for block in iter_blocks(member, BLOCK_ROWS, reuse=True):  # rows are copied out
-        end = start + len(block)
-        check_finite(block, start, shard.npz, key, member)
+    for start, block, _span, local in iter_row_blocks(member, cand_rows, BLOCK_ROWS, reuse=True):  # rows copied out
         in_pool = np.ones(len(block), dtype=bool)
         if pool_rows is not None:
             in_pool[:] = False
-            lo, hi = np.searchsorted(pool_rows, [start, end])
+            lo, hi = np.searchsorted(pool_rows, [start, start + len(block)])
             in_pool[pool_rows[lo:hi] - start] = True
-        lo, hi = np.searchsorted(cand_rows, [start, end])
-        local = cand_rows[lo:hi] - start
         in_pool[local] = False
         g_rest += gram64_on(block[in_pool], device)  # each row enters one Gram only: ~30% less work
-        if hi > lo:
+        if len(local):
             picked = block[local]
             g_cand += gram64_on(picked, device)
             if store_path is not None:
@@ -124,7 +118,6 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
             else:
                 kept.append(picked)
             written += len(picked)
-        start = end
     rows = None if store_path is not None else (np.concatenate(kept) if kept else np.empty((0, dim), member.dtype))
     return g_rest + g_cand, g_cand, rows
 
@@ -148,7 +141,7 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     passing that `state` back resumes after the round it was saved in, with identical results.
     On a torch `device`, `resident` copies the candidates (as stored, float16) to the device once
     and runs every round there; None (default) does so on an accelerator when they fit in half of
-    its free memory, and streams them from the store every round otherwise.
+    its free memory, and streams them from the store every round otherwise (`backend.ResidentRows`).
     """
     m = store.rows
     if target_count > m:
@@ -162,7 +155,8 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     start = int(state["it"])
     limits = threadpool_limits(limits=1)  # results must not depend on BLAS's thread count
     try:
-        on_device = _resident_store(store, device, resident, block_rows) if start < num_iters else None
+        on_device = ResidentRows.load(store.read, store.rows, store.dim, store.dtype, device, block_rows,
+                                      resident) if start < num_iters else None
         _rounds(store, state, start, num_iters, chunk, target_count, num_workers, quiet, block_rows, checkpoint,
                 device, on_device)
     finally:
@@ -172,7 +166,7 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
 
 def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chunk: int, target_count: int,
             num_workers: int, quiet: bool, block_rows: int, checkpoint, device: str,
-            on_device: ResidentStore | None = None) -> None:
+            on_device: ResidentRows | None = None) -> None:
     alive, removed_at, last = state["alive"], state["removed_at"], state["last"]
     target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
     for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
@@ -198,62 +192,6 @@ def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chun
         state |= {"it": np.int64(it + 1), "target": target, "n_alive": np.int64(n_alive)}
         if checkpoint is not None:
             checkpoint(state)
-
-
-class ResidentStore:
-    """The candidate store copied once into an accelerator's memory (as stored: float16 stays float16).
-
-    Every round then scores and gathers there: nothing is read from disk or sent to the device but
-    the target (D×D) and the row indices. Products are float32 like the streamed path; the Gram of
-    the removed rows is accumulated in float64 on the device.
-    """
-
-    def __init__(self, torch, dev, data, block_rows: int) -> None:
-        self.torch, self.dev, self.data, self.block_rows = torch, dev, data, block_rows
-
-    def score(self, idx: np.ndarray, target: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        s = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(self.dev)
-        index = torch.from_numpy(idx.astype(np.int64)).to(self.dev)
-        out = torch.empty(len(idx), dtype=torch.float32, device=self.dev)
-        step = self.block_rows * 4
-        for a in range(0, len(idx), step):
-            f = self.data.index_select(0, index[a : a + step]).float()
-            out[a : a + step] = ((f @ s) * f).sum(dim=1)
-        return out.cpu().numpy()
-
-    def gram64(self, rows: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        index = torch.from_numpy(rows.astype(np.int64)).to(self.dev)
-        dim = self.data.shape[1]
-        total = torch.zeros((dim, dim), dtype=torch.float64, device=self.dev)
-        for a in range(0, len(rows), self.block_rows):
-            f = self.data.index_select(0, index[a : a + self.block_rows]).float()
-            total += (f.T @ f).double()
-        return total.cpu().numpy()
-
-
-def _resident_store(store: CandidateStore, device: str, resident: bool | None,
-                    block_rows: int) -> ResidentStore | None:
-    """The store on `device` when asked for (or, by default, on an accelerator with room), else None."""
-    if device == "cpu" or resident is False:
-        return None
-    from ..backend import _torch_device  # noqa: PLC0415
-
-    torch, dev = _torch_device(device)
-    nbytes = store.rows * store.dim * store.dtype.itemsize
-    if resident is None:
-        if dev.type != "cuda":
-            return None  # on the host the streamed store keeps memory bounded
-        free, _total = torch.cuda.mem_get_info(dev)
-        if nbytes > free // 2:
-            return None
-    probe = torch.from_numpy(np.zeros((1, store.dim), dtype=store.dtype))
-    data = torch.empty((store.rows, store.dim), dtype=probe.dtype, device=dev)
-    for start in range(0, store.rows, block_rows):
-        stop = min(start + block_rows, store.rows)
-        data[start:stop] = torch.from_numpy(np.ascontiguousarray(store.read(start, stop))).to(dev)
-    return ResidentStore(torch, dev, data, block_rows)
 
 
 def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, num_workers: int,
@@ -294,19 +232,11 @@ def project_store(store: CandidateStore, basis: np.ndarray, block_rows: int = BL
         out = np.empty((store.rows, rank), dtype=np.float32)
     else:
         projected = CandidateStore.create(path, store.rows, rank, np.dtype(np.float32))
-    if device != "cpu":
-        from ..backend import _torch_device  # noqa: PLC0415
-
-        torch, dev = _torch_device(device)
-        basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32)).to(dev)
+    project = projector(basis, device)
 
     def one(start: int) -> None:
         stop = min(start + block_rows, store.rows)
-        block = store.read(start, stop)
-        if device == "cpu":
-            part = to_float32(block) @ basis
-        else:
-            part = (torch.from_numpy(np.ascontiguousarray(block)).to(dev).float() @ basis_t).cpu().numpy()
+        part = project(store.read(start, stop))
         if path is None:
             out[start:stop] = part
         else:
