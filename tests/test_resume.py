@@ -59,9 +59,9 @@ def test_rerun_with_same_inputs_does_no_work(big_pool, tmp_path, monkeypatch, ca
     first = filter_pool(big_pool, out, "clip_score", arch="l14", fraction=0.3)
     before = out.stat().st_mtime_ns
 
-    import varalign.filter as flt
+    from varalign.engine.run import Run
 
-    monkeypatch.setattr(flt._Run, "scan", lambda self: pytest.fail("re-run did work"))
+    monkeypatch.setattr(Run, "scan", lambda self: pytest.fail("re-run did work"))
     second = filter_pool(big_pool, out, "clip_score", arch="l14", fraction=0.3)
     assert "up to date" in capsys.readouterr().err
     assert np.array_equal(first.uids, second.uids) and out.stat().st_mtime_ns == before

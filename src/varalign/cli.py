@@ -13,68 +13,41 @@ from .errors import VaralignError
 
 
 def _filter_parser(sub: argparse._SubParsersAction) -> None:
+    from .engine.options import FilterOptions  # noqa: PLC0415
+    from .methods import METHODS  # noqa: PLC0415
+    from .methods.base import flags_of  # noqa: PLC0415
+
     p = sub.add_parser("filter", help="select a subset of a DataComp pool (drop-in for baselines.py)",
                        description="Select a subset of a DataComp-format pool and save DataComp's subset file. "
-                                   "Flags follow DataComp's baselines.py and the VAS reference.")
+                                   "Flags follow DataComp's baselines.py and the VAS reference; every method's "
+                                   "options come from its parameters (varalign/methods/).")
     p.add_argument("--list", action="store_true", help="list every method with a one-line description and exit")
     p.add_argument("--name", help="method: no_filter, basic_filter, text_based, image_based, "
                                   "image_based_intersect_clip_score, clip_score, laion2b, vas, vas_d, negcliploss "
                                   "(cs_new) (see --list)")
     p.add_argument("--recipe", help="a recipe TOML file, or a shipped preset name (see --list), instead of --name")
-    p.add_argument("--seed", type=int, default=0, help="seed for randomised scores (negCLIPLoss batches)")
     p.add_argument("--metadata_dir", help="directory with {name}.parquet + {name}.npz shards")
     p.add_argument("--save_path", help="output .npy (sorted u8,u8 uids); a .manifest.json is written beside it")
-    p.add_argument("--arch", choices=["l14", "b32"], help="which CLIP embeddings/score columns to use")
-    p.add_argument("--fraction", type=float, help="CLIP stage: fraction of the pool to keep")
-    p.add_argument("--threshold", type=float, help="CLIP stage: keep CLIP score >= threshold")
-    p.add_argument("--fraction_vas", type=float, help="VAS stage: fraction of the POOL to keep (not of the CLIP stage)")
-    p.add_argument("--threshold_vas", type=float, help="VAS stage: keep VAS >= threshold")
-    p.add_argument("--target", help="target second-moment matrix, .npy or .pt (D×D)")
-    p.add_argument("--target_variance_name", help="read the target from FILES_PATH/variance/variance_{name}.pt|.npy")
-    p.add_argument("--files_path", help="the VAS reference's files directory (holds variance/)")
-    p.add_argument("--num_iters", type=int, help="VAS-D iterations")
-    p.add_argument("--vas_d_mode", choices=["exact", "lowrank"], default="exact",
-                   help="exact (default, the reference algorithm) or lowrank: every round in the top-r "
-                        "eigenspace of the candidates (much faster; agreement measured in the README)")
-    p.add_argument("--vas_d_rank", type=int, default=128, help="rank r of --vas_d_mode lowrank")
-    p.add_argument("--given_uids_path", help="restrict the pool to these uids first (a subset .npy)")
-    p.add_argument("--save_scores", help="also write a parquet of uid + every score computed")
-    p.add_argument("--num_workers", type=int, default=None, help="parallel shards (default: all cores)")
+    # accepted so that the reference's scripts run unchanged
     p.add_argument("--num_gpus", type=int, default=None, help="accepted for compatibility; CPU runs ignore it")
-    p.add_argument("--batch_size", type=int, default=None, help="negcliploss: batch size B (default 32768); "
-                                                                 "vas_d/image_based: accepted (bounds memory only)")
-    p.add_argument("--batch_size_vass", type=int, default=None, help="accepted for compatibility (bounds memory only)")
     p.add_argument("--higher_is_better_vas", type=int, default=1, help="accepted; only 1 (the reference ignores it)")
-    p.add_argument("--cache_path", help="folder of DataComp assets (default ~/.cache/datacomp, as DataComp's download())")
-    p.add_argument("--download", action="store_true", help="download missing DataComp assets (centroids, ImageNet "
-                                                            "features, lid.176.bin); off by default")
-    p.add_argument("--image_based_scale", choices=["small", "medium", "large", "xlarge"],
-                   help="image_based*: which DataComp centroid file ({scale}_centroids.pt)")
-    p.add_argument("--centroid_path", help="image_based*: your own centroids (.npy or .pt), e.g. from `varalign centroids`")
-    p.add_argument("--fasttext_model", help="fastText language-ID model (e.g. DataComp's lid.176.bin) instead of the "
-                                            "bundled lid.176.ftz")
-    p.add_argument("--temperature", type=float, default=0.01, help="negcliploss: τ (default 0.01)")
-    p.add_argument("--average_num", type=int, default=10, help="negcliploss: K random batchings averaged (default 10)")
-    p.add_argument("--norm", default="inf", help="negcliploss → NormSim: p (a number, or inf; >= 100 means inf)")
-    p.add_argument("--proxy_name", help="NormSim target: imagenet_1k (DataComp's in1k_clip_vit_l14_*.pt)")
-    p.add_argument("--proxy_path", help="NormSim target: a folder (or file) of .npy/.pt target embeddings")
-    p.add_argument("--device", default="cpu", help="cpu (numpy/BLAS, default) or a torch device such as cuda, "
-                                                   "cuda:1 (VAS and VAS-D math on the GPU; needs torch)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: threads on this machine (default); ray: Ray tasks (pip install 'varalign[ray]')")
-    p.add_argument("--ray_address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--work_dir", help="per-shard results + completion markers, for resume "
-                                      "(default: .{save_path stem}.varalign-work beside the output)")
-    p.add_argument("--keep_work_dir", action="store_true", help="keep the work directory after success (and after "
-                                                               "an error)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --save_path/--save_scores file that "
-                                                           "varalign did not write (refused by default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_filter)
+    seen: dict[str, object] = {}
+    for flag in [*flags_of(FilterOptions), *(f for m in METHODS.values() for f in flags_of(m.params))]:
+        if flag.dest in seen:  # a parameter several methods share (arch, fasttext_model): one flag
+            continue
+        seen[flag.dest] = flag
+        kwargs: dict = {"help": flag.help + ("" if flag.default in (None, False) or "default" in flag.help
+                                              else f" (default: {flag.default})")}
+        if flag.action:
+            kwargs["action"] = flag.action
+        else:
+            kwargs |= {"type": flag.type or str, "choices": list(flag.choices) if flag.choices else None}
+        p.add_argument(f"--{flag.dest}", default=None, **kwargs)
+    p.set_defaults(func=_run_filter, _filter_flags=[*seen])
 
 
 def _run_filter(args: argparse.Namespace) -> int:
-    from .filter import describe_methods, filter_pool  # noqa: PLC0415
+    from .engine import describe_methods, filter_pool  # noqa: PLC0415
 
     if args.list:
         methods = describe_methods()
@@ -85,22 +58,12 @@ def _run_filter(args: argparse.Namespace) -> int:
     for flag in ("metadata_dir", "save_path"):
         if getattr(args, flag) is None:
             raise VaralignError(f"--{flag} is required")
-    if args.num_gpus and args.device == "cpu":
+    if args.num_gpus and (args.device or "cpu") == "cpu":
         _note(args, f"--num_gpus {args.num_gpus} ignored: this run uses the CPU (use --device cuda for the GPU)")
     if args.higher_is_better_vas != 1:
         raise VaralignError("--higher_is_better_vas 0 is not supported (the VAS reference never applies it)")
-    result = filter_pool(
-        args.metadata_dir, args.save_path, args.name, recipe=args.recipe, arch=args.arch, fraction=args.fraction,
-        threshold=args.threshold, fraction_vas=args.fraction_vas, threshold_vas=args.threshold_vas,
-        target=args.target, target_variance_name=args.target_variance_name, files_path=args.files_path,
-        num_iters=args.num_iters, vas_d_mode=args.vas_d_mode, vas_d_rank=args.vas_d_rank,
-        given_uids_path=args.given_uids_path, num_workers=args.num_workers,
-        batch_size=args.batch_size, batch_size_vass=args.batch_size_vass, save_scores=args.save_scores,
-        cache_path=args.cache_path, download=args.download, image_based_scale=args.image_based_scale,
-        centroid_path=args.centroid_path, fasttext_model=args.fasttext_model, temperature=args.temperature,
-        average_num=args.average_num, norm=args.norm, proxy_name=args.proxy_name, proxy_path=args.proxy_path,
-        seed=args.seed, device=args.device, executor=args.executor, ray_address=args.ray_address,
-        work_dir=args.work_dir, keep_work_dir=args.keep_work_dir, overwrite=args.overwrite, quiet=args.quiet)
+    options = {k: v for k in args._filter_flags if (v := getattr(args, k)) is not None and v is not False}
+    result = filter_pool(args.metadata_dir, args.save_path, args.name, recipe=args.recipe, **options)
     stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
     print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")
     return 0

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from .engine import filter_pool
 from .errors import VaralignError
-from .filter import filter_pool
 from .pool import discover_shards
 from .synth import CONCEPTS, make_pool, make_target
 

@@ -58,15 +58,17 @@ class Recipe:
         return [s for p in self.parts for s in p.all_stages()] if self.op else list(self.stages)
 
 
-def validate_recipe(recipe: Recipe, rule_scores: set[str], known: set[str]) -> None:
-    """Check a recipe before any work: known scores, one keep rule per stage, fractions that shrink."""
+def validate_recipe(recipe: Recipe, rule_scores: set[str], known: set[str],
+                    fraction_only: set[str] | frozenset[str] = frozenset()) -> None:
+    """Check a recipe before any work: known scores, one keep rule per stage, fractions that shrink.
+    `rule_scores` keep where true (no cut); `fraction_only` take a fraction of the pool, never a threshold."""
     if recipe.op:
         if recipe.op not in ("intersection", "union"):
             raise VaralignError(f"recipe {recipe.name!r}: op must be 'intersection' or 'union', got {recipe.op!r}")
         if len(recipe.parts) < 2 or recipe.stages:
             raise VaralignError(f"recipe {recipe.name!r}: an op needs >= 2 parts and no stages of its own")
         for part in recipe.parts:
-            validate_recipe(part, rule_scores, known)
+            validate_recipe(part, rule_scores, known, fraction_only)
         return
     previous = 1.0
     labels = set()
@@ -81,9 +83,9 @@ def validate_recipe(recipe: Recipe, rule_scores: set[str], known: set[str]) -> N
             if stage.fraction is not None or stage.threshold is not None:
                 raise VaralignError(f"{where}: a rule keeps the rows where it holds; drop fraction/threshold")
             continue
-        if stage.score == "vas_d":
+        if stage.score in fraction_only:
             if stage.fraction is None or stage.threshold is not None:
-                raise VaralignError(f"{where}: vas_d needs a fraction of the pool (not a threshold)")
+                raise VaralignError(f"{where}: {stage.score} needs a fraction of the pool (not a threshold)")
         elif (stage.fraction is None) == (stage.threshold is None):
             raise VaralignError(f"{where}: give exactly one of fraction or threshold")
         if stage.select not in SELECT_MODES:

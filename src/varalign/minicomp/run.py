@@ -67,7 +67,7 @@ def filter_options(method: str, build_dir: Path, arch: str) -> tuple[str, dict]:
 
 def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: str = "l14") -> int:
     """Write `method`'s subset of the pool to `save_path`; returns its size."""
-    from .. import filter_pool
+    from ..engine import filter_pool
 
     name, opts = filter_options(method, build_dir, arch)
     metadata = build_dir / "metadata"
