@@ -48,3 +48,28 @@ def test_ray_reports_bad_input_in_one_line(local_ray, tmp_path, capsys) -> None:
                  "--executor", "ray", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "00000000.npz" in err and "NaN" in err
+
+
+@pytest.mark.parametrize("mode", ["exact", "lowrank"])
+def test_vas_d_rounds_run_as_ray_tasks(local_ray, synth_pool, tmp_path, monkeypatch, mode) -> None:
+    """Every pass of VAS-D goes through the executor: the embedding pass, the projection (low-rank) and
+    every round's block scoring are Ray tasks, and the subset is the local one."""
+    from varalign.execute import RayExecutor
+
+    calls: list[tuple[str, int]] = []
+    original = RayExecutor.map
+
+    def spy(self, fn, tasks, desc, *args, **kwargs):
+        calls.append((desc, len(tasks)))
+        return original(self, fn, tasks, desc, *args, **kwargs)
+
+    monkeypatch.setattr(RayExecutor, "map", spy)
+    opts = {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": 3, "vas_d_mode": mode,
+            "vas_d_rank": 16}
+    filter_pool(synth_pool / "pool", tmp_path / "local.npy", "vas_d", quiet=True, **opts)
+    filter_pool(synth_pool / "pool", tmp_path / "ray.npy", "vas_d", quiet=True, executor="ray", **opts)
+    assert (tmp_path / "local.npy").read_bytes() == (tmp_path / "ray.npy").read_bytes()
+    rounds = [n for desc, n in calls if desc == "vas_d rounds"]
+    assert len(rounds) == 3 and all(n >= 1 for n in rounds)
+    assert any(desc == "vas_d (npz)" for desc, _ in calls)
+    assert any(desc == "vas_d (projection)" for desc, _ in calls) == (mode == "lowrank")

@@ -110,6 +110,15 @@ class Context:
         """
         return self.run.map(f"{self._base()}-{name}", fn, tasks, desc, on_result)
 
+    def mapper(self, desc: str) -> Callable[[Callable[..., Any], list[tuple]], list[Any]]:
+        """`run(fn, tasks) -> results in order`: tasks on the run's executor (threads, or Ray tasks), kept
+        nowhere (for passes that are cheap to redo, such as a VAS-D round over its candidate store)."""
+        executor = self.run.executor
+
+        def run(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
+            return executor.map(fn, tasks, desc, quiet=True)
+        return run
+
     def scratch(self) -> Path:
         """A folder of the work directory for this stage's own files (kept for resume)."""
         return self.run.work.path(self._base())

@@ -86,7 +86,7 @@ class VasD(Selector):
         if self.p.mode == "lowrank":  # fast mode: every round in a rank-r subspace
             basis = lowrank_basis(g_cand, self.p.rank)
             store = project_store(store, basis, path=f"{store.path}.rank{self.p.rank}", num_workers=ctx.threads,
-                                  device=self.device)
+                                  device=self.device, mapper=ctx.mapper(f"{ctx.label} (projection)"))
             b64 = basis.astype(np.float64)
             with threadpool_limits(limits=1):  # the same numbers whatever the core count
                 g_cand = b64.T @ g_cand @ b64
@@ -95,7 +95,7 @@ class VasD(Selector):
         # the greedy rounds hold O(candidates) state in RAM: alive (1 B), removed_at (4 B) and last score
         # (4 B) per candidate, 9 B in all; the embeddings stay in the on-disk store
         res = vas_d_iterate(store, g_cand, first_target, target_count, iters, ctx.threads, ctx.quiet, state=state,
-                            checkpoint=checkpoint, device=self.device)
+                            checkpoint=checkpoint, device=self.device, mapper=ctx.mapper(f"{ctx.label} rounds"))
         return self._outputs(ctx, alive, offsets, res)
 
     def _collect(self, ctx, alive) -> tuple[CandidateStore, np.ndarray, np.ndarray, np.ndarray]:

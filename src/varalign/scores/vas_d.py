@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -134,7 +135,7 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
                   target_count: int, num_iters: int, num_workers: int = 1, quiet: bool = True,
                   block_rows: int = BLOCK_ROWS, state: dict[str, np.ndarray] | None = None,
                   checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None,
-                  device: str = "cpu", resident: bool | None = None) -> VasDResult:
+                  device: str = "cpu", resident: bool | None = None, mapper: Mapper | None = None) -> VasDResult:
     """Greedy backward elimination from `store.rows` candidates down to `target_count`.
 
     `checkpoint(state)` is called after every round with everything needed to continue;
@@ -142,6 +143,7 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     On a torch `device`, `resident` copies the candidates (as stored, float16) to the device once
     and runs every round there; None (default) does so on an accelerator when they fit in half of
     its free memory, and streams them from the store every round otherwise (`backend.ResidentRows`).
+    `mapper(fn, tasks)`: runs a round's block tasks (the engine's executor); default: `num_workers` threads.
     """
     m = store.rows
     if target_count > m:
@@ -157,16 +159,16 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     try:
         on_device = ResidentRows.load(store.read, store.rows, store.dim, store.dtype, device, block_rows,
                                       resident) if start < num_iters else None
-        _rounds(store, state, start, num_iters, chunk, target_count, num_workers, quiet, block_rows, checkpoint,
-                device, on_device)
+        _rounds(store, state, start, num_iters, chunk, target_count, quiet, block_rows, checkpoint, device,
+                on_device, mapper or thread_mapper(num_workers))
     finally:
         limits.restore_original_limits()
     return VasDResult(state["alive"], state["removed_at"], state["last"], chunk)
 
 
 def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chunk: int, target_count: int,
-            num_workers: int, quiet: bool, block_rows: int, checkpoint, device: str,
-            on_device: ResidentRows | None = None) -> None:
+            quiet: bool, block_rows: int, checkpoint, device: str, on_device: ResidentRows | None,
+            mapper: Mapper) -> None:
     alive, removed_at, last = state["alive"], state["removed_at"], state["last"]
     target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
     for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
@@ -175,7 +177,7 @@ def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chun
         if on_device is not None:
             scores = on_device.score(idx, target)
         else:
-            scores = _score_alive(store, alive, target, num_workers, block_rows, device)
+            scores = _score_alive(store, alive, target, mapper, block_rows, device)
         last[idx] = scores
         k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
         removed = idx[~top_k_mask(scores, k)]
@@ -194,23 +196,35 @@ def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chun
             checkpoint(state)
 
 
-def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, num_workers: int,
-                 block_rows: int, device: str = "cpu") -> np.ndarray:
-    starts = list(range(0, store.rows, block_rows))
+Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
-    def score(start: int) -> np.ndarray:
-        stop = min(start + block_rows, store.rows)
-        sel = alive[start:stop]
-        if not sel.any():
-            return np.empty(0, dtype=np.float32)
-        block = store.read(start, stop)
-        return quadratic_rows_on(block[sel], target, device)
 
-    if num_workers <= 1 or len(starts) <= 1 or device != "cpu":
-        parts = [score(s) for s in starts]
-    else:
+def thread_mapper(num_workers: int) -> Mapper:
+    """`fn(*task)` for every task on `num_workers` threads (in order), the default `mapper`."""
+    def run(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
+        if num_workers <= 1 or len(tasks) <= 1:
+            return [fn(*t) for t in tasks]
         with ThreadPoolExecutor(num_workers) as pool:
-            parts = list(pool.map(score, starts))
+            return list(pool.map(lambda t: fn(*t), tasks))
+    return run
+
+
+def score_block(store: CandidateStore, start: int, stop: int, alive: np.ndarray, target: np.ndarray,
+                device: str = "cpu") -> np.ndarray:
+    """VAS of the alive rows of one block of the store (a round's task)."""
+    if not alive.any():
+        return np.empty(0, dtype=np.float32)
+    return quadratic_rows_on(store.read(start, stop)[alive], target, device)
+
+
+def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, mapper: Mapper,
+                 block_rows: int, device: str = "cpu") -> np.ndarray:
+    tasks = [(store, s, min(s + block_rows, store.rows), alive[s : s + block_rows], target, device)
+             for s in range(0, store.rows, block_rows)]
+    if device != "cpu" or store.path is None:  # one device, or rows in this process's memory: here
+        parts = [score_block(*t) for t in tasks]
+    else:
+        parts = mapper(score_block, tasks)
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
 
 
@@ -222,34 +236,37 @@ def lowrank_basis(gram_candidates: np.ndarray, rank: int) -> np.ndarray:
 
 
 def project_store(store: CandidateStore, basis: np.ndarray, block_rows: int = BLOCK_ROWS,
-                  path: str | None = None, num_workers: int = 1, device: str = "cpu") -> CandidateStore:
+                  path: str | None = None, num_workers: int = 1, device: str = "cpu",
+                  mapper: Mapper | None = None) -> CandidateStore:
     """The candidates projected onto `basis` (M×rank float32): into a file at `path` (read back block
     by block, so memory does not grow with the pool), or in memory without one. Blocks are
-    projected by `num_workers` threads, one BLAS thread each (the same numbers whatever the core
-    count), or on a torch `device`."""
+    projected by `mapper` (default: `num_workers` threads), one BLAS thread each (the same numbers
+    whatever the core count), or on a torch `device`."""
     rank = basis.shape[1]
-    if path is None:
-        out = np.empty((store.rows, rank), dtype=np.float32)
-    else:
-        projected = CandidateStore.create(path, store.rows, rank, np.dtype(np.float32))
-    project = projector(basis, device)
-
-    def one(start: int) -> None:
-        stop = min(start + block_rows, store.rows)
-        part = project(store.read(start, stop))
-        if path is None:
-            out[start:stop] = part
-        else:
-            write_rows(path, start, np.ascontiguousarray(part, dtype=np.float32))
-
     starts = range(0, store.rows, block_rows)
     with threadpool_limits(limits=1):  # same numbers whatever the core count
-        if num_workers <= 1 or device != "cpu":
+        if path is None or device != "cpu":
+            out = np.empty((store.rows, rank), dtype=np.float32) if path is None else None
+            if path is not None:
+                CandidateStore.create(path, store.rows, rank, np.dtype(np.float32))
+            project = projector(basis, device)
             for start in starts:
-                one(start)
-        else:
-            with ThreadPoolExecutor(num_workers) as pool:
-                list(pool.map(one, starts))
-    if path is not None:
-        return projected
-    return CandidateStore.from_array(out)
+                stop = min(start + block_rows, store.rows)
+                part = project(store.read(start, stop))
+                if out is not None:
+                    out[start:stop] = part
+                else:
+                    write_rows(path, start, np.ascontiguousarray(part, dtype=np.float32))
+            if out is not None:
+                return CandidateStore.from_array(out)
+            return CandidateStore(store.rows, rank, np.dtype(np.float32), path=path)
+        projected = CandidateStore.create(path, store.rows, rank, np.dtype(np.float32))
+        tasks = [(store, start, min(start + block_rows, store.rows), basis, path) for start in starts]
+        (mapper or thread_mapper(num_workers))(project_block, tasks)
+    return projected
+
+
+def project_block(store: CandidateStore, start: int, stop: int, basis: np.ndarray, path: str) -> None:
+    """Project one block of the store onto `basis` and write it at the same rows of the file at `path`."""
+    part = projector(basis, "cpu")(store.read(start, stop))
+    write_rows(path, start, np.ascontiguousarray(part, dtype=np.float32))
