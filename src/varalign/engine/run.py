@@ -6,6 +6,7 @@ shard's arrays at a time (plus O(shards) bookkeeping) whatever the pool size."""
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -41,6 +42,11 @@ class Run:
         self.settings = RunSettings(options.get("files_path"), options.get("cache_path"), run_option(options, "seed"),
                                     check_device(run_option(options, "device")), bool(options.get("download")))
         self.prepared = {id(s): prepare_stage(s, options, self.settings) for s in recipe.all_stages()}
+        on_cpu = sorted({s.score for s in recipe.all_stages() if not METHODS[s.score].uses_device
+                         and not (isinstance(self.prepared[id(s)], Score) and self.prepared[id(s)].column)})
+        if self.settings.device != "cpu" and on_cpu:
+            print(f"varalign: note: --device {self.settings.device}: {', '.join(on_cpu)} run(s) on the CPU (only "
+                  "vas and vas_d use the device so far)", file=sys.stderr)
         need_npz = any(p.members for p in self.prepared.values())
         self.shards = discover_shards(metadata_dir, need_npz=need_npz)
         self.members = {(key, dim): [embedding_member(s, key, dim) for s in self.shards]

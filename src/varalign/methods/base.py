@@ -171,6 +171,7 @@ class Method:
     params: type
     prepare: Callable[[Any, RunSettings], Score | Selector]
     keep: str = "number"  # "number": fraction or threshold; "rule": a boolean (no cut); "fraction": fraction only
+    uses_device: bool = False  # runs its math on --device (else a note says it stays on the CPU)
 
 
 METHODS: dict[str, Method] = {}

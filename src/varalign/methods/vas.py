@@ -58,7 +58,7 @@ def prepare(p: VasParams, run: RunSettings) -> Score:
 
 
 register(Method("vas", "Variance Alignment Score f^T S f against a target second moment S (image embeddings)",
-                VasParams, prepare))
+                VasParams, prepare, uses_device=True))
 
 
 @name("vas", "VAS ∩ CLIP score: top ⌊N·f⌋ by CLIP score, then top ⌊N·f_vas⌋ by VAS against a target")

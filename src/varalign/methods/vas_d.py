@@ -139,7 +139,7 @@ class VasD(Selector):
 
 
 register(Method("vas_d", "VAS-D: greedy VAS against the selection itself (first target: the whole pool)", VasDParams,
-                VasD, keep="fraction"))
+                VasD, keep="fraction", uses_device=True))
 
 
 @name("vas_d", "VAS-D ∩ CLIP score: CLIP stage, then greedy VAS against the selection itself")
