@@ -8,11 +8,17 @@ first (as `__mp_main__`), so the settings at the top apply to every process of t
 
 import os
 import sys
+import types
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version at import unless told not to
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-# webdataset imports torch when it can; img2dataset never needs it, and it costs ~1 GB and ~2 s per process
+# imports img2dataset makes but never uses here, kept out of every process: webdataset imports torch when it
+# can (~1 GB and ~2 s per process), img2dataset's distributor module imports ray (we run its multiprocessing
+# one), and its logger imports wandb, which it only calls with enable_wandb (pinned img2dataset 1.47.0)
 sys.modules.setdefault("torch", None)
+sys.modules.setdefault("ray", None)
+if os.environ.get("VARALIGN_DOWNLOAD_WANDB") != "1":
+    sys.modules.setdefault("wandb", types.ModuleType("wandb"))
 
 
 def _watch_parent(parent: int) -> None:

@@ -4,7 +4,6 @@ progress bar fed by the shards it finishes."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -63,8 +62,9 @@ def run_pass(config: dict, work_dir: Path, name: str, shard_rows: dict[int, int]
     cfg_path = work_dir / f"{name}.json"
     save_json(cfg_path, config)
     log_path = work_dir / f"{name}.log"
-    before = set(finished_shards(shards_dir)) if shards_dir.is_dir() else set()
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    seen = set(finished_shards(shards_dir)) if shards_dir.is_dir() else set()
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1",
+               VARALIGN_DOWNLOAD_WANDB="1" if config["enable_wandb"] else "0")
     with open(log_path, "ab") as log, _bar(sum(shard_rows.values()), quiet) as bar:
         proc = subprocess.Popen([sys.executable, "-m", "varalign.download._runner", str(cfg_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -72,9 +72,9 @@ def run_pass(config: dict, work_dir: Path, name: str, shard_rows: dict[int, int]
         (work_dir / "runner.pid").write_text(str(proc.pid))
         try:
             while proc.poll() is None:
-                _advance(bar, shards_dir, before, shard_rows)
+                _advance(bar, shards_dir, seen, shard_rows)
                 time.sleep(0.5)
-            _advance(bar, shards_dir, before, shard_rows)
+            _advance(bar, shards_dir, seen, shard_rows)
         finally:
             _kill_group(proc)
     if proc.returncode != 0:
@@ -92,23 +92,25 @@ def previous_runner_alive(work_dir: Path) -> int | None:
     return pid if b"varalign.download._runner" in cmdline else None
 
 
-def _advance(bar: tqdm, shards_dir: Path, before: set[int], shard_rows: dict[int, int]) -> None:
+def _advance(bar: tqdm, shards_dir: Path, seen: set[int], shard_rows: dict[int, int]) -> None:
+    """Count the shards finished since the last call (their `_stats.json`) into the bar."""
     if not shards_dir.is_dir():
         return
-    for shard in set(finished_shards(shards_dir)) - before:
+    for shard in set(finished_shards(shards_dir)) - seen:
         try:
             stats = shard_stats(shards_dir, shard)
         except (OSError, ValueError):  # being written right now: next time
             continue
-        before.add(shard)
+        seen.add(shard)
+        bar.successes += int(stats.get("successes", 0))
         bar.update(int(stats.get("count", shard_rows.get(shard, 0))))
-        bar.ok = getattr(bar, "ok", 0) + int(stats.get("successes", 0))
-        bar.set_postfix_str(f"{bar.ok:,} ok ({100.0 * bar.ok / max(bar.n, 1):.1f}%)")
+        bar.set_postfix_str(f"{bar.successes:,} ok ({100.0 * bar.successes / max(bar.n, 1):.1f}%)")
 
 
 @contextlib.contextmanager
 def _bar(total: int, quiet: bool) -> Iterator[tqdm]:
     bar = tqdm(total=total, unit="url", unit_scale=True, disable=quiet, desc="images", dynamic_ncols=True)
+    bar.successes = 0
     try:
         yield bar
     finally:
@@ -129,6 +131,3 @@ def _last_line(path: Path) -> str:
         return "no log"
     return lines[-1].strip()[:300] if lines else "no output"
 
-
-def read_config(path: Path) -> dict:
-    return json.loads(path.read_text())
