@@ -199,7 +199,7 @@ def _note(args: argparse.Namespace, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__  # noqa: PLC0415
+    from ._version import __version__  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="varalign", description="Select CLIP pretraining data: VAS, VAS-D, "
                                      "CLIP score on DataComp pools.")

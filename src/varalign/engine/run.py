@@ -45,8 +45,9 @@ class Run:
         on_cpu = sorted({s.score for s in recipe.all_stages() if not METHODS[s.score].uses_device
                          and not (isinstance(self.prepared[id(s)], Score) and self.prepared[id(s)].column)})
         if self.settings.device != "cpu" and on_cpu:
-            print(f"varalign: note: --device {self.settings.device}: {', '.join(on_cpu)} run(s) on the CPU (only "
-                  "vas and vas_d use the device so far)", file=sys.stderr)
+            on_device = ", ".join(n for n, m in METHODS.items() if m.uses_device)
+            print(f"varalign: note: --device {self.settings.device}: {', '.join(on_cpu)} run(s) on the CPU (the "
+                  f"methods that use the device so far: {on_device})", file=sys.stderr)
         need_npz = any(p.members for p in self.prepared.values())
         self.shards = discover_shards(metadata_dir, need_npz=need_npz)
         self.members = {(key, dim): [embedding_member(s, key, dim) for s in self.shards]

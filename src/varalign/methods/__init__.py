@@ -28,6 +28,23 @@ NAMES.clear()
 NAMES.update({n: _names[n] for n in _ORDER if n in _names} | _names)
 
 
+def _load_plugins() -> None:
+    """Methods other packages register under the `varalign.methods` entry-point group (see the README's
+    "Adding a method"): importing the entry point's module registers them."""
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    from ..errors import VaralignError  # noqa: PLC0415
+
+    for ep in entry_points(group="varalign.methods"):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin: one line naming it
+            raise VaralignError(f"cannot load the method plugin {ep.name!r} ({ep.value}): {exc}") from None
+
+
+_load_plugins()
+
+
 def recipe_for_name(n: str, options: dict[str, Any]) -> Recipe:
     """The recipe of `--name n` with the given `varalign filter` options."""
     from ..errors import VaralignError  # noqa: PLC0415
