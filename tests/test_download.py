@@ -146,7 +146,7 @@ def test_faces_blurred_where_face_bboxes_says(pool: Pool, full: Path) -> None:
     assert got[pool.uids[FACE]]["json"]["face_bboxes"] == [BOX]
 
 
-def test_subset_only_downloads_its_uids(pool: Pool, tmp_path: Path) -> None:
+def test_subset_only_downloads_its_uids(pool: Pool, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "subset"
     shutil.copytree(pool.metadata, data / "metadata")
     keep = [0, 4, 8, 15, 22]
@@ -155,7 +155,7 @@ def test_subset_only_downloads_its_uids(pool: Pool, tmp_path: Path) -> None:
     save_subset(tmp_path / "b.npy", hex_to_uids([pool.uids[i] for i in keep[2:]] + absent[1:]))
     before = {i: pool.server.count(f"/img/{i}.jpg") for i in range(N)}
     assert main(["download", "--data_dir", str(data), *ARGS, "--subset", str(tmp_path / "a.npy"),
-                 str(tmp_path / "b.npy"), "--no_verify_hash", "--quiet"]) == 0
+                 str(tmp_path / "b.npy"), "--no_verify_hash"]) == 0
     # row 4's bytes differ from its sha256: kept, since this run opted out of the check
     assert set(samples(data / "shards")) == {pool.uids[i] for i in keep}
     asked = {i for i in range(N) if pool.server.count(f"/img/{i}.jpg") > before[i]}
@@ -164,6 +164,13 @@ def test_subset_only_downloads_its_uids(pool: Pool, tmp_path: Path) -> None:
     assert rep["verify_hash"] is False
     assert rep["subset"]["uids"] == 7 and rep["subset"]["in_pool"] == 5 and rep["subset"]["not_in_pool"] == 2
     assert rep["outcomes"]["success"] == 5 and rep["urls"] == 5
+    out, err = capsys.readouterr()
+    assert "subset: 5 of its 7 uids are in the pool (2 not in the pool)" in err
+    assert "to download: 5 URLs, about " in err
+    table = out.splitlines()
+    assert table[2].split() == ["success", "5", "100.0%"] and table[4].split() == ["total", "5"]
+    assert table[6].split()[:4] == ["shard", "pass", "URLs", "success"]
+    assert table[8].split() == ["00000000", "main", "5", "100.0%"] and len(table) == 10  # + the report's path
 
 
 def _group_alive(pgid: int) -> bool:
@@ -320,6 +327,7 @@ def test_refuses_when_the_disk_looks_too_small(pool: Pool, tmp_path: Path, monke
     with pytest.raises(run.VaralignError, match=r"not enough disk space: about [\d.]+ KB needed, 1.0 KB free"):
         download(DownloadOptions(data_dir=str(data), quiet=True, number_sample_per_shard=10))
     assert not (data / "shards").exists()
+    run._check_disk(DownloadOptions(data_dir=str(data), quiet=True, force=True), data, 30, 10**6)  # --force: go on
 
 
 def test_outcome_classification() -> None:
