@@ -19,7 +19,7 @@ from ..backend import check_device
 from ..errors import VaralignError
 from ..execute import default_workers, make_executor
 from ..methods import METHODS
-from ..methods.base import RunSettings, Score, Selector, build_params, fields_of, flag_name
+from ..methods.base import RunSettings, Score, Selector
 from ..pool import discover_shards, embedding_member
 from ..recipe import Recipe, Stage
 from ..scan import ShardScan, scan_shard
@@ -28,6 +28,7 @@ from ..uids import first_shared, merge_runs, save_run, sort_uids
 from ..workdir import WorkDir, digest
 from .context import Context, Mask, safe
 from .options import run_option
+from .plan import file_digest, listing, plain, prepare_stage, recipe_identity, stage_identity
 
 
 class Run:
@@ -228,23 +229,6 @@ class Run:
         return top_k_parts(parts, k)
 
 
-def prepare_stage(stage: Stage, options: dict[str, Any], settings: RunSettings) -> Score | Selector:
-    """The stage's method, ready to run: its parameters are the stage's, and for those the stage does not
-    set, the `varalign filter` options of the same flag (e.g. `--fasttext_model` for a recipe's rules)."""
-    if stage.score not in METHODS:
-        raise VaralignError(f"unknown score {stage.score!r} (see `varalign filter --list`)")
-    method = METHODS[stage.score]
-    values = dict(stage.params)
-    for f, meta in fields_of(method.params):
-        flag = flag_name(f, meta)
-        if f.name not in values and flag is not None and options.get(flag) is not None:
-            values[f.name] = options[flag]
-    unknown = set(values) - {f.name for f, _ in fields_of(method.params)}
-    if unknown:
-        raise VaralignError(f"stage {stage.label!r}: {stage.score} has no parameter {sorted(unknown)[0]!r}")
-    return method.prepare(build_params(method.params, values), settings)
-
-
 # -- tasks (module level: they travel to Ray workers) ----------------------------------------------------
 def scan_task(shard: Any, columns: list[str], given: str | None) -> dict[str, np.ndarray]:
     sc = scan_shard(shard, columns, given)
@@ -263,38 +247,3 @@ def decode_scan(a: dict[str, np.ndarray]) -> ShardScan:
 
 def score_task(fn: Callable[..., np.ndarray], shard: Any, rows: np.ndarray, kwargs: dict) -> dict[str, np.ndarray]:
     return {"values": fn(shard=shard, rows=rows, **kwargs)}
-
-
-# -- identities (what a resumed or re-run task depends on) -----------------------------------------------
-def listing(shards: list) -> list[list]:
-    import os  # noqa: PLC0415
-
-    out = []
-    for s in shards:
-        for f in (s.parquet, s.npz):
-            if f:
-                st = os.stat(f)
-                out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def file_digest(path: Any) -> str:
-    import os  # noqa: PLC0415
-
-    st = os.stat(path)
-    return digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-def stage_identity(stage: Stage, prep: Score | Selector) -> list:
-    return [stage.score, plain(stage.params), stage.fraction, stage.threshold, stage.select, stage.label,
-            plain(prep.info)]
-
-
-def recipe_identity(recipe: Recipe, prepared: dict[int, Score | Selector]) -> list:
-    if recipe.op:
-        return [recipe.op, [recipe_identity(p, prepared) for p in recipe.parts]]
-    return [stage_identity(s, prepared[id(s)]) for s in recipe.stages]
-
-
-def plain(params: dict) -> dict:
-    return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in params.items()}
