@@ -341,6 +341,8 @@ def test_outcome_classification() -> None:
              ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>"): "connection_error",
              ("failed_to_download", "Remote end closed connection without response"): "connection_error",
              ("failed_to_download", "hash mismatch"): "hash_mismatch",
+             ("failed_to_download", "<urlopen error [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed>"):
+                 "other",
              ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive"): "disallowed",
              ("failed_to_resize", "Image decoding error"): "not_an_image",
              ("failed_to_resize", "image too small"): "failed_resize"}

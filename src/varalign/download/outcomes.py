@@ -44,6 +44,8 @@ def classify(status: str | None, message: str | None) -> str:
         return "timeout"
     if "x-robots-tag" in text:
         return "disallowed"
+    if "certificate" in text:  # an SSL error that will not pass on its own
+        return "other"
     if any(word in text for word in _CONNECTION):
         return "connection_error"
     return "other"

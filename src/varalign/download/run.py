@@ -120,8 +120,9 @@ def _validate(opts: DownloadOptions) -> None:
     missing = [m for m in ("huggingface_hub", "img2dataset") if importlib.util.find_spec(m) is None]
     if missing:
         raise VaralignError(f"varalign download needs {' and '.join(missing)}: pip install 'varalign[download]'")
-    if opts.subset and opts.skip_shards:
-        raise VaralignError("--subset chooses which images to download; --skip_shards downloads none")
+    if opts.skip_shards and (opts.subset or opts.retry_failed):
+        flag = "--subset" if opts.subset else "--retry_failed"
+        raise VaralignError(f"{flag} is about images; --skip_shards downloads none")
 
 
 def _prepare_dir(data_dir: Path) -> None:
