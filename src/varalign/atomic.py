@@ -14,6 +14,7 @@ The rules every command follows (README, "Your data is safe"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -117,12 +118,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", durable: bool = True)
         except OSError as exc:
             raise os_error(exc, "cannot write the output", dest) from None
     except OSError as exc:  # the block's own write failed (disk full...): name the output, not the temp
-        if exc.filename is None or Path(exc.filename) == tmp_path:
+        if _writing_failed(exc, tmp_path):
             raise os_error(exc, "cannot write the output", dest) from None
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+# what a write into our temp file fails with (a write on an open handle carries no file name)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _writing_failed(exc: OSError, tmp: Path) -> bool:
+    if exc.filename is not None:
+        return Path(exc.filename) == tmp
+    return exc.errno in _WRITE_ERRNOS
 
 
 def check_output_path(path: str | os.PathLike) -> None:
@@ -313,7 +324,7 @@ class OutputGroup:
         try:
             yield tmp
         except OSError as exc:
-            if exc.filename is None or Path(exc.filename) == tmp:
+            if _writing_failed(exc, tmp):
                 raise os_error(exc, "cannot write the output", dest) from None
             raise
 
