@@ -1,14 +1,19 @@
-"""Child process that runs `img2dataset.download` for `varalign download` (`python -m` this module CONFIG.json).
+"""Child process that runs `img2dataset.download` for `varalign download` (`python _runner.py CONFIG.json`).
 
 It runs in its own process group with img2dataset's workers; when its parent (the `varalign` command)
 dies, even by SIGKILL, a watchdog thread kills the whole group, so no orphaned worker goes on writing
-shards that a resumed run is rewriting. img2dataset spawns its workers, which import this module
-first (as `__mp_main__`), so the settings at the top apply to every process of the group.
+shards that a resumed run is rewriting. img2dataset spawns its workers, which run this file first
+(as `__mp_main__`), so the settings at the top apply to every process of the group. Standard library
+only: it is run by path, without importing the varalign package.
 """
 
 import os
 import sys
 import types
+
+# run by path, Python put this folder first on sys.path: its hub.py, plan.py, ... must not shadow other modules
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version at import unless told not to
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"

@@ -19,6 +19,9 @@ from ..atomic import save_json
 from ..errors import VaralignError
 from .outcomes import finished_shards, shard_stats
 
+# run as a file, not `-m varalign...`: img2dataset's spawned workers re-run it first, and importing the
+# varalign package in each of them would cost time for nothing
+RUNNER = Path(__file__).with_name("_runner.py")
 # the suffixes img2dataset gives a shard's files, per output format (the `files` format writes a folder)
 SHARD_SUFFIXES = (".tar", ".parquet", ".tfrecord")
 
@@ -66,7 +69,7 @@ def run_pass(config: dict, work_dir: Path, name: str, shard_rows: dict[int, int]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1",
                VARALIGN_DOWNLOAD_WANDB="1" if config["enable_wandb"] else "0")
     with open(log_path, "ab") as log, _bar(sum(shard_rows.values()), quiet) as bar:
-        proc = subprocess.Popen([sys.executable, "-m", "varalign.download._runner", str(cfg_path)],
+        proc = subprocess.Popen([sys.executable, str(RUNNER), str(cfg_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         (work_dir / "runner.pid").write_text(str(proc.pid))
@@ -89,7 +92,7 @@ def previous_runner_alive(work_dir: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if b"varalign.download._runner" in cmdline else None
+    return pid if str(RUNNER).encode() in cmdline else None
 
 
 def _advance(bar: tqdm, shards_dir: Path, seen: set[int], shard_rows: dict[int, int]) -> None:
