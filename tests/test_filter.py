@@ -241,15 +241,17 @@ def test_all_finite_on_every_float16_bit_pattern() -> None:
 
 
 def test_device_on_a_method_that_cannot_use_it_is_a_note(synth_pool, tmp_path, capsys) -> None:
-    """--device reaches vas and vas_d; other methods say in one line that they stay on the CPU."""
+    """--device reaches vas, vas_d, negcliploss, normsim and image_based; other methods (the caption rules)
+    say in one line that they stay on the CPU."""
     pytest.importorskip("torch")
     from varalign.cli import main
 
-    base = ["filter", "--metadata_dir", str(synth_pool / "pool"), "--arch", "l14", "--device", "torch-cpu", "--quiet"]
-    code = main(base + ["--name", "negcliploss", "--fraction", "0.3", "--batch_size", "256", "--average_num", "1",
-                        "--save_path", str(tmp_path / "n.npy")])
+    base = ["filter", "--metadata_dir", str(synth_pool / "pool"), "--device", "torch-cpu", "--quiet"]
+    code = main(base + ["--name", "laion2b", "--save_path", str(tmp_path / "n.npy")])
     err = capsys.readouterr().err
-    assert code == 0 and "note: --device torch-cpu: negcliploss run(s) on the CPU" in err
-    code = main(base + ["--name", "vas", "--fraction", "0.45", "--fraction_vas", "0.3", "--target_variance_name",
-                        "imagenet_1k", "--files_path", str(synth_pool / "files"), "--save_path", str(tmp_path / "v.npy")])
+    assert code == 0 and "note: --device torch-cpu: laion2b run(s) on the CPU" in err
+    assert "negcliploss" in err and "image_based" in err  # the list of methods that use the device
+    code = main(base + ["--name", "vas", "--arch", "l14", "--fraction", "0.45", "--fraction_vas", "0.3",
+                        "--target_variance_name", "imagenet_1k", "--files_path", str(synth_pool / "files"),
+                        "--save_path", str(tmp_path / "v.npy")])
     assert code == 0 and "note" not in capsys.readouterr().err

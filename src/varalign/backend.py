@@ -1,12 +1,19 @@
 """Array kernels: float16 decoding, NaN/inf checks, row-wise quadratic forms, Gram accumulation,
 projections; on the CPU with numpy/BLAS, or on a torch device (`--device`). Every torch kernel
-lives here: callers pass numpy arrays and a device name and get numpy arrays back."""
+lives here: callers pass numpy arrays and a device name and get numpy arrays back. The heavy scores'
+device kernels (negCLIPLoss, NormSim, max-inner-product centroids, k-means) are at the end, after
+`on_device`."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -106,6 +113,14 @@ def check_device(device: str) -> str:
         raise VaralignError(f"--device {device} needs torch: pip install 'varalign[torch]'") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VaralignError(f"--device {device}: torch sees no CUDA device (torch {torch.__version__})")
+    try:
+        dev = torch.device("cpu" if device == "torch-cpu" else device)
+    except (RuntimeError, ValueError):
+        raise VaralignError(f"--device {device}: not a torch device (cpu, torch-cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise VaralignError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise VaralignError(f"--device {device}: torch sees no MPS device (torch {torch.__version__})")
     return device
 
 
@@ -202,3 +217,420 @@ class ResidentRows:
             f = self.data.index_select(0, index[a : a + self.block_rows]).float()
             total += (f.T @ f).double()
         return total.cpu().numpy()
+
+
+# -- the heavy scores on a torch device: negCLIPLoss, NormSim, max-inner-product centroids, k-means --------
+#
+# `on_device` gives a kernel the device to itself within this process: one task's working set is on it at
+# a time, so the memory bounds stated below hold whatever --num_workers (they are per process: Ray tasks
+# each hold their own), and running out of memory or any other device failure is one VaralignError line,
+# never a fall back to the CPU.
+#
+# Products (`_product`): a @ bᵀ in float32. When both operands are float16 (DataComp's embeddings as
+# stored; a target or centroids whose values are all float16 numbers) every product of two entries is
+# exact in float32 and only the sums round, as in the float32 product of the decoded rows: on CUDA this
+# runs on tensor cores (`torch.mm(..., out_dtype=torch.float32)`: float32 accumulation), elsewhere as
+# float32 after an exact upcast. Any other operand is multiplied in float32 (no TF32).
+
+TILE_BYTES = 512 << 20  # one float32 product tile on the device (rows × columns × 4 B)
+PART_ROWS = 65536  # rows of a resident matrix met by one product
+HOST_RESIDENT_BYTES = 1 << 30  # devices other than CUDA (torch-cpu): a matrix is copied whole up to this size
+KMEANS_EPS = 1.0 / 1024  # faiss's perturbation when an empty cluster takes half of another
+_TINY = 1e-20  # negCLIPLoss column sums below this are recomputed exactly (as scores/negcliploss.py)
+_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+_HALF_MM: dict[str, bool] = {}
+_DEVICE_WORDS = ("out of memory", "cuda", "cublas", "hip", "mps", "xpu", "device-side", "device ordinal",
+                 "can't allocate memory")
+
+
+@contextlib.contextmanager
+def on_device(device: str) -> Iterator[tuple[Any, Any]]:
+    """`(torch, torch.device)`, this thread holding the device alone among this process's threads (a
+    re-entrant lock per device). Out of memory, or any other failure of the device, inside the block is
+    raised as one VaralignError line."""
+    torch, dev = torch_device(device)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(str(dev), threading.RLock())
+    with lock:
+        try:
+            yield torch, dev
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            text = " ".join(str(exc).split())
+            low = text.lower()
+            oom = isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in low \
+                or "allocate" in low
+            if not (oom or any(word in low for word in _DEVICE_WORDS)):
+                raise
+            first = text.split(". ")[0][:240] or type(exc).__name__
+            if oom:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise VaralignError(f"--device {device}: out of memory ({first}); free the device, or run with "
+                                    "--device cpu") from None
+            raise VaralignError(f"--device {device}: {first}") from None
+
+
+def _acc_dtype(torch, dev):
+    """float64 accumulators (as the CPU path), except where the device has none (MPS)."""
+    return torch.float32 if dev.type == "mps" else torch.float64
+
+
+def _keep_resident(torch, dev, nbytes: int, resident: bool | None) -> bool:
+    """Whether `nbytes` should be copied to the device whole: `resident` if given; on CUDA when they take
+    at most half of its free memory; elsewhere up to HOST_RESIDENT_BYTES."""
+    if resident is not None:
+        return resident
+    if dev.type == "cuda":
+        return nbytes <= torch.cuda.mem_get_info(dev)[0] // 2
+    return nbytes <= HOST_RESIDENT_BYTES
+
+
+def _up(torch, dev, arr: np.ndarray):
+    """A host array on the device as stored (float16 stays float16); no copy on torch's CPU device."""
+    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).to(dev)
+
+
+def _half_mm(torch, dev) -> bool:
+    """Whether `torch.mm(float16, float16, out_dtype=float32)` runs on this device (CUDA; probed once)."""
+    key = str(dev)
+    if key not in _HALF_MM:
+        ok = False
+        if dev.type == "cuda":
+            try:
+                one = torch.ones((2, 2), dtype=torch.float16, device=dev)
+                ok = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+            except (RuntimeError, TypeError):
+                ok = False
+        _HALF_MM[key] = ok
+    return _HALF_MM[key]
+
+
+def _product(torch, dev, a, b):
+    """a @ bᵀ in float32: on float16 operands exact products with float32 sums, else float32 products."""
+    if a.dtype == torch.float16 and b.dtype == torch.float16 and _half_mm(torch, dev):
+        return torch.mm(a, b.T, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float().T)
+
+
+# negCLIPLoss ---------------------------------------------------------------------------------------------
+def negcliploss_on(img: np.ndarray, txt: np.ndarray, perms: Iterable[np.ndarray], temperature: float,
+                   batch_size: int, device: str, row_block: int = 4096, tile_bytes: int = TILE_BYTES,
+                   resident: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(cs, lse)` of pairs (img[i], txt[i]) on `device`, float64: cs_i = f_i·t_i, and lse_i the sum over
+    the permutations `perms` of the row and column log-sum-exp of (F_b T_bᵀ)/τ of the batch holding i
+    (each permutation cut into consecutive batches of `batch_size`, as scores/negcliploss.py).
+
+    The batch similarity is computed in `row_block × col_block` float32 tiles (col_block = tile_bytes /
+    (4·row_block): 4096 × 32768 = 512 MiB), each reduced at once: the row log-sum-exp from the tile's row
+    maxima (exp(s − max) ≤ 1), the column one from the same exponentials weighted by exp(rmax − max rmax)
+    (one GEMV), columns whose weighted sum underflows (< 1e-20) recomputed from their own maxima; tiles
+    combine by logaddexp. Float16 rows are multiplied as stored and scaled by 1/τ after the product
+    (exact products); float32 rows are scaled first, as the CPU path.
+    Device memory: the rows as stored (4·N·D bytes for N float16 pairs; with `resident` False or on CUDA
+    above half the free memory, one batch's: 4·B·D), one batch gathered as stored (4·B·D), at most two
+    tiles (2 × tile_bytes), a row block and a column block in float32 ((row_block + col_block)·D·4) and
+    float64 accumulators (40 bytes per row): nothing grows with B², K or the pool.
+    """
+    n = len(img)
+    inv = float(np.float32(1.0 / temperature))
+    half = img.dtype == np.float16 and txt.dtype == np.float16
+    with on_device(device) as (torch, dev):
+        acc = _acc_dtype(torch, dev)
+        keep = _keep_resident(torch, dev, img.nbytes + txt.nbytes, resident)
+        stored = (_up(torch, dev, img), _up(torch, dev, txt)) if keep else None
+        cs = torch.zeros(n, dtype=acc, device=dev)
+        lse = torch.zeros(n, dtype=acc, device=dev)
+        col_block = max(1, tile_bytes // (4 * row_block))
+        for k, perm in enumerate(perms):
+            for b0 in range(0, n, batch_size):
+                idx = np.ascontiguousarray(perm[b0 : b0 + batch_size], dtype=np.int64)
+                at = torch.from_numpy(idx).to(dev)
+                if stored is not None:
+                    f, t = stored[0].index_select(0, at), stored[1].index_select(0, at)
+                else:
+                    f, t = _up(torch, dev, img[idx]), _up(torch, dev, txt[idx])
+                if k == 0:  # cs does not depend on the batch
+                    for r0 in range(0, len(idx), row_block):
+                        part = slice(r0, r0 + row_block)
+                        cs[at[part]] = (f[part].float() * t[part].float()).sum(dim=1).to(acc)
+                lse.index_add_(0, at, _batch_lse(torch, dev, f, t, inv, half, row_block, col_block, tile_bytes,
+                                                 acc))
+        return cs.cpu().numpy(), lse.cpu().numpy()
+
+
+def _batch_lse(torch, dev, f, t, inv: float, half: bool, row_block: int, col_block: int, tile_bytes: int, acc):
+    """Row plus column logsumexp of (f tᵀ)·inv for one batch, tile by tile."""
+    n = len(f)
+    row = torch.full((n,), -math.inf, dtype=acc, device=dev)
+    col = torch.full((n,), -math.inf, dtype=acc, device=dev)
+    for c0 in range(0, n, col_block):
+        tc = t[c0 : c0 + col_block]
+        tc = tc if half else tc.float()
+        cols = slice(c0, c0 + len(tc))
+        for r0 in range(0, n, row_block):
+            fr = f[r0 : r0 + row_block]
+            fr = fr if half else fr.float() * inv  # float32 rows: 1/τ first, as the CPU path
+
+            def logits(b, fr=fr):
+                s = _product(torch, dev, fr, b)
+                return s.mul_(inv) if half else s
+
+            s = logits(tc)
+            rmax = s.amax(dim=1)
+            s.sub_(rmax[:, None]).exp_()
+            rows = slice(r0, r0 + len(fr))
+            row[rows] = torch.logaddexp(row[rows], rmax.to(acc) + s.sum(dim=1).to(acc).log())
+            col[cols] = torch.logaddexp(col[cols], _tile_columns(torch, s, rmax, tc, logits, tile_bytes, acc))
+    return row + col
+
+
+def _tile_columns(torch, e, rmax, tc, logits: Callable, tile_bytes: int, acc):
+    """Column logsumexp of one tile given e = exp(s − rmax) row-wise: Σ_i exp(s_ij) = exp(M)·Σ_i
+    exp(rmax_i − M)·e_ij with M = max rmax; columns whose sum is below 1e-20 are recomputed exactly."""
+    top = rmax.max()
+    csum = torch.exp(rmax - top) @ e
+    out = top.to(acc) + csum.clamp_min(_TINY).to(acc).log()
+    low = torch.nonzero(csum < _TINY).flatten()
+    step = max(1, tile_bytes // (12 * len(e)))  # float32 logits + float64 exponentials
+    for a in range(0, len(low), step):
+        which = low[a : a + step]
+        sub = logits(tc.index_select(0, which))
+        cmax = sub.amax(dim=0)
+        sub.sub_(cmax).exp_()
+        out[which] = cmax.to(acc) + sub.to(acc).sum(dim=0).log()
+    return out
+
+
+# matrices kept on the device (NormSim targets, centroids, k-means data) --------------------------------
+class DeviceMatrix:
+    """A (T, D) matrix for products on a torch device, given as float32 host chunks (`source()`, in order).
+
+    Resident: copied once, as float16 when every value is a float16 number (exact: half the memory, and
+    tensor-core products on CUDA), else as float32: T·D·2 or T·D·4 bytes of device memory. Streamed: every
+    pass copies one host chunk at a time, as float32 (device memory: one chunk).
+    """
+
+    def __init__(self, torch, dev, source: Callable[[], Iterable[np.ndarray]] | None, data=None) -> None:
+        self.torch, self.dev, self.source, self.data = torch, dev, source, data
+
+    @classmethod
+    def load(cls, source: Callable[[], Iterable[np.ndarray]], rows: int, dim: int, device: str,
+             resident: bool | None = None) -> DeviceMatrix:
+        """Resident when `resident`, or (None) when T·D·4 bytes fit (`_keep_resident`); else streamed."""
+        torch, dev = torch_device(device)
+        if not _keep_resident(torch, dev, rows * dim * 4, resident):
+            return cls(torch, dev, source)
+        data = torch.empty((rows, dim), dtype=torch.float16, device=dev)
+        pos = 0
+        for chunk in source():
+            c = _up(torch, dev, np.asarray(chunk, dtype=np.float32))
+            if data.dtype == torch.float16:
+                h = c.half()
+                if torch.equal(h.float(), c):
+                    c = h
+                else:  # not every value is a float16 number: float32 (the rows so far convert exactly)
+                    full = torch.empty((rows, dim), dtype=torch.float32, device=dev)
+                    full[:pos] = data[:pos].float()
+                    data = full
+            data[pos : pos + len(c)] = c
+            pos += len(c)
+        if pos != rows:
+            raise ValueError(f"matrix source gave {pos} rows, expected {rows}")
+        return cls(torch, dev, source, data)
+
+    @classmethod
+    def from_array(cls, arr: np.ndarray, device: str, resident: bool | None = None,
+                   chunk_rows: int = PART_ROWS) -> DeviceMatrix:
+        """A host `(T, D)` array (float16 or float32) as a device matrix."""
+        def source() -> Iterator[np.ndarray]:
+            for s in range(0, len(arr), chunk_rows):
+                yield to_float32(np.asarray(arr[s : s + chunk_rows]))
+
+        return cls.load(source, len(arr), arr.shape[1], device, resident)
+
+    @property
+    def resident(self) -> bool:
+        return self.data is not None
+
+    def parts(self, max_rows: int = PART_ROWS) -> Iterator[tuple[int, Any]]:
+        """`(first row, rows on the device)` covering the matrix in order, at most `max_rows` at a time."""
+        if self.data is not None:
+            for s in range(0, len(self.data), max_rows):
+                yield s, self.data[s : s + max_rows]
+            return
+        pos = 0
+        for chunk in self.source():
+            c = _up(self.torch, self.dev, np.asarray(chunk, dtype=np.float32))
+            for s in range(0, len(c), max_rows):
+                yield pos + s, c[s : s + max_rows]
+            pos += len(c)
+
+
+_CACHE: dict[tuple[str, str], tuple[Any, DeviceMatrix]] = {}
+
+
+def cached_matrix(owner: object, name: str, device: str, make: Callable[[], DeviceMatrix]) -> DeviceMatrix:
+    """`make()` once per `owner` (e.g. a NormSim target, a centroid array) and device in this process: one
+    matrix per `name` and device stays on the device until another owner's replaces it (or
+    `release_device_matrices()`), so the shards of a run share one copy."""
+    key = (device, name)
+    with on_device(device):
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is owner:
+            return hit[1]
+        _CACHE.pop(key, None)  # free the previous one first
+        matrix = make()
+        _CACHE[key] = (weakref.ref(owner), matrix)
+        return matrix
+
+
+def release_device_matrices() -> None:
+    """Drop every cached device matrix (their memory returns to torch's allocator)."""
+    _CACHE.clear()
+
+
+# NormSim -------------------------------------------------------------------------------------------------
+def normsim_on(block: np.ndarray, target: DeviceMatrix, p: float, device: str,
+               tile_bytes: int = TILE_BYTES, part_rows: int = PART_ROWS) -> np.ndarray:
+    """NormSim_p (float32) of every row of `block` (as stored) against the rows of `target`, on `device`.
+
+    Products in `rows × PART_ROWS` float32 tiles (≤ tile_bytes), each reduced into one accumulator per row
+    as the CPU path (`_Accumulator` in scores/normsim.py): max |x| for p = ∞ (one aminmax pass), Σ|x|^p in
+    float64 otherwise, relative to the running row max for p ∉ {1, 2}. Device memory: `target` (resident
+    or one chunk), the block as stored, one tile, 12 bytes per row.
+    """
+    with on_device(device) as (torch, dev):
+        x = _up(torch, dev, block)
+        acc = _NormAcc(torch, dev, p, len(x))
+        for _, part in target.parts(part_rows):
+            step = max(1, tile_bytes // (4 * len(part)))
+            for r0 in range(0, len(x), step):
+                acc.add(r0, _product(torch, dev, x[r0 : r0 + step], part))
+        return acc.result().cpu().numpy()
+
+
+class _NormAcc:
+    """The device twin of scores/normsim.py's `_Accumulator` (same operations, same dtypes)."""
+
+    def __init__(self, torch, dev, p: float, n: int) -> None:
+        self.torch, self.p, self.acc = torch, p, _acc_dtype(torch, dev)
+        self.top = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.total = torch.zeros(n, dtype=self.acc, device=dev)
+
+    def add(self, r0: int, prod) -> None:
+        torch, rows = self.torch, slice(r0, r0 + len(prod))
+        if self.p == math.inf:
+            lo, hi = torch.aminmax(prod, dim=1)
+            self.top[rows] = torch.maximum(self.top[rows], torch.maximum(hi, -lo))
+            return
+        prod.abs_()
+        if self.p in (1, 2):
+            if self.p == 2:
+                prod.square_()
+            self.total[rows] += prod.sum(dim=1).to(self.acc)
+            return
+        old = self.top[rows]
+        new = torch.maximum(old, prod.amax(dim=1))
+        safe = torch.where(new > 0, new, torch.ones_like(new))
+        self.total[rows] *= (old / safe).to(self.acc) ** self.p
+        prod.div_(safe[:, None]).pow_(float(np.float32(self.p)))
+        self.total[rows] += prod.sum(dim=1).to(self.acc)
+        self.top[rows] = new
+
+    def result(self):
+        if self.p == math.inf:
+            return self.top
+        if self.p in (1, 2):
+            return (self.total ** (1 / self.p)).float()
+        return (self.top.to(self.acc) * self.total ** (1 / self.p)).float()
+
+
+# max inner product (image_based's centroids) and k-means ----------------------------------------------
+def argmax_on(queries: np.ndarray, matrix: DeviceMatrix, device: str, tile_bytes: int = TILE_BYTES,
+              part_rows: int = PART_ROWS) -> np.ndarray:
+    """Index (int64) of the row c of `matrix` with the largest q·c for every query row q (as stored), on
+    `device`; the first index on exact ties, as numpy/torch argmax. Device memory: `matrix` (resident or
+    one chunk), the queries as stored, one tile of ≤ tile_bytes, 12 bytes per query."""
+    with on_device(device) as (torch, dev):
+        q = _up(torch, dev, queries)
+        return _best(torch, dev, q, matrix, tile_bytes, part_rows=part_rows)[0].cpu().numpy()
+
+
+def _best(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, half_norms=None, part_rows: int = PART_ROWS):
+    """(index, value) of max_c q·c (minus half_norms[c] when given) over the parts of `matrix`; the first
+    index on ties (a later part wins only with a strictly larger value)."""
+    n = len(q)
+    best = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+    arg = torch.zeros(n, dtype=torch.int64, device=dev)
+    for off, part in matrix.parts(part_rows):
+        step = max(1, tile_bytes // (4 * len(part)))
+        for r0 in range(0, n, step):
+            s = _product(torch, dev, q[r0 : r0 + step], part)
+            if half_norms is not None:
+                s.sub_(half_norms[off : off + len(part)])
+            value, index = torch.max(s, dim=1)
+            rows = slice(r0, r0 + len(s))
+            better = value > best[rows]
+            best[rows] = torch.where(better, value, best[rows])
+            arg[rows] = torch.where(better, index + off, arg[rows])
+    return arg, best
+
+
+def kmeans_on(x: np.ndarray, k: int, niter: int, seed: int, device: str, verbose: bool = False,
+              resident: bool | None = None, tile_bytes: int = TILE_BYTES) -> np.ndarray:
+    """L2 k-means on `device`, following faiss.Kmeans: start from k distinct rows drawn with `seed`,
+    then `niter` rounds of assignment (nearest centroid: the largest x·c − ‖c‖²/2, first index on ties)
+    and update (each cluster's mean, summed in float64); an empty cluster takes half of a cluster drawn
+    in proportion to its size, both perturbed by ±1/1024 (faiss's split). Not the same centroids as faiss
+    (another random start). Returns float32 `(k, D)`.
+
+    Device memory: the rows x (resident as `DeviceMatrix`, else one chunk), the centroids (k·D·4 bytes,
+    twice), their float64 sums (k·D·8), one tile of ≤ tile_bytes, 16,384 rows in float64 (D·8 each).
+    """
+    n, dim = x.shape
+    rng = np.random.default_rng(seed)
+    start = np.ascontiguousarray(to_float32(np.asarray(x[rng.permutation(n)[:k]])))
+    with on_device(device) as (torch, dev):
+        acc = _acc_dtype(torch, dev)
+        data = DeviceMatrix.from_array(x, device, resident)
+        c = _up(torch, dev, start)
+        for it in range(niter):
+            centroids = DeviceMatrix(torch, dev, None, c)
+            half_norms = (c * c).sum(dim=1) * 0.5
+            sums = torch.zeros((k, dim), dtype=acc, device=dev)
+            counts = torch.zeros(k, dtype=torch.int64, device=dev)
+            objective = 0.0
+            for _, part in data.parts():
+                labels, best = _best(torch, dev, part, centroids, tile_bytes, half_norms)
+                for s in range(0, len(part), 16384):
+                    sums.index_add_(0, labels[s : s + 16384], part[s : s + 16384].to(acc))
+                counts += torch.bincount(labels, minlength=k)
+                if verbose:
+                    objective += float((part.float().square().sum(dim=1) - 2 * best).sum())
+            c = (sums / counts.clamp_min(1)[:, None].to(acc)).float()
+            host_counts = counts.cpu().numpy()
+            if (host_counts == 0).any():
+                c = _up(torch, dev, _split_empty(c.cpu().numpy(), host_counts, rng))
+            if verbose:
+                print(f"k-means round {it + 1}/{niter}: objective {objective:.6g}, "
+                      f"{int((host_counts == 0).sum())} empty clusters split", file=sys.stderr)
+        return c.cpu().numpy()
+
+
+def _split_empty(c: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """faiss's `split_clusters`: each empty cluster becomes a perturbed copy of a cluster drawn with
+    probability ∝ (size − 1), which gives it half of its points."""
+    counts = counts.copy()
+    sign = np.where(np.arange(c.shape[1]) % 2 == 0, KMEANS_EPS, -KMEANS_EPS).astype(np.float32)
+    for ci in np.flatnonzero(counts == 0):
+        weight = np.maximum(counts - 1, 0).astype(np.float64)
+        if weight.sum() <= 0:
+            break
+        cj = int(np.searchsorted(np.cumsum(weight), rng.random() * weight.sum(), side="right"))
+        cj = min(cj, len(counts) - 1)
+        c[ci] = c[cj] * (1 + sign)
+        c[cj] = c[cj] * (1 - sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return c

@@ -12,6 +12,14 @@ N × K × D × 2 flops (10M × 100k × 768 × 2 ≈ 1.5 PFLOP): a GPU job at poo
 Differences from DataComp: the sample is drawn without replacement from a generator seeded by
 (`seed`, shard index), so it is reproducible (DataComp draws with replacement from the global
 numpy state of spawned workers, which its seed does not reach).
+
+On a torch device (`device="cuda"`, ...; `varalign centroids --device`): faiss's GPU k-means on every GPU
+faiss sees when faiss has GPU support and the device is CUDA (what DataComp runs), else
+`backend.kmeans_on` on the device (Lloyd iterations as faiss's, another random start: not the same
+centroids as faiss). Device memory there: the training rows (resident, float16 when they are float16
+numbers, as rows decoded from a DataComp pool are: N × D × 2 bytes, when that is at most half of the free
+memory; else streamed), 16 bytes per centroid coordinate (centroids twice in float32 and their float64
+sums: 1.2 GB at K = 100,000), and one 512 MiB tile, whatever N or K.
 """
 
 from __future__ import annotations
@@ -64,8 +72,11 @@ def load_training_embeddings(pool_dir: str | os.PathLike, key: str = "l14_img", 
 
 def train_kmeans(embeddings: np.ndarray, k: int = 100_000, niter: int = 20, seed: int = 0,
                  max_points_per_centroid: int = 10_000_000, gpu: bool | None = None,
-                 verbose: bool = False) -> np.ndarray:
-    """faiss L2 k-means; `gpu=None` uses every GPU faiss sees. Returns float32 `(k, D)` centroids."""
+                 verbose: bool = False, device: str = "cpu") -> np.ndarray:
+    """faiss L2 k-means; `gpu=None` uses every GPU faiss sees. On a torch `device` other than `cpu`:
+    `train_kmeans_on` (see the module doc). Returns float32 `(k, D)` centroids."""
+    if device != "cpu":
+        return train_kmeans_on(embeddings, k, niter, seed, max_points_per_centroid, verbose, device)
     try:
         import faiss  # noqa: PLC0415 - optional dependency
     except ImportError:
@@ -81,18 +92,42 @@ def train_kmeans(embeddings: np.ndarray, k: int = 100_000, niter: int = 20, seed
     return np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
 
 
+def train_kmeans_on(embeddings: np.ndarray, k: int, niter: int, seed: int, max_points_per_centroid: int,
+                    verbose: bool, device: str) -> np.ndarray:
+    """k-means for a torch `device`: faiss on the GPUs when it has them and `device` is CUDA, else torch."""
+    from .backend import check_device, kmeans_on  # noqa: PLC0415
+
+    check_device(device)
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or len(x) < k:
+        raise VaralignError(f"k-means needs at least k={k} training rows, got {len(x)}")
+    try:
+        import faiss  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        faiss = None
+    if device.startswith("cuda") and faiss is not None and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        return train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu=True, verbose=verbose)
+    if len(x) > k * max_points_per_centroid:  # faiss subsamples the same way (with its own generator)
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), k * max_points_per_centroid, replace=False))]
+    return kmeans_on(x, k, niter, seed, device, verbose=verbose)
+
+
 def build_centroids(source: str | os.PathLike | Iterable[np.ndarray], k: int = 100_000, niter: int = 20,
                     seed: int = 0, max_points_per_centroid: int = 10_000_000, sample_ratio: float = -1.0,
                     caption_filter: bool = True, key: str = "l14_img",
                     model_path: str | os.PathLike | None = None, gpu: bool | None = None,
                     save_path: str | os.PathLike | None = None, verbose: bool = False,
-                    overwrite: bool = False) -> np.ndarray:
+                    overwrite: bool = False, device: str = "cpu") -> np.ndarray:
     """Centroids of a pool directory (caption filter + sample as DataComp) or of embedding arrays.
 
     An iterator of arrays is used as given (no caption filter, no sampling). With `save_path`
     the centroids are written atomically as float32 `.npy`, with a manifest beside them; an existing
-    file varalign did not write is not replaced unless `overwrite`.
+    file varalign did not write is not replaced unless `overwrite`. `device`: see `train_kmeans`.
     """
+    if device != "cpu":
+        from .backend import check_device  # noqa: PLC0415
+
+        check_device(device)  # before any work
     if sample_ratio > 1:
         raise VaralignError(f"sample_ratio must be <= 1 (or <= 0 for no sampling), got {sample_ratio}")
     with contextlib.ExitStack() as stack:
@@ -110,12 +145,13 @@ def build_centroids(source: str | os.PathLike | Iterable[np.ndarray], k: int = 1
             x = np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
             if not np.isfinite(x).all():
                 raise VaralignError("training embeddings hold NaN/inf")
-        centroids = train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu, verbose)
+        centroids = train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu, verbose, device)
         if group is not None:
             with group.write(save_path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, centroids, allow_pickle=False)
             group.commit({"tool": "varalign centroids", "path": str(save_path), "k": int(len(centroids)),
                           "dim": int(centroids.shape[1]), "niter": niter, "seed": seed,
                           "sample_ratio": sample_ratio, "caption_filter": caption_filter, "training_rows": len(x),
-                          "source": str(source) if isinstance(source, (str, os.PathLike)) else "arrays"})
+                          "source": str(source) if isinstance(source, (str, os.PathLike)) else "arrays"}
+                         | ({"device": device} if device != "cpu" else {}))
     return centroids

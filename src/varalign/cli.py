@@ -80,6 +80,8 @@ def _target_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--files_path", help="save as FILES_PATH/variance/variance_{name}.npy")
     p.add_argument("--name", help="target name for --files_path (e.g. imagenet_1k)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise every row first")
+    p.add_argument("--device", default="cpu", help="cpu (numpy/BLAS, default) or a torch device (cuda, cuda:1, "
+                                                   "torch-cpu) for the products")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output varalign did not write")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_target)
@@ -93,7 +95,7 @@ def _run_target(args: argparse.Namespace) -> int:
             raise VaralignError("give --save_path, or --files_path and --name")
         args.save_path = os.path.join(args.files_path, "variance", f"variance_{canonical_target_name(args.name)}.npy")
     info = build_target(args.inputs, args.save_path, arch=args.arch, key=args.key, normalize=args.normalize,
-                        quiet=args.quiet, overwrite=args.overwrite)
+                        quiet=args.quiet, overwrite=args.overwrite, device=args.device)
     print(f"target {info['dim']}×{info['dim']} from {info['rows']:,} rows -> {args.save_path}")
     return 0
 
@@ -102,8 +104,9 @@ def _centroids_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("centroids", help="k-means centroids for image_based, following DataComp's recipe",
                        description="faiss k-means over a pool's l14_img (caption filter first, then optional "
                                    "sampling), as DataComp's image_based_clustering.py. Needs faiss: "
-                                   "pip install 'varalign[image]'. The sampled embeddings are held in RAM "
-                                   "(rows × 768 × 4 bytes): use --sample_ratio to bound it.")
+                                   "pip install 'varalign[image]' (or --device with torch). The sampled "
+                                   "embeddings are held in RAM (rows × 768 × 4 bytes): use --sample_ratio to "
+                                   "bound it.")
     p.add_argument("--metadata_dir", required=True, help="the pool (parquet + npz)")
     p.add_argument("--save_path", required=True, help="output .npy (float32 K×768), for --centroid_path")
     p.add_argument("--num_clusters", "-k", type=int, default=100_000, help="K (DataComp: 100,000)")
@@ -116,6 +119,9 @@ def _centroids_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no_caption_filter", action="store_true", help="train on every row")
     p.add_argument("--fasttext_model", help="fastText model for the caption filter (default: bundled lid.176.ftz)")
     p.add_argument("--gpu", action="store_true", help="faiss on the GPU(s) (default: GPU when faiss sees one)")
+    p.add_argument("--device", default="cpu", help="cpu (faiss, default) or a torch device: faiss's GPU k-means "
+                                                   "when faiss sees a GPU and the device is cuda, else k-means "
+                                                   "in torch on the device (cuda, cuda:1, torch-cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output varalign did not write")
     p.set_defaults(func=_run_centroids)
 
@@ -126,7 +132,8 @@ def _run_centroids(args: argparse.Namespace) -> int:
     c = build_centroids(args.metadata_dir, k=args.num_clusters, niter=args.niter, seed=args.seed,
                         max_points_per_centroid=args.max_points_per_centroid, sample_ratio=args.sample_ratio,
                         caption_filter=not args.no_caption_filter, model_path=args.fasttext_model,
-                        gpu=True if args.gpu else None, save_path=args.save_path, overwrite=args.overwrite)
+                        gpu=True if args.gpu else None, save_path=args.save_path, overwrite=args.overwrite,
+                        device=args.device)
     print(f"{len(c):,} centroids × {c.shape[1]} -> {args.save_path}")
     return 0
 

@@ -39,7 +39,8 @@ def prepare(p: ImageBasedParams, run: RunSettings) -> Score:
     centroids, allowed, info = image_based_assets(p, run)
     model = fasttext_model(p.fasttext_model, p.cache_path, run)
     return Score(fn=image_based_shard, members=[("l14_img", ARCHS["l14"])],
-                 kwargs={"centroids": centroids, "allowed": allowed, "model_path": model}, info=info,
+                 kwargs={"centroids": centroids, "allowed": allowed, "model_path": model, "device": run.device},
+                 info=info,
                  inputs=[info["centroids"], *([model] if model else [])])
 
 
@@ -73,14 +74,14 @@ def image_based_assets(p: ImageBasedParams, run: RunSettings) -> tuple[Any, Any,
     else:
         it = (load_pt(f, "image_features") if f.suffix != ".npy" else np.load(f, allow_pickle=False) for f in sources) \
             if feats else iter_in1k_features(cache, run.download)
-        allowed = target_centroid_set(centroids, it)
+        allowed = target_centroid_set(centroids, it, device=run.device)
         save_npy(cached, allowed)
     info = {"centroids": str(cpath), "centroids_sha256": file_sha256(cpath), "allowed_centroids": int(allowed.sum())}
     return centroids, allowed, info
 
 
 register(Method("image_based", "DataComp image-based: caption rule and nearest (max inner product) centroid is "
-                "nearest to an ImageNet-1k train image", ImageBasedParams, prepare, keep="rule"))
+                "nearest to an ImageNet-1k train image", ImageBasedParams, prepare, keep="rule", uses_device=True))
 
 
 @name("image_based", "DataComp image-based: caption rule and an image cluster that holds ImageNet-1k images")

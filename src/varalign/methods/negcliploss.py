@@ -43,12 +43,12 @@ def prepare(p: NegClipLossParams, run: RunSettings) -> Score:
     if kw["temperature"] <= 0 or kw["batch_size"] < 2 or kw["average_num"] < 1:
         raise VaralignError(f"negcliploss needs temperature > 0, batch_size >= 2, average_num >= 1 (got {kw})")
     keys = {"img_key": image_key(arch), "txt_key": text_key(arch)}
-    return Score(fn=negcliploss_shard, kwargs=keys | kw | {"seed": run.seed},
+    return Score(fn=negcliploss_shard, kwargs=keys | kw | {"seed": run.seed, "device": run.device},
                  members=[(image_key(arch), ARCHS[arch]), (text_key(arch), ARCHS[arch])], info=kw | {"seed": run.seed})
 
 
 register(Method("negcliploss", "negCLIPLoss: CLIP score minus the batch log-sum-exp terms (τ, B, K; seeded)",
-                NegClipLossParams, prepare))
+                NegClipLossParams, prepare, uses_device=True))
 
 _DESCRIPTION = ("negCLIPLoss top ⌊N·f⌋; with --fraction_vas < --fraction, then NormSim top ⌊N·f_vas⌋ "
                 "(the negCLIPLoss paper's cs_new)")

@@ -45,12 +45,12 @@ def prepare(p: NormSimParams, run: RunSettings) -> Score:
         key = "image_features"
     else:
         raise VaralignError("normsim needs target = files/folders of embeddings, or target_name = 'imagenet_1k'")
-    target = NormSimTarget.from_paths(files, key=key, dim=ARCHS[arch]).prepare(order)
-    return Score(fn=normsim_shard, kwargs={"target": target, "p": order, "key": image_key(arch)},
+    target = NormSimTarget.from_paths(files, key=key, dim=ARCHS[arch]).prepare(order, run.device)
+    return Score(fn=normsim_shard, kwargs={"target": target, "p": order, "key": image_key(arch), "device": run.device},
                  members=[(image_key(arch), ARCHS[arch])], every_shard=True, inputs=[str(f) for f in target.files],
                  info={"p": "inf" if order == float("inf") else order, "target": [str(f) for f in target.files],
                        "target_rows": target.rows})
 
 
 register(Method("normsim", "NormSim-p / NormSim-∞ of the image embedding against a target embedding set",
-                NormSimParams, prepare))
+                NormSimParams, prepare, uses_device=True))

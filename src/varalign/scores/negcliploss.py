@@ -16,6 +16,13 @@ Memory: the shard's requested rows of both members stay in RAM in their stored d
 (2 × B × D × 4 B = 200 MB at B = 32768, D = 768) plus one `row_block × B` float32 block of the
 similarity (512 MiB at 4096 × 32768; 2048 gives 256 MiB for ~7% more time): never the full
 B × B matrix (4 GiB). Peak ≈ stored rows + 0.75 GB for a DataComp shard at B = 32768.
+
+On a torch device (`device="cuda"`, `"torch-cpu"`, ...: `backend.negcliploss_on`) the same per-shard
+task, the same permutations and the same formulas run in `ROW_BLOCK × 32768` float32 tiles; device
+memory ≈ the shard's requested rows as stored (4·N·D bytes: 192 MB for 62,500 L/14 pairs), one batch as
+stored (4·B·D: 100 MB at B = 32768), two 512 MiB tiles and 40 bytes per row — linear in B and N, never
+B² (one task at a time per device in a process; rows above half the GPU's free memory stay on the host
+and each batch is copied instead).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..backend import to_float32
+from ..backend import negcliploss_on, to_float32
 from ..errors import VaralignError
 from ..pool import Shard, read_rows
 
@@ -39,14 +46,21 @@ _TINY = np.float32(1e-20)  # column sums below this are recomputed exactly (see 
 
 def negcliploss_scores(img: np.ndarray, txt: np.ndarray, *, temperature: float = DEFAULT_TEMPERATURE,
                        batch_size: int = DEFAULT_BATCH_SIZE, average_num: int = DEFAULT_AVERAGE_NUM,
-                       seed: int | Sequence[int] = 0, row_block: int = ROW_BLOCK) -> np.ndarray:
+                       seed: int | Sequence[int] = 0, row_block: int = ROW_BLOCK, device: str = "cpu",
+                       resident: bool | None = None) -> np.ndarray:
     """negCLIPLoss of every pair (img[i], txt[i]) of in-memory `(N, D)` arrays (float16/32).
 
-    Repeat k permutes the rows with `np.random.default_rng([*seed, k])`.
+    Repeat k permutes the rows with `np.random.default_rng([*seed, k])`. On a torch `device` the same
+    permutations run through `backend.negcliploss_on` (`resident`: keep the rows on the device, see there).
     """
     _check_args(img, txt, temperature, batch_size, average_num)
     n = len(img)
     seeds = [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
+    if device != "cpu":
+        perms = (np.random.default_rng([*seeds, k]).permutation(n) for k in range(average_num))
+        cs, lse = negcliploss_on(np.asarray(img), np.asarray(txt), perms, temperature, batch_size, device,
+                                 row_block=row_block, resident=resident)
+        return (cs - lse * (temperature / 2 / average_num)).astype(np.float32)
     cs = np.empty(n, dtype=np.float64)
     norm = np.zeros(n, dtype=np.float64)
     for k in range(average_num):
@@ -105,7 +119,7 @@ def _block_columns(e: np.ndarray, rmax: np.ndarray, fb: np.ndarray, t: np.ndarra
 def negcliploss_shard(shard: Shard, rows: np.ndarray, img_key: str = "l14_img", txt_key: str = "l14_txt", *,
                       temperature: float = DEFAULT_TEMPERATURE, batch_size: int = DEFAULT_BATCH_SIZE,
                       average_num: int = DEFAULT_AVERAGE_NUM, seed: int = 0,
-                      block_rows: int = BLOCK_ROWS) -> np.ndarray:
+                      block_rows: int = BLOCK_ROWS, device: str = "cpu") -> np.ndarray:
     """negCLIPLoss of the given (sorted) rows of one shard; negatives come from those rows only.
 
     The permutations come from `default_rng([seed, crc32(shard.name), k])`: reproducible and
@@ -114,7 +128,7 @@ def negcliploss_shard(shard: Shard, rows: np.ndarray, img_key: str = "l14_img", 
     img = read_rows(shard, img_key, rows, block_rows=block_rows)
     txt = read_rows(shard, txt_key, rows, dim=img.shape[1], block_rows=block_rows)
     return negcliploss_scores(img, txt, temperature=temperature, batch_size=batch_size, average_num=average_num,
-                              seed=(seed, zlib.crc32(shard.name.encode())))
+                              seed=(seed, zlib.crc32(shard.name.encode())), device=device)
 
 
 def _check_args(img: np.ndarray, txt: np.ndarray, temperature: float, batch_size: int, average_num: int) -> None:

@@ -13,6 +13,14 @@ Memory: with `cache=True` a target's arrays stay loaded in each process that use
 files are memory-mapped; `.pt` files are decoded to float32 by torch: 3.9 GB for ImageNet-1k
 L/14). Pickling a `NormSimTarget` drops the cache but keeps a computed Gram matrix, so call
 `prepare(p)` once in the parent before sending it to workers.
+
+On a torch device (`device="cuda"`, `"torch-cpu"`, ...) the same per-shard tasks score blocks of up to
+DEVICE_BLOCK_ROWS candidate rows (as stored) with `backend.normsim_on`: G is copied to the device once
+per process (float16 when all its values are float16 numbers: 2 GB for ImageNet-1k L/14, else float32)
+when it takes at most half of the GPU's free memory, else streamed chunk by chunk for every block; the
+products come in 2,048 × 65,536 float32 tiles (512 MiB). Device memory ≈ G (or one chunk) + 100 MB of
+candidates + 512 MiB, whatever |G| (one task at a time per device in a process). p = 2 uses the Gram
+form on the device too.
 """
 
 from __future__ import annotations
@@ -24,7 +32,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import check_finite, gram64, quadratic_rows, to_float32
+from ..backend import (
+    DeviceMatrix,
+    cached_matrix,
+    check_finite,
+    gram64,
+    gram64_on,
+    normsim_on,
+    on_device,
+    quadratic_rows,
+    quadratic_rows_on,
+    to_float32,
+)
 from ..errors import VaralignError
 from ..pool import Shard, embedding_member, iter_row_blocks
 from ..target import expand_inputs, load_array
@@ -33,6 +52,7 @@ INF_FROM = 100.0  # any p >= this is treated as infinity (the reference's conven
 BLOCK_ROWS = 16384  # candidate rows that share one pass over the target
 SUB_ROWS = 4096  # candidate rows per product
 CHUNK_ROWS = 8192  # target rows per product
+DEVICE_BLOCK_ROWS = 65536  # candidate rows per pass over the target on a torch device
 _IN_MEMORY = "<array>"
 
 
@@ -104,22 +124,31 @@ class NormSimTarget:
                 check_finite(block, start, path, self.key or "target")
                 yield np.ascontiguousarray(to_float32(block))
 
-    def gram(self) -> np.ndarray:
-        """GᵀG (float64 accumulation, float32 result), computed once."""
+    def gram(self, device: str = "cpu") -> np.ndarray:
+        """GᵀG (float64 accumulation, float32 result), computed once (on `device` if it is a torch one)."""
         if self._gram is None:
             total = None
             for chunk in self.chunks():
-                part = gram64(chunk)
+                if device == "cpu":
+                    part = gram64(chunk)
+                else:
+                    with on_device(device):
+                        part = gram64_on(chunk, device)
                 total = part if total is None else total + part
             self._gram = total.astype(np.float32)
         return self._gram
 
-    def prepare(self, p: float | str) -> NormSimTarget:
+    def prepare(self, p: float | str, device: str = "cpu") -> NormSimTarget:
         """Validate the files now, and build the Gram matrix if p = 2 will use it."""
         self.arrays()
         if parse_p(p) == 2:
-            self.gram()
+            self.gram(device)
         return self
+
+    def on_device(self, device: str, resident: bool | None = None) -> DeviceMatrix:
+        """G on a torch device, copied once per process (see the module doc; `resident` forces it)."""
+        return cached_matrix(self, "normsim-target", device,
+                             lambda: DeviceMatrix.load(self.chunks, self.rows, self.dim, device, resident))
 
 
 def as_target(target: NormSimTarget | np.ndarray, chunk_rows: int = CHUNK_ROWS) -> NormSimTarget:
@@ -135,18 +164,38 @@ def as_target(target: NormSimTarget | np.ndarray, chunk_rows: int = CHUNK_ROWS) 
 
 
 def normsim_scores(features: np.ndarray, target: NormSimTarget | np.ndarray, p: float | str = math.inf, *,
-                   gram: bool = True, block_rows: int = BLOCK_ROWS) -> np.ndarray:
-    """NormSim_p of every row of an in-memory `(N, D)` embedding array (float16 or float32)."""
+                   gram: bool = True, block_rows: int = BLOCK_ROWS, device: str = "cpu",
+                   resident: bool | None = None) -> np.ndarray:
+    """NormSim_p of every row of an in-memory `(N, D)` embedding array (float16 or float32).
+
+    On a torch `device`: `_score_block_on` (`resident`: keep G on the device, see `NormSimTarget.on_device`).
+    """
     p = parse_p(p)
     tgt = as_target(target)
     tgt.arrays()
     if features.ndim != 2 or features.shape[1] != tgt.dim:
         raise VaralignError(f"embeddings of shape {features.shape} do not match the target dim {tgt.dim}")
     out = np.empty(len(features), dtype=np.float32)
+    if device != "cpu":
+        step = max(block_rows, DEVICE_BLOCK_ROWS)
+        for start in range(0, len(features), step):
+            block = np.asarray(features[start : start + step])
+            out[start : start + len(block)] = _score_block_on(block, tgt, p, gram, device, resident)
+        return out
     for start in range(0, len(features), block_rows):
         block = to_float32(np.asarray(features[start : start + block_rows]))
         out[start : start + len(block)] = _score_block(block, tgt, p, gram)
     return out
+
+
+def _score_block_on(block: np.ndarray, tgt: NormSimTarget, p: float, gram: bool, device: str,
+                    resident: bool | None = None) -> np.ndarray:
+    """`_score_block` on a torch device, for rows as stored (float16 stays float16 there)."""
+    if p == 2 and gram:
+        g = tgt.gram(device)
+        with on_device(device):
+            return np.sqrt(np.maximum(quadratic_rows_on(block, g, device), 0))
+    return normsim_on(block, tgt.on_device(device, resident), p, device)
 
 
 def _score_block(f: np.ndarray, tgt: NormSimTarget, p: float, gram: bool) -> np.ndarray:
@@ -203,10 +252,12 @@ class _Accumulator:
 
 
 def normsim_shard(shard: Shard, rows: np.ndarray, target: NormSimTarget | np.ndarray, p: float | str = math.inf,
-                  key: str = "l14_img", *, gram: bool = True, block_rows: int = BLOCK_ROWS) -> np.ndarray:
+                  key: str = "l14_img", *, gram: bool = True, block_rows: int = BLOCK_ROWS,
+                  device: str = "cpu") -> np.ndarray:
     """NormSim_p of the given (sorted) rows of one shard, streaming its npz member block by block.
 
-    Picked rows are buffered up to `block_rows` so each pass over the target serves a full block.
+    Picked rows are buffered up to `block_rows` (on a torch `device`: DEVICE_BLOCK_ROWS, as stored) so
+    each pass over the target serves a full block.
     """
     p = parse_p(p)
     tgt = as_target(target)
@@ -215,11 +266,14 @@ def normsim_shard(shard: Shard, rows: np.ndarray, target: NormSimTarget | np.nda
     out = np.empty(len(rows), dtype=np.float32)
     pos = done = 0
     pending: list[np.ndarray] = []
+    flush = block_rows if device == "cpu" else max(block_rows, DEVICE_BLOCK_ROWS)
     for rb in iter_row_blocks(member, rows, block_rows):
         if len(rb.local):
-            pending.append(to_float32(rb.block[rb.local]))
+            pending.append(to_float32(rb.block[rb.local]) if device == "cpu" else rb.block[rb.local])
             pos = rb.span.stop
-        if pos - done >= block_rows or (rb.start + len(rb.block) == member.shape[0] and pos > done):
-            out[done:pos] = _score_block(np.concatenate(pending), tgt, p, gram)
+        if pos - done >= flush or (rb.start + len(rb.block) == member.shape[0] and pos > done):
+            block = np.concatenate(pending)
+            out[done:pos] = _score_block(block, tgt, p, gram) if device == "cpu" else \
+                _score_block_on(block, tgt, p, gram, device)
             pending, done = [], pos
     return out
