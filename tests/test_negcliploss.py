@@ -131,3 +131,57 @@ def test_bad_arguments() -> None:
         negcliploss_scores(img, txt, temperature=0)
     with pytest.raises(VaralignError, match="average_num"):
         negcliploss_scores(img, txt, average_num=0)
+
+
+# -- on a torch device (issue 14): the same permutations and formulas in tiles ---------------------------
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("resident", [True, False])
+def test_device_kernel_matches_full_matrix_reference(dtype, resident) -> None:
+    """Batches of 16 met in 5 × 3 tiles (several row and column tiles per batch, a short last batch);
+    the rows kept on the device or copied batch by batch."""
+    pytest.importorskip("torch")
+    from varalign.backend import negcliploss_on
+
+    img, txt = (a.astype(dtype) for a in _pairs(61, 16))
+    perms = _perms(61, [5], 3)
+    cs, lse = negcliploss_on(img, txt, perms, 0.05, 16, "torch-cpu", row_block=5, tile_bytes=4 * 5 * 3,
+                             resident=resident)
+    want = ncl_reference(img, txt, perms, 16, 0.05)
+    np.testing.assert_allclose(cs - lse * (0.05 / 2 / 3), want, rtol=0, atol=2e-5)
+    whole = negcliploss_scores(img, txt, temperature=0.05, batch_size=16, average_num=3, seed=5, device="torch-cpu")
+    np.testing.assert_allclose(whole, want, rtol=0, atol=2e-5)
+
+
+def test_device_underflowing_columns_recomputed_exactly(monkeypatch) -> None:
+    pytest.importorskip("torch")
+    from varalign import backend
+
+    calls = []
+    real = backend._tile_columns
+
+    def spy(torch, e, rmax, tc, logits, tile_bytes, acc):
+        calls.append(int((torch.exp(rmax - rmax.max()) @ e < backend._TINY).sum()))
+        return real(torch, e, rmax, tc, logits, tile_bytes, acc)
+
+    monkeypatch.setattr(backend, "_tile_columns", spy)
+    img, txt = _pairs(40, 8, scale=3.0, seed=1)
+    got = negcliploss_scores(img, txt, temperature=0.01, batch_size=40, average_num=1, row_block=6, device="torch-cpu")
+    want = ncl_reference(img, txt, [np.arange(40)], 40, 0.01)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+    assert sum(calls) > 0  # the exact recomputation ran
+
+
+@pytest.mark.parametrize("restrict", [False, True])
+def test_shard_on_a_device_matches_reference_and_cpu(pool, restrict) -> None:
+    pytest.importorskip("torch")
+    for shard in discover_shards(pool, need_npz=True):  # 70, 45 and 33 rows: batches of 16 end short
+        rows = np.arange(shard.num_rows, dtype=np.int64)
+        if restrict:
+            rows = rows[(rows % 3 != 1)]
+        kw = dict(temperature=0.02, batch_size=16, average_num=3, seed=9, block_rows=10)
+        got = negcliploss_shard(shard, rows, device="torch-cpu", **kw)
+        img, txt = _shard_arrays(shard)
+        want = ncl_reference(img[rows], txt[rows], _perms(len(rows), [9, zlib.crc32(shard.name.encode())], 3), 16,
+                             0.02)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+        np.testing.assert_allclose(got, negcliploss_shard(shard, rows, **kw), atol=2e-6)

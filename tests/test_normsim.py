@@ -119,3 +119,78 @@ def test_bad_target_and_p(tmp_path) -> None:
     with pytest.raises(VaralignError, match=">= 1"):
         parse_p(0.5)
     assert parse_p("inf") == parse_p(100) == parse_p(250.0) == math.inf and parse_p("3") == 3.0
+
+
+# -- on a torch device (issue 14) -------------------------------------------------------------------------
+@pytest.mark.parametrize("p", P_VALUES)
+@pytest.mark.parametrize("resident", [True, False])
+def test_device_kernel_matches_reference(p, resident) -> None:
+    """Target parts of 16 rows (resident) or chunks of 11 (streamed), 7-row product tiles."""
+    pytest.importorskip("torch")
+    from varalign.backend import DeviceMatrix, normsim_on
+
+    rng = np.random.default_rng(7)
+    feats, target = _unit(rng, 50, 12, np.float16), _unit(rng, 70, 12)
+    matrix = DeviceMatrix.from_array(target, "torch-cpu", resident=resident, chunk_rows=11)
+    got = normsim_on(feats, matrix, parse_p(p), "torch-cpu", tile_bytes=4 * 16 * 7, part_rows=16)
+    np.testing.assert_allclose(got, normsim_reference(feats, target, p), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(got, normsim_scores(feats, target, p, gram=False), rtol=1e-6, atol=1e-7)
+
+
+def test_device_matrix_keeps_float16_only_when_exact() -> None:
+    torch = pytest.importorskip("torch")
+    from varalign.backend import DeviceMatrix
+
+    rng = np.random.default_rng(8)
+    exact = _unit(rng, 30, 6, np.float16).astype(np.float32)
+    m = DeviceMatrix.from_array(exact, "torch-cpu", resident=True, chunk_rows=8)
+    assert m.resident and m.data.dtype == torch.float16 and np.array_equal(m.data.float().numpy(), exact)
+    mixed = np.concatenate([exact, _unit(rng, 10, 6)])  # float16 numbers first, then float32 ones
+    m = DeviceMatrix.from_array(mixed, "torch-cpu", resident=True, chunk_rows=8)
+    assert m.data.dtype == torch.float32 and np.array_equal(m.data.numpy(), mixed)
+    streamed = DeviceMatrix.from_array(mixed, "torch-cpu", resident=False, chunk_rows=8)
+    parts = list(streamed.parts(5))
+    assert not streamed.resident and [o for o, _ in parts] == [0, 5, 8, 13, 16, 21, 24, 29, 32, 37]
+    assert np.array_equal(np.concatenate([t.numpy() for _, t in parts]), mixed)
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+def test_shard_on_a_device_matches_reference(pool, tmp_path, p) -> None:
+    """The split target (a float16 .npy, a .pt, a float32 .npy) on the device, shards of 57 and 40 rows."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    target = _unit(rng, 80, 16)
+    tgt = NormSimTarget.from_paths(_target_files(tmp_path, target, torch), key="image_features", chunk_rows=11)
+    exact = np.concatenate([target[:25].astype(np.float16).astype(np.float32), target[25:]])
+    for shard in discover_shards(pool, need_npz=True):
+        with np.load(shard.npz) as npz:
+            feats = npz["l14_img"]
+        for rows in (np.arange(shard.num_rows), np.array([0, 5, 6, 31, shard.num_rows - 1])):
+            got = normsim_shard(shard, rows.astype(np.int64), tgt, p, block_rows=8, device="torch-cpu")
+            np.testing.assert_allclose(got, normsim_reference(feats[rows], exact, p), rtol=2e-5, atol=1e-6)
+            cpu = normsim_shard(shard, rows.astype(np.int64), tgt, p, block_rows=8)
+            np.testing.assert_allclose(got, cpu, rtol=2e-6, atol=1e-7)
+
+
+def test_target_is_copied_to_the_device_once(pool, monkeypatch) -> None:
+    """Every shard of a run meets the same resident copy of G (one per target and device in a process)."""
+    pytest.importorskip("torch")
+    from varalign import backend
+
+    loads = []
+    real = backend.DeviceMatrix.load.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[1])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(backend.DeviceMatrix, "load", classmethod(counting))
+    backend.release_device_matrices()
+    tgt = as_target(_unit(np.random.default_rng(9), 30, 16))
+    for shard in discover_shards(pool, need_npz=True):
+        normsim_shard(shard, np.arange(shard.num_rows, dtype=np.int64), tgt, "inf", device="torch-cpu")
+    assert loads == [30]
+    other = as_target(_unit(np.random.default_rng(10), 20, 16))
+    normsim_shard(discover_shards(pool, need_npz=True)[0], np.arange(3, dtype=np.int64), other, 3, device="torch-cpu")
+    assert loads == [30, 20]  # another target replaces it
+    backend.release_device_matrices()
