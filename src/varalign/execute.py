@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from typing import Any
 
 from threadpoolctl import threadpool_limits
@@ -50,8 +50,9 @@ class LocalExecutor:
     name = "local"
     shared_filesystem = True  # tasks may write into files the driver reads
 
-    def __init__(self, num_workers: int | None = None) -> None:
+    def __init__(self, num_workers: int | None = None, limit_kernels: bool = True) -> None:
         self.num_workers = num_workers or default_workers()
+        self.limit_kernels = limit_kernels  # False: tasks keep the BLAS/torch threads they have (e.g. a model)
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str, quiet: bool = False,
             on_result: Callable[[int, Any], None] | None = None, bar: Any = None) -> list[Any]:
@@ -63,7 +64,7 @@ class LocalExecutor:
         parallel = self.num_workers > 1 and len(tasks) > 1
         # one BLAS thread per task even when running serially: BLAS results depend on its thread
         # count, and a subset must not depend on --num_workers or the executor
-        with _progress(bar, len(tasks), desc, quiet) as bar, single_threaded_kernels(True):
+        with _progress(bar, len(tasks), desc, quiet) as bar, single_threaded_kernels(self.limit_kernels):
             if not parallel:
                 for i, task in enumerate(tasks):
                     results[i] = _finish(on_result, i, fn(*task))
@@ -85,11 +86,50 @@ class LocalExecutor:
         return results
 
 
+class ProcessExecutor:
+    """Tasks in `num_workers` processes of this machine, for work that holds the GIL (tar writing,
+    image generation); task functions and their arguments must be picklable (module-level)."""
+
+    name = "local"
+    shared_filesystem = True
+
+    def __init__(self, num_workers: int | None = None) -> None:
+        self.num_workers = num_workers or default_workers()
+
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str, quiet: bool = False,
+            on_result: Callable[[int, Any], None] | None = None, bar: Any = None) -> list[Any]:
+        """As `LocalExecutor.map`; in-process when one worker or one task."""
+        if self.num_workers <= 1 or len(tasks) <= 1:
+            return LocalExecutor(1).map(fn, tasks, desc, quiet, on_result, bar)
+        results: list[Any] = [None] * len(tasks)
+        with _progress(bar, len(tasks), desc, quiet) as bar, \
+                ProcessPoolExecutor(max_workers=min(self.num_workers, len(tasks)),
+                                    initializer=_one_kernel_thread) as pool:
+            futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for fut in done:
+                        i = futures[fut]
+                        results[i] = _finish(on_result, i, fut.result())
+                        bar.update()
+            finally:
+                for fut in pending:
+                    fut.cancel()
+        return results
+
+
+def _one_kernel_thread() -> None:
+    threadpool_limits(limits=1)
+
+
 class RayExecutor:
     """The same tasks as Ray tasks on a local or remote Ray cluster (`pip install 'varalign[ray]'`).
 
-    Every node must see the pool's files at the same path (a shared filesystem), as with
-    DataComp's own multi-node scripts; results come back through Ray's object store.
+    Tasks read their shard straight from where the pool is (a URL of an object store, or a path every
+    node sees); results, and VAS-D's candidates, travel through Ray's object store, so no filesystem
+    needs to be shared between the nodes.
     """
 
     name = "ray"
@@ -102,10 +142,19 @@ class RayExecutor:
             raise VaralignError("--executor ray needs Ray: pip install 'varalign[ray]'") from None
         self.ray = ray
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus or default_workers()}
-            ray.init(log_to_driver=False, include_dashboard=False, **kwargs)
+            kwargs: dict[str, Any] = ({"address": address} if address else  # else a new local Ray, never another's
+                                      {"address": "local", "num_cpus": num_cpus or default_workers()})
+            from . import storage  # noqa: PLC0415 - workers on other nodes need the same storage options
+
+            env = {storage.ENV: os.environ[storage.ENV]} if os.environ.get(storage.ENV) else {}
+            ray.init(log_to_driver=False, include_dashboard=False,
+                     runtime_env={"env_vars": env} if env else None, **kwargs)
         self.num_workers = int(ray.cluster_resources().get("CPU", 1))
         self._remote: dict[Callable, Any] = {}
+
+    def put(self, obj: Any) -> Any:
+        """Keep `obj` in Ray's object store (a task given the reference gets the object on any node)."""
+        return self.ray.put(obj)
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], desc: str, quiet: bool = False,
             on_result: Callable[[int, Any], None] | None = None, bar: Any = None) -> list[Any]:
@@ -156,10 +205,12 @@ def _finish(on_result: Callable[[int, Any], None] | None, i: int, result: Any) -
     return result
 
 
-def make_executor(name: str = "local", num_workers: int | None = None, address: str | None = None):
-    """`local` (threads on this machine) or `ray` (a Ray cluster; `address` or a local one)."""
+def make_executor(name: str = "local", num_workers: int | None = None, address: str | None = None,
+                  processes: bool = False):
+    """`local` (threads on this machine; `processes=True`: processes, for GIL-bound tasks) or `ray`
+    (a Ray cluster; `address` or a new local one)."""
     if name == "local":
-        return LocalExecutor(num_workers)
+        return ProcessExecutor(num_workers) if processes else LocalExecutor(num_workers)
     if name == "ray":
         return RayExecutor(address, num_workers)
     raise VaralignError(f"--executor must be 'local' or 'ray', got {name!r}")
