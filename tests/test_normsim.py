@@ -137,21 +137,27 @@ def test_device_kernel_matches_reference(p, resident) -> None:
     np.testing.assert_allclose(got, normsim_scores(feats, target, p, gram=False), rtol=1e-6, atol=1e-7)
 
 
-def test_device_matrix_keeps_float16_only_when_exact() -> None:
+def test_device_matrix_keeps_float16_when_exact_else_two_float16_parts() -> None:
+    """A matrix of float16 numbers stays float16 on the device; any other is split per row into
+    (hi + lo) · 2^-k (float16 parts: the rows within 2^-23 of their largest entry; float16 rows exactly)."""
     torch = pytest.importorskip("torch")
-    from varalign.backend import DeviceMatrix
+    from varalign.backend import DeviceMatrix, _Split
 
     rng = np.random.default_rng(8)
     exact = _unit(rng, 30, 6, np.float16).astype(np.float32)
     m = DeviceMatrix.from_array(exact, "torch-cpu", resident=True, chunk_rows=8)
     assert m.resident and m.data.dtype == torch.float16 and np.array_equal(m.data.float().numpy(), exact)
-    mixed = np.concatenate([exact, _unit(rng, 10, 6)])  # float16 numbers first, then float32 ones
+    wide = _unit(rng, 10, 6) * np.float32(1e-3) ** np.arange(10, dtype=np.float32)[:, None]  # rows of any scale
+    mixed = np.concatenate([exact, wide, np.zeros((1, 6), np.float32)])  # float16 numbers first, then others
     m = DeviceMatrix.from_array(mixed, "torch-cpu", resident=True, chunk_rows=8)
-    assert m.data.dtype == torch.float32 and np.array_equal(m.data.numpy(), mixed)
+    assert isinstance(m.data, _Split) and m.data.hi.dtype == m.data.lo.dtype == torch.float16
+    back = m.data.float().numpy()
+    assert np.array_equal(back[:30], exact) and not back[-1].any()
+    assert (np.abs(back - mixed).max(axis=1) <= 2.0**-23 * np.abs(mixed).max(axis=1)).all()
     streamed = DeviceMatrix.from_array(mixed, "torch-cpu", resident=False, chunk_rows=8)
     parts = list(streamed.parts(5))
-    assert not streamed.resident and [o for o, _ in parts] == [0, 5, 8, 13, 16, 21, 24, 29, 32, 37]
-    assert np.array_equal(np.concatenate([t.numpy() for _, t in parts]), mixed)
+    assert not streamed.resident and [o for o, _ in parts] == [0, 5, 8, 13, 16, 21, 24, 29, 32, 37, 40]
+    assert np.array_equal(np.concatenate([t.float().numpy() for _, t in parts]), back)
 
 
 @pytest.mark.parametrize("p", P_VALUES)

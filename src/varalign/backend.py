@@ -230,7 +230,12 @@ class ResidentRows:
 # stored; a target or centroids whose values are all float16 numbers) every product of two entries is
 # exact in float32 and only the sums round, as in the float32 product of the decoded rows: on CUDA this
 # runs on tensor cores (`torch.mm(..., out_dtype=torch.float32)`: float32 accumulation), elsewhere as
-# float32 after an exact upcast. Any other operand is multiplied in float32 (no TF32).
+# float32 after an exact upcast. A matrix kept on the device (`DeviceMatrix`: NormSim targets, centroids)
+# whose values are not all float16 numbers is kept as two float16 parts per row (`_Split`: row · 2^k =
+# hi + lo, the power of two putting the row's largest entry in [2^13, 2^14)), which hold each row to
+# 2^-22 of its largest entry; float16 queries meet it in two exact-product GEMMs, summed in float32 and
+# scaled back exactly (tensor cores again: about 8× the float32 rate on an H100/H200). Anything else is
+# multiplied in float32 (no TF32).
 
 TILE_BYTES = 512 << 20  # one float32 product tile on the device (rows × columns × 4 B)
 PART_ROWS = 65536  # rows of a resident matrix met by one product
@@ -306,11 +311,79 @@ def _half_mm(torch, dev) -> bool:
     return _HALF_MM[key]
 
 
-def _product(torch, dev, a, b):
-    """a @ bᵀ in float32: on float16 operands exact products with float32 sums, else float32 products."""
-    if a.dtype == torch.float16 and b.dtype == torch.float16 and _half_mm(torch, dev):
+def _mm16(torch, dev, a, b):
+    """a @ bᵀ of float16 operands in float32: exact products, float32 sums (tensor cores on CUDA)."""
+    if _half_mm(torch, dev):
         return torch.mm(a, b.T, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float().T)
+
+
+def _product(torch, dev, a, b):
+    """a @ bᵀ in float32 (b a tensor or a `_Split`): float16 operands as stored (exact products, float32
+    sums), a `_Split` as two such products scaled back by its powers of two, anything else in float32."""
+    if isinstance(b, _Split):
+        if a.dtype != torch.float16:
+            return torch.mm(a.float(), b.float().T)
+        s = _mm16(torch, dev, a, b.hi)
+        s += _mm16(torch, dev, a, b.lo)
+        return s.mul_(b.inv)
+    if a.dtype == torch.float16 and b.dtype == torch.float16:
+        return _mm16(torch, dev, a, b)
+    return torch.mm(a.float(), b.float().T)
+
+
+def _tile_rows(part, tile_bytes: int) -> int:
+    """Query rows per product with `part` so that its float32 tile(s) take at most `tile_bytes`."""
+    return max(1, tile_bytes // (4 * len(part) * (2 if isinstance(part, _Split) else 1)))
+
+
+def _half_if_exact(torch, x):
+    """`x` as float16 when every value is a float16 number (float32 queries decoded from float16 files)."""
+    if x.dtype == torch.float32 and len(x):
+        h = x.half()
+        if torch.equal(h.float(), x):
+            return h
+    return x
+
+
+class _Split:
+    """Rows kept as (hi + lo) · inv: hi and lo float16 `(r, D)`, inv float32 powers of two `(r,)`; sliced
+    like a tensor. `float()` gives the float32 rows."""
+
+    __slots__ = ("hi", "lo", "inv")
+
+    def __init__(self, hi, lo, inv) -> None:
+        self.hi, self.lo, self.inv = hi, lo, inv
+
+    @classmethod
+    def of(cls, torch, c) -> _Split:
+        """Split float32 rows `c` (on the device)."""
+        _, exp = torch.frexp(c.abs().amax(dim=1))
+        exp = exp.clamp(min=-100)  # all-zero (or nearly) rows: any scale
+        one = torch.ones_like(exp, dtype=torch.float32)
+        scaled = c * torch.ldexp(one, 14 - exp)[:, None]  # exact: |row max| in [2^13, 2^14)
+        hi = scaled.half()
+        lo = (scaled - hi.float()).half()
+        return cls(hi, lo, torch.ldexp(one, exp - 14))
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def __getitem__(self, rows) -> _Split:
+        return _Split(self.hi[rows], self.lo[rows], self.inv[rows])
+
+    def put(self, start: int, other: _Split) -> None:
+        stop = start + len(other)
+        self.hi[start:stop], self.lo[start:stop], self.inv[start:stop] = other.hi, other.lo, other.inv
+
+    def float(self):
+        return (self.hi.float() + self.lo.float()) * self.inv[:, None]
+
+
+def _compact(torch, c):
+    """Float32 rows `c` on the device as float16 when they are all float16 numbers, else as a `_Split`."""
+    h = c.half()
+    return h if torch.equal(h.float(), c) else _Split.of(torch, c)
 
 
 # negCLIPLoss ---------------------------------------------------------------------------------------------
@@ -406,48 +479,65 @@ def _tile_columns(torch, e, rmax, tc, logits: Callable, tile_bytes: int, acc):
 class DeviceMatrix:
     """A (T, D) matrix for products on a torch device, given as float32 host chunks (`source()`, in order).
 
-    Resident: copied once, as float16 when every value is a float16 number (exact: half the memory, and
-    tensor-core products on CUDA), else as float32: T·D·2 or T·D·4 bytes of device memory. Streamed: every
-    pass copies one host chunk at a time, as float32 (device memory: one chunk).
+    Resident: copied once, as float16 when every value is a float16 number (exact: half the memory), else
+    as a `_Split` (two float16 parts per row; `split=False`, for rows that are queries: float32): T·D·2 or
+    T·D·4 bytes of device memory. Streamed: every pass copies one host chunk at a time, in the same form
+    (device memory: one chunk).
     """
 
-    def __init__(self, torch, dev, source: Callable[[], Iterable[np.ndarray]] | None, data=None) -> None:
-        self.torch, self.dev, self.source, self.data = torch, dev, source, data
+    def __init__(self, torch, dev, source: Callable[[], Iterable[np.ndarray]] | None, data=None,
+                 split: bool = True) -> None:
+        self.torch, self.dev, self.source, self.data, self.split = torch, dev, source, data, split
 
     @classmethod
     def load(cls, source: Callable[[], Iterable[np.ndarray]], rows: int, dim: int, device: str,
-             resident: bool | None = None) -> DeviceMatrix:
+             resident: bool | None = None, split: bool = True) -> DeviceMatrix:
         """Resident when `resident`, or (None) when T·D·4 bytes fit (`_keep_resident`); else streamed."""
         torch, dev = torch_device(device)
         if not _keep_resident(torch, dev, rows * dim * 4, resident):
-            return cls(torch, dev, source)
-        data = torch.empty((rows, dim), dtype=torch.float16, device=dev)
+            return cls(torch, dev, source, split=split)
+        half = torch.empty((rows, dim), dtype=torch.float16, device=dev)
+        other = None  # a _Split (or float32 rows) once some value is not a float16 number
         pos = 0
         for chunk in source():
             c = _up(torch, dev, np.asarray(chunk, dtype=np.float32))
-            if data.dtype == torch.float16:
+            if other is None:
                 h = c.half()
                 if torch.equal(h.float(), c):
-                    c = h
-                else:  # not every value is a float16 number: float32 (the rows so far convert exactly)
-                    full = torch.empty((rows, dim), dtype=torch.float32, device=dev)
-                    full[:pos] = data[:pos].float()
-                    data = full
-            data[pos : pos + len(c)] = c
+                    half[pos : pos + len(c)] = h
+                    pos += len(c)
+                    continue
+                if split:  # every row split (the float16 rows so far exactly)
+                    other = _Split(torch.empty_like(half), torch.empty_like(half),
+                                   torch.empty(rows, dtype=torch.float32, device=dev))
+                    other.put(0, _Split.of(torch, half[:pos].float()))
+                else:
+                    other = torch.empty((rows, dim), dtype=torch.float32, device=dev)
+                    other[:pos] = half[:pos].float()
+                half = None
+            if split:
+                other.put(pos, _Split.of(torch, c))
+            else:
+                other[pos : pos + len(c)] = c
             pos += len(c)
         if pos != rows:
             raise ValueError(f"matrix source gave {pos} rows, expected {rows}")
-        return cls(torch, dev, source, data)
+        return cls(torch, dev, source, half if other is None else other, split)
+
+    @classmethod
+    def of_tensor(cls, torch, dev, rows) -> DeviceMatrix:
+        """Float32 rows already on the device (k-means centroids), in the compact form."""
+        return cls(torch, dev, None, _compact(torch, rows))
 
     @classmethod
     def from_array(cls, arr: np.ndarray, device: str, resident: bool | None = None,
-                   chunk_rows: int = PART_ROWS) -> DeviceMatrix:
+                   chunk_rows: int = PART_ROWS, split: bool = True) -> DeviceMatrix:
         """A host `(T, D)` array (float16 or float32) as a device matrix."""
         def source() -> Iterator[np.ndarray]:
             for s in range(0, len(arr), chunk_rows):
                 yield to_float32(np.asarray(arr[s : s + chunk_rows]))
 
-        return cls.load(source, len(arr), arr.shape[1], device, resident)
+        return cls.load(source, len(arr), arr.shape[1], device, resident, split)
 
     @property
     def resident(self) -> bool:
@@ -462,6 +552,7 @@ class DeviceMatrix:
         pos = 0
         for chunk in self.source():
             c = _up(self.torch, self.dev, np.asarray(chunk, dtype=np.float32))
+            c = _compact(self.torch, c) if self.split else _half_if_exact(self.torch, c)
             for s in range(0, len(c), max_rows):
                 yield pos + s, c[s : s + max_rows]
             pos += len(c)
@@ -501,10 +592,10 @@ def normsim_on(block: np.ndarray, target: DeviceMatrix, p: float, device: str,
     or one chunk), the block as stored, one tile, 12 bytes per row.
     """
     with on_device(device) as (torch, dev):
-        x = _up(torch, dev, block)
+        x = _half_if_exact(torch, _up(torch, dev, block))
         acc = _NormAcc(torch, dev, p, len(x))
         for _, part in target.parts(part_rows):
-            step = max(1, tile_bytes // (4 * len(part)))
+            step = _tile_rows(part, tile_bytes)
             for r0 in range(0, len(x), step):
                 acc.add(r0, _product(torch, dev, x[r0 : r0 + step], part))
         return acc.result().cpu().numpy()
@@ -553,7 +644,7 @@ def argmax_on(queries: np.ndarray, matrix: DeviceMatrix, device: str, tile_bytes
     `device`; the first index on exact ties, as numpy/torch argmax. Device memory: `matrix` (resident or
     one chunk), the queries as stored, one tile of ≤ tile_bytes, 12 bytes per query."""
     with on_device(device) as (torch, dev):
-        q = _up(torch, dev, queries)
+        q = _half_if_exact(torch, _up(torch, dev, queries))
         return _best(torch, dev, q, matrix, tile_bytes, part_rows=part_rows)[0].cpu().numpy()
 
 
@@ -564,7 +655,7 @@ def _best(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, half_norms=None,
     best = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
     arg = torch.zeros(n, dtype=torch.int64, device=dev)
     for off, part in matrix.parts(part_rows):
-        step = max(1, tile_bytes // (4 * len(part)))
+        step = _tile_rows(part, tile_bytes)
         for r0 in range(0, n, step):
             s = _product(torch, dev, q[r0 : r0 + step], part)
             if half_norms is not None:
@@ -585,18 +676,19 @@ def kmeans_on(x: np.ndarray, k: int, niter: int, seed: int, device: str, verbose
     in proportion to its size, both perturbed by ±1/1024 (faiss's split). Not the same centroids as faiss
     (another random start). Returns float32 `(k, D)`.
 
-    Device memory: the rows x (resident as `DeviceMatrix`, else one chunk), the centroids (k·D·4 bytes,
-    twice), their float64 sums (k·D·8), one tile of ≤ tile_bytes, 16,384 rows in float64 (D·8 each).
+    Device memory: the rows x (resident as `DeviceMatrix`, else one chunk), 20 bytes per centroid
+    coordinate (the centroids in float32, their `_Split` form for the products, their float64 sums, the
+    next centroids), one tile of ≤ tile_bytes, 16,384 rows in float64 (D·8 each).
     """
     n, dim = x.shape
     rng = np.random.default_rng(seed)
     start = np.ascontiguousarray(to_float32(np.asarray(x[rng.permutation(n)[:k]])))
     with on_device(device) as (torch, dev):
         acc = _acc_dtype(torch, dev)
-        data = DeviceMatrix.from_array(x, device, resident)
+        data = DeviceMatrix.from_array(x, device, resident, split=False)  # the rows are queries
         c = _up(torch, dev, start)
         for it in range(niter):
-            centroids = DeviceMatrix(torch, dev, None, c)
+            centroids = DeviceMatrix.of_tensor(torch, dev, c)
             half_norms = (c * c).sum(dim=1) * 0.5
             sums = torch.zeros((k, dim), dtype=acc, device=dev)
             counts = torch.zeros(k, dtype=torch.int64, device=dev)

@@ -18,8 +18,8 @@ faiss sees when faiss has GPU support and the device is CUDA (what DataComp runs
 `backend.kmeans_on` on the device (Lloyd iterations as faiss's, another random start: not the same
 centroids as faiss). Device memory there: the training rows (resident, float16 when they are float16
 numbers, as rows decoded from a DataComp pool are: N × D × 2 bytes, when that is at most half of the free
-memory; else streamed), 16 bytes per centroid coordinate (centroids twice in float32 and their float64
-sums: 1.2 GB at K = 100,000), and one 512 MiB tile, whatever N or K.
+memory; else streamed), 20 bytes per centroid coordinate (1.5 GB at K = 100,000), and one 512 MiB
+tile, whatever N or K.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ centroid, although the centroids were trained with L2 k-means.
 Search: a blocked float32 numpy matmul + argmax on CPU (first index on exact ties, as
 torch.argmax); faiss `IndexFlatIP` on GPU when faiss sees one (same result up to float32
 rounding on near-ties). On a torch device (`device="cuda"`, `"torch-cpu"`, ...): `backend.argmax_on`,
-the centroids copied to the device once per process (100k × 768 float32: 307 MB; streamed in chunks
-when above half of the GPU's free memory), queries as stored, products in ≤ 512 MiB float32 tiles over
+the centroids copied to the device once per process (as two float16 parts per row unless they are
+float16 numbers, `backend._Split`: 307 MB for 100k × 768; streamed in chunks when above half of the
+GPU's free memory), queries as stored, products in ≤ 512 MiB float32 tiles over
 at most 65,536 centroids each with a running (max, first index): device memory ≈ the centroids +
 512 MiB + the queries, whatever the centroid count (one task at a time per device in a process).
 """

@@ -16,9 +16,10 @@ L/14). Pickling a `NormSimTarget` drops the cache but keeps a computed Gram matr
 
 On a torch device (`device="cuda"`, `"torch-cpu"`, ...) the same per-shard tasks score blocks of up to
 DEVICE_BLOCK_ROWS candidate rows (as stored) with `backend.normsim_on`: G is copied to the device once
-per process (float16 when all its values are float16 numbers: 2 GB for ImageNet-1k L/14, else float32)
-when it takes at most half of the GPU's free memory, else streamed chunk by chunk for every block; the
-products come in 2,048 × 65,536 float32 tiles (512 MiB). Device memory ≈ G (or one chunk) + 100 MB of
+per process (float16 when all its values are float16 numbers: 2 GB for ImageNet-1k L/14; else two
+float16 parts per row, `backend._Split`: 4 GB) when it takes at most half of the GPU's free memory, else
+streamed chunk by chunk for every block; the products come in 2,048 × 65,536 float32 tiles (512 MiB;
+1,024 rows for a split target). Device memory ≈ G (or one chunk) + 100 MB of
 candidates + 512 MiB, whatever |G| (one task at a time per device in a process). p = 2 uses the Gram
 form on the device too.
 """
