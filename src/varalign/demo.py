@@ -1,6 +1,10 @@
 """`varalign demo`: the paper's methods on the real-image mini pool (`varalign minicomp`), a table of what
 each kept, the subsets and an HTML report; `--train` adds the short training comparison. `--synthetic`
-runs the older demo on a generated embeddings-only pool (core install only)."""
+runs the older demo on a generated embeddings-only pool (core install only).
+
+The real-image demo is a front of `minicomp`: the pool is `minicomp.build`'s, each method is run by
+`minicomp.run.select` with `minicomp run`'s configuration, the shares kept are `minicomp.run.kept_share`,
+and `--train` is `minicomp.run.run`. What is here is the presentation: the table, the report, the notes."""
 
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ from tqdm import tqdm
 
 from .engine import filter_pool
 from .errors import VaralignError
+from .minicomp.build import CAPTION_KINDS, IMAGE_KINDS, finished
+from .minicomp.run import DESCRIPTIONS, filter_options, kept_share, pool_labels, select
 from .pool import discover_shards
 from .synth import CONCEPTS, make_pool, make_target
 
 # ------------------------------------------------------------------------------------- the real-image demo
 
-# `varalign minicomp run`'s method names (its METHODS hold the configuration; nothing is repeated here)
+# `varalign minicomp run`'s method names (its METHODS and DESCRIPTIONS hold the configuration and the words)
 DEMO_METHODS = (
     "no_filter",
     "clip_score_30",
@@ -34,18 +40,6 @@ DEMO_METHODS = (
     "basic_filter",
 )
 TRAIN_METHODS = ("no_filter", "random_30", *DEMO_METHODS[1:])
-DESCRIPTIONS = {
-    "no_filter": "everything",
-    "random_30": "random 30%",
-    "clip_score_30": "CLIP score top 30%",
-    "vas_clip_score": "CLIP score top 45%, then VAS (downstream target) top 30% of the pool",
-    "vas_d_clip_score": "CLIP score top 45%, then VAS-D (10 rounds) top 30%",
-    "negcliploss_30": "negCLIPLoss top 30%",
-    "negcliploss_normsim": "negCLIPLoss top 45%, then NormSim-inf (downstream features) top 30%",
-    "basic_filter": "DataComp's basic rules: English caption, length, image size and aspect ratio",
-}
-CAPTION_KINDS = ("aligned", "wrong_class", "uninformative", "non_english")
-IMAGE_KINDS = ("clean", "near_duplicate", "blank", "noise")
 # imported (by name) to build the pool; torch without torchvision/open_clip cannot
 TRAIN_STACK = ("torch", "torchvision", "open_clip", "open_clip_train", "webdataset", "sklearn", "PIL")
 INSTALL_HINT = "pip install -e '.[demo]' (or run `varalign demo --synthetic`, which needs only the core install)"
@@ -86,8 +80,6 @@ def run_demo(
         )
     arch = manifest["config"]["arch"]
     metadata = root / "metadata"
-    from .minicomp.run import pool_labels  # noqa: PLC0415
-
     uids, labels = pool_labels(metadata)
 
     t1 = time.perf_counter()
@@ -137,8 +129,6 @@ def run_demo(
 def _target_lines(root: Path, out: Path, metadata: Path, arch: str) -> str:
     """The VAS target vas_clip_score used (its path, and its name under the pool's `files/`) and the
     `varalign filter` command that re-runs that method with it."""
-    from .minicomp.run import filter_options  # noqa: PLC0415
-
     name, opts = filter_options("vas_clip_score", root, arch)
     target = Path(opts["target"])
     flags = " ".join(f"--{k} {v}" for k, v in sorted(opts.items(), key=lambda kv: kv[0] != "arch"))
@@ -166,19 +156,9 @@ def require_train_stack(what: str, extra: tuple[str, ...] = ()) -> None:
         raise VaralignError(f"{what} needs the training stack (missing: {', '.join(missing)}): {INSTALL_HINT}")
 
 
-def _complete(root: Path) -> dict | None:
-    from .minicomp.build import MANIFEST  # noqa: PLC0415
-
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if manifest.get("complete") else None
-
-
 def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool) -> tuple[dict, bool]:
     """The finished build's manifest (building it first when needed) and whether it was built now."""
-    manifest = _complete(root)
+    manifest = finished(root)
     if manifest is not None and config is None:
         print(
             f"reusing the mini pool in {root} ({manifest['result']['counts']['pool']:,} samples; "
@@ -204,16 +184,13 @@ def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool)
         )
         sys.stdout.flush()
     build(root, cfg, quiet=quiet)
-    return _complete(root), manifest is None
+    return finished(root), manifest is None
 
 
 def _run_method(method: str, root: Path, out: Path, arch: str, quiet: bool) -> dict:
-    """filter_pool with `minicomp run`'s configuration of `method`, saving the subset and its scores."""
-    from .minicomp.run import filter_options  # noqa: PLC0415
-
-    name, opts = filter_options(method, root, arch)
+    """`minicomp run`'s selection of `method` (minicomp.run.select), saving the subset and its scores."""
     path, scores = out / "subsets" / f"{method}.npy", out / "scores" / f"{method}.parquet"
-    res = filter_pool(root / "metadata", path, name=name, quiet=True, save_scores=str(scores), **opts)
+    res, _ = select(method, root, path, arch=arch, save_scores=str(scores))
     seconds, reused = res.timings.get("total", 0.0), False
     if res.manifest_path and seconds == 0.0:  # up to date: the time of the run that made it
         reused = True
@@ -234,16 +211,12 @@ def _run_method(method: str, root: Path, out: Path, arch: str, quiet: bool) -> d
 
 
 def _kept_share(uids: np.ndarray, labels: dict[str, np.ndarray], subset: str) -> dict[str, float]:
-    """Per hidden kind: the share of the pool's samples of that kind that the subset kept."""
-    from .uids import isin_sorted, load_subset  # noqa: PLC0415
+    """Per hidden kind (the table's columns): the share of the pool's samples of that kind the subset kept."""
+    from .uids import load_subset  # noqa: PLC0415
 
-    mask = isin_sorted(uids, load_subset(subset))
-    out = {}
-    for col, kinds in (("label_caption_kind", CAPTION_KINDS), ("label_image_kind", IMAGE_KINDS)):
-        for k in kinds:
-            sel = labels[col] == k
-            out[k] = float(mask[sel].mean()) if sel.any() else float("nan")
-    return out
+    share = kept_share(uids, labels, load_subset(subset))
+    return {k: share[col][k] for col, kinds in (("label_caption_kind", CAPTION_KINDS),
+                                                ("label_image_kind", IMAGE_KINDS)) for k in kinds}
 
 
 def _print_table(

@@ -10,7 +10,6 @@ benchmarks; a real-image pool comes with `varalign minicomp` (see the README).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, save_npy
+from .execute import ProcessExecutor
 from .npz import write_npz  # the writer lives beside the reader; `varalign.synth.write_npz` still works
 from .pool import ARCHS, SCORE_COLUMN, image_key, text_key
 from .uids import uids_to_hex
@@ -123,19 +123,15 @@ def _captions(rng: np.random.Generator, kind: np.ndarray, concept: np.ndarray) -
 
 def make_pool(out_dir: str | os.PathLike, num_samples: int = 50_000, num_shards: int = 10, seed: int = 0,
               num_workers: int = 1, compress_level: int = 1) -> list[str]:
-    """Write a synthetic pool of `num_samples` rows in `num_shards` shards named `{i:08d}`."""
+    """Write a synthetic pool of `num_samples` rows in `num_shards` shards named `{i:08d}` (through the
+    executor's processes when `num_workers` > 1: generating a shard is mostly Python and numpy calls)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = SynthWorld.make(seed)
     bounds = np.linspace(0, num_samples, num_shards + 1).astype(int)
     jobs = [(world, str(out / f"{i:08d}"), int(bounds[i]), int(bounds[i + 1] - bounds[i]), compress_level)
             for i in range(num_shards)]
-    if num_workers > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
-            list(pool.map(make_shard, *zip(*jobs, strict=True)))
-    else:
-        for job in jobs:
-            make_shard(*job)
+    ProcessExecutor(max(1, num_workers)).map(make_shard, jobs, "synthetic pool", quiet=True)
     return [j[1] for j in jobs]
 
 

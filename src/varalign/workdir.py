@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,58 @@ class WorkDir:
             self._clear(marker_too=True)
         else:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Steps:
+    """Finished steps whose results are files outside the work directory (embed's shards, reshard's index,
+    minicomp's teacher, subsets, trainings): the one resume scheme of embed, reshard, minicomp and the
+    experiment loop, on the work directory's terms.
+
+    A step's record is a task result of `work` (phase `phase`, completion marker, redone when damaged)
+    naming the step's output files with their sizes and holding a small JSON-able `info`. `done(name)`
+    is the record's info if the step finished, with the same `key` (the identity of its inputs and
+    settings, when given), and every file it names is still there with the recorded size; otherwise
+    None, the record is dropped, and the step is to be redone. A changed plan (inputs or configuration)
+    clears every record, as for every work directory.
+    """
+
+    def __init__(self, work: WorkDir, phase: str = "steps") -> None:
+        self.work, self.phase = work, phase
+
+    def done(self, name: str, key: str = "") -> dict | None:
+        if not self.work.has(self.phase, name):
+            return None
+        with np.load(self.work.root / self.phase / f"{name}.npz", allow_pickle=False) as npz:
+            files, sizes, info = npz["files"].tolist(), npz["sizes"].tolist(), str(npz["info"])
+            same = str(npz["key"]) == key
+        if not same:  # made from other inputs or settings
+            self.drop(name)
+            return None
+        for f, size in zip(files, sizes, strict=True):
+            try:
+                ok = os.stat(f).st_size == size
+            except OSError:
+                ok = False
+            if not ok:  # an output went missing or changed since: redo the step
+                self.drop(name)
+                return None
+        return json.loads(info)
+
+    def finish(self, name: str, files: Sequence[str | os.PathLike] = (), info: dict | None = None,
+               key: str = "") -> None:
+        """Record step `name` as finished: its output `files` (their sizes now), `info` and `key`."""
+        paths = [os.path.abspath(f) for f in files]
+        try:
+            sizes = [os.stat(p).st_size for p in paths]
+        except OSError as exc:
+            raise os_error(exc, "a finished step's output is missing", self.work.root) from None
+        self.work.save(self.phase, name, {"files": np.array(paths, dtype=str), "sizes": np.array(sizes, np.int64),
+                                          "info": np.array(json.dumps(info or {}, sort_keys=True)),
+                                          "key": np.array(key)})
+
+    def drop(self, name: str) -> None:
+        """Forget step `name` (it will be redone)."""
+        self.work._verified.discard((self.phase, name))
+        for suffix in (".done", ".npz"):
+            with contextlib.suppress(OSError):
+                (self.work.root / self.phase / f"{name}{suffix}").unlink()

@@ -73,8 +73,16 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random_init", action="store_true", help="allow untrained weights (testing only)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (for --random_init)")
     p.add_argument("--overwrite", action="store_true", help="redo shards embedded with another config")
+    _add_executor_flags(p, "local: one shard after another, the model on every core; ray: a Ray task per shard")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_embed)
+
+
+def _add_executor_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help=f"where the per-shard tasks run ({what}; default: %(default)s)")
+    p.add_argument("--ray_address", default=None, help="Ray cluster address for --executor ray (default: start a "
+                                                       "local one); every node must see the files at the same paths")
 
 
 def _run_embed(args: argparse.Namespace) -> int:
@@ -83,7 +91,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     r = embed(args.inputs, args.output_dir, model=args.model, pretrained=args.pretrained,
               model_config=args.model_config, arch=args.arch, batch_size=args.batch_size, device=args.device,
               num_workers=args.num_workers, shard_size=args.shard_size, random_init=args.random_init,
-              seed=args.seed, overwrite=args.overwrite, quiet=args.quiet)
+              seed=args.seed, overwrite=args.overwrite, quiet=args.quiet, executor=args.executor,
+              ray_address=args.ray_address)
     print(f"embed: {len(r.shards)} shards ({r.reused} reused), {r.rows:,} rows, {r.skipped:,} samples skipped "
           f"-> {r.output_dir} ({r.seconds:.1f} s)")
     return 0
@@ -108,6 +117,7 @@ def _reshard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-shard-stats-format", default="{:08d}_stats.json")
     p.add_argument("--overwrite", action="store_true", help="replace earlier reshard outputs in --output-dir")
     p.add_argument("--dry-run", action="store_true", help="count only, write nothing")
+    _add_executor_flags(p, "local: -j processes; ray: a Ray task per input and per output shard")
     p.add_argument("-v", "--verbose", action="store_true", help="accepted")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_run_reshard)
@@ -120,7 +130,7 @@ def _run_reshard(args: argparse.Namespace) -> int:
                 first_shard=args.first_shard, num_workers=args.num_workers, shard_size=args.shard_size,
                 shard_format=args.shard_format, output_shard_format=args.output_shard_format,
                 output_shard_stats_format=args.output_shard_stats_format, overwrite=args.overwrite,
-                dry_run=args.dry_run, quiet=args.quiet)
+                dry_run=args.dry_run, quiet=args.quiet, executor=args.executor, ray_address=args.ray_address)
     print(f"reshard: {r.input_samples:,} input samples in {r.input_shard_count} shards; subset {r.subset_unique:,} "
           f"uids ({r.subset_size:,} with repeats), {r.not_found:,} not found; wrote {r.output_samples:,} samples "
           f"in {r.output_shard_count} shards{' (dry run)' if args.dry_run else ''} ({r.seconds:.1f} s)")

@@ -4,7 +4,14 @@ For every input shard (a webdataset `.tar`, or a chunk of a folder of image/capt
 `{name}.npz` (`{arch}_img`, `{arch}_txt`: L2-normalised float16, rows aligned) and `{name}.parquet`
 (`uid`, `key`, `text`, `url`, `original_width`, `original_height`, `sha256`,
 `clip_{arch}_similarity_score` = float16-rounded dot product of the stored embeddings), so any
-`varalign filter` method can select from it. Finished shards are skipped on a re-run.
+`varalign filter` method can select from it.
+
+Resume: each shard is a step of the work directory `{output_dir}/.embed-work` (a record naming the
+shard's two files and their sizes; see `workdir.Steps`): a killed run resumes from the shards it
+finished, a shard whose files went missing or changed is redone. A finished run removes the work
+directory; `embed.json` (written last) then names every finished shard, so a re-run reuses them.
+Shards are mapped through the executor (`--executor ray` embeds them on a Ray cluster; locally they
+run one after another, each on every core).
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +32,16 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
+from ..execute import LocalExecutor, make_executor
 from ..guard import check_paths, lock, lock_file_for
 from ..npz import write_npz
 from ..pool import ARCHS, SCORE_COLUMN, image_key, text_key
 from ..uids import hex_to_uids
+from ..workdir import Steps, WorkDir, digest, is_ours
 from .wds import IMAGE_EXTS, iter_samples, list_tars, open_tar, read_json, read_member, sample_uid
 
 MANIFEST = "embed.json"
+WORK_DIR = ".embed-work"
 
 
 @dataclass
@@ -59,11 +68,14 @@ class _Unit:
 def embed(inputs: list[str | os.PathLike], output_dir: str | os.PathLike, *, model: str | None = None,
           pretrained: str | None = None, model_config: str | os.PathLike | None = None, arch: str = "l14",
           batch_size: int = 256, device: str | None = None, num_workers: int = 2, shard_size: int = 10_000,
-          random_init: bool = False, seed: int = 0, overwrite: bool = False, quiet: bool = False) -> EmbedResult:
+          random_init: bool = False, seed: int = 0, overwrite: bool = False, quiet: bool = False,
+          executor: str = "local", ray_address: str | None = None) -> EmbedResult:
     """Embed images and captions of `inputs` with an open_clip model into a DataComp-format pool.
 
     `model` + `pretrained` (a tag such as `datacomp_xl_s13b_b90k`, or a checkpoint path); or a local
     `model_config` JSON (+ `pretrained` checkpoint). `random_init` allows no weights (tests only).
+    `executor`: `local` (one shard after another, the model on every core) or `ray` (shards as Ray
+    tasks, each worker loading the model once; every node must see the inputs at the same paths).
     """
     start = time.time()
     if arch not in ARCHS:
@@ -80,14 +92,19 @@ def embed(inputs: list[str | os.PathLike], output_dir: str | os.PathLike, *, mod
             raise VaralignError("the output directory is an input: refused", out)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with lock(lock_file_for(out.absolute()), f"the output directory {out}"):
-        return _embed(units, out, model=model, pretrained=pretrained, model_config=model_config, arch=arch,
-                      batch_size=batch_size, device=device, num_workers=num_workers, random_init=random_init,
-                      seed=seed, overwrite=overwrite, quiet=quiet, start=start)
+        try:
+            return _embed(units, out, model=model, pretrained=pretrained, model_config=model_config, arch=arch,
+                          batch_size=batch_size, device=device, num_workers=num_workers, random_init=random_init,
+                          seed=seed, overwrite=overwrite, quiet=quiet, start=start, executor=executor,
+                          ray_address=ray_address)
+        finally:
+            _MODELS.clear()  # loaded once per call, as before (a Ray worker keeps its own)
 
 
 def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str | None,
            model_config: str | os.PathLike | None, arch: str, batch_size: int, device: str | None, num_workers: int,
-           random_init: bool, seed: int, overwrite: bool, quiet: bool, start: float) -> EmbedResult:
+           random_init: bool, seed: int, overwrite: bool, quiet: bool, start: float, executor: str,
+           ray_address: str | None) -> EmbedResult:
     if out.is_dir() and any(out.iterdir()) and _read_manifest(out) is None:
         raise VaralignError("output directory is not empty and holds no varalign embed output "
                             f"({MANIFEST}): not touched; give an empty or new folder", out)
@@ -96,8 +113,6 @@ def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str 
               "arch": arch, "random_init": random_init, "seed": seed}
     _check_manifest(out, config, overwrite)
     result = EmbedResult(str(out))
-    todo = [u for u in units if not (out / f"{u.name}.parquet").exists() or not (out / f"{u.name}.npz").exists()]
-    result.reused = len(units) - len(todo)
     old = _read_manifest(out) or {}
     manifest: dict = {"config": config, "shards": {},
                       "planned": sorted(set(old.get("planned", [])) | {u.name for u in units})}
@@ -105,15 +120,38 @@ def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str 
     # are named, so --overwrite later removes exactly those (a killed run's included)
     save_json(out / MANIFEST, {**old, **{k: v for k, v in manifest.items() if k != "shards"},
                                "shards": old.get("shards", {})})
+    work = WorkDir(out / WORK_DIR, digest("embed", config))
+    steps = Steps(work, "shards")
+    todo = []
+    for u in units:
+        info = steps.done(u.name) or _finished_before(out, old, u.name)
+        if info is None:
+            todo.append(u)
+        else:  # a killed run's shard joins the manifest too
+            manifest["shards"][u.name] = info
+    result.reused = len(units) - len(todo)
+    spec = (model, pretrained, str(model_config) if model_config else None, random_init, seed, device)
+
+    def commit(i: int, res: tuple) -> None:  # in this process, as each shard finishes
+        unit = todo[i]
+        arrays, table, skipped = res
+        with atomic_path(out / f"{unit.name}.npz", ".npz") as tmp:
+            write_npz(tmp, arrays)
+        with atomic_path(out / f"{unit.name}.parquet", ".parquet") as tmp:
+            pq.write_table(table, tmp)
+        rows, dim = table.num_rows, arrays[image_key(arch)].shape[1]
+        result.rows += rows
+        result.skipped += skipped
+        result.dim = dim
+        manifest["shards"][unit.name] = {"rows": rows, "skipped": skipped}
+        steps.finish(unit.name, [out / f"{unit.name}.npz", out / f"{unit.name}.parquet"], manifest["shards"][unit.name])
+
     if todo:
-        net, preprocess, tokenizer, dev = _load(model, pretrained, model_config, random_init, seed, device)
-        for unit in tqdm(todo, desc="embed", unit="shard", disable=quiet or len(todo) == 1):
-            rows, skipped, dim = _embed_unit(unit, out, net, preprocess, tokenizer, dev, arch, batch_size,
-                                             num_workers, quiet)
-            result.rows += rows
-            result.skipped += skipped
-            result.dim = dim
-            manifest["shards"][unit.name] = {"rows": rows, "skipped": skipped}
+        # locally one shard after another, each with the process's torch threads; on Ray one task per shard
+        runner = LocalExecutor(1, limit_kernels=False) if executor == "local" else make_executor(executor, None,
+                                                                                               ray_address)
+        runner.map(_embed_task, [(u, spec, arch, batch_size, num_workers, quiet) for u in todo], "embed",
+                   quiet=quiet or len(todo) == 1, on_result=commit)
         if result.dim != ARCHS[arch] and not quiet:
             print(f"note: embeddings are {result.dim}-d; DataComp's {arch} features are {ARCHS[arch]}-d, so VAS "
                   f"targets built from other {arch} data will not match", file=sys.stderr)
@@ -122,7 +160,16 @@ def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str 
     old = _read_manifest(out)
     manifest["shards"] = {**(old or {}).get("shards", {}), **manifest["shards"]}
     save_json(out / MANIFEST, manifest)
+    work.remove()  # the manifest now names every finished shard
     return result
+
+
+def _finished_before(out: Path, old: dict, name: str) -> dict | None:
+    """A shard of the finished run that wrote `old` (the manifest, same config): its record, if its files are there."""
+    info = (old.get("shards") or {}).get(name)
+    if isinstance(info, dict) and (out / f"{name}.parquet").is_file() and (out / f"{name}.npz").is_file():
+        return info
+    return None
 
 
 def _units(inputs: list[str | os.PathLike], shard_size: int) -> list[_Unit]:
@@ -179,6 +226,8 @@ def _check_manifest(out: Path, config: dict, overwrite: bool) -> None:
                 p = out / f"{Path(str(name)).name}{suffix}"
                 if p.is_file():
                     p.unlink()
+        if is_ours(out / WORK_DIR):  # its records are of the shards just removed
+            WorkDir(out / WORK_DIR, "").remove()
         (out / MANIFEST).unlink()
 
 
@@ -215,6 +264,19 @@ def _load(model: str | None, pretrained: str | None, model_config: str | os.Path
     return net, preprocess, open_clip.get_tokenizer(model), dev
 
 
+_MODELS: dict[tuple, tuple] = {}  # spec -> (net, preprocess, tokenizer, device): loaded once per process
+
+
+def _embed_task(unit: _Unit, spec: tuple, arch: str, batch_size: int, num_workers: int,
+                quiet: bool) -> tuple[dict, pa.Table, int]:
+    """One shard: its arrays, its parquet table and the samples skipped (written by the caller)."""
+    if spec not in _MODELS:
+        _MODELS.clear()
+        _MODELS[spec] = _load(*spec)
+    net, preprocess, tokenizer, dev = _MODELS[spec]
+    return _embed_unit(unit, net, preprocess, tokenizer, dev, arch, batch_size, num_workers, quiet)
+
+
 def _iter_unit(unit: _Unit) -> Iterator[tuple[str, str, bytes | None, str | None, dict]]:
     """(key, uid, image bytes, caption, json meta) per sample."""
     if unit.tar is not None:
@@ -246,8 +308,8 @@ def _decode(item: tuple, preprocess) -> tuple | None:
     return (key, uid, txt, meta, size, hashlib.sha256(img).hexdigest(), tensor)
 
 
-def _embed_unit(unit: _Unit, out: Path, net, preprocess, tokenizer, device: str, arch: str,
-                batch_size: int, num_workers: int, quiet: bool) -> tuple[int, int, int]:
+def _embed_unit(unit: _Unit, net, preprocess, tokenizer, device: str, arch: str,
+                batch_size: int, num_workers: int, quiet: bool) -> tuple[dict, pa.Table, int]:
     import torch
 
     rows: dict[str, list] = {k: [] for k in ("uid", "key", "text", "url", "original_width", "original_height",
@@ -256,33 +318,34 @@ def _embed_unit(unit: _Unit, out: Path, net, preprocess, tokenizer, device: str,
     skipped = 0
     source = unit.tar or unit.name
     bar = tqdm(desc=f"embed {unit.name}", unit="sample", disable=quiet, leave=False)
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        items = _iter_unit(unit)
-        while True:
-            batch = [x for _, x in zip(range(batch_size), items, strict=False)]
-            if not batch:
-                break
-            decoded = [d for d in pool.map(lambda it: _decode(it, preprocess), batch) if d is not None]
-            skipped += len(batch) - len(decoded)
-            bar.update(len(batch))
-            if not decoded:
-                continue
-            with torch.no_grad():
-                images = torch.stack([d[6] for d in decoded]).to(device)
-                texts = tokenizer([d[2] for d in decoded]).to(device)
-                fi = torch.nn.functional.normalize(net.encode_image(images).float(), dim=-1)
-                ft = torch.nn.functional.normalize(net.encode_text(texts).float(), dim=-1)
-            img_chunks.append(fi.cpu().numpy().astype(np.float16))
-            txt_chunks.append(ft.cpu().numpy().astype(np.float16))
-            for key, uid, txt, meta, size, sha, _ in decoded:
-                rows["uid"].append(uid)
-                rows["key"].append(key)
-                rows["text"].append(txt)
-                rows["url"].append(meta.get("url") if isinstance(meta.get("url"), str) else None)
-                w, h = meta.get("original_width"), meta.get("original_height")
-                rows["original_width"].append(int(w) if isinstance(w, int) else size[0])
-                rows["original_height"].append(int(h) if isinstance(h, int) else size[1])
-                rows["sha256"].append(sha)
+    decoder = LocalExecutor(max(1, num_workers), limit_kernels=False)  # image decoding threads
+    items = _iter_unit(unit)
+    while True:
+        batch = [x for _, x in zip(range(batch_size), items, strict=False)]
+        if not batch:
+            break
+        decoded = [d for d in decoder.map(_decode, [(it, preprocess) for it in batch], "decode", quiet=True)
+                   if d is not None]
+        skipped += len(batch) - len(decoded)
+        bar.update(len(batch))
+        if not decoded:
+            continue
+        with torch.no_grad():
+            images = torch.stack([d[6] for d in decoded]).to(device)
+            texts = tokenizer([d[2] for d in decoded]).to(device)
+            fi = torch.nn.functional.normalize(net.encode_image(images).float(), dim=-1)
+            ft = torch.nn.functional.normalize(net.encode_text(texts).float(), dim=-1)
+        img_chunks.append(fi.cpu().numpy().astype(np.float16))
+        txt_chunks.append(ft.cpu().numpy().astype(np.float16))
+        for key, uid, txt, meta, size, sha, _ in decoded:
+            rows["uid"].append(uid)
+            rows["key"].append(key)
+            rows["text"].append(txt)
+            rows["url"].append(meta.get("url") if isinstance(meta.get("url"), str) else None)
+            w, h = meta.get("original_width"), meta.get("original_height")
+            rows["original_width"].append(int(w) if isinstance(w, int) else size[0])
+            rows["original_height"].append(int(h) if isinstance(h, int) else size[1])
+            rows["sha256"].append(sha)
     bar.close()
     hex_to_uids(rows["uid"], source=source)  # malformed json uids fail here, naming the shard
     dim = int(net.visual.output_dim if hasattr(net.visual, "output_dim") else img_chunks[0].shape[1]) \
@@ -290,13 +353,9 @@ def _embed_unit(unit: _Unit, out: Path, net, preprocess, tokenizer, device: str,
     img = np.concatenate(img_chunks) if img_chunks else np.zeros((0, dim), np.float16)
     txt = np.concatenate(txt_chunks) if txt_chunks else np.zeros((0, dim), np.float16)
     score = (img.astype(np.float32) * txt.astype(np.float32)).sum(axis=1).astype(np.float16).astype(np.float32)
-    with atomic_path(out / f"{unit.name}.npz", ".npz") as tmp:
-        write_npz(tmp, {image_key(arch): img, text_key(arch): txt})
     table = pa.table({**{k: rows[k] for k in ("uid", "key", "text", "url")},
                       "original_width": pa.array(rows["original_width"], pa.int64()),
                       "original_height": pa.array(rows["original_height"], pa.int64()),
                       SCORE_COLUMN[arch]: pa.array(score, pa.float32()),
                       "sha256": pa.array(rows["sha256"], pa.string())})
-    with atomic_path(out / f"{unit.name}.parquet", ".parquet") as tmp:
-        pq.write_table(table, tmp)
-    return len(score), skipped, img.shape[1]
+    return {image_key(arch): img, text_key(arch): txt}, table, skipped

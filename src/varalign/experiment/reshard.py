@@ -1,9 +1,12 @@
 """DataComp-compatible resharder: input webdataset shards + subset file -> output shards of the subset.
 
-Two streaming passes, both parallel over processes:
+Two streaming passes, each mapped over shards through the executor (`execute.py`: local processes,
+since writing a tar holds the GIL; or Ray tasks):
 1. index: each input tar is scanned (headers + `.json` members only), its uids looked up in the
-   sorted subset (`np.searchsorted`), and the byte ranges of the matching samples saved to a small
-   index file in a work directory;
+   sorted subset (`np.searchsorted`), and the byte ranges of the matching samples saved as that
+   shard's task result in the work directory `{output_dir}/.reshard-work` (`workdir.WorkDir`: a run
+   interrupted by Ctrl-C keeps it, and the next `--overwrite` run reuses the shards indexed; removed at
+   the end otherwise);
 2. write: output shard `o` holds global positions `[o*S, (o+1)*S)` of the matched sequence (input
    shards in name order, samples in tar order, a uid repeated k times in the subset written k times
    with keys `{uid}-{j}`), copied by seek + read from the input tars into an atomically renamed tar.
@@ -19,7 +22,6 @@ import shutil
 import sys
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,12 +30,13 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json, save_npy
 from ..errors import VaralignError
+from ..execute import make_executor
 from ..guard import check_paths, lock, lock_file_for
 from ..uids import UID_DTYPE, hex_to_uids, load_subset_counts, sort_uids, uids_to_hex
+from ..workdir import WorkDir, digest, is_ours
 from .wds import add_bytes, iter_samples, open_tar, read_json, read_member, sample_uid
 
 WORK_DIR = ".reshard-work"
-_SUBSET: tuple[np.ndarray, np.ndarray] | None = None  # (sorted unique uids, counts), per worker process
 
 
 @dataclass
@@ -58,13 +61,16 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
             num_shards: int | None = None, first_shard: int = 0, num_workers: int | None = None,
             shard_size: int = 10_000, shard_format: str = "{:08d}.tar",
             output_shard_format: str = "{:08d}.tar", output_shard_stats_format: str = "{:08d}_stats.json",
-            overwrite: bool = False, dry_run: bool = False, quiet: bool = False) -> ReshardResult:
+            overwrite: bool = False, dry_run: bool = False, quiet: bool = False, executor: str = "local",
+            ray_address: str | None = None) -> ReshardResult:
     """Write the samples of `input_dir` whose uid is in `subset_file` as new shards in `output_dir`.
 
     Refuses a non-empty `output_dir` unless it holds an earlier reshard's output and `overwrite` is
     given (which deletes only that reshard's shards, stats, `meta.json`, `sample_ids.npy`); refuses an
     output directory that is, or holds, the input or the subset file. Writes `meta.json` (arguments + counters) and
     `sample_ids.npy` (the subset file). Subset uids absent from the input are counted in `not_found`.
+    `executor`: `local` (`num_workers` processes) or `ray` (Ray tasks; every node must see the input and
+    output directories at the same paths).
     """
     out = Path(output_dir)
     with contextlib.ExitStack() as stack:
@@ -74,13 +80,14 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
         return _reshard(input_dir, output_dir, subset_file, num_shards=num_shards, first_shard=first_shard,
                         num_workers=num_workers, shard_size=shard_size, shard_format=shard_format,
                         output_shard_format=output_shard_format, output_shard_stats_format=output_shard_stats_format,
-                        overwrite=overwrite, dry_run=dry_run, quiet=quiet)
+                        overwrite=overwrite, dry_run=dry_run, quiet=quiet, executor=executor,
+                        ray_address=ray_address)
 
 
 def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_file: str | os.PathLike, *,
              num_shards: int | None, first_shard: int, num_workers: int | None, shard_size: int, shard_format: str,
              output_shard_format: str, output_shard_stats_format: str, overwrite: bool, dry_run: bool,
-             quiet: bool) -> ReshardResult:
+             quiet: bool, executor: str, ray_address: str | None) -> ReshardResult:
     start = time.time()
     if shard_size < 1:
         raise VaralignError(f"--shard-size must be >= 1, got {shard_size}")
@@ -90,15 +97,17 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
     if not dry_run:
         _prepare_output(out, overwrite, Path(input_dir), subset_file, output_shard_format,
                         output_shard_stats_format)
-    work = out / WORK_DIR if not dry_run else Path(os.environ.get("TMPDIR", "/tmp")) / f"varalign-reshard-{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
+    root = out / WORK_DIR if not dry_run else Path(os.environ.get("TMPDIR", "/tmp")) / f"varalign-reshard-{os.getpid()}"
+    work = WorkDir(root, digest("reshard", [_stamp(p) for p in inputs], _stamp(Path(subset_file))))
     workers = max(1, num_workers or os.cpu_count() or 1)
+    # processes, not threads: tarfile builds each member's header in Python, so writing holds the GIL
+    runner = make_executor(executor, workers, ray_address, processes=True)
     result = ReshardResult(str(out), input_shard_count=len(inputs), subset_size=int(counts.sum()),
                            subset_unique=len(unique), output_shard_format=output_shard_format)
     try:
-        np.save(work / "subset_unique.npy", unique)
-        np.save(work / "subset_counts.npy", counts)
-        index = _run_index(inputs, work, workers, quiet)
+        work.put_array("subset", "unique", unique)
+        work.put_array("subset", "counts", counts)
+        index = _run_index(inputs, work, runner, quiet)
         result.input_samples = sum(r["samples"] for r in index)
         result.failed_shards = [f"{r['path']}: {r['error']}" for r in index if r["error"]]
         for msg in result.failed_shards:
@@ -110,11 +119,18 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
         result.output_shard_count = -(-result.output_samples // shard_size)
         if not dry_run:
             _run_write(index, copies, out, shard_size, output_shard_format, output_shard_stats_format,
-                       result.output_shard_count, workers, quiet)
+                       result.output_shard_count, runner, quiet)
             save_npy(out / "sample_ids.npy", np.load(subset_file, allow_pickle=False)
                      if _is_npy(subset_file) else np.fromfile(subset_file, dtype=UID_DTYPE))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the shards indexed are kept for the next (--overwrite) run
+        if dry_run:
+            work.remove()
+        raise
+    except BaseException:
+        with contextlib.suppress(OSError, VaralignError):
+            work.remove()
+        raise
+    work.remove()
     result.seconds = round(time.time() - start, 3)
     if not dry_run:
         meta = {"args": {"input_dir": str(input_dir), "output_dir": str(output_dir), "subset_file": str(subset_file),
@@ -128,6 +144,12 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
     if result.not_found:
         _warn(f"{result.not_found:,} uids in the subset were not found in the input", quiet)
     return result
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    """A file's identity for the work directory's plan: path, size, modification time."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 def _input_shards(root: Path, num_shards: int | None, first: int, fmt: str, quiet: bool) -> list[Path]:
@@ -170,7 +192,7 @@ def _prepare_output(out: Path, overwrite: bool, input_dir: Path, subset_file: st
         formats = {(old.get("output_shard_format") or output_shard_format),
                    ((old.get("args") or {}).get("output_shard_stats_format") or output_shard_stats_format)}
         for p in out.iterdir():
-            if p.name == WORK_DIR and p.is_dir():
+            if p.name == WORK_DIR and p.is_dir() and not is_ours(p):  # ours is kept: the shards it indexed
                 shutil.rmtree(p)
             elif p.name in ("meta.json", "sample_ids.npy") or _numbered(p.name, formats):
                 p.unlink()
@@ -203,17 +225,10 @@ def _is_npy(path: str | os.PathLike) -> bool:
 
 # ---- pass 1: index -------------------------------------------------------------------------------
 
-def _init_worker(work: str) -> None:
-    global _SUBSET
-    _SUBSET = (np.load(Path(work) / "subset_unique.npy", mmap_mode="r"),
-               np.load(Path(work) / "subset_counts.npy", mmap_mode="r"))
-
-
-def _index_shard(job: tuple[int, str, str]) -> dict:
-    """Scan one input tar; save the byte ranges of its subset samples to `{work}/{i}.npz`."""
-    i, path, work = job
-    assert _SUBSET is not None
-    unique, counts = _SUBSET
+def _index_shard(i: int, path: str, subset_dir: str) -> dict[str, np.ndarray]:
+    """Scan one input tar: the byte ranges of its subset samples, and its counters (`info`, JSON)."""
+    unique = np.load(Path(subset_dir) / "unique.npy", mmap_mode="r")  # mapped: cheap per task and per process
+    counts = np.load(Path(subset_dir) / "counts.npy", mmap_mode="r")
     keys, uid_strs, members, error = [], [], [], None
     name = os.path.basename(path)
     try:
@@ -242,28 +257,25 @@ def _index_shard(job: tuple[int, str, str]) -> dict:
             off.append(o)
             size.append(s)
         ptr[j + 1] = len(ext)
-    np.savez(Path(work) / f"{i}.npz", uids=uids[rows], copies=copies, ptr=ptr,
-             ext=np.array(ext, dtype=str), offset=np.array(off, dtype=np.int64), size=np.array(size, dtype=np.int64))
-    return {"i": i, "path": path, "samples": len(uids), "matched": len(rows), "copies": int(copies.sum()),
-            "error": error, "index": str(Path(work) / f"{i}.npz")}
+    info = {"i": i, "path": path, "samples": len(uids), "matched": len(rows), "copies": int(copies.sum()),
+            "error": error}
+    return {"uids": uids[rows], "copies": copies, "ptr": ptr, "ext": np.array(ext, dtype=str),
+            "offset": np.array(off, dtype=np.int64), "size": np.array(size, dtype=np.int64),
+            "info": np.array(json.dumps(info))}
 
 
-def _run_index(inputs: list[Path], work: Path, workers: int, quiet: bool) -> list[dict]:
-    jobs = [(i, str(p), str(work)) for i, p in enumerate(inputs)]
-    bar = tqdm(total=len(jobs), desc="reshard: index", unit="shard", disable=quiet)
-    if workers == 1 or len(jobs) == 1:
-        _init_worker(str(work))
-        results = []
-        for job in jobs:
-            results.append(_index_shard(job))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_init_worker, initargs=(str(work),)) as pool:
-            results = []
-            for r in pool.map(_index_shard, jobs):
-                results.append(r)
-                bar.update()
-    bar.close()
+def _run_index(inputs: list[Path], work: WorkDir, runner, quiet: bool) -> list[dict]:
+    """Index every input shard (those a Ctrl-C'd run finished are reused); their counters, in input order."""
+    subset_dir = str(work.path("subset"))
+    todo = [(i, str(p), subset_dir) for i, p in enumerate(inputs) if not work.has("index", str(i))]
+    with tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="reshard: index", unit="shard",
+              disable=quiet) as bar:
+        runner.map(_index_shard, todo, "reshard: index", quiet=True,
+                   on_result=lambda k, arrays: (work.save("index", str(todo[k][0]), arrays), bar.update()))
+    results = []
+    for i in range(len(inputs)):
+        info = json.loads(str(work.read("index", str(i), "info")))
+        results.append({**info, "index": str(work.path("index", f"{i}.npz"))})
     return results
 
 
@@ -281,7 +293,7 @@ def _count_found(index: list[dict]) -> int:
 
 # ---- pass 2: write -------------------------------------------------------------------------------
 
-def _write_shard(job: tuple) -> int:
+def _write_shard(job: tuple) -> int:  # a module-level function: it runs in another process
     """Write output shard `o` = positions [lo, hi) of the matched sequence."""
     o, lo, hi, pieces, out_tar, out_stats = job
     written = 0
@@ -311,7 +323,7 @@ def _write_shard(job: tuple) -> int:
 
 
 def _run_write(index: list[dict], copies: np.ndarray, out: Path, shard_size: int, fmt: str, stats_fmt: str,
-               n_out: int, workers: int, quiet: bool) -> None:
+               n_out: int, runner, quiet: bool) -> None:
     starts = np.concatenate([[0], np.cumsum(copies)])
     jobs = []
     for o in range(n_out):
@@ -322,15 +334,9 @@ def _run_write(index: list[dict], copies: np.ndarray, out: Path, shard_size: int
             if a < b:
                 pieces.append((r["path"], r["index"], a - int(starts[k]), b - int(starts[k])))
         jobs.append((o, lo, hi, pieces, str(out / fmt.format(o)), str(out / stats_fmt.format(o))))
-    bar = tqdm(total=int(starts[-1]), desc="reshard: write", unit="sample", disable=quiet)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            bar.update(_write_shard(job))
-    else:
-        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-            for n in pool.map(_write_shard, jobs):
-                bar.update(n)
-    bar.close()
+    with tqdm(total=int(starts[-1]), desc="reshard: write", unit="sample", disable=quiet) as bar:
+        runner.map(_write_shard, [(job,) for job in jobs], "reshard: write", quiet=True,
+                   on_result=lambda _, n: bar.update(n))
 
 
 def _warn(msg: str, quiet: bool) -> None:

@@ -204,17 +204,21 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
           data_weights: str | None = None, report_to_wandb: bool = False, wandb_project_name: str = "datanet",
           imagenet_val: str | None = None, batch_size: int | None = None, learning_rate: float | None = None,
           train_num_samples: int | None = None, warmup: int | None = None, quiet: bool = False,
-          progress: bool = False) -> TrainResult:
+          progress: bool = False, model: str | None = None, model_config: str | os.PathLike | None = None,
+          progress_desc: str | None = None, log_path: str | os.PathLike | None = None) -> TrainResult:
     """Train a CLIP model on the shards in `data_dir` at a DataComp scale; resumes from `epoch_latest.pt`.
 
     Defaults follow DataComp (amp, 4 workers, 5 checkpoints); without a GPU precision is fp32.
     `batch_size`, `learning_rate`, `train_num_samples` (samples seen) and `warmup` override the scale.
     `progress`: instead of open_clip_train's log lines (still in `out.log`), a bar of the samples seen and
-    the epoch on stderr (none when `quiet`).
+    the epoch on stderr (none when `quiet`), named `progress_desc` (default `train {exp_name}`), with
+    open_clip_train's output also kept in `log_path` when given.
+    `model` overrides the scale's model; `model_config`, a local open_clip model JSON registered for it
+    (its file stem is the model name: e.g. minicomp's teacher).
     """
     start = time.time()
     cfg = scale_config(scale, batch_size=batch_size, learning_rate=learning_rate,
-                       train_num_samples=train_num_samples, warmup=warmup)
+                       train_num_samples=train_num_samples, warmup=warmup, model=model)
     data_dir, output_dir = str(data_dir), str(output_dir)
     if exp_name is None:
         exp_name = f"{Path(data_dir.split('::')[0]).name}_{scale}_seed_{seed}"
@@ -234,12 +238,16 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
                       grad_checkpointing=scale != "tiny")
     exp_dir = Path(output_dir) / exp_name
     exp_dir.mkdir(parents=True, exist_ok=True)
-    model_config = CUSTOM_MODELS.get(cfg["model"])
     env = dict(os.environ)
-    if model_config is not None:
-        cfg_path = exp_dir / f"{cfg['model']}.json"
-        save_json(cfg_path, model_config)
-        env["VARALIGN_MODEL_CONFIG"] = str(cfg_path)
+    if model_config is not None:  # the caller's model JSON, registered as it is
+        env["VARALIGN_MODEL_CONFIG"] = str(model_config)
+        model_config = json.loads(Path(model_config).read_text())
+    else:
+        model_config = CUSTOM_MODELS.get(cfg["model"])
+        if model_config is not None:
+            cfg_path = exp_dir / f"{cfg['model']}.json"
+            save_json(cfg_path, model_config)
+            env["VARALIGN_MODEL_CONFIG"] = str(cfg_path)
     entry = ["-m", "varalign.experiment.openclip_entry"]
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1
            else [sys.executable]) + entry + args
@@ -248,7 +256,8 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
               f"batch {cfg['batch_size']} -> {exp_dir}", file=sys.stderr)
     if progress:
         returncode, tail = run_with_progress(cmd, env, total=int(cfg["train_num_samples"]), epochs=num_checkpoints,
-                                             desc=f"train {exp_name}", quiet=quiet)
+                                             desc=progress_desc or f"train {exp_name}",
+                                             log_path=Path(log_path) if log_path is not None else None, quiet=quiet)
         tail = tail[-1:]
     else:
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None,

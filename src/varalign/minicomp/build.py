@@ -10,7 +10,11 @@ Layout of the build directory:
   `minicomp_retrieval/`)
 - `files/variance/variance_downstream.npy`: VAS target from the downstream training splits;
   `files/normsim_downstream/`: their teacher image features, a NormSim `--proxy_path`
-- `minicomp.json`: configuration, counts per noise kind, times
+- `minicomp.json`: configuration, counts per noise kind, times (written last: the build is complete)
+
+A build resumes through its work directory (`.build-work`, `workdir.Steps`): each stage (pool shards,
+tasks, teacher, pool metadata, targets) is a step recorded with its output files; a killed build redoes
+only the stages it had not finished. The teacher trains through `experiment.train` (open_clip_train).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from tqdm import tqdm
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 from ..pool import ARCHS
+from ..workdir import Steps, WorkDir, digest
 from . import captions as cap
 from .sources import SIZE, Source, load_sources
 
 MANIFEST = "minicomp.json"
+WORK_DIR = ".build-work"
 TEACHER_NAME = "varalign-minicomp-teacher"
 LABEL_COLUMNS = ("label_caption_kind", "label_image_kind", "label_class", "label_source", "label_language")
 CAPTION_KINDS = ("aligned", "wrong_class", "uninformative", "non_english")
@@ -340,51 +346,34 @@ def task_dirs(eval_dir: Path, sources: list[Source]) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------- teacher
 
 def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path, quiet: bool = True) -> Path:
-    """Train (or reuse) the teacher CLIP on the sources' clean `teacher` splits; returns its checkpoint.
-    Unless `quiet`, progress bars on stderr (shards written; samples seen by the teacher, with an estimate)."""
-    from ..experiment.train import build_args, run_with_progress
+    """Train the teacher CLIP on the sources' clean `teacher` splits with `experiment.train` (open_clip_train;
+    the run in `root/run`, its output in `root/train.log`); returns its checkpoint. Unless `quiet`, progress
+    bars on stderr (shards written; samples seen by the teacher, with an estimate)."""
+    from ..experiment.train import train
 
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / f"{TEACHER_NAME}.json"
-    identity = {"model_config": teacher_config(cfg.arch), "seed": cfg.seed, "samples": cfg.teacher_samples,
-                "batch": cfg.teacher_batch, "lr": cfg.teacher_lr, "checkpoints": cfg.teacher_checkpoints,
-                "sources": [s.name for s in sources], "p_attribute": cfg.p_attribute, "captions": 2}
-    ckpt = root / "run" / "checkpoints" / f"epoch_{cfg.teacher_checkpoints}.pt"
-    id_path = root / "teacher.json"
-    if ckpt.exists() and id_path.exists() and json.loads(id_path.read_text()).get("identity") == identity:
-        return ckpt
     for p in (root / "run", root / "shards"):
         shutil.rmtree(p, ignore_errors=True)
-    save_json(config_path, identity["model_config"])
+    save_json(config_path, teacher_config(cfg.arch))
     write_shards(_clean_samples(sources, "teacher", cfg.seed, "teacher", p_attribute=cfg.p_attribute),
                  root / "shards", 2000, desc=None if quiet else "teacher shards")
-    gpu = _has_gpu()
-    train_cfg = {"model": TEACHER_NAME, "batch_size": cfg.teacher_batch, "learning_rate": cfg.teacher_lr,
-                 "train_num_samples": cfg.teacher_samples, "warmup": max(1, min(100, cfg.teacher_samples
-                                                                              // cfg.teacher_batch // 10))}
-    args = build_args("tiny", str(root / "shards"), str(root), "run", cfg=train_cfg,
-                      num_checkpoints=cfg.teacher_checkpoints, workers=1, precision="amp" if gpu else "fp32",
-                      seed=cfg.seed, resume=None, log_every_n_steps=10, grad_checkpointing=False)
-    env = {**os.environ, "VARALIGN_MODEL_CONFIG": str(config_path)}
-    cmd = [sys.executable, "-m", "varalign.experiment.openclip_entry", *args]
     log_path = root / "train.log"  # open_clip_train's own log is run/out.log; this keeps stdout/stderr
-    # the bar moves with open_clip_train's log lines (every 10 steps: log_every_n_steps above), which
-    # change nothing in the training
-    returncode, tail = run_with_progress(cmd, env, total=cfg.teacher_samples, epochs=cfg.teacher_checkpoints,
-                                         desc="teacher CLIP", log_path=log_path, quiet=quiet)
-    if returncode != 0 or not ckpt.exists():
-        last = tail[-1][:300] if tail else ""
-        raise VaralignError(f"teacher training failed (exit code {returncode}): {last}", log_path)
-    save_json(id_path, {"identity": identity, "checkpoint": str(ckpt), "model_config": str(config_path)})
-    return ckpt
-
-
-def _has_gpu() -> bool:
     try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+        # the bar moves with open_clip_train's log lines (every 10 steps), which change nothing in the training
+        result = train("tiny", root / "shards", root, "run", model=TEACHER_NAME, model_config=config_path,
+                       batch_size=cfg.teacher_batch, learning_rate=cfg.teacher_lr,
+                       train_num_samples=cfg.teacher_samples,
+                       warmup=max(1, min(100, cfg.teacher_samples // cfg.teacher_batch // 10)),
+                       num_checkpoints=cfg.teacher_checkpoints, workers=1, seed=cfg.seed, resume=None,
+                       nproc_per_node=1, log_every_n_steps=10, quiet=quiet, progress=True,
+                       progress_desc="teacher CLIP", log_path=log_path)
+    except VaralignError as exc:
+        raise VaralignError(f"teacher training failed: {exc}", log_path) from None
+    ckpt = root / "run" / "checkpoints" / f"epoch_{cfg.teacher_checkpoints}.pt"
+    if Path(result.checkpoint) != ckpt:
+        raise VaralignError("teacher training finished without its last checkpoint", log_path)
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------- labels
@@ -406,6 +395,15 @@ def add_labels(metadata_dir: Path, labels: dict[str, dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- build
+
+def finished(build_dir: str | os.PathLike) -> dict | None:
+    """The manifest of the finished build in `build_dir`, or None (none there, unreadable, or unfinished)."""
+    try:
+        manifest = json.loads((Path(build_dir) / MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("complete") else None
+
 
 def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, overwrite: bool = False,
           quiet: bool = False) -> BuildResult:
@@ -433,6 +431,8 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
         elif old.get("complete"):
             return BuildResult(**old["result"])
     root.mkdir(parents=True, exist_ok=True)
+    work = WorkDir(root / WORK_DIR, digest("minicomp build", ident))
+    steps = Steps(work)
     times: dict[str, float] = {}
 
     def log(msg: str) -> None:
@@ -445,55 +445,68 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
     log(f"sources: {', '.join(f'{s.name} ({len(s.images):,} images)' for s in sources)}")
     samples = generate_pool(sources, cfg, quiet=quiet)
     shards_dir = root / "shards"
-    if shards_dir.exists():
-        shutil.rmtree(shards_dir)
-    write_shards(samples, shards_dir, cfg.shard_size, desc=None if quiet else "pool shards")
-    times["pool_shards"] = round(time.time() - t, 1)
+
+    def pool_shards() -> list[Path]:
+        if shards_dir.exists():
+            shutil.rmtree(shards_dir)
+        write_shards(samples, shards_dir, cfg.shard_size, desc=None if quiet else "pool shards")
+        return sorted(shards_dir.iterdir())
+
+    _step(steps, "pool_shards", times, pool_shards, t)
     log(f"wrote {len(samples):,} pool samples in {times['pool_shards']} s")
 
-    t = time.time()
     eval_dir = root / "eval"
     dirs = task_dirs(eval_dir, sources)
-    task_sizes = {}
-    for src in sources:
-        name = "mnist" if src.name == "digits" else f"minicomp_{src.name}"
-        task_sizes[name] = write_classification_task(dirs[name], src)
-    task_sizes["minicomp_retrieval"] = write_retrieval_task(dirs["minicomp_retrieval"], sources, cfg.seed)
-    times["eval_tasks"] = round(time.time() - t, 1)
+    task_sizes: dict[str, int] = {}
 
-    t = time.time()
+    def eval_tasks() -> list[Path]:
+        for src in sources:
+            name = "mnist" if src.name == "digits" else f"minicomp_{src.name}"
+            task_sizes[name] = write_classification_task(dirs[name], src)
+        task_sizes["minicomp_retrieval"] = write_retrieval_task(dirs["minicomp_retrieval"], sources, cfg.seed)
+        return [d / "test" / "0.tar" for d in dirs.values()]
+
+    task_sizes.update(_step(steps, "eval_tasks", times, eval_tasks, info=lambda: task_sizes))
+
     log(f"training the teacher CLIP ({cfg.teacher_samples:,} samples seen; most of the build)")
-    ckpt = train_teacher(sources, cfg, root / "teacher", quiet=quiet)
-    times["teacher"] = round(time.time() - t, 1)
-    log(f"teacher trained in {times['teacher']} s")
     teacher_cfg = root / "teacher" / f"{TEACHER_NAME}.json"
+    ckpt = root / "teacher" / "run" / "checkpoints" / f"epoch_{cfg.teacher_checkpoints}.pt"
+    _step(steps, "teacher", times, lambda: [train_teacher(sources, cfg, root / "teacher", quiet=quiet), teacher_cfg])
+    log(f"teacher trained in {times['teacher']} s")
 
-    t = time.time()
     metadata = root / "metadata"
-    log("embedding the pool with the teacher")
-    embed([shards_dir], metadata, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch,
-          batch_size=512, num_workers=2, overwrite=True, quiet=quiet)
-    add_labels(metadata, {s["uid"]: {c: s[c] for c in LABEL_COLUMNS} for s in samples})
-    times["embed_pool"] = round(time.time() - t, 1)
+
+    def pool_metadata() -> list[Path]:
+        log("embedding the pool with the teacher")
+        embed([shards_dir], metadata, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch,
+              batch_size=512, num_workers=2, overwrite=True, quiet=quiet)
+        add_labels(metadata, {s["uid"]: {c: s[c] for c in LABEL_COLUMNS} for s in samples})
+        return sorted(metadata.iterdir())
+
+    _step(steps, "embed_pool", times, pool_metadata)
     log(f"pool embedded in {times['embed_pool']} s")
 
-    t = time.time()
     files = root / "files"
-    ds_shards = root / "teacher" / "downstream_train_shards"
-    shutil.rmtree(ds_shards, ignore_errors=True)
-    log("the VAS and NormSim targets: embedding the downstream training split")
-    write_shards(_clean_samples(sources, "downstream_train", cfg.seed, "downstream", p_attribute=cfg.p_attribute),
-                 ds_shards, 5000, desc=None if quiet else "downstream shards")
-    ds_meta = files / "downstream_train_metadata"
-    embed([ds_shards], ds_meta, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch, batch_size=512,
-          num_workers=2, overwrite=True, quiet=quiet)
     target = files / "variance" / "variance_downstream.npy"
-    build_target([ds_meta], target, arch=cfg.arch, quiet=quiet)
     normsim_dir = files / "normsim_downstream"
-    normsim_dir.mkdir(parents=True, exist_ok=True)
-    feats = [np.load(p)[f"{cfg.arch}_img"].astype(np.float32) for p in sorted(ds_meta.glob("*.npz"))]
-    np.save(normsim_dir / "train_features.npy", np.concatenate(feats))
-    times["targets"] = round(time.time() - t, 1)
+
+    def targets() -> list[Path]:
+        ds_shards = root / "teacher" / "downstream_train_shards"
+        shutil.rmtree(ds_shards, ignore_errors=True)
+        log("the VAS and NormSim targets: embedding the downstream training split")
+        write_shards(_clean_samples(sources, "downstream_train", cfg.seed, "downstream",
+                                    p_attribute=cfg.p_attribute),
+                     ds_shards, 5000, desc=None if quiet else "downstream shards")
+        ds_meta = files / "downstream_train_metadata"
+        embed([ds_shards], ds_meta, model_config=teacher_cfg, pretrained=str(ckpt), arch=cfg.arch, batch_size=512,
+              num_workers=2, overwrite=True, quiet=quiet)
+        build_target([ds_meta], target, arch=cfg.arch, quiet=quiet)
+        normsim_dir.mkdir(parents=True, exist_ok=True)
+        feats = [np.load(p)[f"{cfg.arch}_img"].astype(np.float32) for p in sorted(ds_meta.glob("*.npz"))]
+        np.save(normsim_dir / "train_features.npy", np.concatenate(feats))
+        return [target, normsim_dir / "train_features.npy"]
+
+    _step(steps, "targets", times, targets)
 
     counts = {col: _count(samples, col) for col in LABEL_COLUMNS}
     counts["pool"] = len(samples)
@@ -505,8 +518,26 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
                          str(ckpt), counts, times)
     save_json(manifest_path, {"tool": "varalign minicomp build", "config": ident, "complete": True,
                               "sources": [s.name for s in sources], "result": asdict(result)})
+    work.remove()  # the manifest now says the build is complete
     log(f"done in {times['total']} s: metadata {metadata}, eval tasks {eval_dir}, VAS target {target}")
     return result
+
+
+def _step(steps: Steps, name: str, times: dict[str, float], run, start: float | None = None,
+          info=None) -> dict:
+    """Stage `name` of the build: `run()` (returning its output files) unless a killed build finished it;
+    its time in `times[name]` (from `start`, default now; a reused stage keeps the time it took). Returns the
+    stage's `info()` (recorded with it), or the recorded one when reused."""
+    t = time.time() if start is None else start
+    done = steps.done(name)
+    if done is not None:
+        times[name] = done["seconds"]
+        return done.get("info", {})
+    files = run()
+    times[name] = round(time.time() - t, 1)
+    extra = info() if info is not None else {}
+    steps.finish(name, files, {"seconds": times[name], "info": extra})
+    return extra
 
 
 def _count(samples: list[dict], col: str) -> dict[str, int]:

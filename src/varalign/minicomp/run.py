@@ -6,13 +6,15 @@ Writes `{run_dir}/subsets/{method}.npy`, `{run_dir}/shards/{method}/`, `{run_dir
 main metric per method, and the share of each hidden noise kind (`label_*`) that each method kept.
 A method whose inputs are missing here (fastText model for `basic_filter`, centroids for `image_based`) is
 reported as skipped with the reason, never silently dropped.
+
+The loop is the experiment loop's (`experiment.experiment.Loop`, layout `shards/` and `train/` under the run
+directory): each selection, reshard, training and evaluation is a step of its work directory, reused on
+a re-run with the same build and settings. `varalign demo` is a front of this module and of `build`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 from ..uids import hex_to_uids, isin_sorted, load_subset, save_subset, sort_uids
-from .build import LABEL_COLUMNS, MANIFEST
+from .build import CAPTION_KINDS, IMAGE_KINDS, LABEL_COLUMNS, finished
 from .plot import write_plot
 
 # method -> filter_pool options ({target}, {normsim}, {files} filled in); `random` is drawn here
@@ -37,6 +39,17 @@ METHODS: dict[str, dict] = {
     "negcliploss_normsim": {"name": "negcliploss", "fraction": 0.45, "fraction_vas": 0.3, "proxy_path": "{normsim}"},
     "basic_filter": {"name": "basic_filter"},
     "image_based": {"name": "image_based"},
+}
+DESCRIPTIONS = {
+    "no_filter": "everything",
+    "random_30": "random 30%",
+    "clip_score_30": "CLIP score top 30%",
+    "vas_clip_score": "CLIP score top 45%, then VAS (downstream target) top 30% of the pool",
+    "vas_d_clip_score": "CLIP score top 45%, then VAS-D (10 rounds) top 30%",
+    "negcliploss_30": "negCLIPLoss top 30%",
+    "negcliploss_normsim": "negCLIPLoss top 45%, then NormSim-inf (downstream features) top 30%",
+    "basic_filter": "DataComp's basic rules: English caption, length, image size and aspect ratio",
+    "image_based": "DataComp's image_based: pool clusters nearest to the downstream features",
 }
 
 
@@ -53,6 +66,20 @@ def pool_labels(metadata_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return np.concatenate(uids), {c: np.array(v) for c, v in labels.items()}
 
 
+def kept_share(pool_uids: np.ndarray, labels: dict[str, np.ndarray], kept: np.ndarray) -> dict[str, dict[str, float]]:
+    """{label column: {kind: share of the pool's samples of that kind that the subset `kept`}}, for the caption
+    and image kinds (every kind of CAPTION_KINDS/IMAGE_KINDS, then any other; NaN for a kind absent here)."""
+    mask = isin_sorted(pool_uids, kept)
+    out: dict[str, dict[str, float]] = {}
+    for col, kinds in (("label_caption_kind", CAPTION_KINDS), ("label_image_kind", IMAGE_KINDS)):
+        present = set(labels[col].tolist())
+        out[col] = {}
+        for k in (*kinds, *sorted(present - set(kinds))):
+            sel = labels[col] == k
+            out[col][k] = float(mask[sel].mean()) if sel.any() else float("nan")
+    return out
+
+
 def filter_options(method: str, build_dir: Path, arch: str) -> tuple[str, dict]:
     """`method`'s `filter_pool` name and options on the build in `build_dir` (its targets filled in)."""
     opts = dict(METHODS[method])
@@ -65,8 +92,9 @@ def filter_options(method: str, build_dir: Path, arch: str) -> tuple[str, dict]:
     return name, opts
 
 
-def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: str = "l14") -> int:
-    """Write `method`'s subset of the pool to `save_path`; returns its size."""
+def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: str = "l14", **options):
+    """Write `method`'s subset of the pool to `save_path`; returns filter_pool's result (`random_30`, drawn
+    here: None) and the subset's size. `options`: more filter_pool options (`save_scores`, `num_workers`)."""
     from ..engine import filter_pool
 
     name, opts = filter_options(method, build_dir, arch)
@@ -76,12 +104,20 @@ def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: s
         rng = np.random.default_rng([seed, 7])
         pick = uids[rng.permutation(len(uids))[: int(len(uids) * opts["fraction"])]]
         save_subset(save_path, sort_uids(pick))
-        return len(pick)
+        return None, len(pick)
     if name == "image_based":
         opts = {"recipe": str(_image_based_recipe(build_dir, save_path.parent))}
         name = None
-    r = filter_pool(metadata, save_path, name=name, num_workers=1, quiet=True, **opts)
-    return len(r.uids)
+    r = filter_pool(metadata, save_path, name=name, quiet=True, **opts, **options)
+    return r, len(r.uids)
+
+
+def _select_once(method: str, build_dir: Path, sub: Path, arch: str) -> tuple[list[Path], dict]:
+    """The select step: `method`'s subset, unless one is there already (`varalign demo` writes its subsets with
+    this same `select`, with their scores, before `--train` runs this loop in its folder)."""
+    if not sub.exists():
+        select(method, build_dir, sub, arch=arch, num_workers=1)
+    return [sub], {"samples": int(len(load_subset(sub)))}
 
 
 def _image_based_recipe(build_dir: Path, out_dir: Path) -> Path:
@@ -104,27 +140,27 @@ def _image_based_recipe(build_dir: Path, out_dir: Path) -> Path:
     return recipe
 
 
-def _evaluate(exp_dir: Path, eval_dir: Path) -> dict[str, float]:
+def _evaluate(exp_dir: Path, eval_dir: Path) -> tuple[list[Path], dict[str, float]]:
     """Every task folder of the build's `eval/` through `varalign evaluate`'s custom tasks (`mnist` is
-    DataComp's key; the `minicomp_*` folders are custom tasks); {task: main metric}."""
+    DataComp's key; the `minicomp_*` folders are custom tasks); its file and {task: main metric}."""
     from ..experiment.evaluate import evaluate
 
     report = evaluate(exp_dir, tasks_dir=eval_dir, batch_size=256, quiet=True)
     save_json(exp_dir / "minicomp_eval.json", report.main_metrics)
-    return report.main_metrics
+    return [exp_dir / "minicomp_eval.json"], report.main_metrics
 
 
 def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: list[str] | None = None,
         seeds: list[int] | None = None, train_num_samples: int = 12_800, batch_size: int = 64,
         quiet: bool = False) -> dict:
     """Run every method (default: all of METHODS) over `seeds` (default [0]); returns the results dict."""
-    from ..experiment.reshard import reshard
-    from ..experiment.train import train
+    from ..experiment.experiment import Loop
 
     build_dir, run_dir = Path(build_dir), Path(run_dir)
-    if not (build_dir / MANIFEST).exists() or not json.loads((build_dir / MANIFEST).read_text()).get("complete"):
+    manifest = finished(build_dir)
+    if manifest is None:
         raise VaralignError("not a finished `varalign minicomp build` directory", build_dir)
-    arch = json.loads((build_dir / MANIFEST).read_text())["config"]["arch"]
+    arch = manifest["config"]["arch"]
     methods = methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -132,6 +168,9 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
     seeds = seeds or [0]
     pool_uids, labels = pool_labels(build_dir / "metadata")
     results: dict = {"methods": {}, "skipped": {}, "train_num_samples": train_num_samples, "seeds": seeds}
+    build_id = manifest["config"]
+    train_options = {"train_num_samples": train_num_samples, "batch_size": batch_size, "num_checkpoints": 1,
+                     "log_every_n_steps": 10, "progress": True}
 
     def log(msg: str) -> None:
         if not quiet:
@@ -139,54 +178,49 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
 
     # one step per (method, seed): filter, reshard, train, evaluate; finished ones are reused
     bar = tqdm(total=len(methods) * len(seeds), desc="minicomp run", unit="run", disable=quiet, file=sys.stderr)
-    for method in methods:
-        bar.set_postfix_str(method)
-        sub = run_dir / "subsets" / f"{method}.npy"
-        try:
-            if not sub.exists():
-                select(method, build_dir, sub, arch=arch)
-        except VaralignError as exc:
-            results["skipped"][method] = str(exc)
-            log(f"{method}: skipped ({exc})")
-            bar.update(len(seeds))
-            continue
-        kept = load_subset(sub)
-        mask = isin_sorted(pool_uids, kept)
-        kept_share = {c: {v: round(float(mask[labels[c] == v].mean()), 4) for v in sorted(set(labels[c]))}
-                      for c in ("label_caption_kind", "label_image_kind")}
-        shard_dir = run_dir / "shards" / method
-        if method == "no_filter":
-            data_dir = build_dir / "shards"
-        else:
-            data_dir = shard_dir
-            if not (shard_dir / "meta.json").exists():
-                reshard(build_dir / "shards", shard_dir, sub, num_workers=1, overwrite=True, quiet=True)
-        per_seed = []
-        for seed in seeds:
-            exp = f"{method}_seed_{seed}"
-            exp_dir = run_dir / "train" / exp
-            eval_path = exp_dir / "minicomp_eval.json"
-            if eval_path.exists():
-                per_seed.append(json.loads(eval_path.read_text()))
-                bar.update()
+    with Loop(run_dir, build_dir / "shards", runs_dir="train", num_workers=1, overwrite=True, quiet=True) as loop:
+        for method in methods:
+            bar.set_postfix_str(method)
+            sub = run_dir / "subsets" / f"{method}.npy"
+            try:
+                loop.step("select", method, ["select", build_id, METHODS[method]],
+                          lambda m=method, sub=sub: _select_once(m, build_dir, sub, arch))
+            except VaralignError as exc:
+                results["skipped"][method] = str(exc)
+                log(f"{method}: skipped ({exc})")
+                bar.update(len(seeds))
                 continue
-            t = time.time()
-            if not (exp_dir / "info.json").exists():
-                shutil.rmtree(exp_dir, ignore_errors=True)
-                # progress: a bar of the samples seen, moved by open_clip_train's log line every 10 steps
-                train("tiny", str(data_dir), run_dir / "train", exp, seed=seed, train_num_samples=train_num_samples,
-                      batch_size=batch_size, num_checkpoints=1, log_every_n_steps=10, quiet=quiet, progress=True)
-            bar.set_postfix_str(f"{method}: evaluating")
-            per_seed.append(_evaluate(exp_dir, build_dir / "eval"))
-            log(f"{exp}: {len(kept):,} samples, {per_seed[-1]} ({time.time() - t:.0f} s)")
-            bar.update()
-        tasks = sorted(per_seed[0])
-        results["methods"][method] = {
-            "samples": int(len(kept)),
-            "metrics": {k: {"mean": float(np.mean([s[k] for s in per_seed])),
-                            "std": float(np.std([s[k] for s in per_seed]))} for k in tasks},
-            "kept_share": kept_share,
-        }
+            kept = load_subset(sub)
+            share = kept_share(pool_uids, labels, kept)
+            data_dir, _ = loop.data(sub, method)
+            per_seed = []
+            for seed in seeds:
+                exp = f"{method}_seed_{seed}"
+                t = time.time()
+                evaluated = True
+
+                def train_and_evaluate(exp=exp, data_dir=data_dir, seed=seed, method=method) -> tuple[list[Path], dict]:
+                    nonlocal evaluated
+                    evaluated = False
+                    # progress: a bar of the samples seen, moved by open_clip_train's log line every 10 steps
+                    exp_dir = loop.train(exp, "tiny", data_dir, seed, {**train_options, "quiet": quiet})
+                    bar.set_postfix_str(f"{method}: evaluating")
+                    return _evaluate(exp_dir, build_dir / "eval")
+
+                per_seed.append(loop.step("evaluate", exp, ["evaluate", build_id, exp, train_options],
+                                          train_and_evaluate))
+                if not evaluated:
+                    log(f"{exp}: {len(kept):,} samples, {per_seed[-1]} ({time.time() - t:.0f} s)")
+                bar.update()
+            tasks = sorted(per_seed[0])
+            results["methods"][method] = {
+                "samples": int(len(kept)),
+                "metrics": {k: {"mean": float(np.mean([s[k] for s in per_seed])),
+                                "std": float(np.std([s[k] for s in per_seed]))} for k in tasks},
+                # the kinds present in the pool, sorted (NaN: a kind the pool has none of)
+                "kept_share": {c: {k: round(v, 4) for k, v in sorted(kinds.items()) if v == v}
+                               for c, kinds in share.items()},
+            }
     bar.close()
     save_json(run_dir / "results.json", results)
     with atomic_path(run_dir / "results.md", ".md") as tmp:
