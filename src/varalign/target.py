@@ -80,8 +80,8 @@ class SecondMoment:
     """Streaming uncentered second moment: sum of f f^T in float64, divided by the row count.
 
     On a torch `device` the float32 products of each 8,192-row chunk run there (as `gram64` does them on
-    the CPU) and are summed in float64 on the host; device memory: one block of rows in float32 + D² ·
-    4 bytes (a 65,536-row block at D = 768: 200 MB)."""
+    the CPU) and are summed in float64 on the host; device memory: those rows in float32 and the D × D
+    product (30 MB at D = 768)."""
 
     def __init__(self, dim: int | None = None, device: str = "cpu") -> None:
         self.dim = dim
