@@ -522,7 +522,7 @@ class DeviceMatrix:
             pos += len(c)
         if pos != rows:
             raise ValueError(f"matrix source gave {pos} rows, expected {rows}")
-        return cls(torch, dev, source, half if other is None else other, split)
+        return cls(torch, dev, None, half if other is None else other, split)  # the host rows are not kept
 
     @classmethod
     def of_tensor(cls, torch, dev, rows) -> DeviceMatrix:
@@ -562,17 +562,23 @@ _CACHE: dict[tuple[str, str], tuple[Any, DeviceMatrix]] = {}
 
 
 def cached_matrix(owner: object, name: str, device: str, make: Callable[[], DeviceMatrix]) -> DeviceMatrix:
-    """`make()` once per `owner` (e.g. a NormSim target, a centroid array) and device in this process: one
-    matrix per `name` and device stays on the device until another owner's replaces it (or
-    `release_device_matrices()`), so the shards of a run share one copy."""
+    """`make()` once per `owner` (e.g. a NormSim target, a centroid array) and device in this process, so
+    the shards of a run share one copy: one matrix per `name` and device, kept while its owner lives
+    (a resident matrix holds no reference to it) until another owner's replaces it, or
+    `release_device_matrices()`."""
     key = (device, name)
+
+    def forget(ref: weakref.ref, key: tuple[str, str] = key) -> None:
+        if _CACHE.get(key, (None,))[0] is ref:
+            _CACHE.pop(key, None)
+
     with on_device(device):
         hit = _CACHE.get(key)
         if hit is not None and hit[0]() is owner:
             return hit[1]
         _CACHE.pop(key, None)  # free the previous one first
         matrix = make()
-        _CACHE[key] = (weakref.ref(owner), matrix)
+        _CACHE[key] = (weakref.ref(owner, forget), matrix)
         return matrix
 
 
