@@ -177,7 +177,7 @@ def _read_subset(path: str | os.PathLike) -> np.ndarray:
 
 
 # -- sorted runs on disk: k-way merge in bounded memory ---------------------------------------------
-MERGE_BUDGET = 1 << 19  # uids read per merge step across all runs (8 MiB), whatever the pool size
+MERGE_BUDGET = 1 << 18  # uids read per merge step across all runs (4 MiB), whatever the pool size
 
 
 def save_run(path: str | os.PathLike, uids: np.ndarray) -> None:
@@ -192,31 +192,44 @@ def read_run(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
 
 def _count_at_most(run: np.ndarray, hi: np.uint64, lo: np.uint64) -> int:
     """How many uids of the sorted `run` are <= (hi, lo)."""
-    left = int(np.searchsorted(run["f0"], hi, side="left"))
-    right = int(np.searchsorted(run["f0"], hi, side="right"))
-    return left + int(np.searchsorted(run["f1"][left:right], lo, side="right"))
+    high = run["f0"]
+    left = int(high.searchsorted(hi, side="left"))
+    right = int(high.searchsorted(hi, side="right"))
+    return left + int(run["f1"][left:right].searchsorted(lo, side="right"))
 
 
-def merge_runs(paths: list[str], lengths: list[int],
-               budget: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Merge sorted run files; yield `(uids, run_index)` batches in ascending uid order.
+def merge_runs(paths: list[str], lengths: list[int] | np.ndarray, budget: int | None = None,
+               starts: list[int] | np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Merge sorted run files; yield `(uids, run_index)` batches in ascending uid order. Run r is
+    `lengths[r]` records of `paths[r]` from record `starts[r]` (default 0): several runs may share a file.
 
-    Each step reads the next `budget // runs` uids of every run, takes from each those <= the
-    smallest last-read uid, and sorts that batch (equal uids land in the same batch, ordered by run).
+    Each step reads the next `budget // runs` uids of every run and takes from each those <= the
+    smallest last-read uid of the runs that have more to read (a run read to its end bounds
+    nothing: without that rule every step would end at the smallest run maximum, one run per step,
+    and the merge would read every run once per run). The batch is sorted; equal uids land in the
+    same batch, ordered by run. Memory: about 4x the budget's uids (16 MiB), whatever the pool size.
     """
-    pos = np.zeros(len(paths), dtype=np.int64)
-    ends = np.asarray(lengths, dtype=np.int64)
+    base = np.zeros(len(paths), dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
+    pos = base.copy()
+    ends = base + np.asarray(lengths, dtype=np.int64)
     chunk = max(1, (budget or MERGE_BUDGET) // max(1, len(paths)))
     while True:
         live = np.flatnonzero(pos < ends)
         if not len(live):
             return
-        heads = [read_run(paths[r], int(pos[r]), int(min(pos[r] + chunk, ends[r]))) for r in live]
-        lasts = np.array([h[-1] for h in heads], dtype=UID_DTYPE)
-        bound = lasts[uid_order(lasts)[0]]
-        takes = [_count_at_most(h, bound["f0"], bound["f1"]) for h in heads]
+        stops = np.minimum(pos[live] + chunk, ends[live])
+        heads = [read_run(paths[r], int(pos[r]), int(stop)) for r, stop in zip(live.tolist(), stops.tolist(),
+                                                                               strict=True)]
+        more = np.flatnonzero(stops < ends[live])  # runs with uids beyond their head
+        if len(more):
+            lasts = np.concatenate([heads[j][-1:] for j in more.tolist()])
+            bound = lasts[uid_order(lasts)[0]]
+            takes = [_count_at_most(h, bound["f0"], bound["f1"]) for h in heads]
+        else:  # every run read to its end: the rest is this batch
+            takes = [len(h) for h in heads]
         pos[live] += takes
         batch = np.concatenate([h[:t] for h, t in zip(heads, takes, strict=True)])
+        del heads
         source = np.repeat(live.astype(np.int32), takes)
         order = uid_order(batch, source)
         yield batch[order], source[order]
@@ -239,7 +252,7 @@ def stream_subset(path: str | os.PathLike, total: int, batches: Iterable[np.ndar
     with open(path, "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
         for batch in batches:
-            fh.write(np.ascontiguousarray(batch, dtype=UID_DTYPE).tobytes())
+            fh.write(np.ascontiguousarray(batch, dtype=UID_DTYPE).view(np.uint8))  # the buffer, not a bytes copy
             written += len(batch)
     if written != total:
         raise RuntimeError(f"wrote {written} uids, expected {total}")

@@ -144,11 +144,12 @@ class Context:
         return state, save
 
     def put_array(self, kind: str, i: int, array: np.ndarray) -> None:
-        """Keep one per-shard array of this run (e.g. a --save_scores column) in the work directory."""
-        self.run.work.put_array(self._cols(), f"{self.shards[i].name}.{kind}", array)
+        """Keep shard i's array `kind` of this run, one value per row of the shard (e.g. a --save_scores
+        column), in the work directory (one flat file per kind: see `flat.py`)."""
+        self.run.put_array(f"{self._cols()}.{kind}", i, array)
 
     def get_array(self, kind: str, i: int) -> np.ndarray:
-        return self.run.work.get_array(self._cols(), f"{self.shards[i].name}.{kind}")
+        return self.run.get_array(f"{self._cols()}.{kind}", i)
 
     def add_column(self, name: str, column: Callable[[int], pa.Array]) -> None:
         """A --save_scores column: `column(i)` is shard i's values (one per row)."""

@@ -24,9 +24,10 @@ from ..errors import VaralignError
 from ..guard import check_paths, lock, lock_file_for, lock_outputs
 from ..methods import METHODS, NAMES, recipe_for_name
 from ..recipe import Recipe, list_presets, load_recipe, validate_recipe
-from ..uids import UID_DTYPE, merge_runs, save_run, sort_uids, stream_subset, uids_to_hex
+from ..uids import UID_DTYPE, sort_uids, stream_subset, uids_to_hex
 from ..workdir import WorkDir, digest, is_ours
 from .context import Mask
+from .flat import Appender
 from .options import FilterOptions, all_fields, check_options, run_option
 from .run import Run
 
@@ -205,9 +206,10 @@ class Job:
         run = self.run
         run.counts["selected"] = selected.total
         run.columns["selected"] = lambda i: pa.array(run.mask(selected, i))
+        runs = Appender(run.flat_path("selected.sorted_uids"), UID_DTYPE)  # each shard's selection, sorted
         for i in range(len(run.shards)):
-            save_run(run.run_path("selected", i), sort_uids(run.scan_array(i, "uids")[run.mask(selected, i)]))
-        runs = [run.run_path("selected", i) for i in range(len(run.shards))]
+            runs.add(sort_uids(run.scan_array(i, "uids")[run.mask(selected, i)]))
+        run.flats["selected"] = runs.close()
         result = FilterResult(np.empty(0, dtype=UID_DTYPE), run.counts, run.clock.laps, run.thresholds)
         # every output goes to a temp file first; they are renamed together only when all were written,
         # the manifest (with each output's size and SHA-256) last
@@ -218,7 +220,7 @@ class Job:
             result.scores_path = str(scores)
         if self.save_path is not None:
             with self.group.write(self.save_path) as tmp:
-                stream_subset(tmp, selected.total, (b for b, _ in merge_runs(runs, selected.counts)))
+                stream_subset(tmp, selected.total, (b for b, _ in run.runs("selected", selected.counts)))
             result.save_path = str(self.save_path)
             run.clock.lap("write")
         if self.group.outputs:
@@ -227,7 +229,7 @@ class Job:
         if self.save_path is not None:
             result.uids = open_subset(self.save_path)  # the saved file, mapped: not a copy in RAM
         else:
-            batches = [b for b, _ in merge_runs(runs, selected.counts)]
+            batches = [b for b, _ in run.runs("selected", selected.counts)]  # the result in memory: no file
             result.uids = np.concatenate(batches) if batches else np.empty(0, dtype=UID_DTYPE)
         return result
 

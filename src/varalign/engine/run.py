@@ -1,11 +1,14 @@
 """The engine: scan → stages → outputs. It names no method: a stage's method prepares a Score (a column
 per shard, cut by the stage's fraction or threshold) or a Selector (given a `Context`), and the engine
-keeps the pool-wide state in the work directory, one file per shard and stage, so the driver holds one
-shard's arrays at a time (plus O(shards) bookkeeping) whatever the pool size."""
+keeps the pool-wide state in the work directory: each task's result in its own file (what a killed run
+resumes from), and this run's arrays (uids, columns, masks, scores, sorted uid runs) one flat file each
+(`flat.py`). The driver holds a window of task results and one shard's arrays at a time, plus O(shards)
+bookkeeping (offsets: 8 bytes a shard and array), whatever the pool size."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -24,11 +27,15 @@ from ..pool import discover_shards, embedding_member
 from ..recipe import Recipe, Stage
 from ..scan import ShardScan, scan_shard
 from ..select import at_least, count_for_fraction, threshold_at_rank_parts, top_k_parts
-from ..uids import first_shared, merge_runs, save_run, sort_uids
+from ..uids import first_shared, merge_runs, sort_uids
 from ..workdir import WorkDir, digest
 from .context import Context, Mask, safe
+from .flat import Appender, Flat, offsets_of
 from .options import run_option
 from .plan import file_digest, listing, plain, prepare_stage, recipe_identity, stage_identity
+
+WINDOW_ROWS = 1 << 19  # a window of small shards holds up to this many rows of task results
+WINDOW_SHARDS = 256
 
 
 class Run:
@@ -66,19 +73,30 @@ class Run:
         self.work: WorkDir | None = None
         self.temp_dir: str | None = None
         self.phases = 0
+        self.flats: dict[str, Flat] = {}  # this run's pool-wide arrays, by name
 
     # -- shards through the executor, results in the work directory -------------------------------------
+    def window(self) -> int:
+        """Tasks handed to the executor at once: 4 per worker, more when shards are small (up to
+        WINDOW_ROWS rows), so a pool of many small shards does not pay the executor's start per few rows."""
+        workers = max(1, int(getattr(self.executor, "num_workers", 1)))
+        rows = max(1, max((s.num_rows for s in self.shards), default=1))
+        return max(4 * workers, min(WINDOW_SHARDS, WINDOW_ROWS // rows))
+
     def map(self, phase: str, fn: Callable[..., Any], tasks: Iterable[tuple[int, tuple]], desc: str,
-            on_result: Callable[[int, Any], dict[str, np.ndarray]] | None = None, load: bool = True
-            ) -> Iterator[tuple[int, dict[str, np.ndarray] | None]]:
-        """Run the tasks not already finished in the work dir, a window at a time (the driver holds a
-        window's results, not the pool's); yield every `(i, arrays)` in task order (`load=False`: None)."""
-        tasks = list(tasks)
-        window = max(1, 4 * int(getattr(self.executor, "num_workers", 1)))
-        pending = sum(not self.work.has(phase, self.shards[i].name) for i, _ in tasks)
-        with tqdm(total=pending, desc=desc, unit="shard", disable=self.quiet, leave=False) as bar:
-            for start in range(0, len(tasks), window):
-                part = tasks[start : start + window]
+            on_result: Callable[[int, Any], dict[str, np.ndarray]] | None = None, load: bool = True,
+            total: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray] | None]]:
+        """Run the tasks not already finished in the work dir, a window at a time; yield every
+        `(i, arrays)` in task order (`load=False`: None). `tasks` is consumed a window at a time (a
+        task's arguments, e.g. a shard's row numbers, exist only while its window runs), so the
+        driver holds a window's tasks and results, never the pool's. `total`: how many tasks (for
+        the progress bar; default: one per shard)."""
+        tasks = iter(tasks)
+        window = self.window()
+        done = sum(self.work.has(phase, s.name) for s in self.shards) if not self.quiet else 0
+        pending = (len(self.shards) if total is None else total) - done
+        with tqdm(total=max(0, pending), desc=desc, unit="shard", disable=self.quiet, leave=False) as bar:
+            while part := list(itertools.islice(tasks, window)):
                 todo = [(i, args) for i, args in part if not self.work.has(phase, self.shards[i].name)]
                 fresh: dict[int, dict] = {}
 
@@ -88,7 +106,9 @@ class Run:
                     self.work.save(phase, self.shards[i].name, arrays)
                     fresh[i] = arrays if load else None
 
-                self.executor.map(fn, [args for _, args in todo], desc, self.quiet, on_result=finished, bar=bar)
+                if todo:
+                    self.executor.map(fn, [args for _, args in todo], desc, self.quiet, on_result=finished, bar=bar)
+                del todo
                 for i, _ in part:
                     if i in fresh:
                         yield i, fresh.pop(i)
@@ -97,11 +117,15 @@ class Run:
                     else:
                         self.work.reused += 1
                         yield i, None
+                del part
 
-    # -- per-shard state in the work dir ------------------------------------------------------------------
+    # -- this run's pool-wide arrays (flat files) ---------------------------------------------------------
+    def flat_path(self, name: str) -> str:
+        return str(self.work.path("_flat", safe(name)))
+
     def scan_array(self, i: int, key: str) -> np.ndarray:
-        """One array (`uids`, `col_<name>`, `rows`) of shard i's scan."""
-        return self.work.read(self.scan_phase, self.shards[i].name, key)
+        """One array (`uids`, `col_<name>`, `rows`, `sorted_uids`) of shard i's scan."""
+        return self.flats[f"scan.{key}"].get(i)
 
     def rows(self, alive: Mask, i: int) -> np.ndarray:
         local = np.flatnonzero(self.mask(alive, i))
@@ -113,23 +137,39 @@ class Run:
     def mask(self, mask: Mask, i: int) -> np.ndarray:
         if mask.phase is None:
             return np.ones(self.sizes[i], dtype=bool)
-        return self.work.get_array(mask.phase, self.shards[i].name)
+        return self.flats[mask.phase].get(i)
 
     def phase(self, kind: str, label: str) -> str:
-        """A fresh work-dir folder for this run's own per-shard arrays (rewritten by every run)."""
+        """A fresh name for this run's own arrays (rewritten by every run)."""
         self.phases += 1
         return f"_{kind}-{self.phases}-{safe(label)}"
 
     def save_masks(self, label: str, masks: Iterable[np.ndarray]) -> Mask:
         phase = self.phase("keep", label)
+        out = Appender(self.flat_path(phase), np.dtype(bool))
         counts = []
-        for i, m in enumerate(masks):
-            self.work.put_array(phase, self.shards[i].name, m)
-            counts.append(int(m.sum()))
+        for m in masks:
+            out.add(m)
+            counts.append(int(np.count_nonzero(m)))
+        self.flats[phase] = out.close()
+        if len(counts) != len(self.shards):
+            raise RuntimeError(f"{label}: {len(counts)} keep masks for {len(self.shards)} shards")
         return Mask(phase, counts)
 
-    def run_path(self, kind: str, i: int) -> str:
-        return str(self.work.path(f"_runs-{kind}", f"{self.shards[i].name}.u8u8"))
+    def put_array(self, phase: str, i: int, array: np.ndarray) -> None:
+        """Keep shard i's array `phase` (one value per row of the shard) for this run."""
+        flat = self.flats.get(phase)
+        if flat is None or flat.dtype != array.dtype:
+            flat = self.flats[phase] = Flat.create(self.flat_path(phase), array.dtype, self.offsets)
+        flat.put(i, array)
+
+    def get_array(self, phase: str, i: int) -> np.ndarray:
+        return self.flats[phase].get(i)
+
+    def runs(self, name: str, counts: list[int] | np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The merged sorted uid runs in the flat file `name` (shard i's run: `counts[i]` uids)."""
+        flat = self.flats[name]
+        return merge_runs([flat.path] * len(self.shards), counts, starts=flat.offsets[:-1])
 
     # -- passes -------------------------------------------------------------------------------------------
     def scan(self) -> None:
@@ -138,12 +178,19 @@ class Run:
         self.sizes = [0] * len(self.shards)
         given = str(self.given) if self.given else None
         tasks = ((i, (s, self.columns_read, given)) for i, s in enumerate(self.shards))
+        keys = ["uids", "sorted_uids", *[f"col_{c}" for c in self.columns_read], *(["rows"] if given else [])]
+        out = {k: Appender(self.flat_path(f"scan.{k}")) for k in keys}
         for i, arrays in self.map(self.scan_phase, scan_task, tasks, "read parquet"):
             sc = decode_scan(arrays)
             self.sizes[i] = len(sc.uids)
-            save_run(self.run_path("pool", i), sc.sorted_uids if sc.sorted_uids is not None else sort_uids(sc.uids))
-        runs = [self.run_path("pool", i) for i in range(len(self.shards))]
-        later = first_shared(merge_runs(runs, self.sizes))
+            got = {"uids": sc.uids, "sorted_uids": sc.sorted_uids if sc.sorted_uids is not None else sort_uids(sc.uids),
+                   **{f"col_{c}": v for c, v in sc.columns.items()}, **({"rows": sc.rows} if given else {})}
+            for k in keys:
+                out[k].add(got[k])
+            del sc, got, arrays
+        self.flats |= {f"scan.{k}": a.close() for k, a in out.items()}
+        self.offsets = offsets_of(self.sizes)
+        later = first_shared(self.runs("scan.sorted_uids", self.sizes))
         if later is not None:
             raise VaralignError("duplicate uid across shards (also in an earlier shard)", self.shards[later].parquet)
         self.n_pool = int(sum(self.sizes))
@@ -187,16 +234,25 @@ class Run:
         phase = f"{safe(label)}-{key}"
         ran = [i for i in range(len(self.shards)) if alive.counts[i] or prep.every_shard]
         tasks = ((i, (prep.fn, self.shards[i], self.rows(alive, i), prep.kwargs)) for i in ran)
-        for _ in self.map(phase, score_task, tasks, label, load=False):
-            pass
-        first = self.work.read(phase, self.shards[ran[0]].name, "values") if ran else None
-        dtype = np.dtype(bool) if first is not None and first.dtype == bool else np.dtype(np.float32)
-        has = set(ran)
+        # each shard's values, in shard order, into one flat file (offsets: the alive counts) as they come
+        name = self.phase("values", label)
+        out, filled = Appender(self.flat_path(name)), 0
+        for i, arrays in self.map(phase, score_task, tasks, label, total=len(ran)):
+            while filled < i:  # shards that did not run: no values
+                out.skip()
+                filled += 1
+            v = arrays["values"]
+            out.add(v.astype(bool if v.dtype == bool or out.dtype == bool else np.float32, copy=False))
+            filled += 1
+            del arrays, v
+        while filled < len(self.shards):
+            out.skip()
+            filled += 1
+        flat = self.flats[name] = out.close()
+        dtype = flat.dtype
 
         def values(i: int) -> np.ndarray:
-            if i not in has:
-                return np.empty(0, dtype=dtype)
-            return self.work.read(phase, self.shards[i].name, "values").astype(dtype, copy=False)
+            return flat.get(i)
 
         def column(i: int) -> pa.Array:
             a = self.mask(alive, i)
