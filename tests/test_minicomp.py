@@ -233,3 +233,8 @@ def test_run_three_methods(built, tmp_path: Path, capsys) -> None:
         assert all(0 <= v["mean"] <= 1 for v in r["metrics"].values())
         assert set(r["kept_share"]["label_caption_kind"]) == set(built.counts["label_caption_kind"])
     assert "clip_score_30" in (tmp_path / "run" / "results.md").read_text()
+    # a re-run resumes through the experiment loop's work directory: nothing is selected, trained or evaluated
+    again = run(built.build_dir, tmp_path / "run", methods=["random_30", "clip_score_30", "image_based"], seeds=[0],
+                train_num_samples=128, quiet=False)
+    assert again == res and "train random_30_seed_0:" not in capsys.readouterr().err
+    assert (tmp_path / "run" / ".experiment-work" / "train" / "clip_score_30_seed_0.done").exists()
