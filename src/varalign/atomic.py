@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,9 +33,13 @@ _TMP_MARK = ".varalign-"
 _TMP_RE = r"\.varalign-[a-z0-9_]{8}\.tmp"
 
 
-def manifest_path(output: str | os.PathLike) -> Path:
+def manifest_path(output: str | os.PathLike) -> Path | str:
     """The manifest of an output: `{stem}.manifest.json` for `.npy` (DataComp's subset files), else
-    `{name}.manifest.json`, so two outputs never share one (`x.npy` and `x.bin`)."""
+    `{name}.manifest.json`, so two outputs never share one (`x.npy` and `x.bin`). A URL gives a URL."""
+    text = os.fspath(output)
+    if "://" in text and not text.startswith("file://"):
+        head, _, name = text.rpartition("/")
+        return f"{head}/{name[:-4] if name.endswith('.npy') else name}.manifest.json"
     p = Path(output)
     stem = p.stem if p.suffix == ".npy" else p.name
     return p.with_name(stem + ".manifest.json")
@@ -139,6 +144,11 @@ def _writing_failed(exc: OSError, tmp: Path) -> bool:
 def check_output_path(path: str | os.PathLike) -> None:
     """Fail before any work if `path` cannot be written: a folder, a parent that is a file, a name
     longer than the filesystem allows, or a folder we may not write into."""
+    if "://" in os.fspath(path) and not os.fspath(path).startswith("file://"):
+        from . import storage  # noqa: PLC0415
+
+        storage.check_writable(os.fspath(path))
+        return
     dest = Path(path)
     if dest.is_dir():
         raise VaralignError("output path is a directory", dest)
@@ -204,7 +214,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _pending_path(manifest: Path) -> Path:
+def _pending_path(manifest: Path | str) -> Path | str:
+    if isinstance(manifest, str):
+        head, _, name = manifest.rpartition("/")
+        return f"{head}/.{name}.pending"
     return manifest.with_name(f".{manifest.name}.pending")
 
 
@@ -237,19 +250,29 @@ class OutputGroup:
     """The outputs of one run: written to temps, then renamed together with the manifest last.
 
     `outputs`: the files the run writes (the manifest excluded); `manifest`: where the manifest goes.
+    Outputs may be URLs (all of a group's, or none): their temps are local files, each is uploaded in
+    one put (an object appears whole or not at all), the pending manifest first and the manifest last.
     """
 
     def __init__(self, outputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None,
                  overwrite: bool = False) -> None:
-        self.outputs = [Path(p) for p in outputs]
+        from . import storage  # noqa: PLC0415
+
+        texts = [os.fspath(p) for p in outputs]
+        self.remote = any(storage.is_url(t) for t in texts)
+        if self.remote and not all(storage.is_url(t) for t in texts):
+            raise VaralignError("give every output as a URL, or every output as a local path", texts[0])
+        self.ops: _Ops = _Remote() if self.remote else _Local()
+        self.outputs = [self.ops.path(t) for t in texts]
         if manifest is None and self.outputs:
             manifest = manifest_path(self.outputs[0])
-        self.manifest = Path(manifest) if manifest is not None else None
+        self.manifest = self.ops.path(os.fspath(manifest)) if manifest is not None else None
         self.pending = _pending_path(self.manifest) if self.manifest is not None else None
         self.overwrite = overwrite
-        self.temps: dict[Path, Path] = {}
+        self.temps: dict = {}
+        self.staging: str | None = None
 
-    def all_paths(self) -> list[Path]:
+    def all_paths(self) -> list:
         return [*self.outputs, self.manifest] if self.manifest is not None else []
 
     # -- before any work --------------------------------------------------------------------------
@@ -258,31 +281,28 @@ class OutputGroup:
         Call under the outputs' locks."""
         if self.manifest is None:
             return
-        for p in [*self.all_paths(), self.pending]:
-            remove_stale_temps(p)
-        pending = _read_json(self.pending)
+        self.ops.remove_stale_temps([*self.all_paths(), self.pending])
+        pending = self.ops.read_json(self.pending)
         if pending is None:
-            with contextlib.suppress(FileNotFoundError):
-                self.pending.unlink()
+            self.ops.remove(self.pending)
             return
         records = _recorded(pending)
-        if records and all(_matches(Path(p), r) for p, r in records.items()):
-            os.replace(self.pending, self.manifest)  # every output was renamed: roll the commit forward
-            fsync_dir(self.manifest.parent)
+        if records and all(self.ops.matches(p, r) for p, r in records.items()):
+            self.ops.promote(self.pending, self.manifest)  # every output was renamed: roll the commit forward
         # else: killed before every rename; owned() below still recognises the renamed ones
 
-    def owned(self, path: Path) -> bool:
+    def owned(self, path) -> bool:
         """Whether the file at `path` is one varalign wrote (recorded in this group's manifest or its
         pending commit, with the same size and digest; or named by an earlier varalign manifest)."""
         for source in (self.manifest, self.pending):
-            data = _read_json(source) if source is not None else None
+            data = self.ops.read_json(source) if source is not None else None
             if data is None:
                 continue
-            if _matches(path, _recorded(data).get(str(path.absolute()))):
+            if self.ops.matches(self.ops.key(path), _recorded(data).get(self.ops.key(path))):
                 return True
             if not _recorded(data) and str(data.get("tool", "")).startswith("varalign"):
                 named = (data.get("output") or {}).get("path") or data.get("path")
-                if named and Path(named).absolute() == path.absolute():  # a manifest of an earlier version
+                if named and self.ops.key(self.ops.path(named)) == self.ops.key(path):  # an earlier version's
                     return True
         return False
 
@@ -291,9 +311,9 @@ class OutputGroup:
         if self.overwrite:
             return
         for p in self.all_paths():
-            if p.is_symlink() or p.exists():
+            if self.ops.exists(p):
                 if p == self.manifest:
-                    data = _read_json(p)
+                    data = self.ops.read_json(p)
                     if data is not None and str(data.get("tool", "")).startswith("varalign"):
                         continue
                 elif self.owned(p):
@@ -305,13 +325,13 @@ class OutputGroup:
         """The manifest if it was made with `plan` and every output it records is there, unchanged."""
         if self.manifest is None:
             return None
-        data = _read_json(self.manifest)
+        data = self.ops.read_json(self.manifest)
         if data is None or data.get("plan") != plan:
             return None
         records = _recorded(data)
-        if set(records) != {str(p.absolute()) for p in self.outputs}:
+        if set(records) != {self.ops.key(p) for p in self.outputs}:
             return None
-        if not all(_matches(Path(p), r) for p, r in records.items()):
+        if not all(self.ops.matches(p, r) for p, r in records.items()):
             return None
         return data
 
@@ -319,7 +339,7 @@ class OutputGroup:
     @contextlib.contextmanager
     def write(self, path: str | os.PathLike) -> Iterator[Path]:
         """`with group.write(out) as tmp:` write `tmp`; an I/O error while writing names `out`."""
-        dest = Path(path)
+        dest = self.ops.path(os.fspath(path))
         tmp = self.temp(dest)
         try:
             yield tmp
@@ -328,14 +348,19 @@ class OutputGroup:
                 raise os_error(exc, "cannot write the output", dest) from None
             raise
 
-    def temp(self, path: str | os.PathLike) -> Path:
-        """A temp file for output `path` (created empty), renamed onto it by `commit`."""
-        dest = Path(path)
+    def temp(self, path) -> Path:
+        """A local temp file for output `path` (created empty), renamed or uploaded onto it by `commit`."""
+        dest = self.ops.path(os.fspath(path))
         if dest not in self.outputs:
             raise ValueError(f"{dest} is not an output of this group")
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _new_tmp(dest)
+            if self.remote:
+                self.staging = self.staging or tempfile.mkdtemp(prefix="varalign-upload-")
+                tmp = Path(self.staging) / f"{len(self.temps)}-{self.ops.name(dest)}"
+                tmp.touch()
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _new_tmp(dest)
         except OSError as exc:
             raise os_error(exc, "cannot create the output", dest) from None
         self.temps[dest] = tmp
@@ -353,19 +378,16 @@ class OutputGroup:
             try:
                 os.chmod(tmp, 0o666 & ~_umask())
                 fsync_file(tmp)
-                files[str(dest.absolute())] = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+                files[self.ops.key(dest)] = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
             except OSError as exc:
                 raise os_error(exc, "cannot write the output", dest) from None
         manifest = {**manifest, "files": files}
         try:
-            with atomic_path(self.pending, ".json") as tmp:
-                tmp.write_text(dump_json(manifest))
+            self.ops.write_text(self.pending, dump_json(manifest))
             for dest in self.outputs:
-                os.replace(self.temps.pop(dest), dest)
-            for d in {dest.parent for dest in self.outputs}:
-                fsync_dir(d)
-            os.replace(self.pending, self.manifest)
-            fsync_dir(self.manifest.parent)
+                self.ops.place(self.temps.pop(dest), dest)
+            self.ops.sync([*self.outputs])
+            self.ops.promote(self.pending, self.manifest)
         except OSError as exc:
             raise os_error(exc, "cannot write the outputs", self.outputs[0] if self.outputs else self.manifest) \
                 from None
@@ -377,6 +399,9 @@ class OutputGroup:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         self.temps.clear()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[OutputGroup]:
@@ -385,3 +410,136 @@ class OutputGroup:
             yield self
         finally:
             self.abort()
+
+
+class _Ops:
+    """File operations of an output group: on local paths (Path) or on URLs (str)."""
+
+
+class _Local(_Ops):
+    def path(self, text: str) -> Path:
+        return Path(text)
+
+    def key(self, p) -> str:
+        return str(Path(p).absolute())
+
+    def name(self, p: Path) -> str:
+        return p.name
+
+    def exists(self, p: Path) -> bool:
+        return p.is_symlink() or p.exists()
+
+    def read_json(self, p: Path) -> dict | None:
+        return _read_json(p)
+
+    def matches(self, p, record: dict | None) -> bool:
+        return _matches(Path(p), record)
+
+    def remove(self, p: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+    def remove_stale_temps(self, paths: list) -> None:
+        for p in paths:
+            remove_stale_temps(p)
+
+    def write_text(self, p: Path, text: str) -> None:
+        with atomic_path(p, ".json") as tmp:
+            tmp.write_text(text)
+
+    def place(self, tmp: Path, dest: Path) -> None:
+        os.replace(tmp, dest)
+
+    def sync(self, paths: list) -> None:
+        for d in {Path(p).parent for p in paths}:
+            fsync_dir(d)
+
+    def promote(self, pending: Path, manifest: Path) -> None:
+        os.replace(pending, manifest)
+        fsync_dir(manifest.parent)
+
+
+class _Remote(_Ops):
+    """Objects in a store: a put is atomic (a reader sees the old object or the whole new one)."""
+
+    def path(self, text: str) -> str:
+        return text
+
+    def key(self, p) -> str:
+        return str(p)
+
+    def name(self, p: str) -> str:
+        return p.rstrip("/").rsplit("/", 1)[-1]
+
+    def exists(self, p: str) -> bool:
+        from . import storage  # noqa: PLC0415
+
+        return storage.exists(p)
+
+    def read_json(self, p: str) -> dict | None:
+        from . import storage  # noqa: PLC0415
+
+        try:
+            if not storage.exists(p):
+                return None
+            with storage.open_read(p, block_size=1 << 20) as fh:
+                data = json.loads(fh.read().decode())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def matches(self, p, record: dict | None) -> bool:
+        from . import storage  # noqa: PLC0415
+
+        if not record:
+            return False
+        try:
+            if storage.info(p)["size"] != record.get("size"):
+                return False
+            h = hashlib.sha256()
+            with storage.open_read(p) as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+            return h.hexdigest() == record.get("sha256")
+        except (OSError, VaralignError):
+            return False
+
+    def remove(self, p: str) -> None:
+        from . import storage  # noqa: PLC0415
+
+        if storage.exists(p):
+            storage.remove(p)
+
+    def remove_stale_temps(self, paths: list) -> None:
+        pass  # nothing is ever written under a temporary key: uploads are single puts
+
+    def write_text(self, p: str, text: str) -> None:
+        from . import storage  # noqa: PLC0415
+
+        fd, tmp = tempfile.mkstemp(prefix="varalign-upload-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            storage.put_file(tmp, p)
+        finally:
+            os.unlink(tmp)
+
+    def place(self, tmp: Path, dest: str) -> None:
+        from . import storage  # noqa: PLC0415
+
+        storage.put_file(str(tmp), dest)
+        tmp.unlink()
+
+    def sync(self, paths: list) -> None:
+        pass
+
+    def promote(self, pending: str, manifest: str) -> None:
+        from . import storage  # noqa: PLC0415
+
+        fs, src = storage.filesystem(pending)
+        _, dst = storage.filesystem(manifest)
+        try:
+            fs.copy(src, dst)  # server-side copy: the manifest object appears whole
+            fs.rm_file(src)
+        except Exception as exc:  # noqa: BLE001
+            raise storage.remote_error(exc, manifest) from None

@@ -16,17 +16,22 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from . import storage
 from .atomic import OutputGroup, check_output_path
 from .errors import VaralignError
 
 POOL_SUFFIXES = (".parquet", ".npz")
 
 
-def _real(path: str | os.PathLike) -> Path:
+def _real(path: str | os.PathLike) -> Path | str:
+    if storage.is_url(path):
+        return str(path).rstrip("/")
     return Path(os.path.realpath(os.path.abspath(path)))
 
 
-def _same(a: Path, b: Path) -> bool:
+def _same(a: Path | str, b: Path | str) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return _real(a) == _real(b)
     if _real(a) == _real(b):
         return True
     try:
@@ -35,9 +40,19 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _inside(child: Path, parent: Path) -> bool:
+def _inside(child: Path | str, parent: Path | str) -> bool:
     c, p = _real(child), _real(parent)
+    if isinstance(c, str) or isinstance(p, str):
+        return isinstance(c, str) and isinstance(p, str) and c.startswith(p + "/")
     return c != p and p in c.parents
+
+
+def _parent(p: Path | str) -> Path | str:
+    return str(p).rstrip("/").rpartition("/")[0] if storage.is_url(p) else Path(p).parent
+
+
+def _name(p: Path | str) -> str:
+    return str(p).rstrip("/").rpartition("/")[2] if storage.is_url(p) else Path(p).name
 
 
 def check_paths(inputs: dict[str, object], outputs: dict[str, object], work_dir: object | None = None,
@@ -48,8 +63,8 @@ def check_paths(inputs: dict[str, object], outputs: dict[str, object], work_dir:
 
     `inputs`/`outputs`: {flag or label: path (or a list of paths)}; None values are skipped.
     """
-    ins = [(k, Path(p)) for k, v in inputs.items() for p in _paths(v)]
-    outs = [(k, Path(p)) for k, v in outputs.items() for p in _paths(v)]
+    ins = [(k, _as_path(p)) for k, v in inputs.items() for p in _paths(v)]
+    outs = [(k, _as_path(p)) for k, v in outputs.items() for p in _paths(v)]
     for i, (ko, o) in enumerate(outs):
         for ki, p in ins:
             if _same(o, p):
@@ -57,20 +72,24 @@ def check_paths(inputs: dict[str, object], outputs: dict[str, object], work_dir:
         for ko2, o2 in outs[i + 1:]:
             if _same(o, o2):
                 raise VaralignError(f"{ko} and {ko2} are the same file: give each output its own path", o)
-    for label, d in [("pool", Path(x)) for x in _paths(list(pool_dirs))]:
+    for label, d in [("pool", _as_path(x)) for x in _paths(list(pool_dirs))]:
         for ko, o in outs:
-            if o.name.endswith(POOL_SUFFIXES) and _same(o.parent, d):
+            if _name(o).endswith(POOL_SUFFIXES) and _same(_parent(o), d):
                 raise VaralignError(f"{ko} is inside the {label} directory {d}: the next run would read it as a "
                                     "shard; write it elsewhere", o)
     if work_dir is None:
         return
-    w = Path(work_dir)
+    w = _as_path(work_dir)
     for kind, items in (("input", ins), ("output", outs)):
         for k, p in items:
             if _same(w, p):
                 raise VaralignError(f"the {dir_label} is the {kind} {k} ({p}): refused", w)
             if _inside(p, w):
                 raise VaralignError(f"the {dir_label} holds the {kind} {k} ({p}): refused", w)
+
+
+def _as_path(text: str) -> Path | str:
+    return text if storage.is_url(text) else Path(text)
 
 
 def _paths(value: object) -> list[str]:
@@ -128,7 +147,15 @@ def _owner(p: Path) -> str:
 
 
 def lock_file_for(output: str | os.PathLike) -> Path:
-    """The lock file of an output: `.{name}.varalign.lock` beside it (removed when the run ends)."""
+    """The lock file of an output: `.{name}.varalign.lock` beside it (removed when the run ends). An
+    object in a store has its lock file in `~/.cache/varalign/locks/` (it keeps out a second run on
+    this machine; runs on other machines are not seen)."""
+    if storage.is_url(output):
+        import hashlib  # noqa: PLC0415
+
+        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "varalign" / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{hashlib.sha256(str(output).encode()).hexdigest()[:24]}.lock"
     p = Path(output)
     return p.with_name(f".{p.name}.varalign.lock")
 
@@ -139,7 +166,8 @@ def lock_outputs(outputs: Iterable[object]) -> Iterator[None]:
     paths = sorted({str(_real(p)) for p in _paths(list(outputs))})
     with contextlib.ExitStack() as stack:
         for p in paths:
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            if not storage.is_url(p):
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(lock(lock_file_for(p), f"the output {p}"))
         yield
 
@@ -154,7 +182,7 @@ def guarded_outputs(outputs: dict[str, object], inputs: dict[str, object], manif
     `outputs`: {flag: path}; the first is the primary one (the manifest goes beside it unless given).
     Use: `with guarded_outputs(...) as group: with group.write(path) as tmp: ...; group.commit(manifest)`.
     """
-    paths = {k: Path(str(v)) for k, v in outputs.items() if v is not None}
+    paths = {k: _as_path(str(v)) for k, v in outputs.items() if v is not None}
     for p in paths.values():
         check_output_path(p)
     group = OutputGroup(list(paths.values()), manifest, overwrite=overwrite)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import storage
 from .errors import VaralignError
 
 try:  # zlib-ng is a core dependency; fall back to the standard library if it is missing
@@ -67,7 +68,7 @@ def open_member(path: str | os.PathLike, key: str) -> NpzMember:
             raise VaralignError(f"npz has no key {key!r} (keys: {keys})", path) from None
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise VaralignError(f"npz member {key!r} uses unsupported zip compression {info.compress_type}", path)
-    with open(path, "rb") as fh:
+    with storage.open_read(path) as fh:
         fh.seek(info.header_offset)
         local = fh.read(30)
         if len(local) != 30 or local[:4] != b"PK\x03\x04":
@@ -152,7 +153,7 @@ def _iter_stored_blocks(member: NpzMember, block_rows: int, reuse: bool) -> Iter
     n_rows = member.shape[0] if member.shape else 1
     new_block = _allocator(member, block_rows, reuse)
     try:
-        with open(member.path, "rb") as fh:
+        with storage.open_read(member.path) as fh:
             fh.seek(member.data_offset)
             head = fh.read(member.header_len)
             crc = _zlib.crc32(head)
@@ -197,7 +198,7 @@ def _iter_raw(member: NpzMember) -> Iterator[bytes]:
     crc = 0
     total = 0
     try:
-        with open(member.path, "rb") as fh:
+        with storage.open_read(member.path) as fh:
             fh.seek(member.data_offset)
             remaining = member.compress_size
             inflater = _zlib.decompressobj(-15) if member.compressed else None
@@ -260,7 +261,7 @@ def _read_prefix(path: str, offset: int, size: int, compressed: bool, want: int)
     """The first `want` inflated bytes of a member (fewer if the member is shorter)."""
     out = bytearray()
     inflater = _zlib.decompressobj(-15) if compressed else None
-    with open(path, "rb") as fh:
+    with storage.open_read(path) as fh:
         fh.seek(offset)
         remaining = size
         while len(out) < want and remaining > 0:
@@ -299,8 +300,20 @@ def _parse_npy_header(head: bytes, path: str, key: str) -> tuple[np.dtype, tuple
     return dtype, tuple(shape), bool(fortran), fp.tell()
 
 
+class _OwnedZip(zipfile.ZipFile):
+    """A ZipFile over a file object it closes too (a remote file: its requests and threads end)."""
+
+    def close(self) -> None:
+        fh = self.fp
+        super().close()
+        if fh is not None:
+            fh.close()
+
+
 def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
     try:
+        if storage.is_url(path):  # only the central directory is read: a few small ranged requests
+            return _OwnedZip(storage.open_read(path, block_size=1 << 20))
         return zipfile.ZipFile(path)
     except FileNotFoundError:
         raise VaralignError("npz file not found", path) from None

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .backend import check_finite
 from .errors import VaralignError
 from .npz import NpzMember, iter_blocks, open_member
@@ -46,13 +46,14 @@ def discover_shards(metadata_dir: str | os.PathLike, need_npz: bool) -> list[Sha
     default download is parquet only, which is enough for `clip_score` and `no_filter`);
     an npz without its parquet is always an error.
     """
-    root = Path(metadata_dir)
-    if not root.is_dir():
-        raise VaralignError("metadata directory not found", root)
-    parquets = {p.name[: -len(".parquet")]: p for p in root.iterdir() if p.name.endswith(".parquet")}
-    npzs = {p.name[: -len(".npz")]: p for p in root.iterdir() if p.name.endswith(".npz")}
+    root = str(metadata_dir)
+    if not storage.isdir(root):
+        raise VaralignError("metadata directory not found", metadata_dir)
+    names = storage.listdir(root)
+    parquets = {n[: -len(".parquet")]: storage.join(root, n) for n in names if n.endswith(".parquet")}
+    npzs = {n[: -len(".npz")]: storage.join(root, n) for n in names if n.endswith(".npz")}
     if not parquets:
-        raise VaralignError("no .parquet files in metadata directory", root)
+        raise VaralignError("no .parquet files in metadata directory", metadata_dir)
     orphans = sorted(set(npzs) - set(parquets))
     if orphans:
         raise VaralignError("npz has no sibling parquet", npzs[orphans[0]])
@@ -69,6 +70,9 @@ def discover_shards(metadata_dir: str | os.PathLike, need_npz: bool) -> list[Sha
 
 def parquet_rows(path: str | os.PathLike) -> int:
     try:
+        if storage.is_url(path):
+            with storage.open_read(path, block_size=1 << 20) as fh:
+                return pq.ParquetFile(fh).metadata.num_rows
         return pq.ParquetFile(path).metadata.num_rows
     except (OSError, pa.ArrowException) as exc:
         raise VaralignError(f"not a readable parquet file ({_short(exc)})", path) from None
@@ -77,11 +81,14 @@ def parquet_rows(path: str | os.PathLike) -> int:
 def read_columns(shard: Shard, columns: list[str]) -> pa.Table:
     """Read only `columns` of the shard's parquet; a missing column names the file."""
     try:
-        schema = pq.read_schema(shard.parquet)
-        missing = [c for c in columns if c not in schema.names]
+        fs, path = storage.arrow_filesystem(shard.parquet)  # a URL through fsspec, a local path as it is
+        # one open for the schema and the columns; ParquetFile, not read_table: no dataset layer (which
+        # imports pandas, ~30 MB, and costs ~5 ms a file: the per-shard cost of a pool of small shards)
+        pf = pq.ParquetFile(path, filesystem=fs)
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise VaralignError(f"parquet has no column {missing[0]!r}", shard.parquet)
-        table = pq.read_table(shard.parquet, columns=columns)
+        table = pf.read(columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise VaralignError(f"not a readable parquet file ({_short(exc)})", shard.parquet) from None
     return table

@@ -117,6 +117,8 @@ class Context:
 
         def run(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
             return executor.map(fn, tasks, desc, quiet=True)
+        if not executor.shared_filesystem and hasattr(executor, "put"):
+            run.put = executor.put  # type: ignore[attr-defined] - tasks cannot read the driver's files
         return run
 
     def scratch(self) -> Path:

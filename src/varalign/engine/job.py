@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import storage
 from .._version import __version__
 from ..atomic import OutputGroup, check_output_path, manifest_path
 from ..errors import VaralignError
@@ -75,13 +76,15 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
     removed or overwritten (`overwrite=True` allows replacing an existing output file).
     """
     options = check_options({k: v for k, v in options.items() if v is not None})
+    if options.get("storage_options") is not None:
+        storage.configure(options["storage_options"])
     clock = Clock()
     recipe = make_recipe(name, options)
     options["name"] = name
     for out in (save_path, options.get("save_scores")):
         if out is not None:
             check_output_path(out)
-    job = Job(Run(recipe, metadata_dir, options, clock), save_path)
+    job = Job(Run(recipe, metadata_dir, localized(options), clock), save_path, options)
     clock.lap("validate")
     job.check_paths()
     with lock_outputs(job.group.all_paths()), job.work_dir_lock():
@@ -111,15 +114,17 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
 class Job:
     """The files around one run: inputs, outputs, the work directory, the manifest."""
 
-    def __init__(self, run: Run, save_path: object) -> None:
+    def __init__(self, run: Run, save_path: object, options: dict[str, Any]) -> None:
         self.run, self.save_path = run, save_path
-        self.options = run.options
+        self.options = options  # as given (URLs kept), for the manifest
         self.keep_work_dir = bool(self.options.get("keep_work_dir"))
         scores = self.options.get("save_scores")
-        self.outputs = [Path(p) for p in (save_path, scores) if p is not None]
+        self.outputs = [p if storage.is_url(p) else Path(p) for p in (save_path, scores) if p is not None]
         manifest = manifest_path(save_path if save_path is not None else scores) if self.outputs else None
         self.group = OutputGroup(self.outputs, manifest, overwrite=bool(self.options.get("overwrite")))
         work = self.options.get("work_dir")
+        if work and storage.is_url(work):
+            raise VaralignError("--work_dir must be a local folder (it holds resumable per-shard results)", work)
         self.work_root = Path(work) if work else (default_work_dir(save_path) if save_path is not None else None)
 
     # -- paths and locks ------------------------------------------------------------------------------------
@@ -152,6 +157,7 @@ class Job:
         if self.work_root is None:
             yield
             return
+        self.work_root.absolute().parent.mkdir(parents=True, exist_ok=True)
         with lock(lock_file_for(self.work_root.absolute()), f"the work directory {self.work_root}"):
             yield
 
@@ -263,6 +269,7 @@ class Job:
                 "rows": int(sum(s.num_rows for s in run.shards)),
                 "shard_listing_sha256": digest(run.listing),
                 "given_uids_path": self.options.get("given_uids_path"),
+                **({"objects": run.listing} if storage.is_url(run.metadata_dir) else {}),  # name, size, ETag
             },
             "output": {"path": result.save_path, "uids": n_uids, "scores": result.scores_path},
             "counts": result.counts,
@@ -276,13 +283,33 @@ class Job:
 
 
 def open_subset(path: str | os.PathLike) -> np.ndarray:
-    """A subset file this tool wrote (sorted, unique), memory-mapped copy-on-write."""
+    """A subset file this tool wrote (sorted, unique), memory-mapped copy-on-write (read whole from a URL)."""
+    if storage.is_url(path):
+        with storage.open_read(path) as fh:
+            return np.load(fh, allow_pickle=False)
     return np.load(path, mmap_mode="c", allow_pickle=False)
 
 
 def default_work_dir(save_path: str | os.PathLike) -> Path:
+    """`.{stem}.varalign-work` beside a local output; for an output URL, a folder of this machine's
+    cache named after the URL (so a killed run resumes from the same place)."""
+    if storage.is_url(save_path):
+        import hashlib  # noqa: PLC0415
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        return cache / "varalign" / "work" / hashlib.sha256(str(save_path).encode()).hexdigest()[:24]
     p = Path(save_path)
     return p.with_name(f".{p.stem}.varalign-work")
+
+
+def localized(options: dict[str, Any]) -> dict[str, Any]:
+    """The options with every input file given as a URL replaced by a local copy (targets, subsets,
+    centroids are small next to a pool; the pool itself is streamed from its URL, never copied)."""
+    out = dict(options)
+    for key, meta in all_fields().items():
+        if meta["path"] and isinstance(out.get(key), str):
+            out[key] = storage.localize(out[key])
+    return out
 
 
 def versions() -> dict[str, str]:

@@ -33,6 +33,9 @@ class FilterOptions:
                                               "(VAS and VAS-D math on the GPU; needs torch)")
     num_workers: int | None = param(None, type=int, low=1, help="parallel shards (default: all cores)")
     batch_size_vass: int | None = param(None, type=int, low=1, help="accepted for compatibility (bounds memory only)")
+    storage_options: str | None = param(None, help="fsspec options for URLs (s3://, gs://, hf://) as JSON, e.g. "
+                                                    '\'{"client_kwargs": {"endpoint_url": "http://..."}}\'; '
+                                                    "credentials come from the environment as usual")
     executor: str = param("local", type=str, choices=("local", "ray"),
                           help="local: threads on this machine (default); ray: Ray tasks (pip install 'varalign[ray]')")
     ray_address: str | None = param(None, help="Ray cluster address (default: start a local Ray)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .. import storage
 from ..errors import VaralignError
 from ..methods import METHODS
 from ..methods.base import RunSettings, Score, Selector, build_params, fields_of, flag_name
@@ -32,18 +33,21 @@ def prepare_stage(stage: Stage, options: dict[str, Any], settings: RunSettings) 
 
 # -- identities (what a resumed or re-run task depends on) -----------------------------------------------
 def listing(shards: list) -> list[list]:
+    """Every shard file's name, size and change stamp (mtime locally, the ETag in a store)."""
     out = []
     for s in shards:
         for f in (s.parquet, s.npz):
             if f:
-                st = os.stat(f)
-                out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
+                meta = storage.info(f)
+                stamp = meta.get("mtime_ns", meta.get("etag", meta.get("versionid", meta.get("lastmodified"))))
+                out.append([os.path.basename(f), meta["size"], stamp])
     return out
 
 
 def file_digest(path: Any) -> str:
-    st = os.stat(path)
-    return digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    meta = storage.info(path)
+    return digest(str(path) if storage.is_url(path) else os.path.abspath(path), meta["size"],
+                  meta.get("mtime_ns", meta.get("etag")))
 
 
 def stage_identity(stage: Stage, prep: Score | Selector) -> list:

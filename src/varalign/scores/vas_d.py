@@ -217,15 +217,37 @@ def score_block(store: CandidateStore, start: int, stop: int, alive: np.ndarray,
     return quadratic_rows_on(store.read(start, stop)[alive], target, device)
 
 
+def score_rows(block: np.ndarray, alive: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """VAS of the alive rows of a block held in memory (a round's task on a node without the store)."""
+    if not alive.any():
+        return np.empty(0, dtype=np.float32)
+    return quadratic_rows_on(block[alive], target, "cpu")
+
+
 def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, mapper: Mapper,
                  block_rows: int, device: str = "cpu") -> np.ndarray:
-    tasks = [(store, s, min(s + block_rows, store.rows), alive[s : s + block_rows], target, device)
-             for s in range(0, store.rows, block_rows)]
+    starts = range(0, store.rows, block_rows)
     if device != "cpu" or store.path is None:  # one device, or rows in this process's memory: here
-        parts = [score_block(*t) for t in tasks]
+        parts = [score_block(store, s, min(s + block_rows, store.rows), alive[s : s + block_rows], target, device)
+                 for s in starts]
+    elif getattr(mapper, "put", None) is not None:  # workers without the driver's files: blocks by reference
+        refs = _block_refs(store, block_rows, mapper)
+        parts = mapper(score_rows, [(ref, alive[s : s + block_rows], target) for ref, s in zip(refs, starts,
+                                                                                              strict=True)])
     else:
-        parts = mapper(score_block, tasks)
+        parts = mapper(score_block, [(store, s, min(s + block_rows, store.rows), alive[s : s + block_rows], target,
+                                      device) for s in starts])
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+
+
+def _block_refs(store: CandidateStore, block_rows: int, mapper: Mapper) -> list[Any]:
+    """The store's blocks put once into the executor's object store (kept on the mapper for every round)."""
+    cache = mapper.__dict__.setdefault("blocks", {})
+    key = (store.path, block_rows)
+    if key not in cache:
+        cache[key] = [mapper.put(store.read(s, min(s + block_rows, store.rows)))
+                      for s in range(0, store.rows, block_rows)]
+    return cache[key]
 
 
 def lowrank_basis(gram_candidates: np.ndarray, rank: int) -> np.ndarray:
@@ -261,9 +283,19 @@ def project_store(store: CandidateStore, basis: np.ndarray, block_rows: int = BL
                 return CandidateStore.from_array(out)
             return CandidateStore(store.rows, rank, np.dtype(np.float32), path=path)
         projected = CandidateStore.create(path, store.rows, rank, np.dtype(np.float32))
+        if mapper is not None and getattr(mapper, "put", None) is not None:  # workers without the driver's files
+            refs = _block_refs(store, block_rows, mapper)
+            for start, part in zip(starts, mapper(project_rows, [(ref, basis) for ref in refs]), strict=True):
+                write_rows(path, start, part)
+            return projected
         tasks = [(store, start, min(start + block_rows, store.rows), basis, path) for start in starts]
         (mapper or thread_mapper(num_workers))(project_block, tasks)
     return projected
+
+
+def project_rows(block: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """One block projected onto `basis` (float32, C order), returned to the driver."""
+    return np.ascontiguousarray(projector(basis, "cpu")(block), dtype=np.float32)
 
 
 def project_block(store: CandidateStore, start: int, stop: int, basis: np.ndarray, path: str) -> None:

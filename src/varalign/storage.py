@@ -1,0 +1,246 @@
+"""Where files live: a local path, or any URL fsspec understands (`s3://`, `gs://`, `hf://`, `file://`).
+
+Local paths keep using the operating system directly (no overhead, and the safety rules of
+`atomic.py`/`guard.py` apply as they are). A URL goes through fsspec: credentials and options as fsspec
+users already set them (the environment, `~/.aws`, ...), plus `--storage_options JSON` (kept here for
+the process and handed to Ray workers through the `VARALIGN_STORAGE_OPTIONS` environment variable).
+Reads are ranged requests in large blocks with the next block fetched in the background, so a
+streamed npz member or parquet column is not latency-bound and no shard is copied whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import VaralignError
+
+ENV = "VARALIGN_STORAGE_OPTIONS"
+BLOCK = 16 << 20  # bytes per ranged request when streaming a remote file
+_options: dict[str, Any] | None = None
+
+
+def is_url(path: object) -> bool:
+    """A remote location (a `scheme://` other than `file://`)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def local(path: object) -> str:
+    """A local path as a plain string (`file://` stripped)."""
+    text = os.fspath(path) if not isinstance(path, str) else path
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def configure(options: dict[str, Any] | str | None) -> None:
+    """Set the storage options of this process (a dict, or its JSON text); None: from the environment."""
+    global _options
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError as exc:
+            raise VaralignError(f"--storage_options is not valid JSON ({exc})") from None
+        if not isinstance(options, dict):
+            raise VaralignError("--storage_options must be a JSON object")
+    _options = dict(options) if options else None
+    if _options:
+        os.environ[ENV] = json.dumps(_options)
+
+
+def options() -> dict[str, Any]:
+    global _options
+    if _options is None:
+        text = os.environ.get(ENV)
+        _options = json.loads(text) if text else {}
+    return _options
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of `url` and the path within it."""
+    try:
+        import fsspec  # noqa: PLC0415
+    except ImportError:
+        raise VaralignError("a URL needs fsspec (and s3fs/gcsfs for s3://, gs://): pip install 'varalign[cloud]'",
+                            url) from None
+    scheme = url.split("://", 1)[0]
+    opts = options()
+    scoped = opts.get(scheme, opts) if isinstance(opts.get(scheme), dict) else opts
+    try:
+        return fsspec.core.url_to_fs(url, **scoped)
+    except (ImportError, ValueError) as exc:
+        raise VaralignError(f"cannot open {scheme}:// ({_short(exc)})", url) from None
+
+
+def open_read(path: object, block_size: int = BLOCK) -> IO[bytes]:
+    """A binary file for reading: `open()` for a local path, a readahead fsspec file for a URL."""
+    if not is_url(path):
+        return open(local(path), "rb")
+    fs, p = filesystem(str(path))
+    try:
+        return fs.open(p, "rb", block_size=block_size, cache_type="background")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors: one line naming the URL
+        raise remote_error(exc, path) from None
+
+
+def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFoundError:
+    """A storage backend's exception as one line naming the URL (missing bucket, credentials, permission)."""
+    text = _short(exc)
+    low = text.lower()
+    if isinstance(exc, FileNotFoundError) or "nosuchbucket" in low or "not found" in low or "404" in low:
+        return VaralignError(f"not found ({text})", path)
+    if isinstance(exc, PermissionError) or "accessdenied" in low or "403" in low or "forbidden" in low:
+        return VaralignError(f"permission denied ({text})", path)
+    if "credential" in low or "nocredentials" in low or "signature" in low:
+        return VaralignError(f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options",
+                             path)
+    return VaralignError(f"storage error ({text})", path)
+
+
+def info(path: object) -> dict[str, Any]:
+    """Size, and for a URL its ETag (or version/mtime): what tells whether an object changed."""
+    if not is_url(path):
+        st = os.stat(local(path))
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fs, p = filesystem(str(path))
+    try:
+        meta = fs.info(p)
+    except FileNotFoundError:
+        raise VaralignError("not found", path) from None
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, path) from None
+    out = {"size": int(meta.get("size") or 0)}
+    for key in ("ETag", "etag", "VersionId", "md5Hash", "LastModified", "mtime", "last_modified"):
+        if meta.get(key) is not None:
+            out[key.lower()] = str(meta[key])
+    return out
+
+
+def listdir(path: object) -> list[str]:
+    """Names (not paths) in a folder or prefix; a missing one raises VaralignError."""
+    if not is_url(path):
+        return os.listdir(local(path))
+    fs, p = filesystem(str(path))
+    try:
+        if not fs.isdir(p):
+            raise VaralignError("metadata directory not found", path)
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)]
+    except VaralignError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, path) from None
+
+
+def isdir(path: object) -> bool:
+    if not is_url(path):
+        return os.path.isdir(local(path))
+    fs, p = filesystem(str(path))
+    try:
+        return bool(fs.isdir(p))
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, path) from None
+
+
+def exists(path: object) -> bool:
+    if not is_url(path):
+        return os.path.exists(local(path))
+    fs, p = filesystem(str(path))
+    try:
+        return bool(fs.exists(p))
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, path) from None
+
+
+def join(base: object, name: str) -> str:
+    text = str(base)
+    if is_url(text):
+        return text.rstrip("/") + "/" + name
+    return str(Path(local(text)) / name)
+
+
+def arrow_filesystem(path: object) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) to read a parquet at `path` with pyarrow (None for a local path)."""
+    if not is_url(path):
+        return None, local(path)
+    fs, p = filesystem(str(path))
+    from pyarrow.fs import FSSpecHandler, PyFileSystem  # noqa: PLC0415
+
+    return PyFileSystem(FSSpecHandler(fs)), p
+
+
+def check_writable(url: str) -> None:
+    """Before any work: the bucket (or top folder) of an output URL exists and we may list it (so a
+    missing bucket or missing credentials are a one-line error now, not after hours of work)."""
+    fs, p = filesystem(url)
+    bucket = p.split("/", 1)[0]
+    try:
+        if fs.isdir(p.rstrip("/")) and not p.endswith("/"):
+            raise VaralignError("output path is a directory (a prefix with objects under it)", url)
+        if not fs.exists(bucket):
+            raise VaralignError(f"bucket {bucket!r} not found", url)
+        fs.ls(bucket, detail=False)
+    except VaralignError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, url) from None
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Upload a finished local file to `url` in one put: the object appears whole or not at all."""
+    fs, p = filesystem(url)
+    try:
+        fs.put_file(local_path, p)
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, url) from None
+
+
+def get_file(url: str, local_path: str) -> None:
+    fs, p = filesystem(url)
+    try:
+        fs.get_file(p, local_path)
+    except FileNotFoundError:
+        raise VaralignError("not found", url) from None
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, url) from None
+
+
+def remove(url: str) -> None:
+    fs, p = filesystem(url)
+    try:
+        fs.rm_file(p)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, url) from None
+
+
+def fetch(url: str) -> str:
+    """A small input (a target, a subset file, centroids) as a local file: downloaded once into
+    `~/.cache/varalign/inputs/`, keyed by the URL and the object's ETag/size (a changed object is
+    fetched again)."""
+    import hashlib  # noqa: PLC0415
+
+    meta = info(url)
+    key = hashlib.sha256(json.dumps([url, meta], sort_keys=True).encode()).hexdigest()[:24]
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "varalign" / "inputs" / key
+    dest = folder / url.rstrip("/").rsplit("/", 1)[-1]
+    if dest.is_file() and dest.stat().st_size == meta["size"]:
+        return str(dest)
+    folder.mkdir(parents=True, exist_ok=True)
+    from .atomic import atomic_path  # noqa: PLC0415
+
+    with atomic_path(dest) as tmp:
+        get_file(url, str(tmp))
+    return str(dest)
+
+
+def localize(path: object) -> object:
+    """`path` itself when local, else a fetched local copy (see `fetch`)."""
+    return fetch(str(path)) if path is not None and is_url(path) else path
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__

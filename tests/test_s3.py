@@ -1,0 +1,196 @@
+"""Pools and outputs in object storage, through a real S3 server (moto's, on 127.0.0.1), and Ray across two
+nodes that share no path: the same subsets and scores as a local run, outputs whole or absent, a changed
+object noticed, one-line errors for a missing bucket or missing credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is part of the test extra")
+s3fs = pytest.importorskip("s3fs", reason="s3fs is part of the test extra")
+
+from varalign import filter_pool, storage  # noqa: E402
+from varalign.cli import main  # noqa: E402
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(synth_pool):
+    """A moto S3 server on 127.0.0.1 with the synthetic pool uploaded to s3://pool/pool/."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    saved = {k: os.environ.get(k) for k in [*CREDS, storage.ENV]}
+    os.environ.update(CREDS)
+    storage.configure({"client_kwargs": {"endpoint_url": endpoint}})
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir("pool")
+    fs.mkdir("out")
+    fs.put(str(synth_pool / "pool") + "/", "pool/pool/", recursive=True)
+    yield {"endpoint": endpoint, "fs": fs, "pool": "s3://pool/pool", "local": synth_pool}
+    storage._options = None
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+CASES = {
+    "clip_score": {"arch": "l14", "fraction": 0.3},
+    "vas": {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "target_variance_name": "imagenet_1k"},
+    "vas_d": {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": 4},
+    "basic_filter": {},
+}
+
+
+def _run(pool, out: Path, name: str, **extra):
+    opts = CASES[name] | {"files_path": extra.pop("files_path")} if name == "vas" else CASES[name]
+    return filter_pool(pool, out, name, quiet=True, save_scores=str(out.with_suffix(".parquet")), **opts, **extra)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pool_in_s3_gives_the_local_subset_and_scores(s3, tmp_path, name) -> None:
+    files = str(s3["local"] / "files")
+    _run(s3["local"] / "pool", tmp_path / "local.npy", name, files_path=files)
+    remote = _run(s3["pool"], tmp_path / "remote.npy", name, files_path=files)
+    assert (tmp_path / "local.npy").read_bytes() == (tmp_path / "remote.npy").read_bytes()
+    assert pq.read_table(tmp_path / "local.parquet").equals(pq.read_table(tmp_path / "remote.parquet"))
+    manifest = json.loads(Path(remote.manifest_path).read_text())
+    objects = manifest["inputs"]["objects"]
+    assert len(objects) == 6 and all(len(o) == 3 and o[2] for o in objects)  # name, size, ETag of every shard
+
+
+def test_outputs_in_s3_are_whole_verified_and_rerun_when_an_object_changes(s3, tmp_path, capsys) -> None:
+    fs = s3["fs"]
+    out, scores = "s3://out/run1/vas_d.npy", "s3://out/run1/vas_d_scores.parquet"
+    argv = ["filter", "--name", "vas_d", "--metadata_dir", s3["pool"], "--save_path", out, "--save_scores", scores,
+            "--arch", "l14", "--fraction", "0.45", "--fraction_vas", "0.3", "--num_iters", "4"]
+    assert main(argv + ["--quiet"]) == 0
+    filter_pool(s3["local"] / "pool", tmp_path / "l.npy", "vas_d", quiet=True, save_scores=str(tmp_path / "l.parquet"),
+                **CASES["vas_d"])
+    assert fs.cat_file(out[5:]) == (tmp_path / "l.npy").read_bytes()
+    assert fs.cat_file(scores[5:]) == (tmp_path / "l.parquet").read_bytes()
+    manifest = json.loads(fs.cat_file("out/run1/vas_d.manifest.json"))
+    assert set(manifest["files"]) == {out, scores}
+    assert sorted(fs.ls("out/run1", detail=False)) == ["out/run1/vas_d.manifest.json", "out/run1/vas_d.npy",
+                                                       "out/run1/vas_d_scores.parquet"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "up to date" in capsys.readouterr().err
+    # a changed object of the pool (same name, new bytes: a new ETag) is noticed: the run is redone
+    first = fs.cat_file("pool/pool/00000000.parquet")
+    fs.pipe_file("pool/pool/00000000.parquet", first)  # same bytes, new upload: moto gives the same ETag
+    table = pq.read_table(s3["local"] / "pool" / "00000000.parquet")
+    local_copy = tmp_path / "changed.parquet"
+    pq.write_table(table.replace_schema_metadata({"note": "rewritten"}), local_copy)
+    fs.put_file(str(local_copy), "pool/pool/00000000.parquet")
+    try:
+        assert main(argv) == 0
+        assert "up to date" not in capsys.readouterr().err
+    finally:
+        fs.pipe_file("pool/pool/00000000.parquet", first)
+
+
+_KILL_AT_PUT = textwrap.dedent("""
+    import os, signal, sys
+    from varalign import storage
+    n, calls, real = int(sys.argv[1]), [0], storage.put_file
+    def put_file(local_path, url):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(local_path, url)
+    storage.put_file = put_file
+    from varalign.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3])
+def test_kill_between_uploads_never_leaves_a_half_commit(s3, tmp_path, kill_at) -> None:
+    """Uploads: pending manifest, subset, scores, then the manifest (a server-side copy). Killed before each
+    put, the bucket holds no partial object, and the same command then ends with the full result."""
+    fs = s3["fs"]
+    prefix = f"out/kill{kill_at}"
+    argv = ["filter", "--name", "clip_score", "--metadata_dir", s3["pool"], "--save_path", f"s3://{prefix}/s.npy",
+            "--save_scores", f"s3://{prefix}/s.parquet", "--arch", "l14", "--fraction", "0.3", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_PUT, str(kill_at), *argv], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    assert not fs.exists(f"{prefix}/s.manifest.json")
+    filter_pool(s3["local"] / "pool", tmp_path / "l.npy", "clip_score", arch="l14", fraction=0.3, quiet=True,
+                save_scores=str(tmp_path / "l.parquet"))
+    for name, local in (("s.npy", "l.npy"), ("s.parquet", "l.parquet")):
+        if fs.exists(f"{prefix}/{name}"):  # a put is all or nothing
+            assert fs.cat_file(f"{prefix}/{name}") == (tmp_path / local).read_bytes()
+    rerun = subprocess.run([sys.executable, "-m", "varalign", *argv], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert fs.cat_file(f"{prefix}/s.npy") == (tmp_path / "l.npy").read_bytes()
+    assert fs.exists(f"{prefix}/s.manifest.json") and not fs.exists(f"{prefix}/.s.manifest.json.pending")
+
+
+def test_one_line_errors(s3, tmp_path, capsys, monkeypatch) -> None:
+    def error(argv: list[str]) -> str:
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1 and err.startswith("varalign: error: "), err
+        return err
+
+    base = ["filter", "--name", "clip_score", "--arch", "l14", "--fraction", "0.3", "--quiet"]
+    err = error(base + ["--metadata_dir", "s3://no-such-bucket/pool", "--save_path", str(tmp_path / "a.npy")])
+    assert "s3://no-such-bucket/pool" in err
+    err = error(base + ["--metadata_dir", s3["pool"], "--save_path", "s3://no-such-bucket/a.npy"])
+    assert "no-such-bucket" in err and "not found" in err
+    assert not (tmp_path / "a.npy").exists()
+    # no credentials anywhere: botocore refuses to sign
+    for k in CREDS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        err = error(base + ["--metadata_dir", "s3://pool/pool", "--save_path", str(tmp_path / "b.npy")])
+        assert "credentials" in err.lower()
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_ray_on_two_nodes_reads_the_pool_from_s3(s3, tmp_path) -> None:
+    """A Ray cluster of two nodes (Ray's own cluster utilities, on this machine): every task reads its shard
+    from the bucket and returns its result through Ray; VAS-D's candidates travel as Ray objects. The
+    subsets equal the local executor's."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {storage.ENV: os.environ[storage.ENV], **CREDS}})
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        for name in ("clip_score", "vas_d"):
+            local = filter_pool(s3["local"] / "pool", tmp_path / f"{name}-local.npy", name, quiet=True, **CASES[name])
+            remote = filter_pool(s3["pool"], tmp_path / f"{name}-ray.npy", name, quiet=True, executor="ray",
+                                 ray_address=cluster.address, **CASES[name])
+            assert np.array_equal(np.asarray(local.uids), np.asarray(remote.uids))
+            assert (tmp_path / f"{name}-local.npy").read_bytes() == (tmp_path / f"{name}-ray.npy").read_bytes()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
