@@ -194,3 +194,20 @@ def test_ray_on_two_nodes_reads_the_pool_from_s3(s3, tmp_path) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_target_and_given_uids_as_urls(s3, tmp_path) -> None:
+    """Small inputs given as URLs are fetched once (keyed by ETag) and give the local run's subset."""
+    fs = s3["fs"]
+    local_target = s3["local"] / "files" / "variance" / "variance_imagenet_1k.npy"
+    fs.put_file(str(local_target), "pool/inputs/target.npy")
+    given = tmp_path / "given.npy"
+    every = filter_pool(s3["local"] / "pool", None, "no_filter", quiet=True).uids
+    np.save(given, np.asarray(every)[::2])
+    fs.put_file(str(given), "pool/inputs/given.npy")
+    opts = {"arch": "l14", "fraction": 0.5, "fraction_vas": 0.3}
+    local = filter_pool(s3["local"] / "pool", tmp_path / "l.npy", "vas", target=str(local_target),
+                        given_uids_path=str(given), quiet=True, **opts)
+    remote = filter_pool(s3["pool"], tmp_path / "r.npy", "vas", target="s3://pool/inputs/target.npy",
+                         given_uids_path="s3://pool/inputs/given.npy", quiet=True, **opts)
+    assert np.array_equal(np.asarray(local.uids), np.asarray(remote.uids)) and len(remote.uids) > 0

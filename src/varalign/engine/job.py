@@ -79,12 +79,13 @@ def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | 
     if options.get("storage_options") is not None:
         storage.configure(options["storage_options"])
     clock = Clock()
-    recipe = make_recipe(name, options)
-    options["name"] = name
+    local_options = localized(options)  # inputs given as URLs fetched (the pool itself is streamed)
+    recipe = make_recipe(name, local_options)
+    options["name"] = local_options["name"] = name
     for out in (save_path, options.get("save_scores")):
         if out is not None:
             check_output_path(out)
-    job = Job(Run(recipe, metadata_dir, localized(options), clock), save_path, options)
+    job = Job(Run(recipe, metadata_dir, local_options, clock), save_path, options)
     clock.lap("validate")
     job.check_paths()
     with lock_outputs(job.group.all_paths()), job.work_dir_lock():
