@@ -1,0 +1,115 @@
+"""Peak memory does not grow with the pool: a run over 12M rows fits in what a run over 1M rows left
+allocated plus 32 MiB, under a hard limit (`RLIMIT_DATA`) set in a subprocess.
+
+A structure of even 8 bytes per row (e.g. every shard's row numbers made up front, as the engine did
+before issue 17: 96 MB here) does not fit, and the run dies with MemoryError. The first run (1M rows,
+16 shards, more than a window of them) warms every buffer a run keeps: the arrays of one window of
+shards, the uid merge's budget, thread stacks, allocator arenas; whatever the second run needs on top
+of that is what grows with the pool. No timing is measured.
+
+Calibration (2 AMD EPYC cores, 24 GiB): the run over 12M rows needed < 16 MiB over the warm state;
+the engine before issue 17 needed more than 48 MiB at 8M rows. The limit counts private writable
+memory (heap, anonymous maps, thread stacks), not the pool's files read nor the output file mapped
+read-only; glibc is held to 2 malloc arenas and pyarrow to the system allocator, so that a new arena
+or a reserved mimalloc segment (virtual memory reserved, not used) cannot fail a run that fits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import varalign
+from varalign.uids import uids_to_hex
+
+ROWS_PER_SHARD = 62_500
+WARM_SHARDS, BIG_SHARDS = 16, 192  # 1M and 12M rows
+MARGIN = 32 << 20
+
+CHILD = textwrap.dedent('''
+    import json, resource, sys
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    import numpy as np
+
+    import varalign.engine.job as job
+    from varalign import filter_pool
+    from varalign.methods.base import Method, Score, register
+
+
+    @dataclass
+    class NoParams:
+        pass
+
+
+    def row_score(shard, rows):  # a cheap number per row: the engine's work is what is measured
+        return ((rows.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1000003)).astype(np.float32)
+
+
+    register(Method("row_hash", "a number per row, from its row number", NoParams, lambda p, run: Score(fn=row_score)))
+
+
+    def vm_data():
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+
+
+    recipe, warm, big, out, margin = sys.argv[1:6]
+    filter_pool(warm, f"{out}/warm.npy", recipe=recipe, quiet=True, num_workers=2)
+    # the subset file is returned memory-mapped copy-on-write: 16 B of private mapping per selected row
+    # that no one touches here; read-only it is not counted by RLIMIT_DATA
+    job.open_subset = lambda p: np.load(p, mmap_mode="r", allow_pickle=False)
+    base = vm_data()
+    resource.setrlimit(resource.RLIMIT_DATA, (base + int(margin), resource.RLIM_INFINITY))
+    try:
+        res = filter_pool(big, f"{out}/big.npy", recipe=recipe, quiet=True, num_workers=2)
+    except MemoryError:
+        print(json.dumps({"ok": False}))
+        sys.exit(3)
+    print(json.dumps({"ok": True, "selected": res.counts["selected"], "pool": res.counts["pool"]}))
+''')
+
+
+def _uid_pool(root: Path, shards: int, seed: int) -> Path:
+    """Parquet-only shards of random uids (all a recipe without a parquet score column needs)."""
+    root.mkdir()
+    for i in range(shards):
+        words = np.random.default_rng([seed, i]).integers(0, 2**64 - 1, size=(ROWS_PER_SHARD, 2), dtype=np.uint64)
+        uids = np.empty(ROWS_PER_SHARD, dtype="u8,u8")
+        uids["f0"], uids["f1"] = words[:, 0], words[:, 1]
+        pq.write_table(pa.table({"uid": uids_to_hex(uids)}), root / f"{i:06d}.parquet")
+    return root
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA and /proc/self/status: Linux")
+def test_a_pool_twelve_times_larger_fits_in_a_fixed_margin(tmp_path: Path) -> None:
+    warm = _uid_pool(tmp_path / "warm", WARM_SHARDS, 1)
+    big = _uid_pool(tmp_path / "big", BIG_SHARDS, 2)
+    recipe = tmp_path / "rowhash.toml"
+    recipe.write_text('name = "rowhash"\n[[stages]]\nscore = "row_hash"\nfraction = 0.5\n')
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    out = tmp_path / "out"
+    out.mkdir()
+    src = str(Path(varalign.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+               MALLOC_ARENA_MAX="2", ARROW_DEFAULT_MEMORY_POOL="system")
+    proc = subprocess.run([sys.executable, str(child), str(recipe), str(warm), str(big), str(out), str(MARGIN)],
+                          capture_output=True, text=True, env=env)
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines else {"ok": False}
+    assert proc.returncode == 0 and result["ok"], (
+        f"the run over {BIG_SHARDS * ROWS_PER_SHARD:,} rows did not fit in {MARGIN >> 20} MiB over the state a "
+        f"{WARM_SHARDS * ROWS_PER_SHARD:,}-row run left: something grows with the pool\n{proc.stderr[-3000:]}")
+    assert result["pool"] == BIG_SHARDS * ROWS_PER_SHARD and result["selected"] == result["pool"] // 2
