@@ -50,10 +50,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     not quiet: (out_dir, result, stdout, stderr)."""
     _needs_train_stack()
     from varalign.demo import run_demo
-    from varalign.minicomp import BuildConfig, sources
+    from varalign.minicomp import sources
+    from varalign.minicomp.build import preset
 
     out = tmp_path_factory.mktemp("demo") / "out"
-    cfg = BuildConfig(size=300, shard_size=120, teacher_samples=128, teacher_batch=64, use_mnist=False)
+    cfg = preset("v4", size=300, shard_size=120, teacher_samples=128, teacher_batch=64, use_mnist=False)
     mp = pytest.MonkeyPatch()
     mp.setattr(sources, "FASHION_DIRS", ())
     mp.delenv("VARALIGN_FASHION_MNIST_DIR", raising=False)

@@ -56,17 +56,20 @@ def run_demo(
     train_seeds: list[int] | None = None,
     train_num_samples: int = 12_800,
     quiet: bool = False,
+    pool_version: str = "v4",
 ) -> dict:
     """Build (or reuse) the mini pool, run DEMO_METHODS on it, print a table, write subsets and a report.
 
     `config` (a `minicomp.BuildConfig`) is used when the pool has to be built; without it a finished build
-    in `build_dir` (default `out_dir/minicomp`) is reused whatever its configuration. Returns
+    in `build_dir` (default `out_dir/minicomp`) is reused whatever its configuration. A pool built here is
+    minicomp's `pool_version` (default v4, whose numbers the README's demo table shows: `config`'s v5 settings
+    are set to their v4 values; "v5" keeps them). Returns
     {"rows": [...], "skipped": {...}, "build_dir", "report", "train": results or None}.
     """
     out = Path(out_dir)
     root = Path(build_dir) if build_dir else out / "minicomp"
     t0 = time.perf_counter()
-    manifest, built_now = _ensure_pool(root, config, fashion_mnist_dir, quiet)
+    manifest, built_now = _ensure_pool(root, config, fashion_mnist_dir, quiet, pool_version)
     t_pool = time.perf_counter() - t0
     if (
         not built_now
@@ -156,7 +159,8 @@ def require_train_stack(what: str, extra: tuple[str, ...] = ()) -> None:
         raise VaralignError(f"{what} needs the training stack (missing: {', '.join(missing)}): {INSTALL_HINT}")
 
 
-def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool) -> tuple[dict, bool]:
+def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool,
+                 pool_version: str = "v4") -> tuple[dict, bool]:
     """The finished build's manifest (building it first when needed) and whether it was built now."""
     manifest = finished(root)
     if manifest is not None and config is None:
@@ -166,10 +170,15 @@ def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool)
         )
         return manifest, False
     require_train_stack("`varalign demo` builds a real-image pool with a teacher CLIP it trains, and")
-    from .minicomp.build import BuildConfig, build  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
+
+    from .minicomp.build import V4_VALUES, build, preset  # noqa: PLC0415
     from .minicomp.sources import find_fashion_dir  # noqa: PLC0415
 
-    cfg = config or BuildConfig(fashion_mnist_dir=fashion_mnist_dir)
+    # the demo builds minicomp's v4 pool (its README table is v4's); `minicomp build` defaults to v5
+    cfg = config or preset(pool_version, fashion_mnist_dir=fashion_mnist_dir)
+    if pool_version == "v4":
+        cfg = dataclasses.replace(cfg, **V4_VALUES)
     if manifest is None:
         if cfg.use_fashion and find_fashion_dir(cfg.fashion_mnist_dir) is None:
             print(

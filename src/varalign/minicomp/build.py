@@ -38,6 +38,8 @@ from ..errors import VaralignError
 from ..pool import ARCHS
 from ..workdir import Steps, WorkDir, digest
 from . import captions as cap
+from . import offtarget as off
+from .offtarget import OFFTARGET_KINDS
 from .sources import SIZE, Source, load_sources
 
 MANIFEST = "minicomp.json"
@@ -46,6 +48,13 @@ TEACHER_NAME = "varalign-minicomp-teacher"
 LABEL_COLUMNS = ("label_caption_kind", "label_image_kind", "label_class", "label_source", "label_language")
 CAPTION_KINDS = ("aligned", "wrong_class", "uninformative", "non_english")
 IMAGE_KINDS = ("clean", "near_duplicate", "blank", "noise")
+# v5's off-target but well-aligned kinds (label_image_kind; their captions are "aligned"): see offtarget.py
+ALL_IMAGE_KINDS = (*IMAGE_KINDS, *OFFTARGET_KINDS)
+# the v5 settings and their v4 values: `--preset v4` (or these values) rebuilds v4's pool byte for byte, and a
+# v4 build's manifest (which has none of these keys) still matches
+V4_VALUES = {"p_rendered_text": 0.0, "p_off_domain": 0.0, "p_low_info": 0.0, "teacher_web_mix": False,
+             "target_other": False}
+PRESETS = ("v4", "v5")
 
 
 def teacher_config(arch: str) -> dict:
@@ -90,6 +99,39 @@ class BuildConfig:
     teacher_batch: int = 128
     teacher_lr: float = 1e-3
     teacher_checkpoints: int = 1
+    # v5: off-target but well-aligned samples, shares of the whole pool (docs/minicomp.md gives the sources)
+    p_rendered_text: float = 0.20
+    p_off_domain: float = 0.15
+    p_low_info: float = 0.05
+    p_class_word: float = 0.6  # rendered text: a downstream class name (else a web word)
+    # the teacher also trains on the off-target kinds, in the pool's shares, with their (matching) captions
+    teacher_web_mix: bool = True
+    # also a VAS target from one source's training split only (the ImageNet stand-in: not every task's data)
+    target_other: bool = True
+
+
+def preset(name: str, **overrides) -> BuildConfig:
+    """The BuildConfig of a pool version: `v5` (the defaults) or `v4` (no off-target kinds, teacher on clean
+    pairs only: the pool of the committed v4 results), with `overrides`."""
+    if name not in PRESETS:
+        raise VaralignError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return BuildConfig(**{**(V4_VALUES if name == "v4" else {}), **overrides})
+
+
+def identity(cfg: BuildConfig) -> dict:
+    """The configuration a build is keyed by: asdict(cfg) without the v5 keys at their v4 values (so a v4
+    build made before v5 existed is still recognised, and `--preset v4` gives the same work digest)."""
+    out = asdict(cfg)
+    for k, v in V4_VALUES.items():
+        if out[k] == v:
+            del out[k]
+    if "p_rendered_text" not in out:  # no rendered text anywhere: the class-word share has no effect
+        del out["p_class_word"]
+    return out
+
+
+def is_v5(cfg: BuildConfig) -> bool:
+    return any(getattr(cfg, k) != v for k, v in V4_VALUES.items())
 
 
 @dataclass
@@ -184,10 +226,24 @@ def generate_pool(sources: list[Source], cfg: BuildConfig, quiet: bool = True) -
         raise VaralignError("noise proportions add up to more than 1")
     if not 0 <= cfg.p_attribute <= 1:
         raise VaralignError(f"--p_attribute must be between 0 and 1, got {cfg.p_attribute}")
+    p_off = np.array([cfg.p_rendered_text, cfg.p_off_domain, cfg.p_low_info])
+    if (p_off < 0).any() or p_off.sum() > 1:
+        raise VaralignError("--p_rendered_text + --p_off_domain + --p_low_info must be between 0 and 1")
     cuts = [_cuts(s) for s in sources]
     samples: list[dict] = []
     clean_idx: list[int] = []
+    # the off-target kinds draw from their own generators, so the in-domain samples are v4's when their
+    # shares are 0 (and otherwise the same process on the remaining indices)
+    off_rng = np.random.default_rng([cfg.seed, 20])
+    off_cyclers = [_ClassCycler(s, "pool", np.random.default_rng([cfg.seed, 21, k])) for k, s in enumerate(sources)]
+    class_words = sorted({c for s in sources for c in s.classes})
     for i in tqdm(range(cfg.size), desc="pool samples", unit="sample", disable=quiet, leave=False):
+        if p_off.sum() > 0:
+            u = off_rng.random()
+            if u < p_off.sum():
+                kind = OFFTARGET_KINDS[int(np.searchsorted(np.cumsum(p_off), u, side="right"))]
+                samples.append(_offtarget_sample(kind, i, sources, weights, off_cyclers, class_words, cfg, off_rng))
+                continue
         k = int(rng.choice(len(sources), p=weights))
         src = sources[k]
         image_kind = IMAGE_KINDS[int(rng.choice(4, p=p_img))]
@@ -236,6 +292,51 @@ def generate_pool(sources: list[Source], cfg: BuildConfig, quiet: bool = True) -
             clean_idx.append(i)
         samples.append(sample)
     return samples
+
+
+def _offtarget_sample(kind: str, i: int, sources: list[Source], weights: np.ndarray, cyclers: list, class_words: list,
+                      cfg: BuildConfig, rng: np.random.Generator, tag: str = "minicomp") -> dict:
+    """Pool sample `i` of an off-target kind (offtarget.py), its caption aligned with what it shows."""
+    src_name, cls = "synthetic", "none"
+    if kind == "rendered_text":
+        img, text, word = off.rendered_text(rng, class_words, cfg.p_class_word)
+        drawn: dict = {"text": word}
+    elif kind == "off_domain":
+        img, text, drawn = off.off_domain(rng)
+    else:
+        k = int(rng.choice(len(sources), p=weights))
+        c = int(rng.integers(len(sources[k].classes)))
+        j, _ = cyclers[k].next(c)
+        img, text = off.low_info(sources[k].images[j], sources[k].classes[c], rng)
+        drawn = {"tiled": 4, "source_index": j}
+        src_name, cls = sources[k].name, f"{sources[k].name}:{sources[k].classes[c]}"
+    w, h = _size(rng, cfg.p_small, cfg.p_wide)
+    uid = hashlib.md5(f"{tag}-{cfg.seed}-{i}".encode()).hexdigest()
+    meta = {"uid": uid, "url": f"https://cdn{i % 4}.example.com/{uid[:2]}/{uid[2:10]}.jpg", "original_width": w,
+            "original_height": h, "drawn": drawn}
+    return {"uid": uid, "text": text, "_img": img, "_k": None, "_class": None, "meta": meta,
+            "label_caption_kind": "aligned", "label_image_kind": kind, "label_class": cls,
+            "label_source": src_name, "label_language": "en"}
+
+
+def _teacher_offtarget(sources: list[Source], cfg: BuildConfig, n_clean: int) -> list[dict]:
+    """The teacher's web-like share: off-target samples (from the teacher split for low_info) in the pool's
+    shares relative to its clean pairs, with their matching captions."""
+    p_off = np.array([cfg.p_rendered_text, cfg.p_off_domain, cfg.p_low_info])
+    if not cfg.teacher_web_mix or p_off.sum() <= 0:
+        return []
+    rng = np.random.default_rng([cfg.seed, 22])
+    weights = np.array([cfg.source_weights.get(s.name, 0.1) for s in sources], float)
+    weights /= weights.sum()
+    cyclers = [_ClassCycler(s, "teacher", np.random.default_rng([cfg.seed, 23, k])) for k, s in enumerate(sources)]
+    class_words = sorted({c for s in sources for c in s.classes})
+    n = int(round(n_clean * p_off.sum() / (1 - p_off.sum()))) if p_off.sum() < 1 else n_clean
+    out = []
+    for i in range(n):
+        kind = OFFTARGET_KINDS[int(rng.choice(3, p=p_off / p_off.sum()))]
+        s = _offtarget_sample(kind, i, sources, weights, cyclers, class_words, cfg, rng, tag="minicomp-teacher-web")
+        out.append({"uid": s["uid"], "text": s["text"], "_img": s["_img"], "meta": {"uid": s["uid"]}})
+    return out
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -356,8 +457,12 @@ def train_teacher(sources: list[Source], cfg: BuildConfig, root: Path, quiet: bo
     for p in (root / "run", root / "shards"):
         shutil.rmtree(p, ignore_errors=True)
     save_json(config_path, teacher_config(cfg.arch))
-    write_shards(_clean_samples(sources, "teacher", cfg.seed, "teacher", p_attribute=cfg.p_attribute),
-                 root / "shards", 2000, desc=None if quiet else "teacher shards")
+    samples = _clean_samples(sources, "teacher", cfg.seed, "teacher", p_attribute=cfg.p_attribute)
+    web = _teacher_offtarget(sources, cfg, len(samples))
+    if web:  # v5: a web-like mix (v4's teacher set is left exactly as it was otherwise)
+        mixed = samples + web
+        samples = [mixed[j] for j in np.random.default_rng([cfg.seed, 24]).permutation(len(mixed))]
+    write_shards(samples, root / "shards", 2000, desc=None if quiet else "teacher shards")
     log_path = root / "train.log"  # open_clip_train's own log is run/out.log; this keeps stdout/stderr
     try:
         # the bar moves with open_clip_train's log lines (every 10 steps), which change nothing in the training
@@ -418,7 +523,7 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
         raise VaralignError("--size must be >= 1")
     root = Path(build_dir)
     manifest_path = root / MANIFEST
-    ident = asdict(cfg)
+    ident = identity(cfg)
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if old.get("config") != ident:
@@ -504,11 +609,15 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
         normsim_dir.mkdir(parents=True, exist_ok=True)
         feats = [np.load(p)[f"{cfg.arch}_img"].astype(np.float32) for p in sorted(ds_meta.glob("*.npz"))]
         np.save(normsim_dir / "train_features.npy", np.concatenate(feats))
-        return [target, normsim_dir / "train_features.npy"]
+        out = [target, normsim_dir / "train_features.npy"]
+        if cfg.target_other:
+            out.append(_other_target(sources, ds_meta, files, cfg))
+        return out
 
     _step(steps, "targets", times, targets)
 
     counts = {col: _count(samples, col) for col in LABEL_COLUMNS}
+    counts["teacher_scores"] = kind_scores(metadata)
     counts["pool"] = len(samples)
     counts["tasks"] = task_sizes
     counts["teacher_images"] = sum(len(s.splits["teacher"]) for s in sources)
@@ -521,6 +630,65 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
     work.remove()  # the manifest now says the build is complete
     log(f"done in {times['total']} s: metadata {metadata}, eval tasks {eval_dir}, VAS target {target}")
     return result
+
+
+def other_source(sources: list[Source]) -> Source:
+    """The source whose training split alone makes the `other` VAS target: Fashion-MNIST when present (the
+    largest, object photos: the ImageNet stand-in), else the one with the most downstream-train images."""
+    by_name = {s.name: s for s in sources}
+    return by_name.get("fashion_mnist") or max(sources, key=lambda s: len(s.splits["downstream_train"]))
+
+
+def _other_target(sources: list[Source], ds_meta: Path, files: Path, cfg: BuildConfig) -> Path:
+    """VAS target `other` (files/variance/variance_other.npy): the second moment of the teacher's image
+    features of ONE source's downstream-train split, so it covers one task and not the others (as the
+    paper's ImageNet-1k target is not its 38 test tasks)."""
+    import pyarrow.parquet as pq
+
+    src = other_source(sources)
+    want = {hashlib.md5(f"minicomp-downstream-{cfg.seed}-{src.name}-{j}".encode()).hexdigest()
+            for j in src.splits["downstream_train"]}
+    feats = []
+    for p in sorted(ds_meta.glob("*.parquet")):
+        uids = pq.read_table(p, columns=["uid"]).column("uid").to_pylist()
+        rows = np.array([u in want for u in uids])
+        feats.append(np.load(p.with_suffix(".npz"))[f"{cfg.arch}_img"].astype(np.float64)[rows])
+    from ..target import build_target
+
+    feat_dir = files / "other_source"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    np.save(feat_dir / "train_features.npy", np.concatenate(feats).astype(np.float32))
+    save_json(feat_dir / "source.json", {"source": src.name, "split": "downstream_train",
+                                         "rows": int(sum(len(f) for f in feats))})
+    out = files / "variance" / "variance_other.npy"
+    build_target([feat_dir / "train_features.npy"], out, arch=cfg.arch, quiet=True, overwrite=True)
+    return out
+
+
+def kind_scores(metadata_dir: Path, fraction: float = 0.3) -> dict[str, dict[str, dict[str, float]]]:
+    """The teacher's CLIP score per hidden kind: {label column: {kind: {"mean", "n", "kept_top"}}} for the
+    image and caption kinds, `kept_top` the share of that kind CLIP score's top `fraction` keeps (threshold at
+    the score of rank ⌊N·fraction⌋, keep >=, as `clip_score`)."""
+    import pyarrow.parquet as pq
+
+    cols = ["clip_l14_similarity_score", "clip_b32_similarity_score"]
+    score, kinds = [], {"label_image_kind": [], "label_caption_kind": []}
+    for p in sorted(Path(metadata_dir).glob("*.parquet")):
+        names = pq.read_schema(p).names
+        col = next(c for c in cols if c in names)
+        t = pq.read_table(p, columns=[col, *kinds])
+        score.append(t.column(col).to_numpy())
+        for c in kinds:
+            kinds[c] += t.column(c).to_pylist()
+    x = np.concatenate(score)
+    cut = np.sort(x)[::-1][max(0, int(len(x) * fraction) - 1)]
+    keep = x >= cut
+    out: dict = {}
+    for c, vals in kinds.items():
+        v = np.array(vals)
+        out[c] = {k: {"n": int((v == k).sum()), "mean": round(float(x[v == k].mean()), 4),
+                      "kept_top": round(float(keep[v == k].mean()), 4)} for k in sorted(set(vals))}
+    return out
 
 
 def _step(steps: Steps, name: str, times: dict[str, float], run, start: float | None = None,

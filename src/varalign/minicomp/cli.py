@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .build import BuildConfig
+from .build import PRESETS, V4_VALUES, BuildConfig
 
 
 def register_minicomp(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,18 @@ def register_minicomp(sub: argparse._SubParsersAction) -> None:
     for name in ("p_wrong_class", "p_uninformative", "p_non_english", "p_near_duplicate", "p_blank", "p_noise",
                  "overrep_share", "p_attribute"):
         b.add_argument(f"--{name}", type=float, default=getattr(d, name), help="default: %(default)s")
+    b.add_argument("--preset", choices=PRESETS, default="v5",
+                   help="pool version: v5 (default; off-target kinds, web-like teacher) or v4 (the pool of the "
+                        "committed v4 results, byte-identical; the flags below still override it)")
+    for name, what in (("p_rendered_text", "rendered-text images (the caption's word drawn in)"),
+                       ("p_off_domain", "drawn off-domain objects (shapes, patterns, charts, arrows)"),
+                       ("p_low_info", "low-information near-copies (one item tiled 2x2)")):
+        b.add_argument(f"--{name}", type=float, default=None,
+                       help=f"share of the pool: {what} (v5 default: {getattr(d, name)}; v4: 0)")
+    b.add_argument("--p_class_word", type=float, default=d.p_class_word,
+                   help="rendered text: share that draws a downstream class name (default: %(default)s)")
+    b.add_argument("--teacher_web_mix", choices=["yes", "no"], default=None,
+                   help="train the teacher on the off-target kinds too (v5: yes; v4: no)")
     b.add_argument("--overwrite", action="store_true", help="rebuild a directory built with other settings")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_run_build)
@@ -53,9 +65,14 @@ def register_minicomp(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from .build import build
+    from .build import build, preset
 
-    cfg = BuildConfig(size=args.size, seed=args.seed, arch=args.arch, shard_size=args.shard_size,
+    v5 = {k: getattr(args, k) for k in ("p_rendered_text", "p_off_domain", "p_low_info") if getattr(args, k) is not None}
+    if args.teacher_web_mix is not None:
+        v5["teacher_web_mix"] = args.teacher_web_mix == "yes"
+    base = preset(args.preset, **v5)
+    cfg = BuildConfig(**{k: getattr(base, k) for k in V4_VALUES}, p_class_word=args.p_class_word,
+                      size=args.size, seed=args.seed, arch=args.arch, shard_size=args.shard_size,
                       fashion_mnist_dir=args.fashion_mnist_dir, use_fashion=not args.no_fashion_mnist,
                       use_mnist=not args.no_mnist, teacher_samples=args.teacher_samples,
                       teacher_batch=args.teacher_batch, p_wrong_class=args.p_wrong_class,

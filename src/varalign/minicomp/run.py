@@ -34,6 +34,7 @@ METHODS: dict[str, dict] = {
     "random_30": {"name": "random", "fraction": 0.3},
     "clip_score_30": {"name": "clip_score", "fraction": 0.3},
     "vas_clip_score": {"name": "vas", "fraction": 0.45, "fraction_vas": 0.3, "target": "{target}"},
+    "vas_other_clip_score": {"name": "vas", "fraction": 0.45, "fraction_vas": 0.3, "target": "{target_other}"},
     "vas_d_clip_score": {"name": "vas_d", "fraction": 0.45, "fraction_vas": 0.3, "num_iters": 10},
     "negcliploss_30": {"name": "negcliploss", "fraction": 0.3},
     "negcliploss_normsim": {"name": "negcliploss", "fraction": 0.45, "fraction_vas": 0.3, "proxy_path": "{normsim}"},
@@ -45,6 +46,8 @@ DESCRIPTIONS = {
     "random_30": "random 30%",
     "clip_score_30": "CLIP score top 30%",
     "vas_clip_score": "CLIP score top 45%, then VAS (downstream target) top 30% of the pool",
+    "vas_other_clip_score": "CLIP score top 45%, then VAS (one source's training split as target: the ImageNet "
+                            "stand-in) top 30%",
     "vas_d_clip_score": "CLIP score top 45%, then VAS-D (10 rounds) top 30%",
     "negcliploss_30": "negCLIPLoss top 30%",
     "negcliploss_normsim": "negCLIPLoss top 45%, then NormSim-inf (downstream features) top 30%",
@@ -85,7 +88,8 @@ def filter_options(method: str, build_dir: Path, arch: str) -> tuple[str, dict]:
     opts = dict(METHODS[method])
     name = opts.pop("name")
     fill = {"{target}": str(build_dir / "files" / "variance" / "variance_downstream.npy"),
-            "{normsim}": str(build_dir / "files" / "normsim_downstream")}
+            "{normsim}": str(build_dir / "files" / "normsim_downstream"),
+            "{target_other}": str(build_dir / "files" / "variance" / "variance_other.npy")}
     opts = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
     if name in ("clip_score", "vas", "vas_d", "negcliploss"):
         opts["arch"] = arch
@@ -99,6 +103,9 @@ def select(method: str, build_dir: Path, save_path: Path, seed: int = 0, arch: s
 
     name, opts = filter_options(method, build_dir, arch)
     metadata = build_dir / "metadata"
+    if opts.get("target") and not Path(opts["target"]).exists():
+        raise VaralignError("this build has no such VAS target (a v4 build has no `other` target: rebuild with "
+                            "the v5 preset)", opts["target"])
     if name == "random":
         uids, _ = pool_labels(metadata)
         rng = np.random.default_rng([seed, 7])
@@ -213,20 +220,62 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
                     log(f"{exp}: {len(kept):,} samples, {per_seed[-1]} ({time.time() - t:.0f} s)")
                 bar.update()
             tasks = sorted(per_seed[0])
+            per_seed = [{**s, AVERAGE: float(np.mean([s[k] for k in tasks]))} for s in per_seed]
             results["methods"][method] = {
                 "samples": int(len(kept)),
                 "metrics": {k: {"mean": float(np.mean([s[k] for s in per_seed])),
-                                "std": float(np.std([s[k] for s in per_seed]))} for k in tasks},
+                                "std": float(np.std([s[k] for s in per_seed]))} for k in [*tasks, AVERAGE]},
+                "per_seed": {str(seed): s for seed, s in zip(seeds, per_seed, strict=True)},
                 # the kinds present in the pool, sorted (NaN: a kind the pool has none of)
                 "kept_share": {c: {k: round(v, 4) for k, v in sorted(kinds.items()) if v == v}
                                for c, kinds in share.items()},
             }
     bar.close()
+    results["paired"] = paired_table(results)
     save_json(run_dir / "results.json", results)
     with atomic_path(run_dir / "results.md", ".md") as tmp:
         tmp.write_text(results_table(results))
     write_plot(run_dir / "results.json", run_dir / "results.svg")
     return results
+
+
+AVERAGE = "average"  # the mean of a run's task metrics (DataComp's "average over tasks" column)
+BASELINE = "clip_score_30"  # what the paired comparison compares every method with
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """The paired comparison of `a` with `b` (same seeds, in the same order): per-seed differences d = a - b,
+    their mean, standard deviation (n - 1), standard error sd/√n, and the pre-registered verdict
+    (docs/minicomp.md): "a better" when mean > 2·SE, "b better" when mean < -2·SE, else "inconclusive"."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    if n == 0 or len(a) != len(b):
+        raise ValueError("paired needs two equally long, non-empty lists")
+    mean = float(d.mean())
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    se = sd / np.sqrt(n) if n > 1 else float("nan")
+    verdict = "inconclusive" if not se == se else "a better" if mean > 2 * se else \
+        "b better" if mean < -2 * se else "inconclusive"
+    return {"n": n, "diffs": [float(x) for x in d], "mean": mean, "sd": sd, "se": float(se), "verdict": verdict}
+
+
+def paired_table(results: dict, baseline: str = BASELINE) -> dict:
+    """{method: paired(method's per-seed average, baseline's)} for every other method run with the same seeds,
+    plus each task's mean difference; {} without the baseline."""
+    rows = results["methods"]
+    if baseline not in rows:
+        return {}
+    seeds = [str(s) for s in results["seeds"]]
+    base = rows[baseline]["per_seed"]
+    out = {}
+    for m, r in rows.items():
+        if m == baseline or set(seeds) - set(r["per_seed"]):
+            continue
+        p = paired([r["per_seed"][s][AVERAGE] for s in seeds], [base[s][AVERAGE] for s in seeds])
+        p["tasks"] = {t: float(np.mean([r["per_seed"][s][t] - base[s][t] for s in seeds]))
+                      for t in r["per_seed"][seeds[0]] if t != AVERAGE}
+        out[m] = p
+    return out
 
 
 def results_table(results: dict) -> str:
@@ -235,6 +284,8 @@ def results_table(results: dict) -> str:
     if not rows:
         return "no method ran\n"
     tasks = sorted(next(iter(rows.values()))["metrics"])
+    if AVERAGE in tasks:
+        tasks = [t for t in tasks if t != AVERAGE] + [AVERAGE]
     kinds = [(c, v) for c in ("label_caption_kind", "label_image_kind")
              for v in next(iter(rows.values()))["kept_share"][c]]
     n = len(results["seeds"])
@@ -248,6 +299,16 @@ def results_table(results: dict) -> str:
               "| method | " + " | ".join(f"{v}" for _, v in kinds) + " |", "|---|" + "---|" * len(kinds)]
     for m, r in rows.items():
         lines.append(f"| {m} | " + " | ".join(f"{r['kept_share'][c][v]:.2f}" for c, v in kinds) + " |")
+    paired_rows = results.get("paired") or {}
+    if paired_rows:
+        lines += ["", f"Paired per seed against {BASELINE} (d = method − {BASELINE} on the average over tasks; "
+                  "SE = sd(d)/√n; pre-registered: > 2 SE better, < −2 SE worse, else inconclusive):", "",
+                  "| method | d per seed | mean d | SE | mean d / SE | verdict |", "|---|---|---|---|---|---|"]
+        for m, p in paired_rows.items():
+            ratio = p["mean"] / p["se"] if p["se"] == p["se"] and p["se"] > 0 else float("nan")
+            verdict = {"a better": "better", "b better": "worse"}.get(p["verdict"], p["verdict"])
+            lines.append(f"| {m} | " + " ".join(f"{x:+.3f}" for x in p["diffs"])
+                         + f" | {p['mean']:+.4f} | {p['se']:.4f} | {ratio:+.1f} | {verdict} |")
     for m, why in results["skipped"].items():
         lines.append(f"\nskipped {m}: {why}")
     return "\n".join(lines) + "\n"
