@@ -68,7 +68,7 @@ def open_member(path: str | os.PathLike, key: str) -> NpzMember:
             raise VaralignError(f"npz has no key {key!r} (keys: {keys})", path) from None
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise VaralignError(f"npz member {key!r} uses unsupported zip compression {info.compress_type}", path)
-    with storage.open_read(path) as fh:
+    with storage.open_read(path, block_size=1 << 16, background=False) as fh:  # a few bytes: one small request
         fh.seek(info.header_offset)
         local = fh.read(30)
         if len(local) != 30 or local[:4] != b"PK\x03\x04":
@@ -153,8 +153,7 @@ def _iter_stored_blocks(member: NpzMember, block_rows: int, reuse: bool) -> Iter
     n_rows = member.shape[0] if member.shape else 1
     new_block = _allocator(member, block_rows, reuse)
     try:
-        with storage.open_read(member.path) as fh:
-            fh.seek(member.data_offset)
+        with storage.open_range(member.path, member.data_offset, member.compress_size) as fh:
             head = fh.read(member.header_len)
             crc = _zlib.crc32(head)
             total = len(head)
@@ -198,8 +197,7 @@ def _iter_raw(member: NpzMember) -> Iterator[bytes]:
     crc = 0
     total = 0
     try:
-        with storage.open_read(member.path) as fh:
-            fh.seek(member.data_offset)
+        with storage.open_range(member.path, member.data_offset, member.compress_size) as fh:
             remaining = member.compress_size
             inflater = _zlib.decompressobj(-15) if member.compressed else None
             while remaining > 0:
@@ -261,7 +259,7 @@ def _read_prefix(path: str, offset: int, size: int, compressed: bool, want: int)
     """The first `want` inflated bytes of a member (fewer if the member is shorter)."""
     out = bytearray()
     inflater = _zlib.decompressobj(-15) if compressed else None
-    with storage.open_read(path) as fh:
+    with storage.open_read(path, block_size=1 << 16, background=False) as fh:
         fh.seek(offset)
         remaining = size
         while len(out) < want and remaining > 0:
@@ -313,7 +311,7 @@ class _OwnedZip(zipfile.ZipFile):
 def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
     try:
         if storage.is_url(path):  # only the central directory is read: a few small ranged requests
-            return _OwnedZip(storage.open_read(path, block_size=1 << 20))
+            return _OwnedZip(storage.open_read(path, block_size=1 << 16, background=False))
         return zipfile.ZipFile(path)
     except FileNotFoundError:
         raise VaralignError("npz file not found", path) from None

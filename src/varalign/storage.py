@@ -10,6 +10,7 @@ streamed npz member or parquet column is not latency-bound and no shard is copie
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -73,17 +74,87 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise VaralignError(f"cannot open {scheme}:// ({_short(exc)})", url) from None
 
 
-def open_read(path: object, block_size: int = BLOCK) -> IO[bytes]:
-    """A binary file for reading: `open()` for a local path, a readahead fsspec file for a URL."""
+def open_read(path: object, block_size: int = BLOCK, background: bool = True) -> IO[bytes]:
+    """A binary file for reading: `open()` for a local path; for a URL an fsspec file reading
+    `block_size` bytes per ranged request, the next block fetched in the background while the
+    current one is used (`background=False`: a plain readahead, for a few small reads)."""
     if not is_url(path):
         return open(local(path), "rb")
     fs, p = filesystem(str(path))
     try:
-        return fs.open(p, "rb", block_size=block_size, cache_type="background")
+        return fs.open(p, "rb", block_size=block_size, cache_type="background" if background else "readahead")
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors: one line naming the URL
         raise remote_error(exc, path) from None
+
+
+def open_range(path: object, offset: int, size: int, block_size: int = BLOCK) -> IO[bytes]:
+    """A file positioned at `offset` from which `size` bytes are read: a local file, or for a URL a
+    reader that fetches exactly that byte range, `block_size` bytes per request, with the next request
+    in flight while the current block is used (an npz member: nothing before or after it is fetched)."""
+    if not is_url(path):
+        fh = open(local(path), "rb")
+        fh.seek(offset)
+        return fh
+    return _RangeReader(str(path), offset, size, block_size)
+
+
+class _RangeReader(io.RawIOBase):
+    """Sequential reads of one byte range of an object, one request ahead (see `open_range`)."""
+
+    def __init__(self, url: str, offset: int, size: int, block_size: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+        self.fs, self.path = filesystem(url)
+        self.url, self.pos, self.end, self.block = url, offset, offset + size, block_size
+        self.pool = ThreadPoolExecutor(1)
+        self.next = self._request(self.pos)
+        self.buf, self.buf_pos = b"", 0
+
+    def _request(self, start: int):
+        if start >= self.end:
+            return None
+        stop = min(start + self.block, self.end)
+        return self.pool.submit(self.fs.cat_file, self.path, start=start, end=stop)
+
+    def _fill(self) -> bool:
+        if self.buf_pos < len(self.buf):
+            return True
+        if self.next is None:
+            return False
+        try:
+            self.buf = self.next.result()
+        except Exception as exc:  # noqa: BLE001
+            raise remote_error(exc, self.url) from None
+        self.buf_pos = 0
+        self.pos += len(self.buf)
+        self.next = self._request(self.pos) if self.buf else None
+        return bool(self.buf)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, view) -> int:
+        if not self._fill():
+            return 0
+        n = min(len(view), len(self.buf) - self.buf_pos)
+        view[:n] = self.buf[self.buf_pos : self.buf_pos + n]
+        self.buf_pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(self.block), b""))
+        if not self._fill():
+            return b""
+        out = self.buf[self.buf_pos : self.buf_pos + n]
+        self.buf_pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
 
 
 def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFoundError:
