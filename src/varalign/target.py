@@ -145,12 +145,59 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _pool_blocks(root: Path, key: str) -> Iterator[tuple[str, np.ndarray]]:
-    from .pool import discover_shards, embedding_member, iter_checked_blocks  # noqa: PLC0415
+class _PoolSource:
+    """A pool input of `build_target`: its shards, and the npz key to read."""
 
-    for shard in discover_shards(root, need_npz=True):
-        for _start, block in iter_checked_blocks(embedding_member(shard, key), 65536):
-            yield shard.npz, block
+    def __init__(self, root: Path, key: str) -> None:
+        from .pool import discover_shards  # noqa: PLC0415
+
+        self.shards, self.key = discover_shards(root, need_npz=True), key
+
+
+def _pool_blocks(root: Path, key: str) -> _PoolSource:
+    return _PoolSource(root, key)
+
+
+def _block_stats(block: np.ndarray, normalize: bool, device: str) -> tuple[np.ndarray, int, float]:
+    """One block's float64 Gram (of the normalised rows if asked), row count and sum of row norms."""
+    from .backend import to_float32  # noqa: PLC0415
+
+    f = to_float32(block)
+    norms = np.linalg.norm(f, axis=1)
+    if normalize:
+        f = f / np.maximum(norms, 1e-12)[:, None]
+    return SecondMoment(dim=f.shape[1], device=device)._gram(f), len(f), float(norms.sum())
+
+
+def _block_part(origin: str, block: np.ndarray, normalize: bool, acc: SecondMoment) -> tuple:
+    if block.ndim != 2:
+        raise VaralignError(f"embeddings must be 2-d, found shape {block.shape}", origin)
+    if acc.dim is not None and block.shape[1] != acc.dim:
+        raise VaralignError(f"embedding dim {block.shape[1]} differs from {acc.dim}", origin)
+    return (origin, *_block_stats(block, normalize, acc.device))
+
+
+def shard_target_parts(shard, key: str, normalize: bool, device: str) -> list[tuple]:
+    """A shard's target sums, one per 65,536-row block (a task: the driver adds them in pool order)."""
+    from .pool import embedding_member, iter_checked_blocks  # noqa: PLC0415
+
+    return [_block_stats(block, normalize, device)
+            for _start, block in iter_checked_blocks(embedding_member(shard, key), 65536)]
+
+
+def _pool_parts(source: _PoolSource, normalize: bool, device: str) -> Iterator[tuple]:
+    from .execute import LocalExecutor, default_workers  # noqa: PLC0415
+
+    # BLAS keeps its own threads (as a single driver loop did), so the sums are the same bits
+    executor = LocalExecutor(1 if device != "cpu" else default_workers(), limit_kernels=False)
+    window = 2 * executor.num_workers  # the driver holds a window's block sums (D x D float64 each)
+    for start in range(0, len(source.shards), window):
+        part = source.shards[start : start + window]
+        results = executor.map(shard_target_parts, [(s, source.key, normalize, device) for s in part],
+                               "target", quiet=True)
+        for shard, blocks in zip(part, results, strict=True):
+            for gram, count, norms in blocks:
+                yield shard.npz, gram, count, norms
 
 
 def _file_blocks(path: Path, key: str | None) -> Iterator[tuple[str, np.ndarray]]:
@@ -182,7 +229,6 @@ def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLi
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from .backend import to_float32  # noqa: PLC0415
     from .guard import guarded_outputs  # noqa: PLC0415
 
     inputs = list(inputs)
@@ -219,17 +265,17 @@ def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLi
         norm_sum = 0.0
         with tqdm(desc="target", unit="row", unit_scale=True, disable=quiet, leave=False) as bar:
             for source in sources:
-                for origin, block in source:
-                    f = to_float32(block)
-                    norms = np.linalg.norm(f, axis=1)
-                    if normalize:
-                        f = f / np.maximum(norms, 1e-12)[:, None]
-                    norm_sum += float(norms.sum())
-                    try:
-                        acc.add(f)
-                    except ValueError as exc:
-                        raise VaralignError(str(exc), origin) from None
-                    bar.update(len(f))
+                # a pool's shards run through the executor (block sums come back and are added in pool
+                # order, so the target does not depend on the worker count); arrays block by block here
+                parts = _pool_parts(source, normalize, device) if isinstance(source, _PoolSource) else (
+                    _block_part(origin, block, normalize, acc) for origin, block in source)
+                for origin, gram, count, norms in parts:
+                    if acc.dim is not None and gram.shape[0] != acc.dim:
+                        raise VaralignError(f"embedding dim {gram.shape[0]} differs from {acc.dim}", origin)
+                    acc.dim = gram.shape[0]
+                    acc.merge(gram, count)
+                    norm_sum += norms
+                    bar.update(count)
         if acc.count == 0:
             raise VaralignError("no embeddings found in the inputs")
         target = acc.result()
