@@ -71,18 +71,7 @@ class LocalExecutor:
                     bar.update()
                 return results
             with ThreadPoolExecutor(max_workers=min(self.num_workers, len(tasks))) as pool:
-                futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
-                pending = set(futures)
-                try:
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                        for fut in done:
-                            i = futures[fut]
-                            results[i] = _finish(on_result, i, fut.result())
-                            bar.update()
-                finally:
-                    for fut in pending:
-                        fut.cancel()
+                _gather(pool, fn, tasks, results, on_result, bar)
         return results
 
 
@@ -105,19 +94,26 @@ class ProcessExecutor:
         with _progress(bar, len(tasks), desc, quiet) as bar, \
                 ProcessPoolExecutor(max_workers=min(self.num_workers, len(tasks)),
                                     initializer=_one_kernel_thread) as pool:
-            futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
-            pending = set(futures)
-            try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for fut in done:
-                        i = futures[fut]
-                        results[i] = _finish(on_result, i, fut.result())
-                        bar.update()
-            finally:
-                for fut in pending:
-                    fut.cancel()
+            _gather(pool, fn, tasks, results, on_result, bar)
         return results
+
+
+def _gather(pool: Any, fn: Callable[..., Any], tasks: Sequence[tuple], results: list[Any],
+            on_result: Callable[[int, Any], None] | None, bar: Any) -> None:
+    """Submit every task to a futures pool; results in task order, `on_result` as each finishes; the
+    first failure cancels what has not started."""
+    futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                i = futures[fut]
+                results[i] = _finish(on_result, i, fut.result())
+                bar.update()
+    finally:
+        for fut in pending:
+            fut.cancel()
 
 
 def _one_kernel_thread() -> None:

@@ -206,21 +206,18 @@ def listdir(path: object) -> list[str]:
 
 
 def isdir(path: object) -> bool:
-    if not is_url(path):
-        return os.path.isdir(local(path))
-    fs, p = filesystem(str(path))
-    try:
-        return bool(fs.isdir(p))
-    except Exception as exc:  # noqa: BLE001
-        raise remote_error(exc, path) from None
+    return os.path.isdir(local(path)) if not is_url(path) else bool(_remote(path, "isdir"))
 
 
 def exists(path: object) -> bool:
-    if not is_url(path):
-        return os.path.exists(local(path))
+    return os.path.exists(local(path)) if not is_url(path) else bool(_remote(path, "exists"))
+
+
+def _remote(path: object, method: str) -> Any:
+    """`fs.<method>(path)` on the URL's filesystem; its errors as one line naming the URL."""
     fs, p = filesystem(str(path))
     try:
-        return bool(fs.exists(p))
+        return getattr(fs, method)(p)
     except Exception as exc:  # noqa: BLE001
         raise remote_error(exc, path) from None
 
