@@ -211,3 +211,13 @@ def test_target_and_given_uids_as_urls(s3, tmp_path) -> None:
     remote = filter_pool(s3["pool"], tmp_path / "r.npy", "vas", target="s3://pool/inputs/target.npy",
                          given_uids_path="s3://pool/inputs/given.npy", quiet=True, **opts)
     assert np.array_equal(np.asarray(local.uids), np.asarray(remote.uids)) and len(remote.uids) > 0
+
+
+def test_target_from_a_pool_in_s3_to_s3(s3, tmp_path) -> None:
+    from varalign.target import build_target
+
+    local = build_target([s3["local"] / "pool"], tmp_path / "t.npy", quiet=True)
+    remote = build_target([s3["pool"]], "s3://out/targets/t.npy", quiet=True)
+    assert local["rows"] == remote["rows"] == 3000
+    assert s3["fs"].cat_file("out/targets/t.npy") == (tmp_path / "t.npy").read_bytes()
+    assert s3["fs"].exists("out/targets/t.manifest.json")

@@ -213,7 +213,11 @@ def _file_blocks(path: Path, key: str | None) -> Iterator[tuple[str, np.ndarray]
         yield str(path), block
 
 
-def _is_pool(path: Path) -> bool:
+def _is_pool(path: Path | str) -> bool:
+    from . import storage  # noqa: PLC0415
+
+    if storage.is_url(path):  # a pool in object storage (a URL input is always a pool)
+        return True
     return path.is_dir() and any(p.suffix == ".parquet" for p in path.iterdir())
 
 
@@ -232,12 +236,15 @@ def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLi
     from .guard import guarded_outputs  # noqa: PLC0415
 
     inputs = list(inputs)
-    save_path = Path(save_path)
+    from . import storage  # noqa: PLC0415
+
+    save_path = save_path if storage.is_url(save_path) else Path(save_path)
+    suffix = os.path.splitext(str(save_path))[1]
     if device != "cpu":
         from .backend import check_device  # noqa: PLC0415
 
         check_device(device)
-    if save_path.suffix == ".pt":
+    if suffix == ".pt":
         try:
             import torch  # noqa: PLC0415
         except ImportError:
@@ -245,7 +252,7 @@ def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLi
     files: list[Path] = []
     sources: list[Iterator[tuple[str, np.ndarray]]] = []
     for item in inputs:
-        p = Path(item)
+        p = item if storage.is_url(item) else Path(item)
         if _is_pool(p):
             files.append(p)
             sources.append(_pool_blocks(p, key or f"{arch}_img"))
@@ -255,7 +262,9 @@ def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLi
             sources.extend(_file_blocks(f, key) for f in found)
     for item in inputs:  # a target saved into a folder of input arrays would be read by the next run
         p = Path(item)
-        if p.is_dir() and not _is_pool(p) and save_path.suffix in (".npy", ".pt", ".pth") \
+        if storage.is_url(item) or storage.is_url(save_path):
+            continue
+        if p.is_dir() and not _is_pool(p) and suffix in (".npy", ".pt", ".pth") \
                 and save_path.absolute().parent.resolve() == p.resolve():
             raise VaralignError(f"--save_path is inside the input folder {p}: the next run would read it as an "
                                 "input; write it elsewhere", save_path)
@@ -280,7 +289,7 @@ def build_target(inputs: Iterable[str | os.PathLike], save_path: str | os.PathLi
             raise VaralignError("no embeddings found in the inputs")
         target = acc.result()
         with group.write(save_path) as tmp:
-            if save_path.suffix == ".pt":
+            if suffix == ".pt":
                 torch.save(torch.from_numpy(target), tmp)
             else:
                 with open(tmp, "wb") as fh:
