@@ -252,11 +252,12 @@ def paired(a: list[float], b: list[float]) -> dict:
     if n == 0 or len(a) != len(b):
         raise ValueError("paired needs two equally long, non-empty lists")
     mean = float(d.mean())
-    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
-    se = sd / np.sqrt(n) if n > 1 else float("nan")
-    verdict = "inconclusive" if not se == se else "a better" if mean > 2 * se else \
-        "b better" if mean < -2 * se else "inconclusive"
-    return {"n": n, "diffs": [float(x) for x in d], "mean": mean, "sd": sd, "se": float(se), "verdict": verdict}
+    if n == 1:  # no spread to compare with (None, not NaN: the results stay valid JSON and compare equal)
+        return {"n": 1, "diffs": [mean], "mean": mean, "sd": None, "se": None, "verdict": "inconclusive"}
+    sd = float(d.std(ddof=1))
+    se = float(sd / np.sqrt(n))
+    verdict = "a better" if mean > 2 * se else "b better" if mean < -2 * se else "inconclusive"
+    return {"n": n, "diffs": [float(x) for x in d], "mean": mean, "sd": sd, "se": se, "verdict": verdict}
 
 
 def paired_table(results: dict, baseline: str = BASELINE) -> dict:
@@ -305,10 +306,11 @@ def results_table(results: dict) -> str:
                   "SE = sd(d)/√n; pre-registered: > 2 SE better, < −2 SE worse, else inconclusive):", "",
                   "| method | d per seed | mean d | SE | mean d / SE | verdict |", "|---|---|---|---|---|---|"]
         for m, p in paired_rows.items():
-            ratio = p["mean"] / p["se"] if p["se"] == p["se"] and p["se"] > 0 else float("nan")
+            se = f"{p['se']:.4f}" if p["se"] is not None else "–"
+            ratio = f"{p['mean'] / p['se']:+.1f}" if p["se"] else "–"
             verdict = {"a better": "better", "b better": "worse"}.get(p["verdict"], p["verdict"])
             lines.append(f"| {m} | " + " ".join(f"{x:+.3f}" for x in p["diffs"])
-                         + f" | {p['mean']:+.4f} | {p['se']:.4f} | {ratio:+.1f} | {verdict} |")
+                         + f" | {p['mean']:+.4f} | {se} | {ratio} | {verdict} |")
     for m, why in results["skipped"].items():
         lines.append(f"\nskipped {m}: {why}")
     return "\n".join(lines) + "\n"
