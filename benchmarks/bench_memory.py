@@ -119,7 +119,7 @@ def assets(data: Path) -> dict[str, Path]:
 def method_args(a: dict[str, Path]) -> dict[str, list[str]]:
     """Every `--name` (and VAS-D's low-rank mode), with small negCLIPLoss batches to keep it quick."""
     cs = ["--arch", "l14", "--fraction", "0.45"]
-    ncl = ["--batch_size", "4096", "--average_num", "2"]
+    ncl = ["--batch_size", "256", "--average_num", "1"]
     ib = ["--centroid_path", str(a["centroids"]), "--cache_path", str(a["cache"])]
     return {
         "no_filter": ["--name", "no_filter"],
