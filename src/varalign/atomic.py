@@ -235,13 +235,24 @@ def _recorded(manifest: dict | None) -> dict[str, dict]:
     return {str(k): v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime_ns) -> sha256, for an unchanged file
+
+
 def _matches(path: Path, record: dict | None) -> bool:
+    """Whether the file at `path` has the recorded size and SHA-256. Recovery, "up to date" and the
+    overwrite check each ask about the same outputs: an unchanged file is hashed once."""
     if not record:
         return False
     try:
-        if path.stat().st_size != record.get("size"):
+        st = path.stat()
+        if st.st_size != record.get("size"):
             return False
-        return file_sha256(path) == record.get("sha256")
+        key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            if len(_DIGESTS) >= 64:  # a run has a handful of outputs: a small bounded memo
+                _DIGESTS.pop(next(iter(_DIGESTS)))
+            _DIGESTS[key] = file_sha256(path)
+        return _DIGESTS[key] == record.get("sha256")
     except OSError:
         return False
 
