@@ -10,6 +10,7 @@ from reference_impl import load_pool, top_k, vas_d_select, vas_loop, vas_select
 from varalign import filter_pool, load_subset, vas_scores
 from varalign.cli import main
 from varalign.scores.vas_d import CandidateStore, vas_d_iterate, write_rows
+from varalign.select import top_k_mask
 from varalign.uids import UID_DTYPE, hex_to_uids, save_subset, sort_uids
 
 
@@ -126,13 +127,81 @@ def test_vas_d_on_a_torch_device_matches_numpy(tmp_path, resident: bool) -> None
         if int(state["it"]) == 3:
             saved.update({k: np.copy(v) for k, v in state.items()})
 
+    state_dir = tmp_path / "rounds"
+    state_dir.mkdir()
     dev = vas_d_iterate(store, gram, first, 1000, 6, block_rows=512, device="torch-cpu", resident=resident,
-                        checkpoint=checkpoint)
+                        checkpoint=checkpoint, state_dir=str(state_dir))
     assert np.array_equal(cpu.keep, dev.keep) and np.array_equal(cpu.removed_at, dev.removed_at)
     np.testing.assert_allclose(dev.last_score, cpu.last_score, rtol=1e-5)
+    # the round-3 checkpoint resumed over the state files as the finished run left them (a round reads
+    # `removed_at >= it` as alive, so files newer than the checkpoint are consistent with it)
     resumed = vas_d_iterate(store, gram, first, 1000, 6, block_rows=512, device="torch-cpu", resident=resident,
-                            state=saved)
+                            state=saved, state_dir=str(state_dir))
     assert np.array_equal(resumed.keep, cpu.keep) and np.array_equal(resumed.removed_at, cpu.removed_at)
+
+
+def _vas_d_in_memory(f: np.ndarray, target_count: int, num_iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rounds as the reference states them, every array in memory: (removed_at, last score)."""
+    m = len(f)
+    f32 = f.astype(np.float32)
+    gram = f32.T.astype(np.float64) @ f32
+    target = (gram / m).astype(np.float32)
+    chunk = int(np.ceil((m - target_count) / num_iters))
+    alive, removed_at = np.ones(m, dtype=bool), np.full(m, num_iters, dtype=np.int32)
+    last, n_alive = np.full(m, np.nan, dtype=np.float32), m
+    for it in range(num_iters):
+        idx = np.flatnonzero(alive)
+        scores = ((f32[idx] @ target) * f32[idx]).sum(axis=1)
+        last[idx] = scores
+        k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
+        removed = idx[~top_k_mask(scores, k)]
+        alive[removed], removed_at[removed], n_alive = False, it, k
+        if it < num_iters - 1 and len(removed):
+            gram -= f32[removed].T.astype(np.float64) @ f32[removed]
+            target = (gram / n_alive).astype(np.float32)
+    return removed_at, last
+
+
+def test_vas_d_rounds_state_in_blocks_match_the_in_memory_rounds(tmp_path) -> None:
+    """The rounds keep their per-candidate state in flat files, `state_rows` candidates at a time, and find
+    each round's top-k by histogram passes: the same removal rounds as every array in memory, whatever the
+    state block (ties included: a quarter of the rows are exact duplicates), and a round killed half way
+    (its `removed_at` writes partly done) resumes to the same result."""
+    rng = np.random.default_rng(5)
+    f = rng.standard_normal((2600, 16)).astype(np.float16)
+    f[::4] = f[1::4][: len(f[::4])]  # exact ties in every round
+    f32 = f.astype(np.float32)
+    gram = f32.T.astype(np.float64) @ f32
+    store = CandidateStore.from_array(f)
+    expected_removed, expected_last = _vas_d_in_memory(f, 700, 5)
+    for state_rows in (256, 1000, 1 << 20):
+        res = vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 5, block_rows=128,
+                            state_rows=state_rows)
+        assert np.array_equal(res.removed_at, expected_removed), state_rows
+        np.testing.assert_allclose(res.last_score, expected_last, rtol=1e-6)
+        assert res.keep.sum() == 700
+    # kill in round 2 after some of its removals were written: resume from the round-2 checkpoint
+    state_dir = tmp_path / "rounds"
+    state_dir.mkdir()
+    saved = {}
+
+    class Killed(Exception):
+        pass
+
+    def checkpoint(state):
+        if int(state["it"]) == 2:
+            saved.update({k: np.copy(v) for k, v in state.items()})
+        if int(state["it"]) == 3:
+            raise Killed
+    with pytest.raises(Killed):
+        vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 5, block_rows=128, state_rows=256,
+                      state_dir=str(state_dir), checkpoint=checkpoint)
+    removed = np.fromfile(state_dir / "removed_at.i32", dtype=np.int32)
+    removed[np.flatnonzero(removed == 2)[::2]] = 5  # half of round 2's writes undone: a torn round
+    removed.tofile(state_dir / "removed_at.i32")
+    res = vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 5, block_rows=128, state_rows=256,
+                        state_dir=str(state_dir), state=saved)
+    assert np.array_equal(res.removed_at, expected_removed)
 
 
 def test_given_uids_restricts_pool_first(pool, tmp_path) -> None:

@@ -92,10 +92,13 @@ class VasD(Selector):
                 g_cand = b64.T @ g_cand @ b64
                 first_target = (b64.T @ first_target.astype(np.float64) @ b64).astype(np.float32)
         state, checkpoint = ctx.state("rounds")
-        # the greedy rounds hold O(candidates) state in RAM: alive (1 B), removed_at (4 B) and last score
-        # (4 B) per candidate, 9 B in all; the embeddings stay in the on-disk store
+        # the per-candidate state (removed_at, last score) lives in flat files next to the store, so the rounds'
+        # memory does not grow with the candidates; the embeddings stay in the on-disk store
+        state_dir = ctx.scratch() / "rounds"
+        state_dir.mkdir(exist_ok=True)
         res = vas_d_iterate(store, g_cand, first_target, target_count, iters, ctx.threads, ctx.quiet, state=state,
-                            checkpoint=checkpoint, device=self.device, mapper=ctx.mapper(f"{ctx.label} rounds"))
+                            checkpoint=checkpoint, device=self.device, mapper=ctx.mapper(f"{ctx.label} rounds"),
+                            state_dir=str(state_dir))
         return self._outputs(ctx, alive, offsets, res)
 
     def _collect(self, ctx, alive) -> tuple[CandidateStore, np.ndarray, np.ndarray, np.ndarray]:
@@ -123,14 +126,14 @@ class VasD(Selector):
         """Split the per-candidate result into per-shard keep masks and --save_scores columns."""
         def split(i: int) -> np.ndarray:
             a = ctx.mask(alive, i)
-            part = slice(int(offsets[i]), int(offsets[i + 1]))
+            keep, removed_at, last_score = res.part(int(offsets[i]), int(offsets[i + 1]))
             removed = np.full(len(a), -1, dtype=np.int32)
-            removed[a] = res.removed_at[part]
+            removed[a] = removed_at
             last = np.full(len(a), np.nan, dtype=np.float32)
-            last[a] = res.last_score[part]
+            last[a] = last_score
             ctx.put_array("removed_at", i, removed)
             ctx.put_array("score", i, last)
-            return ctx.expand(alive, i, res.keep[part])
+            return ctx.expand(alive, i, keep)
 
         out = ctx.save_masks(split(i) for i in range(ctx.num_shards))
         ctx.add_column(f"{ctx.label}_removed_at", lambda i: pa.array(ctx.get_array("removed_at", i)))

@@ -11,9 +11,11 @@ overshoots).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..backend import ResidentRows, gram64_on, projector, quadratic_rows_on
 from ..pool import Shard, embedding_member, iter_row_blocks
-from ..select import top_k_mask
+from ..select import top_k_parts
 
 BLOCK_ROWS = 16384
 
@@ -123,23 +125,85 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
     return g_rest + g_cand, g_cand, rows
 
 
-@dataclass
+STATE_ROWS = 1 << 20  # candidates whose round state is in memory at a time (~25 MB whatever the pool)
+REMOVED, LAST = "removed_at.i32", "last.f32"
+
+
 class VasDResult:
-    keep: np.ndarray  # bool over candidates
-    removed_at: np.ndarray  # int32 iteration that removed the candidate; num_iters if it survived
-    last_score: np.ndarray  # float32 VAS-D score at the candidate's last scoring
-    chunk: int
+    """The rounds' result, one record per candidate in two flat files (`state_dir`): `removed_at` (int32,
+    the round that removed the candidate; `num_iters` if it survived) and `last` (float32, its VAS-D score
+    at its last scoring). `part(start, stop)` reads a range; the whole-array properties are for small
+    pools and tests."""
+
+    def __init__(self, state_dir: str, rows: int, num_iters: int, chunk: int, keepalive: Any = None) -> None:
+        self.state_dir, self.rows, self.num_iters, self.chunk = state_dir, rows, num_iters, chunk
+        self._keepalive = keepalive  # a TemporaryDirectory when the caller gave no state_dir
+
+    def part(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keep, removed_at, last_score) of candidates `[start, stop)`."""
+        removed = _read(self.state_dir, REMOVED, np.int32, start, stop)
+        return removed >= self.num_iters, removed, _read(self.state_dir, LAST, np.float32, start, stop)
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.part(0, self.rows)[0]
+
+    @property
+    def removed_at(self) -> np.ndarray:
+        return self.part(0, self.rows)[1]
+
+    @property
+    def last_score(self) -> np.ndarray:
+        return self.part(0, self.rows)[2]
+
+
+def _read(state_dir: str, name: str, dtype: Any, start: int, stop: int) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    return np.fromfile(os.path.join(state_dir, name), dtype=dtype, count=max(stop - start, 0),
+                       offset=start * dtype.itemsize)
+
+
+def _write(state_dir: str, name: str, start: int, values: np.ndarray) -> None:
+    fd = os.open(os.path.join(state_dir, name), os.O_WRONLY)
+    try:
+        data, pos = memoryview(np.ascontiguousarray(values).view(np.uint8)), start * values.dtype.itemsize
+        while len(data):
+            n = os.pwrite(fd, data, pos)
+            data, pos = data[n:], pos + n
+    finally:
+        os.close(fd)
+
+
+def _state_files_ok(state_dir: str, rows: int) -> bool:
+    return all(os.path.isfile(os.path.join(state_dir, n)) and os.path.getsize(os.path.join(state_dir, n)) == rows * 4
+               for n in (REMOVED, LAST))
+
+
+def _init_state_files(state_dir: str, rows: int, num_iters: int, state_rows: int) -> None:
+    for name, dtype, fill in ((REMOVED, np.int32, num_iters), (LAST, np.float32, np.nan)):
+        with open(os.path.join(state_dir, name), "wb") as fh:
+            for a in range(0, rows, state_rows):
+                fh.write(np.full(min(state_rows, rows - a), fill, dtype=dtype).view(np.uint8))
 
 
 def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_target: np.ndarray,
                   target_count: int, num_iters: int, num_workers: int = 1, quiet: bool = True,
                   block_rows: int = BLOCK_ROWS, state: dict[str, np.ndarray] | None = None,
                   checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None,
-                  device: str = "cpu", resident: bool | None = None, mapper: Mapper | None = None) -> VasDResult:
+                  device: str = "cpu", resident: bool | None = None, mapper: Mapper | None = None,
+                  state_dir: str | None = None, state_rows: int = STATE_ROWS) -> VasDResult:
     """Greedy backward elimination from `store.rows` candidates down to `target_count`.
 
-    `checkpoint(state)` is called after every round with everything needed to continue;
-    passing that `state` back resumes after the round it was saved in, with identical results.
+    Memory does not grow with the candidates: their per-candidate state (the round that removed each one,
+    its last score) lives in two flat files in `state_dir` (a temporary folder if None), read and written
+    `state_rows` candidates at a time, and each round's top-k is found by histogram passes over those files
+    (`select.top_k_parts`, ties to the earliest candidates like `top_k_mask`). In memory: the target and
+    the Gram of the kept rows (D×D) and one block of state.
+
+    `checkpoint(state)` is called after every round with the small state (`it`, `target`, `gram_keep`,
+    `n_alive`); passing it back with the same `state_dir` resumes after that round with identical results.
+    A round is idempotent: it reads a candidate as alive when `removed_at >= it` and only writes `it` into
+    `removed_at`, so a round cut short (or any earlier checkpoint) resumes from the files as they are.
     On a torch `device`, `resident` copies the candidates (as stored, float16) to the device once
     and runs every round there; None (default) does so on an accelerator when they fit in half of
     its free memory, and streams them from the store every round otherwise (`backend.ResidentRows`).
@@ -149,51 +213,94 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     if target_count > m:
         raise ValueError(f"VAS-D target {target_count} exceeds the {m} candidates")
     chunk = math.ceil((m - target_count) / num_iters) if num_iters > 0 else 0
+    keepalive = None
+    if state_dir is None:
+        keepalive = tempfile.TemporaryDirectory(prefix="varalign-vas-d-")
+        state_dir = keepalive.name
+    state_rows = max(block_rows, state_rows // block_rows * block_rows)  # whole blocks per state block
+    if state is not None and ("gram_keep" not in state or not _state_files_ok(state_dir, m)):
+        state = None  # an earlier version's state, or the files are gone: start over
     if state is None:
-        state = {"it": np.int64(0), "alive": np.ones(m, dtype=bool),
-                 "removed_at": np.full(m, num_iters, dtype=np.int32), "last": np.full(m, np.nan, dtype=np.float32),
-                 "target": np.asarray(first_target, dtype=np.float32),
+        _init_state_files(state_dir, m, num_iters, state_rows)
+        state = {"it": np.int64(0), "target": np.asarray(first_target, dtype=np.float32),
                  "gram_keep": np.array(gram_candidates, dtype=np.float64), "n_alive": np.int64(m)}
     start = int(state["it"])
     limits = threadpool_limits(limits=1)  # results must not depend on BLAS's thread count
     try:
         on_device = ResidentRows.load(store.read, store.rows, store.dim, store.dtype, device, block_rows,
                                       resident) if start < num_iters else None
-        _rounds(store, state, start, num_iters, chunk, target_count, quiet, block_rows, checkpoint, device,
-                on_device, mapper or thread_mapper(num_workers))
+        rounds = _Rounds(store, state_dir, state_rows, block_rows, device, on_device,
+                         mapper or thread_mapper(num_workers))
+        rounds.run(state, start, num_iters, chunk, target_count, quiet, checkpoint)
     finally:
         limits.restore_original_limits()
-    return VasDResult(state["alive"], state["removed_at"], state["last"], chunk)
+    return VasDResult(state_dir, m, num_iters, chunk, keepalive)
 
 
-def _rounds(store: CandidateStore, state: dict, start: int, num_iters: int, chunk: int, target_count: int,
-            quiet: bool, block_rows: int, checkpoint, device: str, on_device: ResidentRows | None,
-            mapper: Mapper) -> None:
-    alive, removed_at, last = state["alive"], state["removed_at"], state["last"]
-    target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
-    for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
-                   initial=start, total=num_iters):
-        idx = np.flatnonzero(alive)
-        if on_device is not None:
-            scores = on_device.score(idx, target)
-        else:
-            scores = _score_alive(store, alive, target, mapper, block_rows, device)
-        last[idx] = scores
-        k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
-        removed = idx[~top_k_mask(scores, k)]
-        alive[removed] = False
-        removed_at[removed] = it
-        n_alive = k
-        if it < num_iters - 1 and len(removed):
-            if on_device is not None:
-                gram_keep -= on_device.gram64(removed)
-            else:
-                for s in range(0, len(removed), block_rows):
-                    gram_keep -= gram64_on(store.gather(removed[s : s + block_rows]), device)
-            target = (gram_keep / n_alive).astype(np.float32)
-        state |= {"it": np.int64(it + 1), "target": target, "n_alive": np.int64(n_alive)}
-        if checkpoint is not None:
-            checkpoint(state)
+@dataclass
+class _Rounds:
+    store: CandidateStore
+    state_dir: str
+    state_rows: int
+    block_rows: int
+    device: str
+    on_device: ResidentRows | None
+    mapper: Mapper
+
+    def spans(self) -> Iterator[tuple[int, int]]:
+        for a in range(0, self.store.rows, self.state_rows):
+            yield a, min(a + self.state_rows, self.store.rows)
+
+    def alive(self, a: int, b: int, it: int) -> np.ndarray:
+        return _read(self.state_dir, REMOVED, np.int32, a, b) >= it
+
+    def run(self, state: dict, start: int, num_iters: int, chunk: int, target_count: int, quiet: bool,
+            checkpoint) -> None:
+        target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
+        for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
+                       initial=start, total=num_iters):
+            for a, b in self.spans():  # score every alive candidate against the current target
+                alive = self.alive(a, b, it)
+                last = _read(self.state_dir, LAST, np.float32, a, b)
+                last[alive] = self.score(a, b, alive, target)
+                _write(self.state_dir, LAST, a, last)
+            k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
+            keeps = top_k_parts(functools.partial(self.alive_scores, it), k)
+            removed_any = False
+            for (a, b), keep in zip(self.spans(), keeps, strict=True):
+                removed_at = _read(self.state_dir, REMOVED, np.int32, a, b)
+                removed = np.flatnonzero(removed_at >= it)[~keep]
+                if not len(removed):
+                    continue
+                removed_any = True
+                removed_at[removed] = it
+                _write(self.state_dir, REMOVED, a, removed_at)
+                if it < num_iters - 1:
+                    gram_keep -= self.gram(a + removed)
+            n_alive = k
+            if it < num_iters - 1 and removed_any:
+                target = (gram_keep / n_alive).astype(np.float32)
+            state |= {"it": np.int64(it + 1), "target": target, "gram_keep": gram_keep, "n_alive": np.int64(n_alive)}
+            if checkpoint is not None:
+                checkpoint(state)
+
+    def alive_scores(self, it: int) -> Iterator[np.ndarray]:
+        """The last scores of the candidates alive in round `it`, state block by state block."""
+        for a, b in self.spans():
+            yield _read(self.state_dir, LAST, np.float32, a, b)[self.alive(a, b, it)]
+
+    def score(self, a: int, b: int, alive: np.ndarray, target: np.ndarray) -> np.ndarray:
+        if self.on_device is not None:
+            return self.on_device.score(a + np.flatnonzero(alive), target)
+        return _score_alive(self.store, alive, target, self.mapper, self.block_rows, self.device, offset=a)
+
+    def gram(self, rows: np.ndarray) -> np.ndarray:
+        if self.on_device is not None:
+            return self.on_device.gram64(rows)
+        total = np.zeros((self.store.dim, self.store.dim), dtype=np.float64)
+        for s in range(0, len(rows), self.block_rows):
+            total += gram64_on(self.store.gather(rows[s : s + self.block_rows]), self.device)
+        return total
 
 
 Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
@@ -225,18 +332,21 @@ def score_rows(block: np.ndarray, alive: np.ndarray, target: np.ndarray) -> np.n
 
 
 def _score_alive(store: CandidateStore, alive: np.ndarray, target: np.ndarray, mapper: Mapper,
-                 block_rows: int, device: str = "cpu") -> np.ndarray:
-    starts = range(0, store.rows, block_rows)
+                 block_rows: int, device: str = "cpu", offset: int = 0) -> np.ndarray:
+    """Scores of the alive candidates among `offset : offset + len(alive)` (`offset` a multiple of
+    `block_rows`), block by block."""
+    stop = offset + len(alive)
+    starts = range(offset, stop, block_rows)
     if device != "cpu" or store.path is None:  # one device, or rows in this process's memory: here
-        parts = [score_block(store, s, min(s + block_rows, store.rows), alive[s : s + block_rows], target, device)
-                 for s in starts]
+        parts = [score_block(store, s, min(s + block_rows, stop), alive[s - offset : s - offset + block_rows], target,
+                             device) for s in starts]
     elif getattr(mapper, "put", None) is not None:  # workers without the driver's files: blocks by reference
-        refs = _block_refs(store, block_rows, mapper)
-        parts = mapper(score_rows, [(ref, alive[s : s + block_rows], target) for ref, s in zip(refs, starts,
-                                                                                              strict=True)])
+        refs = _block_refs(store, block_rows, mapper)[offset // block_rows :]
+        parts = mapper(score_rows, [(ref, alive[s - offset : s - offset + block_rows], target)
+                                    for ref, s in zip(refs, starts, strict=False)])
     else:
-        parts = mapper(score_block, [(store, s, min(s + block_rows, store.rows), alive[s : s + block_rows], target,
-                                      device) for s in starts])
+        parts = mapper(score_block, [(store, s, min(s + block_rows, stop), alive[s - offset : s - offset + block_rows],
+                                      target, device) for s in starts])
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
 
 
