@@ -104,7 +104,12 @@ def os_error(exc: OSError, what: str, path: object) -> VaralignError:
 def atomic_path(path: str | os.PathLike, suffix: str = "", durable: bool = True) -> Iterator[Path]:
     """Yield a temp path beside `path`; fsync and rename it onto `path` only if the block succeeds.
 
-    `durable=False` skips the fsyncs (for files whose corruption is detected and repaired anyway)."""
+    `durable=False` skips the fsyncs (for files whose corruption is detected and repaired anyway).
+    A URL: the temp is a local file, uploaded onto `path` in one put (the object appears whole or not at all)."""
+    if _is_url(path):
+        with _upload_path(os.fspath(path), suffix) as tmp:
+            yield tmp
+        return
     dest = Path(path)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", durable: bool = True)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+@contextlib.contextmanager
+def _upload_path(url: str, suffix: str) -> Iterator[Path]:
+    from . import storage  # noqa: PLC0415
+
+    fd, tmp = tempfile.mkstemp(prefix="varalign-upload-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        storage.put_file(tmp, url)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 # what a write into our temp file fails with (a write on an open handle carries no file name)

@@ -83,8 +83,16 @@ def _target_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (numpy/BLAS, default) or a torch device (cuda, cuda:1, "
                                                    "torch-cpu) for the products")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output varalign did not write")
+    add_storage_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_target)
+
+
+def add_storage_flag(p: argparse.ArgumentParser) -> None:
+    """`--storage_options JSON`: fsspec options for every URL the command reads or writes (set by `main`)."""
+    p.add_argument("--storage_options", help="fsspec options for URLs (s3://, gs://, hf://) as JSON, e.g. "
+                                             '\'{"client_kwargs": {"endpoint_url": "http://..."}}\'; '
+                                             "credentials come from the environment as usual")
 
 
 def _run_target(args: argparse.Namespace) -> int:
@@ -254,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # numpy's RuntimeWarnings (0/0 on an empty selection, ...) are handled where they matter;
             # the command line shows one-line messages only
             warnings.simplefilter("ignore", RuntimeWarning)
+            if getattr(args, "storage_options", None) is not None:
+                from . import storage  # noqa: PLC0415
+
+                storage.configure(args.storage_options)
             return args.func(args)
     except VaralignError as exc:
         print(f"varalign: error: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import storage
 from ._version import __version__
 from .atomic import atomic_path, check_output_path, manifest_path, remove_stale_temps
 from .errors import VaralignError
@@ -71,14 +72,15 @@ class Sample:
 
 @dataclass
 class Selection:
-    """One subset file with its manifest and scores parquet (either may be missing)."""
+    """One subset file with its manifest and scores parquet (either may be missing). A path given as a
+    URL stays its text (`str`); `local` is the subset file read (a fetched copy of a URL)."""
 
-    path: Path
+    path: Path | str
     name: str
     size: int
     manifest: dict | None
-    manifest_path: Path
-    scores: Path | None
+    manifest_path: Path | str
+    scores: Path | str | None
     notes: list[str] = field(default_factory=list)
     hists: list[Hist] = field(default_factory=list)
     top: list[Sample] = field(default_factory=list)
@@ -86,13 +88,18 @@ class Selection:
     top_column: str | None = None
     in_pool: int | None = None
     labels: dict[str, Counter] = field(default_factory=dict)
+    local: Path | str | None = None
+
+    @property
+    def subset_file(self) -> Path | str:
+        return self.local or self.path
 
 
-def _read_manifest(path: Path) -> dict | None:
-    if not path.exists():
+def _read_manifest(path: Path | str) -> dict | None:
+    if not storage.exists(path):
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as exc:
         raise VaralignError(f"not a readable manifest ({' '.join(str(exc).split())[:120]})", path) from None
     if not isinstance(data, dict):
@@ -100,54 +107,61 @@ def _read_manifest(path: Path) -> dict | None:
     return data
 
 
-def _find_scores(manifest: dict | None, manifest_path: Path, given: str | None, notes: list[str]) -> Path | None:
+def _find_scores(manifest: dict | None, manifest_path: Path | str, given: str | None,
+                 notes: list[str]) -> Path | str | None:
     """The scores parquet: the one given, else the manifest's `output.scores` (as written, or beside it)."""
     if given is not None:
-        if not Path(given).is_file():
+        if not storage.isfile(given):
             raise VaralignError("scores parquet not found", given)
-        return Path(given)
+        return storage.as_path(given)
     recorded = ((manifest or {}).get("output") or {}).get("scores")
     if not recorded:
         return None
-    for cand in (Path(recorded), manifest_path.parent / recorded, manifest_path.parent / Path(recorded).name):
-        if cand.is_file():
-            return cand
+    here = storage.parent(manifest_path)
+    beside = [] if storage.is_url(recorded) else [storage.join(here, recorded)]
+    for cand in (recorded, *beside, storage.join(here, storage.basename(recorded))):
+        if storage.isfile(cand):
+            return storage.as_path(cand)
     notes.append(f"the manifest names a scores parquet ({recorded}) that was not found")
     return None
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    names = [p.stem for p in paths]
-    if len(set(names)) == len(names):
-        return names
-    return [f"{p.parent.name}/{p.stem}" if names.count(p.stem) > 1 else p.stem for p in paths]
+def _unique_names(paths: list[Path | str]) -> list[str]:
+    stems = [os.path.splitext(storage.basename(p))[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{storage.basename(storage.parent(p))}/{s}" if stems.count(s) > 1 else s
+            for p, s in zip(paths, stems, strict=True)]
 
 
 def load_selections(selections: list, scores: list | None) -> list[Selection]:
-    """Read each subset's size, manifest and scores location; fail on missing or corrupt inputs."""
-    paths = [Path(p) for p in selections]
+    """Read each subset's size, manifest and scores location; fail on missing or corrupt inputs. A subset
+    given as a URL is fetched once (like `--given_uids_path`); manifests and scores are read where they are."""
+    paths = [storage.as_path(p) for p in selections]
     if not paths:
         raise VaralignError("give at least one selection (--selections)")
     if scores is not None and len(scores) != len(paths):
         raise VaralignError(f"--scores has {len(scores)} files for {len(paths)} selections (give one per selection)")
     out = []
     for i, (path, name) in enumerate(zip(paths, _unique_names(paths), strict=True)):
-        if not path.is_file():
+        if not storage.isfile(path):
             raise VaralignError("selection (subset .npy) not found", path)
-        size = len(load_subset(path))
+        local = storage.localize(path)
+        size = len(load_subset(local))
         mpath = manifest_path(path)
         manifest = _read_manifest(mpath)
-        notes = [] if manifest else [f"no manifest ({mpath.name}): counts per stage unknown"]
+        notes = [] if manifest else [f"no manifest ({storage.basename(mpath)}): counts per stage unknown"]
         sc = _find_scores(manifest, mpath, str(scores[i]) if scores else None, notes)
         if sc is not None:
             _check_scores(sc)
-        out.append(Selection(path, name, size, manifest, mpath, sc, notes))
+        out.append(Selection(path, name, size, manifest, mpath, sc, notes, local=local))
     return out
 
 
-def _parquet(path: Path) -> pq.ParquetFile:
+def _parquet(path: Path | str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        fs, where = storage.arrow_filesystem(path)  # a URL through fsspec: ranged reads of the row groups
+        return pq.ParquetFile(where, filesystem=fs)
     except (OSError, pa.ArrowException) as exc:
         raise VaralignError(f"not a readable parquet file ({' '.join(str(exc).split())[:160]})", path) from None
 
@@ -278,30 +292,30 @@ class Pool:
     show: list[str]
     labels: list[str]
     image: str | None  # "thumbnail" or "image_path"
-    root: Path
+    root: Path | str
     label_counts: dict[str, Counter] = field(default_factory=dict)
     skipped_labels: list[str] = field(default_factory=list)
 
 
 def open_pool(metadata_dir: str | os.PathLike) -> Pool:
     shards = discover_shards(metadata_dir, need_npz=False)
-    names = _parquet(Path(shards[0].parquet)).schema_arrow.names
+    names = _parquet(shards[0].parquet).schema_arrow.names
     if "uid" not in names:
         raise VaralignError("parquet has no column 'uid'", shards[0].parquet)
     image = next((c for c in ("thumbnail", "image_path") if c in names), None)
     return Pool(shards, sum(s.num_rows for s in shards), [c for c in SHOW_COLUMNS if c in names],
-                [c for c in names if c.startswith(LABEL_PREFIXES)], image, Path(metadata_dir))
+                [c for c in names if c.startswith(LABEL_PREFIXES)], image, storage.as_path(metadata_dir))
 
 
 def _pool_groups(pool: Pool, columns: list[str]):
     """(shard, row group index, table of `columns`) over the whole pool, one row group at a time."""
     for shard in pool.shards:
-        pf = _parquet(Path(shard.parquet))
+        pf = _parquet(shard.parquet)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise VaralignError(f"parquet has no column {missing[0]!r} (the first shard has it)", shard.parquet)
         for g in range(pf.num_row_groups):
-            yield shard, g, _read_group(pf, g, columns, Path(shard.parquet))
+            yield shard, g, _read_group(pf, g, columns, shard.parquet)
 
 
 def lookup_rows(pool: Pool, uids: set[str]) -> dict[str, dict[str, Any]]:
@@ -317,7 +331,7 @@ def lookup_rows(pool: Pool, uids: set[str]) -> dict[str, dict[str, Any]]:
         if not len(hit) or not cols:
             found.update({uid[int(i)].as_py(): {} for i in hit})
             continue
-        rows = _read_group(pq.ParquetFile(shard.parquet), g, cols, Path(shard.parquet)).take(pa.array(hit))
+        rows = _read_group(_parquet(shard.parquet), g, cols, shard.parquet).take(pa.array(hit))
         for i, row in zip(hit, rows.to_pylist(), strict=True):
             if pool.image:
                 row["thumbnail"] = _thumbnail(row.pop(pool.image), pool.image, pool.root)
@@ -329,7 +343,7 @@ def count_labels(pool: Pool, sel: Selection | None) -> None:
     """Label value counts over the pool (`sel` None) or over one selection's rows in the pool."""
     if not pool.labels and sel is None:
         return
-    members = load_subset(sel.path) if sel is not None else None
+    members = load_subset(sel.subset_file) if sel is not None else None
     counts: dict[str, Counter] = {c: Counter() for c in pool.labels}
     inside = 0
     for shard, _, t in _pool_groups(pool, ["uid", *pool.labels]):
@@ -358,9 +372,9 @@ def overlaps(selections: list[Selection]) -> dict[tuple[int, int], int]:
     """|A ∩ B| for every pair, holding two subsets in memory at a time."""
     out = {}
     for i, a in enumerate(selections):
-        ua = load_subset(a.path) if i + 1 < len(selections) else None
+        ua = load_subset(a.subset_file) if i + 1 < len(selections) else None
         for j in range(i + 1, len(selections)):
-            out[(i, j)] = int(isin_sorted(ua, load_subset(selections[j].path)).sum())
+            out[(i, j)] = int(isin_sorted(ua, load_subset(selections[j].subset_file)).sum())
     return out
 
 
@@ -377,15 +391,15 @@ def _mime(data: bytes) -> str | None:
     return None
 
 
-def _thumbnail(value: Any, kind: str, root: Path) -> str | None:
-    """A data: URI for a `thumbnail` (image bytes) or `image_path` (local file) cell, or None."""
+def _thumbnail(value: Any, kind: str, root: Path | str) -> str | None:
+    """A data: URI for a `thumbnail` (image bytes) or `image_path` (a file, relative to the pool) cell, or None."""
     if value is None:
         return None
     if kind == "image_path":
-        path = Path(value) if os.path.isabs(value) else root / value
+        path = value if os.path.isabs(value) or storage.is_url(value) else storage.join(root, value)
         try:
-            data = path.read_bytes()
-        except OSError:
+            data = storage.read_bytes(path)
+        except (OSError, VaralignError):
             return None
     else:
         data = bytes(value)
@@ -634,11 +648,10 @@ def render(sels: list[Selection], pool: Pool, inter: dict, rows: dict[str, dict]
 GENERATOR = '<meta name="generator" content="varalign report">'
 
 
-def _is_our_report(path: Path) -> bool:
+def _is_our_report(path: Path | str) -> bool:
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(1 << 16)
-    except OSError:
+        head = storage.read_bytes(path, 1 << 16)
+    except (OSError, VaralignError):
         return False
     # reports of earlier versions carry no generator tag, but their default titles name varalign
     return GENERATOR.encode() in head or b"<title>varalign " in head
@@ -646,27 +659,29 @@ def _is_our_report(path: Path) -> bool:
 
 def build_report(metadata_dir: str | os.PathLike, selections: list, output: str | os.PathLike,
                  scores: list | None = None, top: int = 12, title: str | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False) -> Path | str:
     """Write the HTML report for `selections` (subset .npy files) over the pool in `metadata_dir`.
 
+    Any input, and the output, may be a URL (the page is written locally, then uploaded in one put).
     An existing `output` that is not a varalign report is not replaced unless `overwrite`."""
     if top < 0:
         raise VaralignError(f"--top must be >= 0, got {top}")
-    output = Path(output)
+    output = storage.as_path(output)
     check_output_path(output)
     check_paths({"--metadata_dir": str(metadata_dir), "--selections": [str(s) for s in selections],
                  "--scores": [str(s) for s in scores or []],
                  "a manifest": [str(manifest_path(s)) for s in selections]}, {"--output": output})
     with lock_outputs([output]):
-        remove_stale_temps(output)
-        if output.exists() and not overwrite and not _is_our_report(output):
+        if not storage.is_url(output):
+            remove_stale_temps(output)
+        if storage.exists(output) and not overwrite and not _is_our_report(output):
             raise VaralignError("exists and is not a varalign report: not overwritten; remove it, choose another "
                                 "--output, or pass --overwrite", output)
         return _build_report(metadata_dir, selections, output, scores, top, title)
 
 
-def _build_report(metadata_dir: str | os.PathLike, selections: list, output: Path, scores: list | None, top: int,
-                  title: str | None) -> Path:
+def _build_report(metadata_dir: str | os.PathLike, selections: list, output: Path | str, scores: list | None,
+                  top: int, title: str | None) -> Path | str:
     pool = open_pool(metadata_dir)
     sels = load_selections(list(selections), list(scores) if scores is not None else None)
     count_labels(pool, None)
@@ -678,4 +693,4 @@ def _build_report(metadata_dir: str | os.PathLike, selections: list, output: Pat
     page = render(sels, pool, overlaps(sels), rows, title or f"varalign report: {', '.join(s.name for s in sels)}")
     with atomic_path(output, ".html") as tmp:
         tmp.write_text(page, encoding="utf-8")
-    return Path(output)
+    return output

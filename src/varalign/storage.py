@@ -222,11 +222,42 @@ def _remote(path: object, method: str) -> Any:
         raise remote_error(exc, path) from None
 
 
+def isfile(path: object) -> bool:
+    return os.path.isfile(local(path)) if not is_url(path) else bool(_remote(path, "isfile"))
+
+
+def read_bytes(path: object, size: int = -1) -> bytes:
+    """The whole file (or its first `size` bytes) in one request; a missing one raises VaralignError."""
+    if not is_url(path):
+        with open(local(path), "rb") as fh:
+            return fh.read(size)
+    fs, p = filesystem(str(path))
+    try:
+        return fs.cat_file(p, start=0, end=size if size >= 0 else None)
+    except FileNotFoundError:
+        raise VaralignError("not found", path) from None
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, path) from None
+
+
 def join(base: object, name: str) -> str:
     text = str(base)
     if is_url(text):
         return text.rstrip("/") + "/" + name
     return str(Path(local(text)) / name)
+
+
+def as_path(path: object) -> Path | str:
+    """A URL as its text, anything else as a Path (`Path()` would fold a URL's `//`)."""
+    return str(path).rstrip("/") if is_url(path) else Path(local(path))
+
+
+def basename(path: object) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_url(path) else Path(local(path)).name
+
+
+def parent(path: object) -> Path | str:
+    return str(path).rstrip("/").rsplit("/", 1)[0] if is_url(path) else Path(local(path)).parent
 
 
 def arrow_filesystem(path: object) -> tuple[Any, str]:
