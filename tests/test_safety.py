@@ -340,19 +340,29 @@ def test_file_name_too_long_is_one_line(ws: Path, capsys) -> None:
     _no_hidden_leftovers(ws)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
-def test_damaged_finished_task_is_redone(ws: Path, damage: str) -> None:
+def test_damaged_finished_task_is_redone(ws: Path, damage: str, grouped: bool, monkeypatch) -> None:
+    """A damaged result file is redone: one task's (each saved alone) or its group's (small shards' results
+    are saved together: the group is all or nothing)."""
+    import varalign.engine.run as run_mod
+
+    if not grouped:
+        monkeypatch.setattr(run_mod, "SAVE_ROWS", 1)
     work = ws / "w"
     ref = filter_pool(ws / "pool", ws / "a.npy", "clip_score", arch="l14", fraction=0.3, work_dir=str(work),
                       keep_work_dir=True, quiet=True)
-    victim = sorted(work.glob("scan-*/*.npz"))[1]
+    files = sorted(work.glob("scan-*/*.npz"))
+    assert len(files) == (1 if grouped else 4)
+    victim = files[-1 if grouped else 1]
     data = victim.read_bytes()
     victim.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
                         "garbage": data[:-40] + b"\xff" * 40}[damage])
     res = filter_pool(ws / "pool", ws / "b.npy", "clip_score", arch="l14", fraction=0.3, work_dir=str(work),
                       keep_work_dir=True, quiet=True)
     assert np.array_equal(res.uids, ref.uids)
-    assert json.loads(manifest_path(ws / "b.npy").read_text())["resumed_tasks"] == 3  # 4 shards, one redone
+    resumed = json.loads(manifest_path(ws / "b.npy").read_text())["resumed_tasks"]
+    assert resumed == (0 if grouped else 3)  # 4 shards: the group, or one shard, redone
 
 
 # ----------------------------------------------------------------------------- deflate bombs

@@ -29,24 +29,6 @@ def _real(path: str | os.PathLike) -> Path | str:
     return Path(os.path.realpath(os.path.abspath(path)))
 
 
-def _same(a: Path | str, b: Path | str) -> bool:
-    if storage.is_url(a) or storage.is_url(b):
-        return _real(a) == _real(b)
-    if _real(a) == _real(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _inside(child: Path | str, parent: Path | str) -> bool:
-    c, p = _real(child), _real(parent)
-    if isinstance(c, str) or isinstance(p, str):
-        return isinstance(c, str) and isinstance(p, str) and c.startswith(p + "/")
-    return c != p and p in c.parents
-
-
 def _parent(p: Path | str) -> Path | str:
     return str(p).rstrip("/").rpartition("/")[0] if storage.is_url(p) else Path(p).parent
 
@@ -55,37 +37,80 @@ def _name(p: Path | str) -> str:
     return str(p).rstrip("/").rpartition("/")[2] if storage.is_url(p) else Path(p).name
 
 
+class _Resolved:
+    """A path resolved once: its real path (symlinks followed) and, for a local file that exists, its
+    (device, inode), so that hard links compare equal."""
+
+    def __init__(self, label: str, path: Path | str, parents: dict[str, str]) -> None:
+        self.label, self.path = label, path
+        self.inode: tuple[int, int] | None = None
+        if storage.is_url(path):
+            self.real: str = str(path).rstrip("/")
+            return
+        text = os.path.abspath(path)
+        head, _, tail = text.rpartition(os.sep)
+        try:
+            st = os.lstat(text)
+        except OSError:
+            st = None
+        if st is not None and not os.path.islink(text):  # the usual case: resolve the folder once per folder
+            if head not in parents:
+                parents[head] = os.path.realpath(head or os.sep)
+            self.real = os.path.join(parents[head], tail)
+            self.inode = (st.st_dev, st.st_ino)
+        else:
+            self.real = os.path.realpath(text)
+            with contextlib.suppress(OSError):
+                st = os.stat(self.real)
+                self.inode = (st.st_dev, st.st_ino)
+
+    def same(self, other: _Resolved) -> bool:
+        return self.real == other.real or (self.inode is not None and self.inode == other.inode)
+
+    def inside(self, parent: _Resolved) -> bool:
+        if storage.is_url(self.real) != storage.is_url(parent.real):
+            return False
+        sep = "/" if storage.is_url(self.real) else os.sep
+        return self.real != parent.real and self.real.startswith(parent.real.rstrip(sep) + sep)
+
+
 def check_paths(inputs: dict[str, object], outputs: dict[str, object], work_dir: object | None = None,
                 pool_dirs: Iterable[object] = (), dir_label: str = "work directory") -> None:
     """Refuse (one line, naming both) any output that is an input, another output, or inside the
     work directory; a work directory that is or holds an input or an output; and a `.parquet`/`.npz`
     output inside a pool directory (the next run would read it as a shard).
 
-    `inputs`/`outputs`: {flag or label: path (or a list of paths)}; None values are skipped.
+    `inputs`/`outputs`: {flag or label: path (or a list of paths)}; None values are skipped. Each path
+    is resolved once (its folder's real path shared with its siblings) and compared through dicts, so
+    a pool of many shards costs a stat or two per shard.
     """
-    ins = [(k, _as_path(p)) for k, v in inputs.items() for p in _paths(v)]
-    outs = [(k, _as_path(p)) for k, v in outputs.items() for p in _paths(v)]
-    for i, (ko, o) in enumerate(outs):
-        for ki, p in ins:
-            if _same(o, p):
-                raise VaralignError(f"{ko} is the same file as the input {ki} ({p}): refused, it would be overwritten", o)
-        for ko2, o2 in outs[i + 1:]:
-            if _same(o, o2):
-                raise VaralignError(f"{ko} and {ko2} are the same file: give each output its own path", o)
-    for label, d in [("pool", _as_path(x)) for x in _paths(list(pool_dirs))]:
-        for ko, o in outs:
-            if _name(o).endswith(POOL_SUFFIXES) and _same(_parent(o), d):
-                raise VaralignError(f"{ko} is inside the {label} directory {d}: the next run would read it as a "
-                                    "shard; write it elsewhere", o)
+    parents: dict[str, str] = {}
+    ins = [_Resolved(k, _as_path(p), parents) for k, v in inputs.items() for p in _paths(v)]
+    outs = [_Resolved(k, _as_path(p), parents) for k, v in outputs.items() for p in _paths(v)]
+    by_real = {r.real: r for r in reversed(ins)}  # the first input of a path names it
+    by_inode = {r.inode: r for r in reversed(ins) if r.inode is not None}
+    for i, o in enumerate(outs):
+        p = by_real.get(o.real) or (by_inode.get(o.inode) if o.inode is not None else None)
+        if p is not None:
+            raise VaralignError(f"{o.label} is the same file as the input {p.label} ({p.path}): refused, it would "
+                                "be overwritten", o.path)
+        for o2 in outs[i + 1:]:
+            if o.same(o2):
+                raise VaralignError(f"{o.label} and {o2.label} are the same file: give each output its own path", o.path)
+    for d in [_Resolved("pool", _as_path(x), parents) for x in _paths(list(pool_dirs))]:
+        for o in outs:
+            if _name(o.path).endswith(POOL_SUFFIXES) and _Resolved("", _parent(o.path), parents).same(d):
+                raise VaralignError(f"{o.label} is inside the pool directory {d.path}: the next run would read it "
+                                    "as a shard; write it elsewhere", o.path)
     if work_dir is None:
         return
-    w = _as_path(work_dir)
+    w = _Resolved("", _as_path(work_dir), parents)
     for kind, items in (("input", ins), ("output", outs)):
-        for k, p in items:
-            if _same(w, p):
-                raise VaralignError(f"the {dir_label} is the {kind} {k} ({p}): refused", w)
-            if _inside(p, w):
-                raise VaralignError(f"the {dir_label} holds the {kind} {k} ({p}): refused", w)
+        for r in items:
+            if w.same(r):
+                raise VaralignError(f"the {dir_label} is the {kind} {r.label} ({r.path}): refused", w.path)
+            if r.inside(w):
+                raise VaralignError(f"the {dir_label} holds the {kind} {r.label} ({r.path}): refused", w.path)
 
 
 def _as_path(text: str) -> Path | str:

@@ -185,9 +185,22 @@ def save_run(path: str | os.PathLike, uids: np.ndarray) -> None:
     np.ascontiguousarray(uids, dtype=UID_DTYPE).tofile(path)
 
 
-def read_run(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
-    """Records `[start, stop)` of a raw run file."""
-    return np.fromfile(path, dtype=UID_DTYPE, count=max(0, stop - start), offset=start * UID_DTYPE.itemsize)
+def read_run(path: str | os.PathLike, start: int, stop: int, fds: dict[str, int] | None = None) -> np.ndarray:
+    """Records `[start, stop)` of a raw run file (through `fds`, {path: open fd}, when given: a merge of
+    many runs in one file opens it once, not once per run and step)."""
+    if fds is None:
+        return np.fromfile(path, dtype=UID_DTYPE, count=max(0, stop - start), offset=start * UID_DTYPE.itemsize)
+    key = str(path)
+    if key not in fds:
+        fds[key] = os.open(key, os.O_RDONLY)
+    out = np.empty(max(0, stop - start), dtype=UID_DTYPE)
+    view, pos = memoryview(out.view(np.uint8)), start * UID_DTYPE.itemsize
+    while len(view):
+        n = os.preadv(fds[key], [view], pos)
+        if n <= 0:
+            raise OSError(f"{key}: short read at byte {pos}")
+        view, pos = view[n:], pos + n
+    return out
 
 
 def _count_at_most(run: np.ndarray, hi: np.uint64, lo: np.uint64) -> int:
@@ -213,13 +226,23 @@ def merge_runs(paths: list[str], lengths: list[int] | np.ndarray, budget: int | 
     pos = base.copy()
     ends = base + np.asarray(lengths, dtype=np.int64)
     chunk = max(1, (budget or MERGE_BUDGET) // max(1, len(paths)))
+    fds: dict[str, int] = {}
+    try:
+        yield from _merge(paths, pos, ends, chunk, fds)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _merge(paths: list[str], pos: np.ndarray, ends: np.ndarray, chunk: int,
+           fds: dict[str, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     while True:
         live = np.flatnonzero(pos < ends)
         if not len(live):
             return
         stops = np.minimum(pos[live] + chunk, ends[live])
-        heads = [read_run(paths[r], int(pos[r]), int(stop)) for r, stop in zip(live.tolist(), stops.tolist(),
-                                                                               strict=True)]
+        heads = [read_run(paths[r], int(pos[r]), int(stop), fds) for r, stop in zip(live.tolist(), stops.tolist(),
+                                                                                    strict=True)]
         more = np.flatnonzero(stops < ends[live])  # runs with uids beyond their head
         if len(more):
             lasts = np.concatenate([heads[j][-1:] for j in more.tolist()])

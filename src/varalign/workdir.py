@@ -26,6 +26,15 @@ from .atomic import atomic_path, os_error, save_json
 from .errors import VaralignError
 
 MARKER = ".varalign-workdir"
+GROUP_PREFIX, GROUP_NAMES, GROUP_SEP = "g-", "__names__", "~"  # group files: many tasks' results in one
+GROUP_CAT, GROUP_LEN = "cat~", "len~"  # a key's arrays of every task of a group, concatenated, and their lengths
+
+
+def _concatenable(parts: list[np.ndarray]) -> bool:
+    """One dtype and one shape but the first axis (or all 0-d): stored as one array and its lengths."""
+    first = parts[0]
+    return all(p.dtype == first.dtype and p.ndim == first.ndim and p.shape[1:] == first.shape[1:] for p in parts) \
+        and first.dtype != object
 
 
 def digest(*parts: Any) -> str:
@@ -54,6 +63,8 @@ class WorkDir:
         self.plan = plan
         self.reused = 0
         self._verified: set[tuple[str, str]] = set()
+        self._group_index: dict[str, dict[str, tuple[str, int]]] = {}
+        self._open_npz: tuple[tuple[str, str], Any] | None = None
         try:
             self._open()
         except OSError as exc:
@@ -87,6 +98,8 @@ class WorkDir:
 
     def _clear(self, marker_too: bool = False) -> None:
         self._check_owned()
+        self.close()
+        self._group_index, self._verified = {}, set()
         for entry in self.root.iterdir():
             if entry.name == MARKER and not marker_too:
                 continue
@@ -109,6 +122,21 @@ class WorkDir:
         """Whether the task `name` of `phase` has finished and its result is intact (else it is redone)."""
         if (phase, name) in self._verified:
             return True
+        where = self._groups(phase).get(name)
+        if where is not None:  # saved with other tasks in a group file
+            if self._has_file(phase, where[0]):
+                self._verified.add((phase, name))
+                return True
+            self._forget_group(phase, where[0])
+        if not self._has_file(phase, name):
+            return False
+        self._verified.add((phase, name))
+        return True
+
+    def _has_file(self, phase: str, name: str) -> bool:
+        """Whether `{name}.npz` and its `.done` marker are there and intact (checked once per process)."""
+        if (phase, f"file:{name}") in self._verified:
+            return True
         done, result = self.root / phase / f"{name}.done", self.root / phase / f"{name}.npz"
         if not done.exists():
             return False
@@ -120,25 +148,56 @@ class WorkDir:
                     ok = zf.testzip() is None  # every member's CRC
         except (OSError, ValueError, zipfile.BadZipFile, EOFError):
             ok = False
-        if not ok:  # truncated, empty or corrupt (power loss, a full disk): redo the task
+        if not ok:  # truncated, empty or corrupt (power loss, a full disk): redo the task(s)
             for p in (done, result):
                 with contextlib.suppress(OSError):
                     p.unlink()
             return False
-        self._verified.add((phase, name))
+        self._verified.add((phase, f"file:{name}"))
         return True
 
     def load(self, phase: str, name: str) -> dict[str, np.ndarray] | None:
         """A finished task's arrays, or None if it has not finished."""
         if not self.has(phase, name):
             return None
+        self.reused += 1
+        where = self._groups(phase).get(name)
+        if where is not None:
+            return self._group_member(phase, where)
         with np.load(self.root / phase / f"{name}.npz", allow_pickle=False) as npz:
-            self.reused += 1
             return {k: npz[k] for k in npz.files}
 
     def save(self, phase: str, name: str, arrays: dict[str, np.ndarray]) -> None:
         """Write the result atomically, then its completion marker (holding the result's size). Not
         fsynced: a result torn by a power loss fails `has()`'s size and CRC checks and is redone."""
+        self._save_file(phase, name, arrays)
+        self._verified.add((phase, name))
+
+    def save_many(self, phase: str, results: dict[str, dict[str, np.ndarray]]) -> None:
+        """Several tasks' results in one group file (`g-<digest>.npz` + marker): a pool of many small shards
+        costs one file creation per group, not two per shard (each costs ~0.5 ms on common filesystems).
+        A group is all or nothing: a torn one is redone whole."""
+        if len(results) <= 1:
+            for name, arrays in results.items():
+                self.save(phase, name, arrays)
+            return
+        names = list(results)
+        members: dict[str, np.ndarray] = {GROUP_NAMES: np.array(names, dtype=str)}
+        for key in {k: None for arrays in results.values() for k in arrays}:  # in first-seen order
+            parts = [np.asarray(arrays[key]) for arrays in results.values() if key in arrays]
+            if len(parts) == len(names) and _concatenable(parts):  # one member per key: few zip entries
+                members[f"{GROUP_CAT}{key}"] = np.concatenate([p.reshape(-1, *p.shape[1:]) for p in parts])
+                members[f"{GROUP_LEN}{key}"] = np.array([len(p) if p.ndim else -1 for p in parts], dtype=np.int64)
+            else:
+                members |= {f"{j}{GROUP_SEP}{key}": arrays[key] for j, arrays in enumerate(results.values())
+                            if key in arrays}
+        file = f"{GROUP_PREFIX}{digest(phase, names)}"
+        self._save_file(phase, file, members)
+        self._verified.add((phase, f"file:{file}"))
+        self._groups(phase).update({n: (file, j) for j, n in enumerate(names)})
+        self._verified.update((phase, n) for n in names)
+
+    def _save_file(self, phase: str, name: str, arrays: dict[str, np.ndarray]) -> None:
         dest = self.path(phase, f"{name}.npz")
         try:
             with atomic_path(dest, ".npz", durable=False) as tmp:
@@ -148,10 +207,62 @@ class WorkDir:
                 tmp.write_text(f"{dest.stat().st_size}\n")
         except VaralignError as exc:
             raise VaralignError(f"cannot write the work directory: {exc}", self.root) from None
-        self._verified.add((phase, name))
+
+    def _groups(self, phase: str) -> dict[str, tuple[str, int]]:
+        """{task name: (group file, index in it)} for the group files of `phase` (read once, then kept)."""
+        if phase not in self._group_index:
+            index: dict[str, tuple[str, int]] = {}
+            folder = self.root / phase
+            for done in sorted(folder.glob(f"{GROUP_PREFIX}*.done")) if folder.is_dir() else ():
+                file = done.name[: -len(".done")]
+                try:
+                    with np.load(folder / f"{file}.npz", allow_pickle=False) as npz:
+                        names = npz[GROUP_NAMES].tolist()
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+                    continue  # torn: its tasks are redone (has() removes it when asked)
+                index.update({n: (file, j) for j, n in enumerate(names)})
+            self._group_index[phase] = index
+        return self._group_index[phase]
+
+    def _forget_group(self, phase: str, file: str) -> None:
+        index = self._groups(phase)
+        for n in [n for n, (f, _) in index.items() if f == file]:
+            del index[n]
+
+    def _group_member(self, phase: str, where: tuple[str, int]) -> dict[str, np.ndarray]:
+        """Task `where[1]`'s arrays in the group file `where[0]` (its members are read once, while consecutive
+        tasks are read from the same group)."""
+        key = (phase, where[0])
+        if self._open_npz is None or self._open_npz[0] != key:
+            self.close()
+            with np.load(self.root / phase / f"{where[0]}.npz", allow_pickle=False) as npz:
+                self._open_npz = (key, {k: npz[k] for k in npz.files})
+        members, j = self._open_npz[1], where[1]
+        out: dict[str, np.ndarray] = {}
+        for k, v in members.items():
+            if k.startswith(GROUP_CAT):
+                lengths = members[GROUP_LEN + k[len(GROUP_CAT):]]
+                start = int(np.where(lengths[:j] < 0, 1, lengths[:j]).sum())  # -1: a 0-d array, one row
+                out[k[len(GROUP_CAT):]] = v[start] if lengths[j] < 0 else v[start : start + int(lengths[j])]
+            elif k.startswith(f"{j}{GROUP_SEP}"):
+                out[k[len(f"{j}{GROUP_SEP}"):]] = v
+        return out
+
+    def close(self) -> None:
+        self._open_npz = None
+
+    def finished(self, phase: str) -> list[str]:
+        """The names of the tasks of `phase` whose results are on disk (single or in a group file)."""
+        folder = self.root / phase
+        singles = [d.name[: -len(".done")] for d in folder.glob("*.done") if not d.name.startswith(GROUP_PREFIX)] \
+            if folder.is_dir() else []
+        return sorted(set(singles) | set(self._groups(phase)))
 
     def read(self, phase: str, name: str, key: str) -> np.ndarray | None:
         """One array of a finished task's result (not counted as reused), or None if there is none."""
+        where = self._groups(phase).get(name)
+        if where is not None:
+            return self._group_member(phase, where).get(key)
         path = self.root / phase / f"{name}.npz"
         if not path.exists():
             return None
@@ -176,6 +287,7 @@ class WorkDir:
         if not self.root.exists():
             return
         self._check_owned()
+        self.close()
         if self.keep_folder:
             self._clear(marker_too=True)
         else:

@@ -29,6 +29,12 @@ class Flat:
 
     def __init__(self, path: str | os.PathLike, dtype: np.dtype, offsets: np.ndarray) -> None:
         self.path, self.dtype, self.offsets = str(path), np.dtype(dtype), offsets
+        self._fd: int | None = None  # kept open: a pool of many small shards reads each file once per shard
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     @classmethod
     def create(cls, path: str | os.PathLike, dtype: np.dtype, offsets: np.ndarray) -> Flat:
@@ -48,7 +54,16 @@ class Flat:
         """Records `[start, stop)` of the whole array."""
         if stop <= start:
             return np.empty(0, dtype=self.dtype)
-        return np.fromfile(self.path, dtype=self.dtype, count=stop - start, offset=start * self.dtype.itemsize)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = np.empty(stop - start, dtype=self.dtype)
+        view, pos = memoryview(out.view(np.uint8)), start * self.dtype.itemsize
+        while len(view):
+            n = os.preadv(self._fd, [view], pos)
+            if n <= 0:
+                raise OSError(f"{self.path}: short read at byte {pos}")
+            view, pos = view[n:], pos + n
+        return out
 
     def put(self, i: int, array: np.ndarray) -> None:
         """Write shard i's records (any order of shards)."""

@@ -36,6 +36,8 @@ from .plan import file_digest, listing, plain, prepare_stage, recipe_identity, s
 
 WINDOW_ROWS = 1 << 19  # a window of small shards holds up to this many rows of task results
 WINDOW_SHARDS = 256
+SAVE_ROWS = 1 << 16  # finished tasks are saved to the work dir in groups of at least this many rows (or
+# the window's end): one file for many small shards; a killed run redoes at most a group's tasks
 
 
 class Run:
@@ -99,16 +101,25 @@ class Run:
             while part := list(itertools.islice(tasks, window)):
                 todo = [(i, args) for i, args in part if not self.work.has(phase, self.shards[i].name)]
                 fresh: dict[int, dict] = {}
+                unsaved: dict[str, dict] = {}  # finished results of small shards, saved together
+                unsaved_rows = [0]
 
-                def finished(j: int, result: Any, todo: list = todo, fresh: dict = fresh) -> None:
+                def finished(j: int, result: Any, todo: list = todo, fresh: dict = fresh,
+                             unsaved: dict = unsaved, unsaved_rows: list = unsaved_rows) -> None:
                     i = todo[j][0]
                     arrays = on_result(i, result) if on_result is not None else result
-                    self.work.save(phase, self.shards[i].name, arrays)
+                    unsaved[self.shards[i].name] = arrays
+                    unsaved_rows[0] += max(1, self.shards[i].num_rows)
+                    if unsaved_rows[0] >= SAVE_ROWS:
+                        self.work.save_many(phase, unsaved)
+                        unsaved.clear()
+                        unsaved_rows[0] = 0
                     fresh[i] = arrays if load else None
 
                 if todo:
                     self.executor.map(fn, [args for _, args in todo], desc, self.quiet, on_result=finished, bar=bar)
-                del todo
+                    self.work.save_many(phase, unsaved)
+                del todo, unsaved
                 for i, _ in part:
                     if i in fresh:
                         yield i, fresh.pop(i)
