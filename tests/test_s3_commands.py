@@ -91,3 +91,68 @@ def test_report_finds_the_scores_a_remote_manifest_names(s3, tmp_path, capsys) -
                           "--output", "s3://no-such-bucket/x.html"], capsys)
     assert "no-such-bucket" in err and "not found" in err
     assert not Path(tmp_path / "x.html").exists()
+
+
+# ---- reshard -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shards(s3, tmp_path_factory):  # noqa: F811
+    """60 webdataset samples in 3 tars, in the bucket at s3://pool/shards, and a subset of 25 (one uid twice)."""
+    from experiment_data import fake_uid, make_subset, make_train_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    make_train_shards(root / "in", n=60, per_shard=20)
+    uids = [fake_uid(i) for i in range(60)]
+    make_subset(root / "s.npy", uids[3:20] + uids[41:47] + [uids[50]] * 2 + ["f" * 32])
+    s3["fs"].put(str(root / "in") + "/", "pool/shards/", recursive=True)
+    s3["fs"].put_file(str(root / "s.npy"), "pool/subsets/s.npy")
+    return root
+
+
+def _reshard_argv(i: str, o: str, s: str, *extra: str) -> list[str]:
+    return ["reshard", "-i", i, "-o", o, "-s", s, "--shard-size", "8", "-j", "2", "-q", *extra]
+
+
+def test_reshard_from_and_to_urls(s3, shards, tmp_path, capsys, monkeypatch) -> None:  # noqa: F811
+    fs = s3["fs"]
+    assert main(_reshard_argv(str(shards / "in"), str(tmp_path / "local"), str(shards / "s.npy"))) == 0
+    local = sorted(p.name for p in (tmp_path / "local").iterdir())
+    argv = _reshard_argv("s3://pool/shards", "s3://out/resharded", "s3://pool/subsets/s.npy")
+    monkeypatch.setattr(storage, "move", _fail)  # every shard uploaded, then the run dies: none under its name
+    with pytest.raises(RuntimeError):
+        main(argv)
+    assert not [n for n in fs.ls("out/resharded", detail=False) if n.endswith((".tar", "_stats.json", "meta.json"))]
+    monkeypatch.undo()
+    assert main(argv) == 1 and "pass --overwrite" in capsys.readouterr().err  # as a local folder: ours, not empty
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls("out/resharded", detail=False)) == local
+    for name in local:  # the same bytes; the stats name their input shards (URLs here)
+        here, there = (tmp_path / "local" / name).read_bytes(), fs.cat_file(f"out/resharded/{name}")
+        if name.endswith("_stats.json"):
+            here, there = (json.loads(here.replace(str(shards / "in").encode(), b"s3://pool/shards")),
+                           json.loads(there))
+        if name != "meta.json":
+            assert here == there, name
+    meta = json.loads(fs.cat_file("out/resharded/meta.json"))
+    want = json.loads((tmp_path / "local" / "meta.json").read_text())
+    for key in ("input_samples", "output_samples", "output_shard_count", "not_found", "found_unique"):
+        assert meta[key] == want[key], key
+    assert meta["output_samples"] == 25 and meta["args"]["input_dir"] == "s3://pool/shards"
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("killed before the shards were moved onto their names")
+
+
+def test_reshard_never_touches_objects_it_did_not_write(s3, shards, capsys) -> None:  # noqa: F811
+    fs = s3["fs"]
+    fs.pipe_file("out/theirs/00000000.tar", b"not ours")
+    argv = _reshard_argv("s3://pool/shards", "s3://out/theirs", "s3://pool/subsets/s.npy", "--overwrite")
+    err = one_line_error(argv, capsys)
+    assert "s3://out/theirs" in err and "holds no varalign reshard output" in err
+    assert fs.cat_file("out/theirs/00000000.tar") == b"not ours"
+    err = one_line_error(_reshard_argv("s3://pool/shards", "s3://no-such-bucket/o", "s3://pool/subsets/s.npy"),
+                         capsys)
+    assert "no-such-bucket" in err and "not found" in err
+    err = one_line_error(_reshard_argv("s3://no-such-bucket/in", "s3://out/o", "s3://pool/subsets/s.npy"), capsys)
+    assert "s3://no-such-bucket/in" in err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -157,6 +158,49 @@ class _RangeReader(io.RawIOBase):
         super().close()
 
 
+def read_ranges(path: object, ranges: list[tuple[int, int]], block_size: int = BLOCK, gap: int = 1 << 20,
+                ahead: int = 4) -> Iterator[bytes]:
+    """The bytes of each `(offset, size)` of `ranges` (offsets non-decreasing), in order: a local file by
+    seek + read; a URL by requests that each cover neighbouring ranges (a gap under `gap` bytes is read
+    through) up to `block_size` bytes, `ahead` requests in flight (tar members of a subset's samples:
+    only their bytes and small gaps are fetched, and the latency of one request hides behind the others)."""
+    if not is_url(path):
+        with open(local(path), "rb") as fh:
+            for offset, size in ranges:
+                fh.seek(offset)
+                yield fh.read(size)
+        return
+    from collections import deque  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    spans: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for offset, size in ranges:
+        if spans and spans[-1][0] <= offset <= spans[-1][1] + gap \
+                and max(spans[-1][1], offset + size) - spans[-1][0] <= block_size:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], offset + size), spans[-1][2] + [(offset, size)])
+        else:
+            spans.append((offset, offset + size, [(offset, size)]))
+    fs, p = filesystem(str(path))
+    todo = iter(spans)
+    with ThreadPoolExecutor(ahead) as pool:
+        flight = deque()
+        for span in todo:
+            flight.append((span, pool.submit(fs.cat_file, p, start=span[0], end=span[1])))
+            if len(flight) >= ahead:
+                break
+        while flight:
+            (start, _, parts), future = flight.popleft()
+            try:
+                data = future.result()
+            except Exception as exc:  # noqa: BLE001
+                raise remote_error(exc, path) from None
+            span = next(todo, None)
+            if span is not None:
+                flight.append((span, pool.submit(fs.cat_file, p, start=span[0], end=span[1])))
+            for offset, size in parts:
+                yield data[offset - start : offset - start + size]
+
+
 def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFoundError:
     """A storage backend's exception as one line naming the URL (missing bucket, credentials, permission)."""
     text = _short(exc)
@@ -283,6 +327,51 @@ def check_writable(url: str) -> None:
         fs.ls(bucket, detail=False)
     except VaralignError:
         raise
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, url) from None
+
+
+def check_folder(url: str) -> list[str]:
+    """Before any work: an output folder URL's bucket exists, we may list it, and the URL is no object;
+    the names already under the folder (none for a new one)."""
+    fs, p = filesystem(url)
+    bucket = p.split("/", 1)[0]
+    try:
+        if not fs.exists(bucket):
+            raise VaralignError(f"bucket {bucket!r} not found", url)
+        fs.ls(bucket, detail=False)
+        if fs.isfile(p.rstrip("/")):
+            raise VaralignError("output path exists and is not a directory", url)
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p.rstrip("/"), detail=False)] \
+            if fs.isdir(p.rstrip("/")) else []
+    except VaralignError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, url) from None
+
+
+def move(sources: list[str], dests: list[str]) -> None:
+    """Server-side copy of each object onto its new name (an object appears whole), then the sources removed."""
+    if not sources:
+        return
+    fs, _ = filesystem(sources[0])
+    src = [filesystem(u)[1] for u in sources]
+    dst = [filesystem(u)[1] for u in dests]
+    try:
+        fs.copy(src, dst)
+        fs.rm(src)
+    except Exception as exc:  # noqa: BLE001
+        raise remote_error(exc, dests[0]) from None
+
+
+def remove_tree(url: str) -> None:
+    """Every object under the prefix `url` (a folder varalign made: its staging or work prefix)."""
+    fs, p = filesystem(url)
+    try:
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    except FileNotFoundError:
+        pass
     except Exception as exc:  # noqa: BLE001
         raise remote_error(exc, url) from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import add_storage_flag
 from ..errors import VaralignError
 
 
@@ -60,8 +61,10 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="compute CLIP embeddings + scores of your data as a DataComp pool",
                        description="Embed images and captions of webdataset shards (or folders of image + .txt "
                                    "pairs) with an open_clip model; writes {shard}.parquet + {shard}.npz per shard.")
-    p.add_argument("inputs", nargs="+", help="shard .tar files, directories of shards, or folders of image/caption pairs")
-    p.add_argument("--output_dir", "--metadata_dir", dest="output_dir", required=True, help="where the pool goes")
+    p.add_argument("inputs", nargs="+", help="shard .tar files, directories of shards, or folders of image/caption "
+                                             "pairs (shards and their folders may be URLs)")
+    p.add_argument("--output_dir", "--metadata_dir", dest="output_dir", required=True,
+                   help="where the pool goes (a folder URL: each file uploaded in one put when written)")
     p.add_argument("--model", help="open_clip model name (e.g. ViT-L-14)")
     p.add_argument("--pretrained", help="pretrained tag (needs the internet) or a local checkpoint path")
     p.add_argument("--model_config", help="local open_clip model config JSON (its file stem is the model name)")
@@ -74,6 +77,7 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="torch seed (for --random_init)")
     p.add_argument("--overwrite", action="store_true", help="redo shards embedded with another config")
     _add_executor_flags(p, "local: one shard after another, the model on every core; ray: a Ray task per shard")
+    add_storage_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_embed)
 
@@ -104,9 +108,11 @@ def _reshard_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reshard", help="write the samples of a subset file as new webdataset shards (DataComp resharder)",
                        description="DataComp-compatible resharder: input shards + subset file -> output shards "
                                    "with _stats.json, meta.json and sample_ids.npy.")
-    p.add_argument("-i", "--input-dir", required=True, help="directory of input {:08d}.tar shards")
-    p.add_argument("-o", "--output-dir", required=True, help="output directory (must be empty, or --overwrite)")
-    p.add_argument("-s", "--subset-file", required=True, help="sorted u8,u8 uid .npy (repeated uids are repeated)")
+    p.add_argument("-i", "--input-dir", required=True, help="directory of input {:08d}.tar shards (or a URL)")
+    p.add_argument("-o", "--output-dir", required=True, help="output directory (must be empty, or --overwrite; a "
+                                                             "URL: shards appear under their names together)")
+    p.add_argument("-s", "--subset-file", required=True, help="sorted u8,u8 uid .npy (repeated uids are repeated; "
+                                                              "or a URL)")
     p.add_argument("-n", "--num-shards", type=int, help="read shards first..first+n-1 (default: every *.tar)")
     p.add_argument("--first-shard", type=int, default=0)
     p.add_argument("-j", "--num-workers", type=int, default=None, help="processes (default: all cores)")
@@ -118,6 +124,7 @@ def _reshard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace earlier reshard outputs in --output-dir")
     p.add_argument("--dry-run", action="store_true", help="count only, write nothing")
     _add_executor_flags(p, "local: -j processes; ray: a Ray task per input and per output shard")
+    add_storage_flag(p)
     p.add_argument("-v", "--verbose", action="store_true", help="accepted")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_run_reshard)

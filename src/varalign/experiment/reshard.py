@@ -11,6 +11,13 @@ since writing a tar holds the GIL; or Ray tasks):
    shards in name order, samples in tar order, a uid repeated k times in the subset written k times
    with keys `{uid}-{j}`), copied by seek + read from the input tars into an atomically renamed tar.
 The output is deterministic and independent of the number of workers.
+
+Input shards, the subset file and the output folder may be URLs (`storage.py`). An input tar is streamed
+(the index pass reads it once in large blocks; the write pass fetches only the matched samples' byte
+ranges); the subset file is fetched once. To an output URL, every shard is written to a local temp file
+and uploaded in one put under the folder's staging prefix; when all are there they are copied onto their
+names (server-side), then `sample_ids.npy`, then `meta.json`: a killed run leaves no shard under its final
+name. The work directory is then on this machine (`~/.cache/varalign/work/`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .. import storage
 from ..atomic import atomic_path, save_json, save_npy
 from ..errors import VaralignError
 from ..execute import make_executor
@@ -37,6 +45,7 @@ from ..workdir import WorkDir, digest, is_ours
 from .wds import add_bytes, iter_samples, open_tar, read_json, read_member, sample_uid
 
 WORK_DIR = ".reshard-work"
+STAGING = ".reshard-staging"  # in an output URL: shards uploaded here, moved onto their names at the end
 
 
 @dataclass
@@ -72,11 +81,13 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
     `executor`: `local` (`num_workers` processes) or `ray` (Ray tasks; every node must see the input and
     output directories at the same paths).
     """
-    out = Path(output_dir)
+    out = storage.as_path(output_dir)
     with contextlib.ExitStack() as stack:
         if not dry_run:  # a second reshard into the same folder is refused (naming this one's pid)
-            out.absolute().parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(lock(lock_file_for(out.absolute()), f"the output directory {out}"))
+            if not storage.is_url(out):
+                out.absolute().parent.mkdir(parents=True, exist_ok=True)
+                out = out.absolute()
+            stack.enter_context(lock(lock_file_for(out), f"the output directory {output_dir}"))
         return _reshard(input_dir, output_dir, subset_file, num_shards=num_shards, first_shard=first_shard,
                         num_workers=num_workers, shard_size=shard_size, shard_format=shard_format,
                         output_shard_format=output_shard_format, output_shard_stats_format=output_shard_stats_format,
@@ -91,14 +102,16 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
     start = time.time()
     if shard_size < 1:
         raise VaralignError(f"--shard-size must be >= 1, got {shard_size}")
-    inputs = _input_shards(Path(input_dir), num_shards, first_shard, shard_format, quiet)
-    unique, counts = load_subset_counts(subset_file)
-    out = Path(output_dir)
+    inputs = _input_shards(storage.as_path(input_dir), num_shards, first_shard, shard_format, quiet)
+    local_subset = storage.localize(str(subset_file))
+    unique, counts = load_subset_counts(local_subset)
+    out = storage.as_path(output_dir)
+    remote = storage.is_url(out)
     if not dry_run:
-        _prepare_output(out, overwrite, Path(input_dir), subset_file, output_shard_format,
-                        output_shard_stats_format)
-    root = out / WORK_DIR if not dry_run else Path(os.environ.get("TMPDIR", "/tmp")) / f"varalign-reshard-{os.getpid()}"
-    work = WorkDir(root, digest("reshard", [_stamp(p) for p in inputs], _stamp(Path(subset_file))))
+        _prepare_output(out, overwrite, input_dir, subset_file, output_shard_format, output_shard_stats_format)
+    root = _work_root(out) if not dry_run else \
+        Path(os.environ.get("TMPDIR", "/tmp")) / f"varalign-reshard-{os.getpid()}"
+    work = WorkDir(root, digest("reshard", [_stamp(p) for p in inputs], _stamp(subset_file)))
     workers = max(1, num_workers or os.cpu_count() or 1)
     # processes, not threads: tarfile builds each member's header in Python, so writing holds the GIL
     runner = make_executor(executor, workers, ray_address, processes=True)
@@ -118,10 +131,16 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
         result.not_found = result.subset_unique - result.found_unique
         result.output_shard_count = -(-result.output_samples // shard_size)
         if not dry_run:
-            _run_write(index, copies, out, shard_size, output_shard_format, output_shard_stats_format,
+            names = [f(o) for o in range(result.output_shard_count)
+                     for f in (output_shard_format.format, output_shard_stats_format.format)]
+            staged = storage.join(out, STAGING) if remote else out
+            _run_write(index, copies, staged, shard_size, output_shard_format, output_shard_stats_format,
                        result.output_shard_count, runner, quiet)
-            save_npy(out / "sample_ids.npy", np.load(subset_file, allow_pickle=False)
-                     if _is_npy(subset_file) else np.fromfile(subset_file, dtype=UID_DTYPE))
+            if remote:  # every shard is there: onto their names together, then the staging prefix goes
+                storage.move([storage.join(staged, n) for n in names], [storage.join(out, n) for n in names])
+                storage.remove_tree(staged)
+            save_npy(storage.join(out, "sample_ids.npy"), np.load(local_subset, allow_pickle=False)
+                     if _is_npy(local_subset) else np.fromfile(local_subset, dtype=UID_DTYPE))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the shards indexed are kept for the next (--overwrite) run
         if dry_run:
             work.remove()
@@ -139,29 +158,48 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
                          "output_shard_format": output_shard_format,
                          "output_shard_stats_format": output_shard_stats_format},
                 **asdict(result)}
-        save_json(out / "meta.json", meta)
-        (out / MARKER).unlink(missing_ok=True)  # meta.json now proves the folder is a reshard output
+        save_json(storage.join(out, "meta.json"), meta)
+        # meta.json now proves the folder is a reshard output
+        if remote:
+            storage.remove(storage.join(out, MARKER))
+        else:
+            (out / MARKER).unlink(missing_ok=True)
     if result.not_found:
         _warn(f"{result.not_found:,} uids in the subset were not found in the input", quiet)
     return result
 
 
-def _stamp(path: Path) -> tuple[str, int, int]:
-    """A file's identity for the work directory's plan: path, size, modification time."""
+def _stamp(path: Path | str) -> tuple:
+    """A file's identity for the work directory's plan: path, size, modification time (an object: its ETag)."""
+    if storage.is_url(path):
+        meta = storage.info(path)
+        return str(path), meta["size"], meta.get("etag") or meta.get("last_modified") or meta.get("mtime") or ""
+    path = Path(path)
     st = path.stat()
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def _input_shards(root: Path, num_shards: int | None, first: int, fmt: str, quiet: bool) -> list[Path]:
-    if not root.is_dir():
+def _work_root(out: Path | str) -> Path:
+    """The work directory: inside a local output folder; for an output URL, on this machine."""
+    if not storage.is_url(out):
+        return Path(out) / WORK_DIR
+    from ..engine.job import default_work_dir  # noqa: PLC0415
+
+    return default_work_dir(storage.join(out, WORK_DIR))
+
+
+def _input_shards(root: Path | str, num_shards: int | None, first: int, fmt: str,
+                  quiet: bool) -> list[Path | str]:
+    if not storage.isdir(root):
         raise VaralignError("input directory not found", root)
     if num_shards is None:
-        shards = sorted(p for p in root.iterdir() if p.name.endswith(".tar") and not p.name.startswith("."))
+        shards = [storage.as_path(storage.join(root, n)) for n in sorted(storage.listdir(root))
+                  if n.endswith(".tar") and not n.startswith(".")]
     else:
         shards = []
         for i in range(first, first + num_shards):
-            path = root / fmt.format(i)
-            if path.exists():
+            path = storage.as_path(storage.join(root, fmt.format(i)))
+            if storage.exists(path):
                 shards.append(path)
             else:
                 _warn(f"warning: input shard {path} not found, skipped", quiet)
@@ -173,12 +211,15 @@ def _input_shards(root: Path, num_shards: int | None, first: int, fmt: str, quie
 MARKER = ".varalign-reshard"
 
 
-def _prepare_output(out: Path, overwrite: bool, input_dir: Path, subset_file: str | os.PathLike,
+def _prepare_output(out: Path | str, overwrite: bool, input_dir: object, subset_file: object,
                     output_shard_format: str, output_shard_stats_format: str) -> None:
     """A new or empty folder, or (with `overwrite`) one that an earlier reshard wrote (its marker or
     meta.json): then only that reshard's own files are removed; nothing else is ever touched."""
     check_paths({"--input_dir": str(input_dir), "--subset_file": str(subset_file)}, {},
                 work_dir=out, dir_label="output directory")
+    if storage.is_url(out):
+        _prepare_remote_output(str(out), overwrite, output_shard_format, output_shard_stats_format)
+        return
     if out.exists() and not out.is_dir():
         raise VaralignError("output path exists and is not a directory", out)
     if out.is_dir() and any(out.iterdir()):
@@ -200,10 +241,30 @@ def _prepare_output(out: Path, overwrite: bool, input_dir: Path, subset_file: st
     save_json(out / MARKER, {"tool": "varalign reshard", "pid": os.getpid()})
 
 
-def _reshard_meta(out: Path) -> dict | None:
+def _prepare_remote_output(out: str, overwrite: bool, output_shard_format: str, output_shard_stats_format: str) -> None:
+    """`_prepare_output` for a folder URL: the same rules, on the objects directly under it."""
+    names = storage.check_folder(out)
+    if names:
+        if MARKER not in names and _reshard_meta(out) is None:
+            raise VaralignError("output directory is not empty and holds no varalign reshard output: not touched; "
+                                "give an empty or new folder", out)
+        if not overwrite:
+            raise VaralignError("output directory is not empty (pass --overwrite to replace its shards)", out)
+        old = _reshard_meta(out) or {}
+        formats = {(old.get("output_shard_format") or output_shard_format),
+                   ((old.get("args") or {}).get("output_shard_stats_format") or output_shard_stats_format)}
+        for name in names:
+            if name == STAGING:  # a killed run's uploads
+                storage.remove_tree(storage.join(out, name))
+            elif name in ("meta.json", "sample_ids.npy") or _numbered(name, formats):
+                storage.remove(storage.join(out, name))
+    save_json(storage.join(out, MARKER), {"tool": "varalign reshard", "pid": os.getpid()})
+
+
+def _reshard_meta(out: Path | str) -> dict | None:
     try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        meta = json.loads(storage.read_bytes(storage.join(out, "meta.json")))
+    except (OSError, ValueError, UnicodeDecodeError, VaralignError):
         return None
     return meta if isinstance(meta, dict) and "output_shard_count" in meta and "args" in meta else None
 
@@ -299,30 +360,35 @@ def _write_shard(job: tuple) -> int:  # a module-level function: it runs in anot
     written = 0
     with atomic_path(out_tar, ".tar") as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
         for path, index_file, first, last in pieces:  # positions [first, last) within this input shard
-            idx = np.load(index_file)
-            cum = np.concatenate([[0], np.cumsum(idx["copies"])])
-            hex_uids = uids_to_hex(idx["uids"]).to_pylist()
-            with open(path, "rb") as src:
-                s = int(np.searchsorted(cum, first, side="right") - 1)
-                pos = first
-                while pos < last:
-                    j = pos - int(cum[s])
-                    n_copies = int(idx["copies"][s])
-                    key = hex_uids[s] if n_copies == 1 else f"{hex_uids[s]}-{j}"
-                    for m in range(int(idx["ptr"][s]), int(idx["ptr"][s + 1])):
-                        src.seek(int(idx["offset"][m]))
-                        add_bytes(tf, f"{key}.{idx['ext'][m]}", src.read(int(idx["size"][m])))
-                    written += 1
-                    pos += 1
-                    if pos - int(cum[s]) >= n_copies:
-                        s += 1
+            members = _piece_members(np.load(index_file), first, last)
+            # a local tar by seek + read; a URL by ranged requests covering neighbouring samples
+            data = storage.read_ranges(path, [(off, size) for _, off, size in members])
+            for (name, _, _), blob in zip(members, data, strict=True):
+                add_bytes(tf, name, blob)
+            written += last - first
     stats = {"count": written, "successes": written, "failed_to_download": 0, "failed_to_resize": 0,
              "input_shards": sorted({p[0] for p in pieces}), "status": "success"}
     save_json(out_stats, stats)
     return written
 
 
-def _run_write(index: list[dict], copies: np.ndarray, out: Path, shard_size: int, fmt: str, stats_fmt: str,
+def _piece_members(idx, first: int, last: int) -> list[tuple[str, int, int]]:
+    """(member name, offset, size) of positions [first, last) of one input shard's matched samples."""
+    cum = np.concatenate([[0], np.cumsum(idx["copies"])])
+    hex_uids = uids_to_hex(idx["uids"]).to_pylist()
+    out = []
+    s = int(np.searchsorted(cum, first, side="right") - 1)
+    for pos in range(first, last):
+        while pos - int(cum[s]) >= int(idx["copies"][s]):
+            s += 1
+        j, n_copies = pos - int(cum[s]), int(idx["copies"][s])
+        key = hex_uids[s] if n_copies == 1 else f"{hex_uids[s]}-{j}"
+        out += [(f"{key}.{idx['ext'][m]}", int(idx["offset"][m]), int(idx["size"][m]))
+                for m in range(int(idx["ptr"][s]), int(idx["ptr"][s + 1]))]
+    return out
+
+
+def _run_write(index: list[dict], copies: np.ndarray, out: Path | str, shard_size: int, fmt: str, stats_fmt: str,
                n_out: int, runner, quiet: bool) -> None:
     starts = np.concatenate([[0], np.cumsum(copies)])
     jobs = []
@@ -333,7 +399,7 @@ def _run_write(index: list[dict], copies: np.ndarray, out: Path, shard_size: int
             a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
             if a < b:
                 pieces.append((r["path"], r["index"], a - int(starts[k]), b - int(starts[k])))
-        jobs.append((o, lo, hi, pieces, str(out / fmt.format(o)), str(out / stats_fmt.format(o))))
+        jobs.append((o, lo, hi, pieces, storage.join(out, fmt.format(o)), storage.join(out, stats_fmt.format(o))))
     with tqdm(total=int(starts[-1]), desc="reshard: write", unit="sample", disable=quiet) as bar:
         runner.map(_write_shard, [(job,) for job in jobs], "reshard: write", quiet=True,
                    on_result=lambda _, n: bar.update(n))

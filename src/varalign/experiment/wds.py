@@ -53,7 +53,19 @@ def iter_samples(tf: tarfile.TarFile) -> Iterator[Sample]:
 
 
 def open_tar(path: str | os.PathLike) -> tarfile.TarFile:
-    """Open an uncompressed tar for seeking; one-line error naming the file."""
+    """Open an uncompressed tar for seeking; one-line error naming the file. A URL is streamed in large
+    ranged requests, the next one in flight (reading its members in order fetches each block once)."""
+    from .. import storage  # noqa: PLC0415
+
+    if storage.is_url(path):
+        fh = storage.open_read(path)
+        try:
+            tf = tarfile.open(fileobj=fh, mode="r:")
+        except (OSError, tarfile.TarError) as exc:
+            fh.close()
+            raise VaralignError(f"not a readable (uncompressed) tar shard ({exc})", path) from None
+        tf._extfileobj = False  # the tar owns the remote file: closed with it
+        return tf
     try:
         return tarfile.open(path, "r:")
     except (OSError, tarfile.TarError) as exc:
