@@ -156,3 +156,30 @@ def test_reshard_never_touches_objects_it_did_not_write(s3, shards, capsys) -> N
     assert "no-such-bucket" in err and "not found" in err
     err = one_line_error(_reshard_argv("s3://no-such-bucket/in", "s3://out/o", "s3://pool/subsets/s.npy"), capsys)
     assert "s3://no-such-bucket/in" in err
+
+
+# ---- embed ---------------------------------------------------------------------------------------
+
+def test_embed_from_and_to_urls(s3, shards, tmp_path, capsys) -> None:  # noqa: F811
+    """The shards of s3://pool/shards embedded into s3://out/embedded: the local run's files, byte for byte."""
+    pytest.importorskip("open_clip")
+    pytest.importorskip("torch")
+    fs = s3["fs"]
+    model = ["--model", "varalign-tiny", "--random_init", "--arch", "b32", "--batch_size", "32", "--quiet"]
+    assert main(["embed", str(shards / "in" / "00000000.tar"), str(shards / "in" / "00000001.tar"),
+                 "--output_dir", str(tmp_path / "local"), *model]) == 0
+    argv = ["embed", "s3://pool/shards/00000000.tar", "s3://pool/shards/00000001.tar", "--output_dir",
+            "s3://out/embedded", *model]
+    assert main(argv) == 0
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert names == ["00000000.npz", "00000000.parquet", "00000001.npz", "00000001.parquet", "embed.json"]
+    assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls("out/embedded", detail=False)) == names
+    for name in names:
+        assert fs.cat_file(f"out/embedded/{name}") == (tmp_path / "local" / name).read_bytes(), name
+    capsys.readouterr()
+    assert main(argv[:-1]) == 0 and "(2 reused)" in capsys.readouterr().out  # finished shards are reused
+    fs.pipe_file("out/notours/readme.txt", b"the user's")
+    err = one_line_error(["embed", "s3://pool/shards", "--output_dir", "s3://out/notours", *model], capsys)
+    assert "s3://out/notours" in err and "not empty" in err
+    err = one_line_error(["embed", "s3://no-such-bucket/shards", "--output_dir", str(tmp_path / "x"), *model], capsys)
+    assert "s3://no-such-bucket/shards" in err

@@ -12,6 +12,10 @@ finished, a shard whose files went missing or changed is redone. A finished run 
 directory; `embed.json` (written last) then names every finished shard, so a re-run reuses them.
 Shards are mapped through the executor (`--executor ray` embeds them on a Ray cluster; locally they
 run one after another, each on every core).
+
+Input shards (a `.tar` URL, or a folder URL of them) are streamed from object storage; an output folder
+URL gets each shard's two files as objects, each written locally and uploaded in one put as the shard
+finishes (`embed.json` first and last, as locally); the work directory is then on this machine.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from .. import storage
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 from ..execute import LocalExecutor, make_executor
@@ -60,7 +65,7 @@ class EmbedResult:
 @dataclass
 class _Unit:
     name: str
-    tar: Path | None = None
+    tar: Path | str | None = None  # a local path or a URL
     files: list[tuple[str, Path, Path]] | None = None  # (key, image, caption) for a folder chunk
     folder: str = ""
 
@@ -85,13 +90,17 @@ def embed(inputs: list[str | os.PathLike], output_dir: str | os.PathLike, *, mod
     if pretrained is None and not random_init:
         raise VaralignError("give --pretrained (tag or checkpoint); --random_init embeds with untrained weights")
     units = _units(inputs, shard_size)
-    out = Path(output_dir)
+    out = storage.as_path(output_dir)
     check_paths({"an input": [str(i) for i in inputs]}, {}, work_dir=out, dir_label="output directory")
     for i in inputs:
-        if Path(i).is_dir() and Path(i).resolve() == out.resolve():
+        if storage.is_url(i) or storage.is_url(out):
+            if str(i).rstrip("/") == str(out):
+                raise VaralignError("the output directory is an input: refused", out)
+        elif Path(i).is_dir() and Path(i).resolve() == out.resolve():
             raise VaralignError("the output directory is an input: refused", out)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    with lock(lock_file_for(out.absolute()), f"the output directory {out}"):
+    if not storage.is_url(out):
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with lock(lock_file_for(out if storage.is_url(out) else out.absolute()), f"the output directory {out}"):
         try:
             return _embed(units, out, model=model, pretrained=pretrained, model_config=model_config, arch=arch,
                           batch_size=batch_size, device=device, num_workers=num_workers, random_init=random_init,
@@ -101,14 +110,17 @@ def embed(inputs: list[str | os.PathLike], output_dir: str | os.PathLike, *, mod
             _MODELS.clear()  # loaded once per call, as before (a Ray worker keeps its own)
 
 
-def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str | None,
+def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained: str | None,
            model_config: str | os.PathLike | None, arch: str, batch_size: int, device: str | None, num_workers: int,
            random_init: bool, seed: int, overwrite: bool, quiet: bool, start: float, executor: str,
            ray_address: str | None) -> EmbedResult:
-    if out.is_dir() and any(out.iterdir()) and _read_manifest(out) is None:
+    remote = storage.is_url(out)
+    non_empty = bool(storage.check_folder(out)) if remote else out.is_dir() and any(out.iterdir())
+    if non_empty and _read_manifest(out) is None:
         raise VaralignError("output directory is not empty and holds no varalign embed output "
                             f"({MANIFEST}): not touched; give an empty or new folder", out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not remote:
+        out.mkdir(parents=True, exist_ok=True)
     config = {"model": model, "pretrained": pretrained, "model_config": str(model_config) if model_config else None,
               "arch": arch, "random_init": random_init, "seed": seed}
     _check_manifest(out, config, overwrite)
@@ -118,13 +130,17 @@ def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str 
                       "planned": sorted(set(old.get("planned", [])) | {u.name for u in units})}
     # written before the first shard: the folder is varalign's from now on, and the shards it will hold
     # are named, so --overwrite later removes exactly those (a killed run's included)
-    save_json(out / MANIFEST, {**old, **{k: v for k, v in manifest.items() if k != "shards"},
-                               "shards": old.get("shards", {})})
-    work = WorkDir(out / WORK_DIR, digest("embed", config))
+    save_json(storage.join(out, MANIFEST), {**old, **{k: v for k, v in manifest.items() if k != "shards"},
+                                            "shards": old.get("shards", {})})
+    work = WorkDir(_work_root(out), digest("embed", config))
     steps = Steps(work, "shards")
     todo = []
     for u in units:
-        info = steps.done(u.name) or _finished_before(out, old, u.name)
+        info = steps.done(u.name)
+        if info is not None and remote and not _shard_there(out, u.name):  # an object removed since
+            steps.drop(u.name)
+            info = None
+        info = info or _finished_before(out, old, u.name)
         if info is None:
             todo.append(u)
         else:  # a killed run's shard joins the manifest too
@@ -135,16 +151,18 @@ def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str 
     def commit(i: int, res: tuple) -> None:  # in this process, as each shard finishes
         unit = todo[i]
         arrays, table, skipped = res
-        with atomic_path(out / f"{unit.name}.npz", ".npz") as tmp:
+        files = [storage.join(out, f"{unit.name}{suffix}") for suffix in (".npz", ".parquet")]
+        with atomic_path(files[0], ".npz") as tmp:  # a URL: a local temp uploaded in one put
             write_npz(tmp, arrays)
-        with atomic_path(out / f"{unit.name}.parquet", ".parquet") as tmp:
+        with atomic_path(files[1], ".parquet") as tmp:
             pq.write_table(table, tmp)
         rows, dim = table.num_rows, arrays[image_key(arch)].shape[1]
         result.rows += rows
         result.skipped += skipped
         result.dim = dim
         manifest["shards"][unit.name] = {"rows": rows, "skipped": skipped}
-        steps.finish(unit.name, [out / f"{unit.name}.npz", out / f"{unit.name}.parquet"], manifest["shards"][unit.name])
+        # the step's files are checked on resume by size; objects (put whole) by `_shard_there`
+        steps.finish(unit.name, [] if remote else files, manifest["shards"][unit.name])
 
     if todo:
         # locally one shard after another, each with the process's torch threads; on Ray one task per shard
@@ -159,22 +177,50 @@ def _embed(units: list[_Unit], out: Path, *, model: str | None, pretrained: str 
     result.seconds = round(time.time() - start, 2)
     old = _read_manifest(out)
     manifest["shards"] = {**(old or {}).get("shards", {}), **manifest["shards"]}
-    save_json(out / MANIFEST, manifest)
+    save_json(storage.join(out, MANIFEST), manifest)
     work.remove()  # the manifest now names every finished shard
     return result
 
 
-def _finished_before(out: Path, old: dict, name: str) -> dict | None:
+def _work_root(out: Path | str) -> Path:
+    """The work directory: inside a local output folder; for an output URL, on this machine."""
+    if not storage.is_url(out):
+        return Path(out) / WORK_DIR
+    from ..engine.job import default_work_dir  # noqa: PLC0415
+
+    return default_work_dir(storage.join(out, WORK_DIR))
+
+
+def _shard_there(out: Path | str, name: str) -> bool:
+    return all(storage.isfile(storage.join(out, f"{name}{suffix}")) for suffix in (".parquet", ".npz"))
+
+
+def _finished_before(out: Path | str, old: dict, name: str) -> dict | None:
     """A shard of the finished run that wrote `old` (the manifest, same config): its record, if its files are there."""
     info = (old.get("shards") or {}).get(name)
-    if isinstance(info, dict) and (out / f"{name}.parquet").is_file() and (out / f"{name}.npz").is_file():
+    if isinstance(info, dict) and _shard_there(out, name):
         return info
     return None
+
+
+def _remote_tars(url: str) -> list[str]:
+    """A `.tar` URL itself, or the `.tar` objects directly under a folder URL (sorted)."""
+    if url.endswith(".tar") and storage.isfile(url):
+        return [url]
+    if not storage.isdir(url):
+        raise VaralignError("input not found", url)
+    tars = [storage.join(url, n) for n in sorted(storage.listdir(url)) if n.endswith(".tar") and not n.startswith(".")]
+    if not tars:
+        raise VaralignError("no .tar shards under this URL (a folder of image + .txt pairs must be local)", url)
+    return tars
 
 
 def _units(inputs: list[str | os.PathLike], shard_size: int) -> list[_Unit]:
     units: list[_Unit] = []
     for item in inputs:
+        if storage.is_url(item):
+            units += [_Unit(storage.basename(t)[: -len(".tar")], tar=t) for t in _remote_tars(str(item).rstrip("/"))]
+            continue
         p = Path(item)
         if not p.exists():
             raise VaralignError("input not found", p)
@@ -203,32 +249,37 @@ def _folder_pairs(root: Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
-def _read_manifest(out: Path) -> dict | None:
+def _read_manifest(out: Path | str) -> dict | None:
     import json
 
-    path = out / MANIFEST
-    if not path.exists():
+    path = storage.join(out, MANIFEST)
+    if not storage.exists(path):
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(path))
     except ValueError:
         raise VaralignError("unreadable embed manifest (delete it or pass --overwrite)", path) from None
 
 
-def _check_manifest(out: Path, config: dict, overwrite: bool) -> None:
+def _check_manifest(out: Path | str, config: dict, overwrite: bool) -> None:
     old = _read_manifest(out)
     if old is not None and old.get("config") != config:
         if not overwrite:
             raise VaralignError("output was embedded with another model/config (pass --overwrite to redo it)",
-                                out / MANIFEST)
+                                storage.join(out, MANIFEST))
         for name in set(old.get("shards") or {}) | set(old.get("planned") or []):  # only embed's own shards
             for suffix in (".parquet", ".npz"):
-                p = out / f"{Path(str(name)).name}{suffix}"
-                if p.is_file():
-                    p.unlink()
-        if is_ours(out / WORK_DIR):  # its records are of the shards just removed
-            WorkDir(out / WORK_DIR, "").remove()
-        (out / MANIFEST).unlink()
+                p = storage.join(out, f"{Path(str(name)).name}{suffix}")
+                if storage.is_url(p):
+                    storage.remove(p)
+                elif os.path.isfile(p):
+                    os.unlink(p)
+        if is_ours(_work_root(out)):  # its records are of the shards just removed
+            WorkDir(_work_root(out), "").remove()
+        if storage.is_url(out):
+            storage.remove(storage.join(out, MANIFEST))
+        else:
+            (out / MANIFEST).unlink()
 
 
 def _load(model: str | None, pretrained: str | None, model_config: str | os.PathLike | None, random_init: bool,
@@ -286,7 +337,7 @@ def _iter_unit(unit: _Unit) -> Iterator[tuple[str, str, bytes | None, str | None
                 ext = s.image_ext()
                 img = read_member(tf, s.members[ext]) if ext else None
                 txt = read_member(tf, s.members["txt"]).decode("utf-8", "replace") if "txt" in s.members else None
-                yield s.key, sample_uid(s.key, unit.tar.name, meta), img, txt, meta
+                yield s.key, sample_uid(s.key, storage.basename(unit.tar), meta), img, txt, meta
     else:
         for key, img_path, txt_path in unit.files or []:
             yield (key, hashlib.md5(f"{unit.folder}/{key}".encode()).hexdigest(), img_path.read_bytes(),
