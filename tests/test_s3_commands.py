@@ -4,6 +4,7 @@ server on 127.0.0.1, the `s3` fixture of test_s3.py): the local run's outputs, w
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -183,3 +184,67 @@ def test_embed_from_and_to_urls(s3, shards, tmp_path, capsys) -> None:  # noqa: 
     assert "s3://out/notours" in err and "not empty" in err
     err = one_line_error(["embed", "s3://no-such-bucket/shards", "--output_dir", str(tmp_path / "x"), *model], capsys)
     assert "s3://no-such-bucket/shards" in err
+
+
+# ---- download ------------------------------------------------------------------------------------
+
+def test_download_into_and_from_urls(s3, tmp_path, capsys) -> None:  # noqa: F811
+    """Metadata in the bucket, a subset's images written by img2dataset into s3://out/dl/shards: the samples
+    and the report of the same download into a local folder."""
+    pytest.importorskip("img2dataset", reason="the [download] extra")
+    from test_download import ARGS, samples
+
+    from varalign.download.servers import LocalServer, digit_images, encode, image_pool, write_metadata
+    from varalign.uids import hex_to_uids, save_subset
+
+    fs = s3["fs"]
+    with LocalServer(max_seconds=300) as server:
+        cols = image_pool(server, [encode(img) for img in digit_images(12, size=48, seed=5)], {3: "404"})
+        write_metadata(cols, str(tmp_path / "metadata"), rows_per_file=6)
+        save_subset(tmp_path / "sub.npy", hex_to_uids([cols["uid"][i] for i in (0, 2, 3, 7, 8, 11)]))
+        fs.put(str(tmp_path / "metadata") + "/", "pool/dlmeta/", recursive=True)
+        fs.put_file(str(tmp_path / "sub.npy"), "pool/dlsub.npy")
+        assert main(["download", "--data_dir", str(tmp_path / "local"), "--metadata_dir", str(tmp_path / "metadata"),
+                     "--subset", str(tmp_path / "sub.npy"), *ARGS, "--quiet"]) == 0
+        assert main(["download", "--data_dir", "s3://out/dl", "--metadata_dir", "s3://pool/dlmeta",
+                     "--subset", "s3://pool/dlsub.npy", *ARGS, "--quiet"]) == 0
+    fs.get("out/dl/shards/", str(tmp_path / "remote") + "/", recursive=True)
+    here, there = samples(tmp_path / "local" / "shards"), samples(tmp_path / "remote")
+    assert len(here) == 5 and here == there
+    reports = [json.loads((tmp_path / "local" / "download_report.json").read_text()),
+               json.loads(fs.cat_file("out/dl/download_report.json"))]
+    for key in ("outcomes", "urls", "shards", "subset"):
+        assert reports[0][key] == reports[1][key] if key != "subset" else \
+            reports[0][key]["in_pool"] == reports[1][key]["in_pool"]
+    assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls("out/dl", detail=False)) == ["download_report.json", "shards"]
+    err = one_line_error(["download", "--data_dir", "s3://no-such-bucket/dl", "--metadata_dir", "s3://pool/dlmeta",
+                          *ARGS, "--quiet"], capsys)
+    assert "no-such-bucket" in err and "not found" in err
+
+
+def test_download_metadata_from_the_hub_into_a_url(s3, synth_pool, tmp_path) -> None:  # noqa: F811
+    """--skip_shards with --metadata_dir a URL: each Hub file uploaded as an object, the completion marker last;
+    --storage_options through the command line (a fresh process)."""
+    pytest.importorskip("huggingface_hub", reason="the [download] extra")
+    import subprocess
+    import sys
+
+    from varalign.download.servers import LocalServer, add_hub_repo
+
+    files = {p.name: p.read_bytes() for p in sorted((synth_pool / "pool").glob("*.parquet"))}
+    with LocalServer(max_seconds=120) as hub:
+        add_hub_repo(hub, "mlfoundations/datacomp_small", {**files, "README.md": b"# tiny"})
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"),
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        env.pop(storage.ENV)
+        out = subprocess.run([sys.executable, "-m", "varalign", "download", "--skip_shards", "--data_dir",
+                              str(tmp_path / "d"), "--metadata_dir", "s3://out/hubmeta", "--no_verify_hash",
+                              "--skip_bbox_blurring", "--storage_options", json.dumps(storage.options())],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    fs = s3["fs"]
+    fs.invalidate_cache()
+    got = {n.rsplit("/", 1)[-1]: fs.cat_file(n) for n in fs.ls("out/hubmeta", detail=False)}
+    assert json.loads(got.pop(".varalign_metadata.json"))["files"] == sorted(files)
+    assert got == files and "3 metadata files, 3,000 URLs" in out.stderr
+    assert not list((tmp_path / "d").rglob("*.parquet"))  # each file removed here once uploaded

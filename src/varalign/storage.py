@@ -234,12 +234,15 @@ def info(path: object) -> dict[str, Any]:
     return out
 
 
-def listdir(path: object) -> list[str]:
-    """Names (not paths) in a folder or prefix; a missing one raises VaralignError."""
+def listdir(path: object, refresh: bool = False) -> list[str]:
+    """Names (not paths) in a folder or prefix; a missing one raises VaralignError. `refresh`: list
+    again rather than from fsspec's listing cache (a folder another process is writing)."""
     if not is_url(path):
         return os.listdir(local(path))
     fs, p = filesystem(str(path))
     try:
+        if refresh:
+            fs.invalidate_cache(p)
         if not fs.isdir(p):
             raise VaralignError("metadata directory not found", path)
         return [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)]
@@ -374,6 +377,17 @@ def remove_tree(url: str) -> None:
         pass
     except Exception as exc:  # noqa: BLE001
         raise remote_error(exc, url) from None
+
+
+def child_env(url: object) -> dict[str, str]:
+    """Environment that gives a child process which opens `url` with plain fsspec (img2dataset) this
+    process's storage options: fsspec's own `FSSPEC_<PROTOCOL>` configuration variable."""
+    if not is_url(url) or not options():
+        return {}
+    scheme = str(url).split("://", 1)[0]
+    opts = options()
+    scoped = opts[scheme] if isinstance(opts.get(scheme), dict) else opts
+    return {ENV: json.dumps(opts), f"FSSPEC_{scheme.upper()}": json.dumps(scoped)}
 
 
 def put_file(local_path: str, url: str) -> None:

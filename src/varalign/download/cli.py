@@ -7,6 +7,7 @@ import sys
 
 
 def register_download(sub: argparse._SubParsersAction) -> None:
+    from ..cli import add_storage_flag  # noqa: PLC0415
     from .hub import SCALES  # noqa: PLC0415
     from .run import ENCODE_FORMATS, OUTPUT_FORMATS, RESIZE_MODES  # noqa: PLC0415
 
@@ -16,8 +17,10 @@ def register_download(sub: argparse._SubParsersAction) -> None:
                                    "img2dataset (DataComp's settings), each checked against the metadata's sha256. "
                                    "Resumable: run the same command again after an interruption.")
     p.add_argument("--scale", choices=SCALES, default="small", help="which pool (default small)")
-    p.add_argument("--data_dir", required=True, help="where metadata/, shards/ and download_report.json go")
-    p.add_argument("--metadata_dir", help="metadata folder (default DATA_DIR/metadata); an existing one is used as is")
+    p.add_argument("--data_dir", required=True, help="where metadata/, shards/ and download_report.json go (a "
+                                                     "folder URL: img2dataset writes the shards there)")
+    p.add_argument("--metadata_dir", help="metadata folder or URL (default DATA_DIR/metadata); an existing one is "
+                                          "used as is")
     p.add_argument("--download_npz", action="store_true", help="also download the .npz embeddings")
     p.add_argument("--skip_shards", action="store_true", help="only the metadata (then filter, then --subset)")
     p.add_argument("--overwrite_metadata", action="store_true", help="download the metadata again")
@@ -43,6 +46,7 @@ def register_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--number_sample_per_shard", type=int, default=10000,
                    help="samples per shard (DataComp: 10000); fixed once a download started")
     p.add_argument("--quiet", action="store_true", help="no progress bar, notes or table")
+    add_storage_flag(p)
     p.set_defaults(func=_run_download)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..atomic import save_json
+from .. import storage
+from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 
 SCALES = ("small", "medium", "large", "xlarge", "datacomp_1b")
@@ -27,8 +28,11 @@ def fetch_metadata(scale: str, metadata_dir: Path, cache_dir: Path, *, download_
     As DataComp: an existing metadata directory is used as it is (`overwrite` fetches again). Unlike
     DataComp, a download that was interrupted is resumed rather than taken for complete, and
     `overwrite` re-downloads the Hub's files over the old ones instead of deleting the directory.
-    Returns what happened: "present" or "downloaded".
+    Returns what happened: "present" or "downloaded". A folder URL: see `_fetch_to_url`.
     """
+    if storage.is_url(metadata_dir):
+        return _fetch_to_url(scale, str(metadata_dir), cache_dir, download_npz=download_npz, overwrite=overwrite,
+                             quiet=quiet)
     started = metadata_dir / STARTED
     has_parquet = metadata_dir.is_dir() and any(p.suffix == ".parquet" for p in metadata_dir.iterdir())
     if has_parquet and not overwrite and not started.exists():
@@ -74,6 +78,60 @@ def _snapshot(scale: str, metadata_dir: Path, cache_dir: Path, kinds: list[str],
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise VaralignError(f"cannot download the metadata from {where} ({type(exc).__name__}: {text}); "
                             "run the same command again to resume", metadata_dir) from None
+    return names
+
+
+def _fetch_to_url(scale: str, url: str, cache_dir: Path, *, download_npz: bool, overwrite: bool,
+                  quiet: bool) -> str:
+    """`fetch_metadata` into a folder URL, with the same markers as objects: each file is downloaded into
+    `cache_dir`, uploaded in one put and removed here, so the local disk holds one file at a time; an
+    interrupted download resumes from the objects already there (a put is whole or absent)."""
+    names = set(storage.listdir(url, refresh=True)) if storage.isdir(url) else set()
+    has = {kind: any(n.endswith(f".{kind}") for n in names) for kind in ("parquet", "npz")}
+    if has["parquet"] and not overwrite and STARTED not in names:
+        if download_npz and not has["npz"]:
+            _upload_each(scale, url, cache_dir, ["npz"], set(), overwrite=False, quiet=quiet)
+            return "downloaded"
+        return "present"
+    with atomic_path(storage.join(url, STARTED)):  # an empty object
+        pass
+    kinds = ["parquet"] + (["npz"] if download_npz else [])
+    files = _upload_each(scale, url, cache_dir, kinds, set() if overwrite else names, overwrite=overwrite, quiet=quiet)
+    save_json(storage.join(url, DONE), {"repo": repo_id(scale), "files": files})
+    storage.remove(storage.join(url, STARTED))
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return "downloaded"
+
+
+def _upload_each(scale: str, url: str, cache_dir: Path, kinds: list[str], there: set[str], overwrite: bool,
+                 quiet: bool) -> list[str]:
+    """Download each `*.{kind}` of the repo not in `there` and upload it to `url`; the names of all of them."""
+    from huggingface_hub import HfApi, hf_hub_download  # noqa: PLC0415 - the [download] extra
+
+    repo = repo_id(scale)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    names: list[str] = []
+    try:
+        listed = HfApi(endpoint=endpoint).list_repo_files(repo, repo_type="dataset")
+        for kind in kinds:
+            want = sorted(f for f in listed if f.endswith(f".{kind}") and ("/" in f) == (scale == "xlarge"))
+            if not want:
+                raise RuntimeError(f"no *.{kind} files in the repo")
+            for f in tqdm(want, desc=f"metadata *.{kind}", unit="file", disable=quiet):
+                name = Path(f).name  # xlarge's part_* folders flattened, as DataComp does
+                if name not in there:
+                    got = hf_hub_download(repo, f, repo_type="dataset", local_dir=str(cache_dir / "files"),
+                                          cache_dir=str(cache_dir), force_download=overwrite, endpoint=endpoint)
+                    storage.put_file(got, storage.join(url, name))
+                    os.unlink(got)
+                names.append(name)
+    except VaralignError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - network, HTTP and Hub errors: all end the same way
+        where = f"{endpoint or 'https://huggingface.co'}/datasets/{repo}"
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VaralignError(f"cannot download the metadata from {where} ({type(exc).__name__}: {text}); "
+                            "run the same command again to resume", url) from None
     return names
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import storage
 from ..atomic import save_json
 from ..errors import VaralignError
 from .outcomes import finished_shards, shard_stats
@@ -26,7 +27,7 @@ RUNNER = Path(__file__).with_name("_runner.py")
 SHARD_SUFFIXES = (".tar", ".parquet", ".tfrecord")
 
 
-def img2dataset_config(input_dir: str, shards_dir: Path, opts: dict, mode: str) -> dict:
+def img2dataset_config(input_dir: str, shards_dir: Path | str, opts: dict, mode: str) -> dict:
     """The arguments DataComp's download_upstream.py gives img2dataset.download, plus hash verification."""
     verify = opts["verify_hash"]
     return {
@@ -43,12 +44,14 @@ def img2dataset_config(input_dir: str, shards_dir: Path, opts: dict, mode: str) 
     }
 
 
-def remove_unfinished(shards_dir: Path) -> list[str]:
+def remove_unfinished(shards_dir: Path | str) -> list[str]:
     """Delete the files of shards img2dataset began but did not finish (no `_stats.json`: a killed run).
     Only called on a shards folder varalign created."""
-    if not shards_dir.is_dir():
+    if not storage.isdir(shards_dir):
         return []
     done = {f"{i:08d}" for i in finished_shards(shards_dir)}
+    if storage.is_url(shards_dir):
+        return _remove_unfinished_objects(str(shards_dir), done)
     removed = []
     for p in shards_dir.iterdir():
         stem = p.name.split(".")[0] if p.is_file() else p.name
@@ -58,16 +61,33 @@ def remove_unfinished(shards_dir: Path) -> list[str]:
     return sorted(removed)
 
 
+def _remove_unfinished_objects(shards_dir: str, done: set[str]) -> list[str]:
+    """`remove_unfinished` in a folder URL: the objects (and a `files`-format folder) of unfinished shards."""
+    removed = []
+    for name in storage.listdir(shards_dir, refresh=True):
+        stem = name.split(".")[0]
+        if len(stem) == 8 and stem.isdigit() and stem not in done and (name == stem or name.endswith(SHARD_SUFFIXES)):
+            path = storage.join(shards_dir, name)
+            if name == stem:
+                storage.remove_tree(path)
+            else:
+                storage.remove(path)
+            removed.append(name)
+    return sorted(removed)
+
+
 def run_pass(config: dict, work_dir: Path, name: str, shard_rows: dict[int, int], quiet: bool) -> None:
     """Run img2dataset with `config` in a child process group; `shard_rows` maps the shard ids this pass
-    will write to their row counts (drives the progress bar). Logs go to `work_dir/{name}.log`."""
-    shards_dir = Path(config["output_folder"])
+    will write to their row counts (drives the progress bar). Logs go to `work_dir/{name}.log`. A shards
+    folder URL: img2dataset writes there through fsspec, given our storage options (`storage.child_env`)."""
+    shards_dir = storage.as_path(config["output_folder"])
     cfg_path = work_dir / f"{name}.json"
     save_json(cfg_path, config)
     log_path = work_dir / f"{name}.log"
-    seen = set(finished_shards(shards_dir)) if shards_dir.is_dir() else set()
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1",
-               VARALIGN_DOWNLOAD_WANDB="1" if config["enable_wandb"] else "0")
+    seen = set(_finished(shards_dir))
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1",
+           "VARALIGN_DOWNLOAD_WANDB": "1" if config["enable_wandb"] else "0",
+           **storage.child_env(config["url_list"]), **storage.child_env(config["output_folder"])}
     with open(log_path, "ab") as log, _bar(sum(shard_rows.values()), quiet) as bar:
         proc = subprocess.Popen([sys.executable, str(RUNNER), str(cfg_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -95,19 +115,25 @@ def previous_runner_alive(work_dir: Path) -> int | None:
     return pid if str(RUNNER).encode() in cmdline else None
 
 
-def _advance(bar: tqdm, shards_dir: Path, seen: set[int], shard_rows: dict[int, int]) -> None:
+def _advance(bar: tqdm, shards_dir: Path | str, seen: set[int], shard_rows: dict[int, int]) -> None:
     """Count the shards finished since the last call (their `_stats.json`) into the bar."""
-    if not shards_dir.is_dir():
-        return
-    for shard in set(finished_shards(shards_dir)) - seen:
+    for shard in set(_finished(shards_dir)) - seen:
         try:
             stats = shard_stats(shards_dir, shard)
-        except (OSError, ValueError):  # being written right now: next time
+        except (OSError, ValueError, VaralignError):  # being written right now: next time
             continue
         seen.add(shard)
         bar.successes += int(stats.get("successes", 0))
         bar.update(int(stats.get("count", shard_rows.get(shard, 0))))
         bar.set_postfix_str(f"{bar.successes:,} ok ({100.0 * bar.successes / max(bar.n, 1):.1f}%)")
+
+
+def _finished(shards_dir: Path | str) -> list[int]:
+    """`finished_shards`, none while the folder does not exist yet."""
+    try:
+        return finished_shards(shards_dir)
+    except (OSError, VaralignError):
+        return []
 
 
 @contextlib.contextmanager

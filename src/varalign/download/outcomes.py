@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..uids import UID_DTYPE, hex_to_uids, isin_sorted, sort_uids, uid_order
 
 OUTCOMES = ("success", "http_4xx", "http_5xx", "timeout", "connection_error", "not_an_image", "hash_mismatch",
@@ -55,20 +56,22 @@ def shard_name(shard: int) -> str:
     return f"{shard:08d}"
 
 
-def finished_shards(shards_dir: Path) -> list[int]:
-    """Ids of the shards img2dataset finished (it writes `{id}_stats.json` last)."""
+def finished_shards(shards_dir: Path | str) -> list[int]:
+    """Ids of the shards img2dataset finished (it writes `{id}_stats.json` last); a folder URL is listed
+    afresh each time (img2dataset is writing into it)."""
     ids = []
-    for p in shards_dir.glob("*_stats.json"):
-        head = p.name.split("_")[0]
-        if head.isdigit():
+    for name in storage.listdir(shards_dir, refresh=True):
+        head = name.split("_")[0]
+        if name.endswith("_stats.json") and head.isdigit():
             ids.append(int(head))
     return sorted(ids)
 
 
-def read_shard(shards_dir: Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
+def read_shard(shards_dir: Path | str, shard: int) -> tuple[np.ndarray, np.ndarray]:
     """(uids, outcome codes) of one finished shard, from its `{id}.parquet`."""
-    path = shards_dir / f"{shard_name(shard)}.parquet"
-    table = pq.read_table(path, columns=["uid", "status", "error_message"])
+    path = storage.join(shards_dir, f"{shard_name(shard)}.parquet")
+    fs, where = storage.arrow_filesystem(path)
+    table = pq.read_table(where, columns=["uid", "status", "error_message"], filesystem=fs)
     codes = np.array([CODE[classify(s, m)] for s, m in zip(table["status"].to_pylist(),
                                                           table["error_message"].to_pylist(), strict=True)],
                      dtype=np.int8)
@@ -96,10 +99,10 @@ class Summary:
                 "shards": self.shards}
 
 
-def summarize(shards_dir: Path, main_shards: int) -> Summary:
+def summarize(shards_dir: Path | str, main_shards: int) -> Summary:
     """Scan the finished shards. Shards `>= main_shards` come from retry passes: a uid's final outcome
     is success if any attempt succeeded, else its latest attempt. Memory: one shard plus the retried uids."""
-    done = finished_shards(shards_dir) if shards_dir.is_dir() else []
+    done = finished_shards(shards_dir) if storage.isdir(shards_dir) else []
     out = Summary(incomplete=sorted(set(range(main_shards)) - set(done)))
     retried, retried_final = _retry_outcomes(shards_dir, [s for s in done if s >= main_shards], out)
     left, main_rows = [], []
@@ -116,7 +119,7 @@ def summarize(shards_dir: Path, main_shards: int) -> Summary:
     return out
 
 
-def _retry_outcomes(shards_dir: Path, shards: list[int], out: Summary) -> tuple[np.ndarray, np.ndarray]:
+def _retry_outcomes(shards_dir: Path | str, shards: list[int], out: Summary) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique uids seen in retry shards and their final outcome codes."""
     if not shards:
         return np.empty(0, dtype=UID_DTYPE), np.empty(0, dtype=np.int8)
@@ -181,6 +184,6 @@ def _pct(n: int, total: int) -> str:
     return f"{100.0 * n / total:.1f}%" if total else "-"
 
 
-def shard_stats(shards_dir: Path, shard: int) -> dict:
+def shard_stats(shards_dir: Path | str, shard: int) -> dict:
     """img2dataset's `{id}_stats.json` of a finished shard."""
-    return json.loads((shards_dir / f"{shard_name(shard)}_stats.json").read_text())
+    return json.loads(storage.read_bytes(storage.join(shards_dir, f"{shard_name(shard)}_stats.json")))

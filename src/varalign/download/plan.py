@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..errors import VaralignError
 from ..uids import UID_DTYPE, hex_to_uids, isin_sorted, load_subset, sort_uids
 
@@ -26,11 +27,15 @@ BYTES_PER_SAMPLE = 2500
 BATCH = 65536
 
 
-def metadata_files(metadata_dir: Path) -> list[Path]:
-    """The pool's parquet files in img2dataset's order (sorted paths)."""
-    if not metadata_dir.is_dir():
+def metadata_files(metadata_dir: Path | str) -> list[Path | str]:
+    """The pool's parquet files in img2dataset's order (sorted paths; a folder URL: its objects' URLs)."""
+    if not storage.isdir(metadata_dir):
         raise VaralignError("metadata directory not found", metadata_dir)
-    files = sorted(p for p in metadata_dir.iterdir() if p.name.endswith(".parquet") and p.is_file())
+    if storage.is_url(metadata_dir):
+        files = [storage.join(metadata_dir, n) for n in sorted(storage.listdir(metadata_dir, refresh=True))
+                 if n.endswith(".parquet")]
+    else:
+        files = sorted(p for p in metadata_dir.iterdir() if p.name.endswith(".parquet") and p.is_file())
     if not files:
         raise VaralignError("no .parquet files in the metadata directory", metadata_dir)
     return files
@@ -41,12 +46,18 @@ def needed_columns(verify_hash: bool, blur: bool) -> list[str]:
     return cols + (["face_bboxes"] if blur else []) + (["sha256"] if verify_hash else [])
 
 
-def check_metadata(files: list[Path], need: list[str]) -> list[int]:
+def parquet_file(path: Path | str) -> pq.ParquetFile:
+    """A metadata parquet, local or at a URL (read in ranged requests through pyarrow's filesystem layer)."""
+    fs, where = storage.arrow_filesystem(path)
+    return pq.ParquetFile(where, filesystem=fs)
+
+
+def check_metadata(files: list[Path | str], need: list[str]) -> list[int]:
     """Row count of each parquet; a one-line error for an unreadable file or a missing column."""
     rows = []
     for path in files:
         try:
-            meta = pq.ParquetFile(path)
+            meta = parquet_file(path)
         except (OSError, pa.ArrowException) as exc:
             raise VaralignError(f"not a readable parquet file ({_first_line(exc)})", path) from None
         missing = [c for c in need if c not in meta.schema_arrow.names]
@@ -83,7 +94,7 @@ class Plan:
 
 def read_subsets(paths: list[str]) -> np.ndarray:
     """The union of subset files as one sorted, duplicate-free uid array."""
-    parts = [load_subset(p) for p in paths]
+    parts = [load_subset(storage.localize(p)) for p in paths]
     arr = sort_uids(np.concatenate(parts)) if parts else np.empty(0, dtype=UID_DTYPE)
     if len(arr) > 1:
         new = np.r_[True, (arr["f0"][1:] != arr["f0"][:-1]) | (arr["f1"][1:] != arr["f1"][:-1])]
@@ -95,13 +106,13 @@ def uid_digest(uids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(uids, dtype=UID_DTYPE).tobytes()).hexdigest()
 
 
-def pool_plan(metadata_dir: Path, files: list[Path], rows: list[int], per_shard: int, image: dict) -> Plan:
+def pool_plan(metadata_dir: Path | str, files: list[Path | str], rows: list[int], per_shard: int, image: dict) -> Plan:
     """The whole pool, read by img2dataset straight from the metadata directory (as DataComp does)."""
     est = sum(_estimate_file(f, image) for f in files)
     return Plan(str(metadata_dir), shard_rows(rows, per_shard), sum(rows), est)
 
 
-def write_selection(files: list[Path], keep: np.ndarray, out_dir: Path, per_shard: int, image: dict) -> Plan:
+def write_selection(files: list[Path | str], keep: np.ndarray, out_dir: Path, per_shard: int, image: dict) -> Plan:
     """Write the rows of `files` whose uid is in sorted `keep` as img2dataset input parquets in `out_dir`
     (written beside it, renamed when complete), in files of 50 full shards so that no shard but the
     last is partial. Streams the metadata in batches."""
@@ -111,10 +122,10 @@ def write_selection(files: list[Path], keep: np.ndarray, out_dir: Path, per_shar
     tmp.mkdir(parents=True)
     per_file = 50 * per_shard
     writer, in_file, part, counts, est = None, 0, 0, [], 0
-    names = [set(pq.ParquetFile(f).schema_arrow.names) for f in files]
+    names = [set(parquet_file(f).schema_arrow.names) for f in files]
     cols = [c for c in ALL_COLUMNS if all(c in n for n in names)]
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH, columns=cols):
+        for batch in parquet_file(path).iter_batches(batch_size=BATCH, columns=cols):
             sel = batch.filter(pa.array(isin_sorted(hex_to_uids(batch.column("uid"), path), keep)))
             est += _estimate(sel, image)
             off = 0
@@ -142,8 +153,8 @@ def write_selection(files: list[Path], keep: np.ndarray, out_dir: Path, per_shar
     return Plan(str(out_dir), shard_rows(counts, per_shard), found, est, len(keep), len(keep) - found)
 
 
-def _estimate_file(path: Path, image: dict) -> int:
-    pf = pq.ParquetFile(path)
+def _estimate_file(path: Path | str, image: dict) -> int:
+    pf = parquet_file(path)
     cols = [c for c in ("original_width", "original_height") if c in pf.schema_arrow.names]
     if len(cols) < 2:
         return pf.metadata.num_rows * _sample_bytes(None, None, image)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..atomic import save_json
 from ..errors import VaralignError
 from . import hub, images, outcomes, plan
@@ -62,20 +63,24 @@ class DownloadOptions:
 
 @dataclass
 class DownloadResult:
-    data_dir: Path
+    data_dir: Path | str
     metadata: str  # "present" or "downloaded"
     report: dict | None = None  # None with skip_shards
     plan: dict | None = None
 
 
 def download(opts: DownloadOptions) -> DownloadResult:
-    """Fetch the metadata, then (unless `skip_shards`) the images, and write `download_report.json`."""
+    """Fetch the metadata, then (unless `skip_shards`) the images, and write `download_report.json`.
+
+    `data_dir` and `metadata_dir` may be folder URLs: img2dataset then writes the shards there through
+    fsspec (each shard file is one object, whole once written), the metadata is read (or fetched from the
+    Hub) there, and the work folder (state, img2dataset's input and logs) is on this machine."""
     _validate(opts)
-    data_dir = Path(opts.data_dir)
-    meta_dir = Path(opts.metadata_dir) if opts.metadata_dir else data_dir / "metadata"
-    work = data_dir / WORK
-    _prepare_dir(data_dir)
-    with _locked(work):
+    data_dir = storage.as_path(opts.data_dir)
+    meta_dir = storage.as_path(opts.metadata_dir or storage.join(data_dir, "metadata"))
+    work = _work_dir(data_dir)
+    _prepare_dir(data_dir, work)
+    with _locked(work, data_dir):
         fetched = hub.fetch_metadata(opts.scale, meta_dir, work / "hf", download_npz=opts.download_npz,
                                      overwrite=opts.overwrite_metadata, quiet=opts.quiet)
         _say(opts, f"metadata: {meta_dir} ({'downloaded' if fetched == 'downloaded' else 'already there'})")
@@ -84,7 +89,7 @@ def download(opts: DownloadOptions) -> DownloadResult:
                                    plan.needed_columns(opts.verify_hash, not opts.skip_bbox_blurring))
         if opts.skip_shards:
             return _metadata_only(opts, data_dir, meta_dir, files, rows, fetched)
-        shards = data_dir / "shards"
+        shards = storage.as_path(storage.join(data_dir, "shards"))
         keep = plan.read_subsets(opts.subset) if opts.subset else None
         settings = _claim(work, shards, opts, files, None if keep is None else plan.uid_digest(keep))
         main = _main_plan(opts, work, meta_dir, files, rows, keep)
@@ -96,7 +101,7 @@ def download(opts: DownloadOptions) -> DownloadResult:
         report = _write_report(opts, data_dir, meta_dir, main, summary)
     if not opts.quiet:
         print(outcomes.format_table(summary))
-        print(f"report: {data_dir / REPORT}")
+        print(f"report: {storage.join(data_dir, REPORT)}")
     if summary.incomplete:
         raise VaralignError(f"{len(summary.incomplete)} shard(s) did not finish (log: {work}/pass_main.log); "
                             "run the same command again to resume", data_dir)
@@ -115,8 +120,6 @@ def _validate(opts: DownloadOptions) -> None:
             raise VaralignError(f"--{name} must be at least 1")
     if opts.retries < 0 or opts.timeout <= 0:
         raise VaralignError("--retries must be >= 0 and --timeout > 0")
-    if "://" in opts.data_dir or "://" in (opts.metadata_dir or ""):
-        raise VaralignError("varalign download writes to local folders only (no cloud paths)")
     missing = [m for m in ("huggingface_hub", "img2dataset") if importlib.util.find_spec(m) is None]
     if missing:
         raise VaralignError(f"varalign download needs {' and '.join(missing)}: pip install 'varalign[download]'")
@@ -125,36 +128,48 @@ def _validate(opts: DownloadOptions) -> None:
         raise VaralignError(f"{flag} is about images; --skip_shards downloads none")
 
 
-def _prepare_dir(data_dir: Path) -> None:
-    if data_dir.exists() and not data_dir.is_dir():
+def _work_dir(data_dir: Path | str) -> Path:
+    """The work folder: inside a local data_dir; for a data_dir URL, on this machine (named after the URL)."""
+    if not storage.is_url(data_dir):
+        return data_dir / WORK
+    from ..engine.job import default_work_dir  # noqa: PLC0415
+
+    return default_work_dir(storage.join(data_dir, WORK))
+
+
+def _prepare_dir(data_dir: Path | str, work: Path) -> None:
+    if storage.is_url(data_dir):
+        storage.check_folder(str(data_dir))  # the bucket is there and we may list it; no object by that name
+    elif data_dir.exists() and not data_dir.is_dir():
         raise VaralignError("--data_dir is a file, not a directory", data_dir)
     try:
-        (data_dir / WORK).mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VaralignError(f"cannot create the download directory ({exc.strerror})", data_dir) from None
-    if not os.access(data_dir / WORK, os.W_OK):
+    if not os.access(work, os.W_OK):
         raise VaralignError("the download directory is not writable", data_dir)
 
 
 @contextlib.contextmanager
-def _locked(work: Path) -> Iterator[None]:
+def _locked(work: Path, data_dir: Path | str) -> Iterator[None]:
     with open(work / "lock", "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise VaralignError("another `varalign download` is running on this directory", work.parent) from None
+            raise VaralignError("another `varalign download` is running on this directory", data_dir) from None
         pid = images.previous_runner_alive(work)
         if pid is not None:
             raise VaralignError(f"img2dataset processes of an interrupted download are still stopping (process "
-                                f"group {pid}); run again in a moment", work.parent)
+                                f"group {pid}); run again in a moment", data_dir)
         yield
 
 
-def _claim(work: Path, shards: Path, opts: DownloadOptions, files: list[Path], digest: str | None) -> dict:
+def _claim(work: Path, shards: Path | str, opts: DownloadOptions, files: list[Path | str], digest: str | None) -> dict:
     """The settings this data_dir downloads with. Refuses a shards folder varalign did not start, or one
-    started with other settings (its shard ids would mean other rows)."""
+    started with other settings (its shard ids would mean other rows). For a data_dir URL the record is
+    on this machine: another machine's download into it is refused as not ours."""
     want = {k: getattr(opts, k) for k in FINGERPRINT}
-    want["metadata"] = [[f.name, f.stat().st_size] for f in files]
+    want["metadata"] = [[storage.basename(f), storage.info(f)["size"]] for f in files]
     want["subset_uids_sha256"] = digest
     state_path = work / "state.json"
     if state_path.exists():
@@ -164,8 +179,9 @@ def _claim(work: Path, shards: Path, opts: DownloadOptions, files: list[Path], d
             k = diff[0]
             what = "the metadata files" if k == "metadata" else "the subset" if k.startswith("subset") else f"--{k}"
             raise VaralignError(f"this download was started with other settings ({what} changed: "
-                                f"{_short(have.get(k))} -> {_short(want[k])}); use another --data_dir", shards.parent)
-    elif shards.exists() and any(shards.iterdir()):
+                                f"{_short(have.get(k))} -> {_short(want[k])}); use another --data_dir",
+                                storage.parent(shards))
+    elif storage.isdir(shards) and storage.listdir(shards, refresh=True):
         raise VaralignError("shards/ holds files that varalign download did not write; use another --data_dir",
                             shards)
     return want
@@ -176,7 +192,10 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_disk(opts: DownloadOptions, data_dir: Path, urls: int, est: int) -> None:
+def _check_disk(opts: DownloadOptions, data_dir: Path | str, urls: int, est: int) -> None:
+    if storage.is_url(data_dir):  # an object store: no free space to compare with
+        _say(opts, f"to download: {urls:,} URLs, about {_size(est)} of shards")
+        return
     free = shutil.disk_usage(data_dir).free
     _say(opts, f"to download: {urls:,} URLs, about {_size(est)} of shards ({_size(free)} free)")
     if est > free and not opts.force:
@@ -198,7 +217,7 @@ def _image_settings(opts: DownloadOptions) -> dict:
             "resize_only_if_bigger": opts.resize_only_if_bigger, "encode_format": opts.encode_format}
 
 
-def _main_plan(opts: DownloadOptions, work: Path, meta_dir: Path, files: list[Path], rows: list[int],
+def _main_plan(opts: DownloadOptions, work: Path, meta_dir: Path | str, files: list[Path | str], rows: list[int],
                keep: np.ndarray | None) -> plan.Plan:
     """The first pass's input: the metadata directory itself, or the subset's rows (written once)."""
     nps = opts.number_sample_per_shard
@@ -215,11 +234,11 @@ def _main_plan(opts: DownloadOptions, work: Path, meta_dir: Path, files: list[Pa
     return p
 
 
-def _run_main(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan) -> None:
+def _run_main(opts: DownloadOptions, work: Path, shards: Path | str, main: plan.Plan) -> None:
     removed = images.remove_unfinished(shards)
     if removed:
         _say(opts, f"resuming: removed {len(removed)} unfinished shard file(s) of an interrupted run")
-    done = set(outcomes.finished_shards(shards)) if shards.is_dir() else set()
+    done = set(outcomes.finished_shards(shards)) if storage.isdir(shards) else set()
     pending = {i: n for i, n in enumerate(main.shard_rows) if i not in done}
     if main.subset_uids:
         _say(opts, f"subset: {main.urls:,} of its {main.subset_uids:,} uids are in the pool"
@@ -227,7 +246,7 @@ def _run_main(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan) 
     if not pending:
         return
     urls = sum(pending.values())
-    _check_disk(opts, shards.parent, urls, int(main.est_bytes * urls / max(main.urls, 1)))
+    _check_disk(opts, storage.parent(shards), urls, int(main.est_bytes * urls / max(main.urls, 1)))
     if done:
         _say(opts, f"resuming: {len(done & set(range(len(main.shard_rows)))):,} of {len(main.shard_rows):,} "
                    "shards already finished")
@@ -235,7 +254,7 @@ def _run_main(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan) 
     images.run_pass(config, work, "pass_main", pending, opts.quiet)
 
 
-def _run_retry(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan) -> None:
+def _run_retry(opts: DownloadOptions, work: Path, shards: Path | str, main: plan.Plan) -> None:
     """One more pass over the URLs whose latest attempt failed for a retryable reason, into new shards."""
     images.remove_unfinished(shards)
     summary = outcomes.summarize(shards, len(main.shard_rows))
@@ -246,9 +265,9 @@ def _run_retry(opts: DownloadOptions, work: Path, shards: Path, main: plan.Plan)
         _say(opts, "retry: no URL failed with a retryable status (timeout, HTTP 5xx, connection error)")
         return
     _say(opts, f"retry: {len(todo):,} URLs that failed with a timeout, HTTP 5xx or connection error")
-    files = plan.metadata_files(Path(main.input_dir))
+    files = plan.metadata_files(storage.as_path(main.input_dir))
     retry = plan.write_selection(files, todo, work / "retry", opts.number_sample_per_shard, _image_settings(opts))
-    _check_disk(opts, shards.parent, retry.urls, retry.est_bytes)
+    _check_disk(opts, storage.parent(shards), retry.urls, retry.est_bytes)
     first = max(outcomes.finished_shards(shards), default=-1) + 1
     config = images.img2dataset_config(retry.input_dir, shards, _opts_dict(opts), "extend")
     try:
@@ -262,7 +281,7 @@ def _opts_dict(opts: DownloadOptions) -> dict:
     return asdict(opts)
 
 
-def _metadata_only(opts: DownloadOptions, data_dir: Path, meta_dir: Path, files: list[Path], rows: list[int],
+def _metadata_only(opts: DownloadOptions, data_dir: Path | str, meta_dir: Path | str, files: list[Path | str], rows: list[int],
                    fetched: str) -> DownloadResult:
     p = plan.pool_plan(meta_dir, files, rows, opts.number_sample_per_shard, _image_settings(opts))
     _say(opts, f"--skip_shards: {len(files):,} metadata files, {p.urls:,} URLs; downloading every image would "
@@ -270,7 +289,7 @@ def _metadata_only(opts: DownloadOptions, data_dir: Path, meta_dir: Path, files:
     return DownloadResult(data_dir, fetched, None, p.to_json())
 
 
-def _write_report(opts: DownloadOptions, data_dir: Path, meta_dir: Path, main: plan.Plan,
+def _write_report(opts: DownloadOptions, data_dir: Path | str, meta_dir: Path | str, main: plan.Plan,
                   summary: outcomes.Summary) -> dict:
     from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
 
@@ -289,7 +308,7 @@ def _write_report(opts: DownloadOptions, data_dir: Path, meta_dir: Path, main: p
                          "not_in_pool": main.not_in_pool} if opts.subset else None,
               "estimated_bytes": main.est_bytes,
               **summary.to_json()}
-    save_json(data_dir / REPORT, report)
+    save_json(storage.join(data_dir, REPORT), report)
     return report
 
 
@@ -300,6 +319,6 @@ def _say(opts: DownloadOptions, text: str) -> None:
 
 def retryable_uids(data_dir: str | os.PathLike) -> np.ndarray:
     """The uids a `--retry_failed` run would fetch again (for scripts and tests)."""
-    work = Path(data_dir) / WORK
+    work = _work_dir(storage.as_path(data_dir))
     state = json.loads((work / "state.json").read_text())
-    return outcomes.summarize(Path(data_dir) / "shards", int(state["main_shards"])).retryable
+    return outcomes.summarize(storage.as_path(storage.join(data_dir, "shards")), int(state["main_shards"])).retryable
