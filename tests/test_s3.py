@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ def s3(synth_pool):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    # moto's in-process backend outlives the server: reset it, so the next module's fixture starts empty
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
     server.stop()
 
 

@@ -248,3 +248,74 @@ def test_download_metadata_from_the_hub_into_a_url(s3, synth_pool, tmp_path) -> 
     assert json.loads(got.pop(".varalign_metadata.json"))["files"] == sorted(files)
     assert got == files and "3 metadata files, 3,000 URLs" in out.stderr
     assert not list((tmp_path / "d").rglob("*.parquet"))  # each file removed here once uploaded
+
+
+# ---- a permission error --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _iam_user(iam, name: str, statements: list[dict]) -> dict[str, str]:
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName="p",
+                        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statements}))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+def test_write_refused_by_the_policy_is_one_line_and_writes_nothing(synth_pool, tmp_path) -> None:
+    """A moto server of its own that enforces IAM (INITIAL_NO_AUTH_ACTION_COUNT: the 6 IAM calls that make the
+    two users are the only unauthenticated ones); the reader may get and list but not put."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    boto3 = pytest.importorskip("boto3")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="6", AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto server did not start in 30 s"
+                time.sleep(0.2)
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                           aws_secret_access_key="testing")
+        admin = _iam_user(iam, "admin", [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}])
+        # moto names HeadBucket's permission s3:HeadBucket (AWS: s3:ListBucket)
+        reader = _iam_user(iam, "reader", [
+            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket"], "Resource": "*"},
+            {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*"}])
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=admin["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"])
+        s3.create_bucket(Bucket="perm-pool")
+        for f in sorted((synth_pool / "pool").iterdir()):
+            s3.upload_file(str(f), "perm-pool", f"pool/{f.name}")
+        before = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="perm-pool")["Contents"])
+        run = subprocess.run([sys.executable, "-m", "varalign", "filter", "--name", "clip_score", "--arch", "l14",
+                              "--fraction", "0.3", "--metadata_dir", "s3://perm-pool/pool", "--save_path",
+                              "s3://perm-pool/out.npy", "--quiet", "--storage_options",
+                              json.dumps({"client_kwargs": {"endpoint_url": url}})],
+                             env={k: v for k, v in {**env, **reader}.items() if k != storage.ENV},
+                             capture_output=True, text=True, timeout=120)
+        after = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="perm-pool")["Contents"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    err = run.stderr.strip()
+    assert run.returncode == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("varalign: error: s3://perm-pool/out.npy: ") and "permission denied" in err
+    assert "Access Denied" in err and after == before  # nothing written, not even the pending manifest

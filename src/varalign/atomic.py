@@ -418,7 +418,12 @@ class OutputGroup:
                 raise os_error(exc, "cannot write the output", dest) from None
         manifest = {**manifest, "files": files}
         try:
-            self.ops.write_text(self.pending, dump_json(manifest))
+            try:
+                self.ops.write_text(self.pending, dump_json(manifest))
+            except VaralignError as exc:  # the first put refused (permission...): name the user's output
+                if not self.remote:
+                    raise
+                raise VaralignError(f"{exc.reason}; nothing was written", self.outputs[0]) from None
             for dest in self.outputs:
                 self.ops.place(self.temps.pop(dest), dest)
             self.ops.sync([*self.outputs])

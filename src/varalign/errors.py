@@ -8,4 +8,5 @@ class VaralignError(ValueError):
 
     def __init__(self, message: str, path: object | None = None) -> None:
         text = f"{path}: {message}" if path is not None else message
+        self.path, self.reason = path, " ".join(str(message).split())
         super().__init__(" ".join(str(text).split()))
