@@ -113,3 +113,80 @@ def test_a_pool_twelve_times_larger_fits_in_a_fixed_margin(tmp_path: Path) -> No
         f"the run over {BIG_SHARDS * ROWS_PER_SHARD:,} rows did not fit in {MARGIN >> 20} MiB over the state a "
         f"{WARM_SHARDS * ROWS_PER_SHARD:,}-row run left: something grows with the pool\n{proc.stderr[-3000:]}")
     assert result["pool"] == BIG_SHARDS * ROWS_PER_SHARD and result["selected"] == result["pool"] // 2
+
+
+ROUNDS_CHILD = textwrap.dedent('''
+    import json, resource, sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from varalign.scores.vas_d import CandidateStore, write_rows, vas_d_iterate
+
+    DIM, BLOCK = 4, 1 << 16
+
+
+    def vm_data():
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+
+
+    def store(path, rows, seed):
+        st = CandidateStore.create(path, rows, DIM, np.dtype(np.float16))
+        gram = np.zeros((DIM, DIM))
+        for a in range(0, rows, BLOCK):  # written block by block: the test's own memory stays flat too
+            f = np.random.default_rng([seed, a]).standard_normal((min(BLOCK, rows - a), DIM)).astype(np.float16)
+            write_rows(path, a, f)
+            f32 = f.astype(np.float32)
+            gram += f32.T.astype(np.float64) @ f32
+        return st, gram
+
+
+    def rounds(st, gram, state_dir):
+        Path(state_dir).mkdir()
+        target = (gram / st.rows).astype(np.float32)
+        res = vas_d_iterate(st, gram, target, st.rows // 2, 3, num_workers=2, state_dir=state_dir,
+                            state_rows=1 << 18)
+        kept = 0
+        for a in range(0, st.rows, BLOCK):
+            kept += int(res.part(a, min(a + BLOCK, st.rows))[0].sum())
+        return kept
+
+
+    out, warm_rows, big_rows, margin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    warm, warm_gram = store(f"{out}/warm.bin", warm_rows, 1)
+    rounds(warm, warm_gram, f"{out}/warm_rounds")
+    big, big_gram = store(f"{out}/big.bin", big_rows, 2)
+    base = vm_data()
+    resource.setrlimit(resource.RLIMIT_DATA, (base + margin, resource.RLIM_INFINITY))
+    try:
+        kept = rounds(big, big_gram, f"{out}/big_rounds")
+    except MemoryError:
+        print(json.dumps({"ok": False}))
+        sys.exit(3)
+    print(json.dumps({"ok": True, "kept": kept}))
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA and /proc/self/status: Linux")
+def test_vas_d_rounds_over_twelve_million_candidates_fit_in_a_fixed_margin(tmp_path: Path) -> None:
+    """VAS-D's greedy rounds keep no per-candidate array in memory (their state is two flat files, read a
+    block at a time; 256k here): 12M candidates' rounds fit in 32 MiB over what 2M candidates' rounds left
+    allocated. glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) because its dynamic threshold
+    otherwise lets a freed block's size decide whether the next one counts in VmData. The rounds before (alive, removal round and last score in RAM, 9 B per candidate, and
+    ~20 B per live candidate during a round) needed ~100 MB more here and fail."""
+    child = tmp_path / "child.py"
+    child.write_text(ROUNDS_CHILD)
+    src = str(Path(varalign.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+               MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="131072")
+    warm, big = 2_000_000, 12_000_000
+    proc = subprocess.run([sys.executable, str(child), str(tmp_path), str(warm), str(big), str(MARGIN)],
+                          capture_output=True, text=True, env=env)
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines else {"ok": False}
+    assert proc.returncode == 0 and result["ok"], (
+        f"VAS-D's rounds over {big:,} candidates did not fit in {MARGIN >> 20} MiB over the state {warm:,} "
+        f"candidates' rounds left: something grows with the candidates\n{proc.stderr[-3000:]}")
+    assert result["kept"] == big // 2
