@@ -25,7 +25,7 @@ REAL_METHODS = (
     "negcliploss_normsim",
     "basic_filter",
 )
-ROW = re.compile(r"^(\w+)\s+([\d,]+)\s+([\d.]+) \|((?:\s+\d+%){4}) \|((?:\s+\d+%){4})$")
+ROW = re.compile(r"^(\w+)\s+([\d,]+)\s+([\d.]+) \|((?:\s+(?:\d+%|-)){4}) \|((?:\s+(?:\d+%|-)){7})$")
 
 
 def _needs_train_stack() -> None:
@@ -39,7 +39,7 @@ def _table(text: str) -> dict[str, tuple[int, list[float]]]:
     for line in text.splitlines():
         m = ROW.match(line)
         if m:
-            shares = [int(x[:-1]) / 100 for x in (m.group(4) + m.group(5)).split()]
+            shares = [int(x[:-1]) / 100 if x != "-" else float("nan") for x in (m.group(4) + m.group(5)).split()]
             out[m.group(1)] = (int(m.group(2).replace(",", "")), shares)
     return out
 
@@ -54,7 +54,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     from varalign.minicomp.build import preset
 
     out = tmp_path_factory.mktemp("demo") / "out"
-    cfg = preset("v4", size=300, shard_size=120, teacher_samples=128, teacher_batch=64, use_mnist=False)
+    cfg = preset("v5", size=300, shard_size=120, teacher_samples=128, teacher_batch=64, use_mnist=False)
     mp = pytest.MonkeyPatch()
     mp.setattr(sources, "FASHION_DIRS", ())
     mp.delenv("VARALIGN_FASHION_MNIST_DIR", raising=False)
@@ -104,6 +104,7 @@ def test_real_demo_outputs_match_table(demo) -> None:
     assert table["clip_score_30"][0] >= 90  # keeps ties at the cut
     html = (out / "report.html").read_text()
     assert all(m in html for m in REAL_METHODS) and "label_caption_kind" in html
+    assert all(k in html for k in ("rendered_text", "off_domain", "low_info"))  # v5's off-target kinds
     assert '<img class="thumb" alt="" src="data:image/png;base64,' in html  # thumbnails from the pool's shards
     assert f"{out / 'report.html'}" in printed and f"{out / 'subsets'}" in printed
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from .engine import filter_pool
 from .errors import VaralignError
-from .minicomp.build import CAPTION_KINDS, IMAGE_KINDS, finished
+from .minicomp.build import ALL_IMAGE_KINDS as IMAGE_KINDS
+from .minicomp.build import CAPTION_KINDS, finished
 from .minicomp.run import DESCRIPTIONS, filter_options, kept_share, pool_labels, select
 from .pool import discover_shards
 from .synth import CONCEPTS, make_pool, make_target
@@ -56,14 +57,14 @@ def run_demo(
     train_seeds: list[int] | None = None,
     train_num_samples: int = 12_800,
     quiet: bool = False,
-    pool_version: str = "v4",
+    pool_version: str = "v5",
 ) -> dict:
     """Build (or reuse) the mini pool, run DEMO_METHODS on it, print a table, write subsets and a report.
 
     `config` (a `minicomp.BuildConfig`) is used when the pool has to be built; without it a finished build
     in `build_dir` (default `out_dir/minicomp`) is reused whatever its configuration. A pool built here is
-    minicomp's `pool_version` (default v4, whose numbers the README's demo table shows: `config`'s v5 settings
-    are set to their v4 values; "v5" keeps them). Returns
+    minicomp's `pool_version` (default v5, whose numbers the README's demo table shows; "v4" sets `config`'s
+    v5 settings to their v4 values). Returns
     {"rows": [...], "skipped": {...}, "build_dir", "report", "train": results or None}.
     """
     out = Path(out_dir)
@@ -160,7 +161,7 @@ def require_train_stack(what: str, extra: tuple[str, ...] = ()) -> None:
 
 
 def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool,
-                 pool_version: str = "v4") -> tuple[dict, bool]:
+                 pool_version: str = "v5") -> tuple[dict, bool]:
     """The finished build's manifest (building it first when needed) and whether it was built now."""
     manifest = finished(root)
     if manifest is not None and config is None:
@@ -175,7 +176,7 @@ def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool,
     from .minicomp.build import V4_VALUES, build, preset  # noqa: PLC0415
     from .minicomp.sources import find_fashion_dir  # noqa: PLC0415
 
-    # the demo builds minicomp's v4 pool (its README table is v4's); `minicomp build` defaults to v5
+    # the demo builds minicomp's default pool, v5 (its README table is v5's); pool_version="v4" for v4's
     cfg = config or preset(pool_version, fashion_mnist_dir=fashion_mnist_dir)
     if pool_version == "v4":
         cfg = dataclasses.replace(cfg, **V4_VALUES)
@@ -251,6 +252,9 @@ def _print_table(
         "near_duplicate": "near-dup",
         "blank": "blank",
         "noise": "noise",
+        "rendered_text": "text img",
+        "off_domain": "off-dom",
+        "low_info": "low-info",
     }
     kinds = (*CAPTION_KINDS, *IMAGE_KINDS)
     head = (
@@ -259,7 +263,7 @@ def _print_table(
         + " |"
         + "".join(f" {short[k]:>9}" for k in IMAGE_KINDS)
     )
-    print(f"{'':<37}| {'share of each caption kind kept':^39} | {'share of each image kind kept':^39}")
+    print(f"{'':<37}| {'share of each caption kind kept':^39} | {'share of each image kind kept':^{10 * len(IMAGE_KINDS) - 1}}")
     print(head)
     print("-" * len(head))
     print(
@@ -274,9 +278,9 @@ def _print_table(
         ]
         print(
             f"{r['method']:<20} {r['kept']:>7,} {r['seconds']:>7.1f} |"
-            + " ".join([""] + cells[:4])
+            + " ".join([""] + cells[: len(CAPTION_KINDS)])
             + " |"
-            + " ".join([""] + cells[4:])
+            + " ".join([""] + cells[len(CAPTION_KINDS):])
         )
     print("\n" + "\n".join(f"  {r['method']:<20} {DESCRIPTIONS[r['method']]}" for r in rows))
     print(
