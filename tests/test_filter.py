@@ -166,7 +166,8 @@ def test_vas_d_rounds_state_in_blocks_match_the_in_memory_rounds(tmp_path) -> No
     """The rounds keep their per-candidate state in flat files, `state_rows` candidates at a time, and find
     each round's top-k by histogram passes: the same removal rounds as every array in memory, whatever the
     state block (ties included: a quarter of the rows are exact duplicates), and a round killed half way
-    (its `removed_at` writes partly done) resumes to the same result."""
+    (its `removed_at` writes partly done) resumes to the same result; a checkpoint that does not match the
+    files is not resumed from."""
     rng = np.random.default_rng(5)
     f = rng.standard_normal((2600, 16)).astype(np.float16)
     f[::4] = f[1::4][: len(f[::4])]  # exact ties in every round
@@ -201,6 +202,18 @@ def test_vas_d_rounds_state_in_blocks_match_the_in_memory_rounds(tmp_path) -> No
     removed.tofile(state_dir / "removed_at.i32")
     res = vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 5, block_rows=128, state_rows=256,
                         state_dir=str(state_dir), state=saved)
+    assert np.array_equal(res.removed_at, expected_removed)
+    # a checkpoint next to state files that do not match it (another run's fresh files: every candidate
+    # alive, as after an upgrade or a lost round of writes) is not resumed from: the rounds start over
+    np.full(len(f), 5, dtype=np.int32).tofile(state_dir / "removed_at.i32")
+    res = vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 5, block_rows=128, state_rows=256,
+                        state_dir=str(state_dir), state=dict(saved))
+    assert np.array_equal(res.removed_at, expected_removed)
+    # nor is a checkpoint of the earlier format (every candidate's state inside it, no state_format)
+    old = {k: v for k, v in saved.items() if k != "state_format"}
+    np.full(len(f), 5, dtype=np.int32).tofile(state_dir / "removed_at.i32")
+    res = vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 5, block_rows=128, state_rows=256,
+                        state_dir=str(state_dir), state=old)
     assert np.array_equal(res.removed_at, expected_removed)
 
 

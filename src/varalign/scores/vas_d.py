@@ -127,6 +127,7 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
 
 STATE_ROWS = 1 << 20  # candidates whose round state is in memory at a time (~25 MB whatever the pool)
 REMOVED, LAST = "removed_at.i32", "last.f32"
+STATE_FORMAT = 2  # checkpoints of the flat-file rounds (1: every candidate's state inside the checkpoint)
 
 
 class VasDResult:
@@ -179,6 +180,19 @@ def _state_files_ok(state_dir: str, rows: int) -> bool:
                for n in (REMOVED, LAST))
 
 
+def _resumable(state: dict, state_dir: str, rows: int, state_rows: int) -> bool:
+    """Whether a checkpoint and the state files agree: this format's checkpoint, both files whole, and as
+    many candidates alive in its round as it says (a round cut short only writes that round into
+    `removed_at`, so it still agrees; a checkpoint next to files of another run, or files that lost a
+    round's writes, does not)."""
+    if int(state.get("state_format", -1)) != STATE_FORMAT or not _state_files_ok(state_dir, rows):
+        return False
+    it = int(state["it"])
+    alive = sum(int(np.count_nonzero(_read(state_dir, REMOVED, np.int32, a, min(a + state_rows, rows)) >= it))
+                for a in range(0, rows, state_rows))
+    return alive == int(state["n_alive"])
+
+
 def _init_state_files(state_dir: str, rows: int, num_iters: int, state_rows: int) -> None:
     for name, dtype, fill in ((REMOVED, np.int32, num_iters), (LAST, np.float32, np.nan)):
         with open(os.path.join(state_dir, name), "wb") as fh:
@@ -218,12 +232,13 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
         keepalive = tempfile.TemporaryDirectory(prefix="varalign-vas-d-")
         state_dir = keepalive.name
     state_rows = max(block_rows, state_rows // block_rows * block_rows)  # whole blocks per state block
-    if state is not None and ("gram_keep" not in state or not _state_files_ok(state_dir, m)):
-        state = None  # an earlier version's state, or the files are gone: start over
+    if state is not None and not _resumable(state, state_dir, m, state_rows):
+        state = None  # an earlier version's checkpoint, files gone, or files that do not match it: start over
     if state is None:
         _init_state_files(state_dir, m, num_iters, state_rows)
         state = {"it": np.int64(0), "target": np.asarray(first_target, dtype=np.float32),
-                 "gram_keep": np.array(gram_candidates, dtype=np.float64), "n_alive": np.int64(m)}
+                 "gram_keep": np.array(gram_candidates, dtype=np.float64), "n_alive": np.int64(m),
+                 "state_format": np.int64(STATE_FORMAT)}
     start = int(state["it"])
     limits = threadpool_limits(limits=1)  # results must not depend on BLAS's thread count
     try:
