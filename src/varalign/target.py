@@ -58,9 +58,9 @@ def load_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
 
 def load_target(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:
     """Load a D×D target, check shape, finiteness and symmetry, return float32."""
-    arr = np.asarray(load_array(path), dtype=np.float32)
+    arr = np.array(load_array(path), dtype=np.float32)  # a copy in memory: no map of the user's file kept
     validate_target(arr, dim, path)
-    return np.ascontiguousarray(arr)
+    return arr
 
 
 def validate_target(arr: np.ndarray, dim: int | None, path: object) -> None:

@@ -31,10 +31,13 @@ class Flat:
         self.path, self.dtype, self.offsets = str(path), np.dtype(dtype), offsets
         self._fd: int | None = None  # kept open: a pool of many small shards reads each file once per shard
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Close the file kept open for reading (read() opens it again if needed)."""
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
+
+    __del__ = close
 
     @classmethod
     def create(cls, path: str | os.PathLike, dtype: np.dtype, offsets: np.ndarray) -> Flat:

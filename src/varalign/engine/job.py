@@ -189,6 +189,10 @@ class Job:
             self.run.work.remove()
 
     def remove_temp_dir(self) -> None:
+        # the pool-wide arrays' files are closed first: held open (e.g. by a reference cycle), a removed
+        # file's disk space would stay allocated until the process ends
+        for flat in self.run.flats.values():
+            flat.close()
         if self.run.temp_dir is not None:
             shutil.rmtree(self.run.temp_dir, ignore_errors=True)
             self.run.temp_dir = None
