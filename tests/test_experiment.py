@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -140,6 +141,34 @@ def test_reshard_refuses_non_empty_output(data: Path, tmp_path: Path) -> None:
         run_cli(["reshard", "-i", str(data / "shards"), "-o", str(tmp_path / "o2"), "-s", str(tmp_path / "nope.npy")])
     with pytest.raises(VaralignError, match="no .tar shards"):
         reshard(tmp_path, tmp_path / "o3", tmp_path / "s.npy", quiet=True)
+
+
+def test_reshard_input_changed_between_its_passes(data: Path, tmp_path: Path, monkeypatch) -> None:
+    """The write pass copies byte ranges found by the index pass: an input shard rewritten in between
+    (same bytes, new modification time) or cut short is an error naming it, and no meta.json is written."""
+    import importlib
+
+    rs = importlib.import_module("varalign.experiment.reshard")  # the package's `reshard` is the function
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data / "shards", shards)
+    make_subset(tmp_path / "s.npy", [fake_uid(i) for i in range(0, 300, 3)])
+    first = sorted(shards.glob("*.tar"))[0]
+    real = rs._run_write
+    for damage in ("touched", "truncated"):
+        def write_after_damage(*args, **kwargs):
+            data_ = first.read_bytes()
+            if damage == "truncated":
+                first.write_bytes(data_[: len(data_) // 2])
+            else:
+                os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(rs, "_run_write", write_after_damage)
+        out = tmp_path / f"out_{damage}"
+        with pytest.raises(VaralignError) as err:
+            reshard(shards, out, tmp_path / "s.npy", shard_size=16, num_workers=1, quiet=True)
+        assert first.name in str(err.value) and ("changed" in str(err.value) or "short read" in str(err.value))
+        assert not (out / "meta.json").exists()
 
 
 def test_reshard_hashes_uid_when_json_has_none(tmp_path: Path) -> None:

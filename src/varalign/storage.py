@@ -168,7 +168,10 @@ def read_ranges(path: object, ranges: list[tuple[int, int]], block_size: int = B
         with open(local(path), "rb") as fh:
             for offset, size in ranges:
                 fh.seek(offset)
-                yield fh.read(size)
+                data = fh.read(size)
+                if len(data) != size:
+                    raise VaralignError(f"short read at byte {offset}: truncated since it was read", path)
+                yield data
         return
     from collections import deque  # noqa: PLC0415
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
@@ -189,11 +192,13 @@ def read_ranges(path: object, ranges: list[tuple[int, int]], block_size: int = B
             if len(flight) >= ahead:
                 break
         while flight:
-            (start, _, parts), future = flight.popleft()
+            (start, end, parts), future = flight.popleft()
             try:
                 data = future.result()
             except Exception as exc:  # noqa: BLE001
                 raise remote_error(exc, path) from None
+            if len(data) != end - start:  # the object is shorter than when it was indexed
+                raise VaralignError(f"short read at byte {start}: the object changed since it was read", path)
             span = next(todo, None)
             if span is not None:
                 flight.append((span, pool.submit(fs.cat_file, p, start=span[0], end=span[1])))

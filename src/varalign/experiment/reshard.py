@@ -16,8 +16,11 @@ Input shards, the subset file and the output folder may be URLs (`storage.py`). 
 (the index pass reads it once in large blocks; the write pass fetches only the matched samples' byte
 ranges); the subset file is fetched once. To an output URL, every shard is written to a local temp file
 and uploaded in one put under the folder's staging prefix; when all are there they are copied onto their
-names (server-side), then `sample_ids.npy`, then `meta.json`: a killed run leaves no shard under its final
-name. The work directory is then on this machine (`~/.cache/varalign/work/`).
+names (server-side, one object at a time: an object store has no rename of many objects at once), then
+`sample_ids.npy`, then `meta.json`, the commit point: a run killed before the copies leaves no shard under
+its final name, one killed during them leaves some, beside the in-progress marker and without `meta.json`
+(a folder is a finished output only when `meta.json` is there; `--overwrite` then replaces it). The work
+directory is then on this machine (`~/.cache/varalign/work/`).
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
         _prepare_output(out, overwrite, input_dir, subset_file, output_shard_format, output_shard_stats_format)
     root = _work_root(out) if not dry_run else \
         Path(os.environ.get("TMPDIR", "/tmp")) / f"varalign-reshard-{os.getpid()}"
-    work = WorkDir(root, digest("reshard", [_stamp(p) for p in inputs], _stamp(subset_file)))
+    stamps = [_stamp(p) for p in inputs]
+    work = WorkDir(root, digest("reshard", stamps, _stamp(subset_file)))
     workers = max(1, num_workers or os.cpu_count() or 1)
     # processes, not threads: tarfile builds each member's header in Python, so writing holds the GIL
     runner = make_executor(executor, workers, ray_address, processes=True)
@@ -136,6 +140,10 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
             staged = storage.join(out, STAGING) if remote else out
             _run_write(index, copies, staged, shard_size, output_shard_format, output_shard_stats_format,
                        result.output_shard_count, runner, quiet)
+            for p, before in zip(inputs, stamps, strict=True):  # the write pass read byte ranges indexed before
+                if _stamp(p) != before:
+                    raise VaralignError("input shard changed during the run (size, modification time or ETag); "
+                                        "no meta.json written: run again", p)
             if remote:  # every shard is there: onto their names together, then the staging prefix goes
                 storage.move([storage.join(staged, n) for n in names], [storage.join(out, n) for n in names])
                 storage.remove_tree(staged)
