@@ -179,6 +179,29 @@ def test_embed_from_and_to_urls(s3, shards, tmp_path, capsys) -> None:  # noqa: 
         assert fs.cat_file(f"out/embedded/{name}") == (tmp_path / "local" / name).read_bytes(), name
     capsys.readouterr()
     assert main(argv[:-1]) == 0 and "(2 reused)" in capsys.readouterr().out  # finished shards are reused
+    # a run killed after its first shard, whose object is then replaced: the resumed run embeds it again
+    import importlib
+
+    emb = importlib.import_module("varalign.experiment.embed")
+    real, calls = emb.write_npz, []
+
+    def killed_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    killed = ["embed", *argv[1:3], "--output_dir", "s3://out/killed", *model]
+    emb.write_npz = killed_on_second
+    try:
+        assert main(killed) != 0  # the CLI turns the interrupt into an exit status
+    finally:
+        emb.write_npz = real
+    assert fs.exists("out/killed/00000000.npz") and not fs.exists("out/killed/00000001.npz")
+    fs.pipe_file("out/killed/00000000.npz", (tmp_path / "local" / "00000001.npz").read_bytes())
+    capsys.readouterr()
+    assert main(killed) == 0 and "(0 reused)" in capsys.readouterr().out
+    for name in names:
+        assert fs.cat_file(f"out/killed/{name}") == (tmp_path / "local" / name).read_bytes(), name
     fs.pipe_file("out/notours/readme.txt", b"the user's")
     err = one_line_error(["embed", "s3://pool/shards", "--output_dir", "s3://out/notours", *model], capsys)
     assert "s3://out/notours" in err and "not empty" in err

@@ -137,9 +137,11 @@ def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained
     todo = []
     for u in units:
         info = steps.done(u.name)
-        if info is not None and remote and not _shard_there(out, u.name):  # an object removed since
+        if info is not None and remote and not _shard_there(out, u.name, info.get("objects")):  # removed or changed
             steps.drop(u.name)
             info = None
+        if info is not None:
+            info = {k: v for k, v in info.items() if k != "objects"}
         info = info or _finished_before(out, old, u.name)
         if info is None:
             todo.append(u)
@@ -161,8 +163,10 @@ def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained
         result.skipped += skipped
         result.dim = dim
         manifest["shards"][unit.name] = {"rows": rows, "skipped": skipped}
-        # the step's files are checked on resume by size; objects (put whole) by `_shard_there`
-        steps.finish(unit.name, [] if remote else files, manifest["shards"][unit.name])
+        # the step's files are checked on resume by size; objects (put whole) by `_shard_there`, against the
+        # size and ETag each had when it was put
+        objects = {f: _identity(f) for f in files} if remote else None
+        steps.finish(unit.name, [] if remote else files, {**manifest["shards"][unit.name], "objects": objects})
 
     if todo:
         # locally one shard after another, each with the process's torch threads; on Ray one task per shard
@@ -191,8 +195,20 @@ def _work_root(out: Path | str) -> Path:
     return default_work_dir(storage.join(out, WORK_DIR))
 
 
-def _shard_there(out: Path | str, name: str) -> bool:
-    return all(storage.isfile(storage.join(out, f"{name}{suffix}")) for suffix in (".parquet", ".npz"))
+def _identity(path: str) -> dict:
+    meta = storage.info(path)
+    return {k: meta.get(k) for k in ("size", "etag", "versionid")}
+
+
+def _shard_there(out: Path | str, name: str, objects: dict | None = None) -> bool:
+    """Both files of a shard are there (and, given what `_identity` recorded when they were put, unchanged)."""
+    for suffix in (".parquet", ".npz"):
+        f = storage.join(out, f"{name}{suffix}")
+        if not storage.isfile(f):
+            return False
+        if objects and f in objects and _identity(f) != objects[f]:
+            return False
+    return True
 
 
 def _finished_before(out: Path | str, old: dict, name: str) -> dict | None:
