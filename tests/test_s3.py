@@ -125,14 +125,18 @@ _KILL_AT_PUT = textwrap.dedent("""
 @pytest.mark.parametrize("kill_at", [1, 2, 3])
 def test_kill_between_uploads_never_leaves_a_half_commit(s3, tmp_path, kill_at) -> None:
     """Uploads: pending manifest, subset, scores, then the manifest (a server-side copy). Killed before each
-    put, the bucket holds no partial object, and the same command then ends with the full result."""
+    put, the bucket holds no partial object, and the same command then ends with the full result (and removes the
+    killed run's local temp file)."""
     fs = s3["fs"]
     prefix = f"out/kill{kill_at}"
     argv = ["filter", "--name", "clip_score", "--metadata_dir", s3["pool"], "--save_path", f"s3://{prefix}/s.npy",
             "--save_scores", f"s3://{prefix}/s.parquet", "--arch", "l14", "--fraction", "0.3", "--quiet"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"), TMPDIR=str(tmp_path / "tmp"))
     killed = subprocess.run([sys.executable, "-c", _KILL_AT_PUT, str(kill_at), *argv], env=env)
     assert killed.returncode == -signal.SIGKILL
+    uploads = tmp_path / "tmp" / "varalign-uploads"
+    assert [p.name for p in uploads.iterdir()] != []  # the killed run's temp, on its way to the bucket
     assert not fs.exists(f"{prefix}/s.manifest.json")
     filter_pool(s3["local"] / "pool", tmp_path / "l.npy", "clip_score", arch="l14", fraction=0.3, quiet=True,
                 save_scores=str(tmp_path / "l.parquet"))
@@ -143,6 +147,7 @@ def test_kill_between_uploads_never_leaves_a_half_commit(s3, tmp_path, kill_at) 
     assert rerun.returncode == 0, rerun.stderr
     assert fs.cat_file(f"{prefix}/s.npy") == (tmp_path / "l.npy").read_bytes()
     assert fs.exists(f"{prefix}/s.manifest.json") and not fs.exists(f"{prefix}/.s.manifest.json.pending")
+    assert list(uploads.iterdir()) == []  # the next run removed the dead run's temp (and its own)
 
 
 def test_one_line_errors(s3, tmp_path, capsys, monkeypatch) -> None:

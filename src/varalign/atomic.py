@@ -141,11 +141,41 @@ def _is_url(path: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+_UPLOADS_SWEPT = False
+
+
+def _upload_dir() -> str:
+    """This machine's folder for files on their way to object storage (`$TMPDIR/varalign-uploads`). Once per
+    process, the temps of processes that are gone (killed before their upload ended) are removed: only
+    names this function's `varalign-upload-<pid>-` pattern made, in this folder."""
+    global _UPLOADS_SWEPT
+    folder = os.path.join(tempfile.gettempdir(), "varalign-uploads")
+    os.makedirs(folder, exist_ok=True)
+    if not _UPLOADS_SWEPT:
+        _UPLOADS_SWEPT = True
+        for name in os.listdir(folder):
+            parts = name.split("-")
+            if len(parts) < 4 or parts[:2] != ["varalign", "upload"] or not parts[2].isdigit():
+                continue
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                path = os.path.join(folder, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            except OSError:
+                pass  # alive, another user's
+    return folder
+
+
 @contextlib.contextmanager
 def _upload_path(url: str, suffix: str) -> Iterator[Path]:
     from . import storage  # noqa: PLC0415
 
-    fd, tmp = tempfile.mkstemp(prefix="varalign-upload-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f"varalign-upload-{os.getpid()}-", suffix=suffix, dir=_upload_dir())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -390,7 +420,8 @@ class OutputGroup:
             raise ValueError(f"{dest} is not an output of this group")
         try:
             if self.remote:
-                self.staging = self.staging or tempfile.mkdtemp(prefix="varalign-upload-")
+                self.staging = self.staging or tempfile.mkdtemp(prefix=f"varalign-upload-{os.getpid()}-",
+                                                                dir=_upload_dir())
                 tmp = Path(self.staging) / f"{len(self.temps)}-{self.ops.name(dest)}"
                 tmp.touch()
             else:
@@ -556,7 +587,7 @@ class _Remote(_Ops):
     def write_text(self, p: str, text: str) -> None:
         from . import storage  # noqa: PLC0415
 
-        fd, tmp = tempfile.mkstemp(prefix="varalign-upload-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(prefix=f"varalign-upload-{os.getpid()}-", suffix=".json", dir=_upload_dir())
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
