@@ -47,8 +47,10 @@ def _random_parts(rng: np.random.Generator, kind: int) -> list[np.ndarray]:
     return parts
 
 
+@pytest.mark.parametrize("batch", [1 << 18, 37])  # the default, and small parts' digits counted in batches
 @pytest.mark.parametrize("kind", range(4))
-def test_top_k_and_threshold_over_parts_match_concatenated(kind: int) -> None:
+def test_top_k_and_threshold_over_parts_match_concatenated(kind: int, batch: int, monkeypatch) -> None:
+    monkeypatch.setattr("varalign.select._BATCH", batch)
     rng = np.random.default_rng(kind)
     for _ in range(30):
         parts = _random_parts(rng, kind)

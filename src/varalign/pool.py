@@ -84,11 +84,13 @@ def read_columns(shard: Shard, columns: list[str]) -> pa.Table:
         fs, path = storage.arrow_filesystem(shard.parquet)  # a URL through fsspec, a local path as it is
         # one open for the schema and the columns; ParquetFile, not read_table: no dataset layer (which
         # imports pandas, ~30 MB, and costs ~5 ms a file: the per-shard cost of a pool of small shards)
-        pf = pq.ParquetFile(path, filesystem=fs)
+        # locally no pre-buffering and no thread pool of its own (the workers run shards side by side): ~40%
+        # less per file of 1,000 rows; a URL keeps pre_buffer's coalesced ranged reads
+        pf = pq.ParquetFile(path, filesystem=fs, pre_buffer=fs is not None)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise VaralignError(f"parquet has no column {missing[0]!r}", shard.parquet)
-        table = pf.read(columns=columns)
+        table = pf.read(columns=columns, use_threads=False)
     except (OSError, pa.ArrowException) as exc:
         raise VaralignError(f"not a readable parquet file ({_short(exc)})", shard.parquet) from None
     return table

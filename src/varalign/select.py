@@ -64,6 +64,7 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
 
 Parts = Callable[[], Iterable[np.ndarray]]
 _DIGIT = 16
+_BATCH = 1 << 18  # digits (uint16) counted per bincount: 512 KB
 
 
 def order_keys(values: np.ndarray) -> np.ndarray:
@@ -102,12 +103,19 @@ def kth_largest_parts(parts: Parts, k: int) -> tuple[float, int]:
     prefix, above, remaining = 0, 0, k
     for shift in range(width - _DIGIT, -1, -_DIGIT):
         hist = np.zeros(1 << _DIGIT, dtype=np.int64)
+        pending: list[np.ndarray] = []  # digits of small parts, counted together: one 64k-bin bincount per
+        waiting = 0                      # part would cost more than the part itself (a pool of small shards)
         for p in parts():
             keys = order_keys(np.asarray(p, dtype=dtype))
             if shift + _DIGIT < width:
                 keys = keys[(keys >> np.uint64(shift + _DIGIT)).astype(np.uint64) == prefix]
-            digit = ((keys >> keys.dtype.type(shift)) & keys.dtype.type(0xFFFF)).astype(np.intp)
-            hist += np.bincount(digit, minlength=1 << _DIGIT)
+            pending.append(((keys >> keys.dtype.type(shift)) & keys.dtype.type(0xFFFF)).astype(np.uint16))
+            waiting += len(keys)
+            if waiting >= _BATCH:
+                hist += np.bincount(np.concatenate(pending), minlength=1 << _DIGIT)
+                pending, waiting = [], 0
+        if pending:
+            hist += np.bincount(np.concatenate(pending), minlength=1 << _DIGIT)
         desc = np.cumsum(hist[::-1])  # desc[j]: values whose digit >= 65535 - j
         j = int(np.searchsorted(desc, remaining))  # first bin (from the top) reaching the k-th
         if j >= len(desc):
