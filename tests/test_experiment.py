@@ -156,7 +156,7 @@ def test_reshard_input_changed_between_its_passes(data: Path, tmp_path: Path, mo
     first = sorted(shards.glob("*.tar"))[0]
     real = rs._run_write
     for damage in ("touched", "truncated"):
-        def write_after_damage(*args, **kwargs):
+        def write_after_damage(*args, damage=damage, **kwargs):
             data_ = first.read_bytes()
             if damage == "truncated":
                 first.write_bytes(data_[: len(data_) // 2])

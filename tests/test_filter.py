@@ -217,6 +217,17 @@ def test_vas_d_rounds_state_in_blocks_match_the_in_memory_rounds(tmp_path) -> No
     assert np.array_equal(res.removed_at, expected_removed)
 
 
+def test_given_uids_rewritten_in_place_is_read_again(pool, tmp_path) -> None:
+    """One process (the Python API), the same --given_uids_path rewritten between two runs: the second run
+    restricts the pool to the new uids, not to the first run's."""
+    root, uids, *_ = pool
+    for step in (2, 3):
+        save_subset(tmp_path / "given.npy", hex_to_uids(uids[::step]))
+        res = filter_pool(root / "pool", tmp_path / f"g{step}.npy", "no_filter",
+                          given_uids_path=str(tmp_path / "given.npy"), quiet=True)
+        assert res.counts["pool"] == len(uids[::step])
+
+
 def test_given_uids_restricts_pool_first(pool, tmp_path) -> None:
     root, uids, scores, *_ = pool
     rows = np.arange(0, 3000, 2)

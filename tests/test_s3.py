@@ -204,8 +204,10 @@ def test_ray_on_two_nodes_reads_the_pool_from_s3(s3, tmp_path) -> None:
         cluster.shutdown()
 
 
-def test_target_and_given_uids_as_urls(s3, tmp_path) -> None:
-    """Small inputs given as URLs are fetched once (keyed by ETag) and give the local run's subset."""
+def test_target_and_given_uids_as_urls(s3, tmp_path, monkeypatch) -> None:
+    """Small inputs given as URLs are fetched once (keyed by ETag) and give the local run's subset; a changed
+    object is fetched again and replaces the cached copy (one copy per URL)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     fs = s3["fs"]
     local_target = s3["local"] / "files" / "variance" / "variance_imagenet_1k.npy"
     fs.put_file(str(local_target), "pool/inputs/target.npy")
@@ -219,6 +221,16 @@ def test_target_and_given_uids_as_urls(s3, tmp_path) -> None:
     remote = filter_pool(s3["pool"], tmp_path / "r.npy", "vas", target="s3://pool/inputs/target.npy",
                          given_uids_path="s3://pool/inputs/given.npy", quiet=True, **opts)
     assert np.array_equal(np.asarray(local.uids), np.asarray(remote.uids)) and len(remote.uids) > 0
+    cached = tmp_path / "cache" / "varalign" / "inputs"
+    assert sorted(len(list(d.iterdir())) for d in cached.iterdir()) == [1, 1]  # target and given, once each
+    np.save(given, np.asarray(every)[::3])
+    fs.put_file(str(given), "pool/inputs/given.npy")
+    local = filter_pool(s3["local"] / "pool", tmp_path / "l3.npy", "vas", target=str(local_target),
+                        given_uids_path=str(given), quiet=True, **opts)
+    remote = filter_pool(s3["pool"], tmp_path / "r3.npy", "vas", target="s3://pool/inputs/target.npy",
+                         given_uids_path="s3://pool/inputs/given.npy", quiet=True, **opts)
+    assert np.array_equal(np.asarray(local.uids), np.asarray(remote.uids))
+    assert sorted(len(list(d.iterdir())) for d in cached.iterdir()) == [1, 1]  # the old version's copy went
 
 
 def test_target_from_a_pool_in_s3_to_s3(s3, tmp_path) -> None:

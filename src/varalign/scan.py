@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,8 +23,13 @@ class ShardScan:
     sorted_uids: np.ndarray | None = None  # `uids` sorted: the shard's run for the pool-wide duplicate check
 
 
-@lru_cache(maxsize=2)
 def _given(path: str) -> np.ndarray:
+    st = os.stat(path)  # keyed by the file's identity too: a file rewritten in place is read again
+    return _given_at(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@lru_cache(maxsize=2)
+def _given_at(path: str, size: int, mtime_ns: int, ino: int) -> np.ndarray:
     return load_subset(path)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -430,9 +431,12 @@ def fetch(url: str) -> str:
     fetched again)."""
     import hashlib  # noqa: PLC0415
 
+    fs, p = filesystem(url)
+    fs.invalidate_cache(p)  # this process's listing may predate a change of the object (a long-lived API user)
     meta = info(url)
-    key = hashlib.sha256(json.dumps([url, meta], sort_keys=True).encode()).hexdigest()[:24]
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "varalign" / "inputs" / key
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "varalign" / "inputs"
+    by_url = base / hashlib.sha256(url.encode()).hexdigest()[:24]
+    folder = by_url / hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     dest = folder / url.rstrip("/").rsplit("/", 1)[-1]
     if dest.is_file() and dest.stat().st_size == meta["size"]:
         return str(dest)
@@ -441,6 +445,10 @@ def fetch(url: str) -> str:
 
     with atomic_path(dest) as tmp:
         get_file(url, str(tmp))
+    # one copy per URL: the versions fetched before this one (folders this function made) go
+    for old in by_url.iterdir():
+        if old.is_dir() and not old.is_symlink() and old.name != folder.name:
+            shutil.rmtree(old, ignore_errors=True)
     return str(dest)
 
 
