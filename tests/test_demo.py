@@ -149,6 +149,23 @@ def test_cli_reuses_the_pool(demo, capsys) -> None:
     assert "built without Fashion-MNIST" in again  # the note, on reuse too
     assert {m: k for m, (k, _) in _table(again).items()} == {m: k for m, (k, _) in _table(first).items()}
     assert "were reused" in again  # the subsets are up to date: not recomputed
+    assert "minicomp's v4" not in again
+
+
+def test_reusing_a_v4_pool_says_so(demo, tmp_path, capsys) -> None:
+    """A pool an earlier version built (v4: no off-target kinds) is reused with a note saying how to get v5."""
+    import json
+    import shutil
+
+    out = demo[0]
+    shutil.copytree(out / "minicomp", tmp_path / "mc")
+    manifest = json.loads((tmp_path / "mc" / "minicomp.json").read_text())
+    for key in ("p_rendered_text", "p_off_domain", "p_low_info"):  # a v4 build's manifest has none of these
+        manifest["config"].pop(key, None)
+    (tmp_path / "mc" / "minicomp.json").write_text(json.dumps(manifest))
+    assert main(["demo", "--out_dir", str(tmp_path / "o"), "--build_dir", str(tmp_path / "mc"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing the mini pool" in printed and "minicomp's v4" in printed and str(tmp_path / "mc") in printed
 
 
 def test_train_short(demo, capsys) -> None:

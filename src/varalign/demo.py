@@ -82,6 +82,9 @@ def run_demo(
             f"{', '.join(manifest.get('sources', []))}); for it, `apt-get install dataset-fashion-mnist` "
             f"(Debian/Ubuntu) or pass --fashion_mnist_dir DIR, then remove {root} or use another --out_dir"
         )
+    if not built_now and not manifest["config"].get("p_rendered_text"):
+        print(f"note: this pool is minicomp's v4 (no off-target kinds: their columns show '-'); for the v5 pool "
+              f"the table below the Quick start shows, remove {root} or use another --out_dir")
     arch = manifest["config"]["arch"]
     metadata = root / "metadata"
     uids, labels = pool_labels(metadata)
