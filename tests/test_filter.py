@@ -175,12 +175,16 @@ def test_vas_d_rounds_state_in_blocks_match_the_in_memory_rounds(tmp_path) -> No
     gram = f32.T.astype(np.float64) @ f32
     store = CandidateStore.from_array(f)
     expected_removed, expected_last = _vas_d_in_memory(f, 700, 5)
+    grams = []
     for state_rows in (256, 1000, 1 << 20):
         res = vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 5, block_rows=128,
-                            state_rows=state_rows)
+                            state_rows=state_rows, checkpoint=lambda st: grams.append(st["gram_keep"].copy())
+                            if int(st["it"]) == 4 else None)
         assert np.array_equal(res.removed_at, expected_removed), state_rows
         np.testing.assert_allclose(res.last_score, expected_last, rtol=1e-6)
         assert res.keep.sum() == 700
+    # the removed rows' Grams are subtracted in the same blocks whatever the state block: the same bits
+    assert all(np.array_equal(g, grams[0]) for g in grams[1:])
     # kill in round 2 after some of its removals were written: resume from the round-2 checkpoint
     state_dir = tmp_path / "rounds"
     state_dir.mkdir()

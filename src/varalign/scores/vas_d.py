@@ -282,6 +282,7 @@ class _Rounds:
             k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
             keeps = top_k_parts(functools.partial(self.alive_scores, it), k)
             removed_any = False
+            pending = np.empty(0, dtype=np.int64)  # removed rows whose Gram is not subtracted yet
             for (a, b), keep in zip(self.spans(), keeps, strict=True):
                 removed_at = _read(self.state_dir, REMOVED, np.int32, a, b)
                 removed = np.flatnonzero(removed_at >= it)[~keep]
@@ -291,7 +292,9 @@ class _Rounds:
                 removed_at[removed] = it
                 _write(self.state_dir, REMOVED, a, removed_at)
                 if it < num_iters - 1:
-                    gram_keep -= self.gram(a + removed)
+                    pending = self.subtract(gram_keep, np.concatenate([pending, a + removed]), final=False)
+            if it < num_iters - 1:
+                self.subtract(gram_keep, pending, final=True)
             n_alive = k
             if it < num_iters - 1 and removed_any:
                 target = (gram_keep / n_alive).astype(np.float32)
@@ -309,13 +312,19 @@ class _Rounds:
             return self.on_device.score(a + np.flatnonzero(alive), target)
         return _score_alive(self.store, alive, target, self.mapper, self.block_rows, self.device, offset=a)
 
-    def gram(self, rows: np.ndarray) -> np.ndarray:
-        if self.on_device is not None:
-            return self.on_device.gram64(rows)
-        total = np.zeros((self.store.dim, self.store.dim), dtype=np.float64)
-        for s in range(0, len(rows), self.block_rows):
-            total += gram64_on(self.store.gather(rows[s : s + self.block_rows]), self.device)
-        return total
+    def subtract(self, gram_keep: np.ndarray, rows: np.ndarray, final: bool) -> np.ndarray:
+        """Subtract the Gram of `rows` (ascending) from `gram_keep` in place, a block of `block_rows` rows at
+        a time, in the order the rounds held in memory did (consecutive blocks of the round's removed rows,
+        so the float64 sums, and the subset, do not depend on `state_rows`); returns the rows of an
+        incomplete last block, left for the next call unless `final`."""
+        if self.on_device is not None:  # one call per state block (the device sums in its own order)
+            if len(rows):
+                gram_keep -= self.on_device.gram64(rows)
+            return rows[:0]
+        whole = len(rows) if final else len(rows) // self.block_rows * self.block_rows
+        for s in range(0, whole, self.block_rows):
+            gram_keep -= gram64_on(self.store.gather(rows[s : min(s + self.block_rows, whole)]), self.device)
+        return rows[whole:]
 
 
 Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
