@@ -98,17 +98,9 @@ def test_a_pool_twelve_times_larger_fits_in_a_fixed_margin(tmp_path: Path) -> No
     big = _uid_pool(tmp_path / "big", BIG_SHARDS, 2)
     recipe = tmp_path / "rowhash.toml"
     recipe.write_text('name = "rowhash"\n[[stages]]\nscore = "row_hash"\nfraction = 0.5\n')
-    child = tmp_path / "child.py"
-    child.write_text(CHILD)
     out = tmp_path / "out"
     out.mkdir()
-    src = str(Path(varalign.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-               MALLOC_ARENA_MAX="2", ARROW_DEFAULT_MEMORY_POOL="system")
-    proc = subprocess.run([sys.executable, str(child), str(recipe), str(warm), str(big), str(out), str(MARGIN)],
-                          capture_output=True, text=True, env=env)
-    lines = proc.stdout.strip().splitlines()
-    result = json.loads(lines[-1]) if lines else {"ok": False}
+    proc, result = _run_child(tmp_path, CHILD, [recipe, warm, big, out, MARGIN], ARROW_DEFAULT_MEMORY_POOL="system")
     assert proc.returncode == 0 and result["ok"], (
         f"the run over {BIG_SHARDS * ROWS_PER_SHARD:,} rows did not fit in {MARGIN >> 20} MiB over the state a "
         f"{WARM_SHARDS * ROWS_PER_SHARD:,}-row run left: something grows with the pool\n{proc.stderr[-3000:]}")
@@ -174,19 +166,25 @@ def test_vas_d_rounds_over_twelve_million_candidates_fit_in_a_fixed_margin(tmp_p
     """VAS-D's greedy rounds keep no per-candidate array in memory (their state is two flat files, read a
     block at a time; 256k here): 12M candidates' rounds fit in 32 MiB over what 2M candidates' rounds left
     allocated. glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) because its dynamic threshold
-    otherwise lets a freed block's size decide whether the next one counts in VmData. The rounds before (alive, removal round and last score in RAM, 9 B per candidate, and
-    ~20 B per live candidate during a round) needed ~100 MB more here and fail."""
-    child = tmp_path / "child.py"
-    child.write_text(ROUNDS_CHILD)
-    src = str(Path(varalign.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-               MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="131072")
+    otherwise lets a freed block's size decide whether the next one counts in VmData. The rounds before
+    (alive, removal round and last score in RAM, 9 B per candidate, and ~20 B per live candidate during a
+    round) needed ~100 MB more here and fail."""
     warm, big = 2_000_000, 12_000_000
-    proc = subprocess.run([sys.executable, str(child), str(tmp_path), str(warm), str(big), str(MARGIN)],
-                          capture_output=True, text=True, env=env)
-    lines = proc.stdout.strip().splitlines()
-    result = json.loads(lines[-1]) if lines else {"ok": False}
+    proc, result = _run_child(tmp_path, ROUNDS_CHILD, [tmp_path, warm, big, MARGIN], MALLOC_MMAP_THRESHOLD_="131072")
     assert proc.returncode == 0 and result["ok"], (
         f"VAS-D's rounds over {big:,} candidates did not fit in {MARGIN >> 20} MiB over the state {warm:,} "
         f"candidates' rounds left: something grows with the candidates\n{proc.stderr[-3000:]}")
     assert result["kept"] == big // 2
+
+
+def _run_child(tmp_path: Path, code: str, args: list, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `code` in a fresh Python with varalign importable and glibc held to two arenas (plus `env`):
+    the process and the JSON of its last stdout line ({"ok": False} when there is none)."""
+    child = tmp_path / "child.py"
+    child.write_text(code)
+    src = str(Path(varalign.__file__).resolve().parents[1])
+    full = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+                MALLOC_ARENA_MAX="2", **env)
+    proc = subprocess.run([sys.executable, str(child), *map(str, args)], capture_output=True, text=True, env=full)
+    lines = proc.stdout.strip().splitlines()
+    return proc, json.loads(lines[-1]) if lines else {"ok": False}
