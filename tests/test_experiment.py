@@ -345,3 +345,36 @@ def test_custom_task_missing_file_is_one_line(data: Path, tmp_path: Path, capsys
         assert varalign_main([*base, *bad]) == 1
         assert why in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize(("workers", "user", "expected"), [(1, None, "PASSIVE"), (0, None, None),
+                                                          (1, "ACTIVE", "ACTIVE")])
+def test_cpu_training_waits_passively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int,
+                                      user: str | None, expected: str | None) -> None:
+    """On a CPU with data-loader workers, open_clip_train runs with OMP_WAIT_POLICY=PASSIVE (its OpenMP
+    threads no longer spin against the workers); a value the user set is kept; no workers, nothing set."""
+    import importlib
+    import subprocess
+
+    train_module = importlib.import_module("varalign.experiment.train")  # the package exports the function
+
+    seen: dict = {}
+
+    def fake_run(cmd: list[str], env: dict, **kwargs):  # records the child's environment, trains nothing
+        seen.update(env)
+        ckpt = tmp_path / "out" / "x" / "checkpoints"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "epoch_1.pt").write_bytes(b"")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(train_module, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(train_module.subprocess, "run", fake_run)
+    if user is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", user)
+    make_train_shards(tmp_path / "shards", n=20, per_shard=10)
+    result = train_module.train("tiny", tmp_path / "shards", tmp_path / "out", "x", workers=workers,
+                               num_checkpoints=1, quiet=True)
+    assert Path(result.checkpoint).name == "epoch_1.pt"
+    assert seen.get("OMP_WAIT_POLICY") == expected
