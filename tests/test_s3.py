@@ -241,3 +241,34 @@ def test_target_from_a_pool_in_s3_to_s3(s3, tmp_path) -> None:
     assert local["rows"] == remote["rows"] == 3000
     assert s3["fs"].cat_file("out/targets/t.npy") == (tmp_path / "t.npy").read_bytes()
     assert s3["fs"].exists("out/targets/t.manifest.json")
+
+
+def test_pending_manifest_put_failing_on_the_way_replaces_no_output(s3, tmp_path, capsys, monkeypatch) -> None:
+    """The first put (the pending manifest) stores its object, then the connection drops: the error says no
+    output was replaced (not that nothing was written), no output object exists, and the same command then
+    finishes the whole result over the stray pending manifest."""
+    fs = s3["fs"]
+    prefix = "out/dropped"
+    argv = ["filter", "--name", "clip_score", "--metadata_dir", s3["pool"], "--save_path", f"s3://{prefix}/s.npy",
+            "--arch", "l14", "--fraction", "0.3", "--quiet"]
+    real_put = storage.put_file
+
+    def put_then_drop(local_path: str, url: str) -> None:
+        real_put(local_path, url)
+        if url.endswith(".pending"):
+            raise storage.remote_error(ConnectionResetError("Connection reset by peer"), url)
+
+    monkeypatch.setattr(storage, "put_file", put_then_drop)
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"s3://{prefix}/s.npy" in err, err
+    assert "no output was replaced" in err and "nothing was written" not in err, err
+    fs.invalidate_cache()
+    assert fs.exists(f"{prefix}/.s.manifest.json.pending") and not fs.exists(f"{prefix}/s.npy")
+    monkeypatch.setattr(storage, "put_file", real_put)
+    assert main(argv) == 0
+    fs.invalidate_cache()
+    filter_pool(s3["local"] / "pool", tmp_path / "l.npy", "clip_score", arch="l14", fraction=0.3, quiet=True)
+    assert fs.cat_file(f"{prefix}/s.npy") == (tmp_path / "l.npy").read_bytes()
+    assert fs.exists(f"{prefix}/s.manifest.json") and not fs.exists(f"{prefix}/.s.manifest.json.pending")

@@ -451,10 +451,15 @@ class OutputGroup:
         try:
             try:
                 self.ops.write_text(self.pending, dump_json(manifest))
-            except VaralignError as exc:  # the first put refused (permission...): name the user's output
+            except VaralignError as exc:  # the first put failed: name the user's output
                 if not self.remote:
                     raise
-                raise VaralignError(f"{exc.reason}; nothing was written", self.outputs[0]) from None
+                # a refused put (permission, credentials, missing bucket) wrote nothing; a put that failed on
+                # the way (timeout, connection reset) may have stored the pending manifest, which the next run
+                # sees with no output behind it and redoes: either way, no output was replaced
+                refused = exc.reason.startswith(("permission denied", "no usable credentials", "not found"))
+                raise VaralignError(f"{exc.reason}; {'nothing was written' if refused else 'no output was replaced'}",
+                                    self.outputs[0]) from None
             for dest in self.outputs:
                 self.ops.place(self.temps.pop(dest), dest)
             self.ops.sync([*self.outputs])
