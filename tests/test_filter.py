@@ -162,6 +162,41 @@ def _vas_d_in_memory(f: np.ndarray, target_count: int, num_iters: int) -> tuple[
     return removed_at, last
 
 
+def test_vas_d_rounds_fill_a_large_executor_with_several_state_blocks(tmp_path) -> None:
+    """A round scores several consecutive state blocks in one call of the executor when it has many workers
+    (about 4 block tasks a worker, at most MAX_GROUP state blocks), one state block a call with few: the same
+    removal rounds and scores either way, and as the in-memory rounds."""
+    from varalign.scores.vas_d import MAX_GROUP
+
+    rng = np.random.default_rng(9)
+    f = rng.standard_normal((2600, 16)).astype(np.float16)
+    f32 = f.astype(np.float32)
+    gram = f32.T.astype(np.float64) @ f32
+    store = CandidateStore.create(str(tmp_path / "cand.bin"), len(f), 16, np.dtype(np.float16))
+    write_rows(store.path, 0, f)
+    expected_removed, expected_last = _vas_d_in_memory(f, 700, 3)
+
+    def spy(workers: int, calls: list[int]):
+        def run(fn, tasks):
+            calls.append(len(tasks))
+            return [fn(*t) for t in tasks]
+        run.workers = workers
+        return run
+
+    # 2,600 candidates, block tasks of 128 rows (21): in state blocks of 256 rows (2 tasks each, 11 blocks),
+    # 1 worker wants 4 tasks a call (2 state blocks), 3 workers 12 (6 state blocks); in state blocks of 128 rows
+    # (21), 1,000 workers get MAX_GROUP state blocks a call
+    assert MAX_GROUP == 16
+    for workers, state_rows, per_call in ((1, 256, [4, 4, 4, 4, 4, 1]), (3, 256, [12, 9]), (1000, 256, [21]),
+                                          (1000, 128, [16, 5]), (1, 1 << 20, [21])):
+        calls: list[int] = []
+        res = vas_d_iterate(store, gram, (gram / len(f)).astype(np.float32), 700, 3, block_rows=128,
+                            state_rows=state_rows, mapper=spy(workers, calls))
+        assert calls == per_call * 3, (workers, calls)  # each of the 3 rounds
+        assert np.array_equal(res.removed_at, expected_removed), workers
+        np.testing.assert_allclose(res.last_score, expected_last, rtol=1e-6)
+
+
 def test_vas_d_rounds_state_in_blocks_match_the_in_memory_rounds(tmp_path) -> None:
     """The rounds keep their per-candidate state in flat files, `state_rows` candidates at a time, and find
     each round's top-k by histogram passes: the same removal rounds as every array in memory, whatever the

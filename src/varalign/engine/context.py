@@ -117,6 +117,7 @@ class Context:
 
         def run(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
             return executor.map(fn, tasks, desc, quiet=True)
+        run.workers = getattr(executor, "num_workers", 1)  # type: ignore[attr-defined] - how many tasks a call wants
         if not executor.shared_filesystem and hasattr(executor, "put"):
             run.put = executor.put  # type: ignore[attr-defined] - tasks cannot read the driver's files
         return run

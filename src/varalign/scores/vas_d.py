@@ -127,6 +127,9 @@ def collect_shard(shard: Shard, key: str, dim: int, pool_rows: np.ndarray | None
 
 STATE_ROWS = 1 << 20  # candidates whose round state is in memory at a time (~25 MB whatever the pool)
 REMOVED, LAST = "removed_at.i32", "last.f32"
+# state blocks scored in one mapper call at most (16 × 2^20 candidates: ~84 MB of alive masks and scores): what
+# keeps a Ray cluster of up to ~1,000 workers busy through a round (4 tasks a worker up to 256 workers)
+MAX_GROUP = 16
 STATE_FORMAT = 2  # checkpoints of the flat-file rounds (1: every candidate's state inside the checkpoint)
 
 
@@ -266,6 +269,17 @@ class _Rounds:
         for a in range(0, self.store.rows, self.state_rows):
             yield a, min(a + self.state_rows, self.store.rows)
 
+    def score_groups(self) -> Iterator[list[tuple[int, int]]]:
+        """Consecutive state blocks scored in one call of the mapper: enough block tasks for ~4 per worker
+        (a large Ray cluster is kept busy, not 64 tasks at a time), at most MAX_GROUP state blocks (~9 B
+        of alive mask, last and new scores per candidate in memory meanwhile)."""
+        per_block = self.state_rows // self.block_rows
+        workers = max(1, int(getattr(self.mapper, "workers", 1)))
+        size = 1 if self.on_device is not None else min(MAX_GROUP, max(1, -(-4 * workers // per_block)))
+        spans = list(self.spans())
+        for g in range(0, len(spans), size):
+            yield spans[g : g + size]
+
     def alive(self, a: int, b: int, it: int) -> np.ndarray:
         return _read(self.state_dir, REMOVED, np.int32, a, b) >= it
 
@@ -274,11 +288,14 @@ class _Rounds:
         target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
         for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
                        initial=start, total=num_iters):
-            for a, b in self.spans():  # score every alive candidate against the current target
-                alive = self.alive(a, b, it)
-                last = _read(self.state_dir, LAST, np.float32, a, b)
-                last[alive] = self.score(a, b, alive, target)
-                _write(self.state_dir, LAST, a, last)
+            for group in self.score_groups():  # score every alive candidate against the current target
+                alive = [self.alive(a, b, it) for a, b in group]
+                scores = self.score(group[0][0], group[-1][1], np.concatenate(alive), target)
+                cuts = np.cumsum([int(np.count_nonzero(x)) for x in alive])[:-1]
+                for (a, b), mask, part in zip(group, alive, np.split(scores, cuts), strict=True):
+                    last = _read(self.state_dir, LAST, np.float32, a, b)
+                    last[mask] = part
+                    _write(self.state_dir, LAST, a, last)
             k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
             keeps = top_k_parts(functools.partial(self.alive_scores, it), k)
             removed_any = False
@@ -337,6 +354,7 @@ def thread_mapper(num_workers: int) -> Mapper:
             return [fn(*t) for t in tasks]
         with ThreadPoolExecutor(num_workers) as pool:
             return list(pool.map(lambda t: fn(*t), tasks))
+    run.workers = num_workers  # type: ignore[attr-defined]
     return run
 
 
