@@ -306,9 +306,11 @@ def _check_scores(path: Path, exp: Expected) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_match_brute_force(many_shards: Path, expected, tmp_path: Path, monkeypatch, case: str) -> None:
+    import varalign.engine.run  # noqa: PLC0415
     import varalign.uids  # noqa: PLC0415
 
     monkeypatch.setattr(varalign.uids, "MERGE_BUDGET", 97)  # many merge steps over the 40 runs
+    monkeypatch.setattr(varalign.engine.run, "SPAN_ROWS", 450)  # spans of two shards (more with --given_uids_path)
     name, opts = _options(many_shards, tmp_path, case)
     exp = expected(case)
     res = filter_pool(many_shards / "pool", tmp_path / "new.npy", name, quiet=True,

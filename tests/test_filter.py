@@ -387,3 +387,36 @@ def test_device_on_a_method_that_cannot_use_it_is_a_note(synth_pool, tmp_path, c
                         "--target_variance_name", "imagenet_1k", "--files_path", str(synth_pool / "files"),
                         "--save_path", str(tmp_path / "v.npy")])
     assert code == 0 and "note" not in capsys.readouterr().err
+
+
+def test_parquet_row_count_from_the_footer(tmp_path) -> None:
+    """The footer's row count as pyarrow reads it, for files written every which way; anything else is
+    left to pyarrow (which says what is wrong)."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    from varalign.errors import VaralignError  # noqa: PLC0415
+    from varalign.pool import footer_rows, parquet_rows  # noqa: PLC0415
+
+    n = 3000
+    table = pa.table({"uid": [f"{i:032x}" for i in range(n)], "score": np.arange(n, dtype=np.float32),
+                      "tags": [[str(i)] * (i % 3) for i in range(n)], "pos": [{"x": i, "y": None} for i in range(n)],
+                      "kv": pa.array([[("a", i)] for i in range(n)], type=pa.map_(pa.string(), pa.int64())),
+                      "flag": [i % 2 == 0 for i in range(n)]})
+    table = table.replace_schema_metadata({"note": "x" * 5000})
+    variants = {"plain": {}, "row_groups": {"row_group_size": 77}, "v2_pages": {"data_page_version": "2.0"},
+                "no_stats": {"write_statistics": False}, "no_dict": {"use_dictionary": False},
+                "v1": {"version": "1.0"}, "zstd": {"compression": "zstd"}}
+    for name, kwargs in variants.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet", **kwargs)
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    for path in sorted(tmp_path.glob("*.parquet")):
+        assert footer_rows(path) == pq.ParquetFile(path).metadata.num_rows == parquet_rows(path), path.name
+    data = (tmp_path / "plain.parquet").read_bytes()
+    for bad, content in {"garbage": b"PAR1" + bytes(range(256)) * 4 + b"PAR1", "short": b"PAR1PAR1",
+                         "truncated": data[: len(data) // 2], "no_magic": data[:-4] + b"PARE"}.items():
+        path = tmp_path / f"{bad}.bad"
+        path.write_bytes(content)
+        assert footer_rows(path) is None, bad
+        with pytest.raises(VaralignError, match="not a readable parquet file"):
+            parquet_rows(path)
+    assert footer_rows(tmp_path / "missing.parquet") is None

@@ -94,3 +94,16 @@ def test_uid_order_is_lexsort(high_values: int) -> None:
         order = uid_order(u, then)
         ref = np.lexsort((then, u["f1"], u["f0"]))
         assert np.array_equal(u[order], u[ref]) and np.array_equal(then[order], then[ref])
+
+
+def test_every_ascii_character_at_either_digit_of_a_byte() -> None:
+    """The two-digit lookup accepts exactly the hex digits, in the first or the second digit of a byte."""
+    ok = set("0123456789abcdefABCDEF")
+    for pos in (0, 1, 30, 31):
+        for code in range(1, 128):
+            uid = "0" * pos + chr(code) + "0" * (31 - pos)
+            if chr(code) in ok:
+                assert np.array_equal(hex_to_uids(["1" * 32, uid]), _reference(["1" * 32, uid]))
+            else:
+                with pytest.raises(VaralignError, match="at row 1"):
+                    hex_to_uids(["1" * 32, uid])

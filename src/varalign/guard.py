@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class _Resolved:
     (device, inode), so that hard links compare equal."""
 
     def __init__(self, label: str, path: Path | str, parents: dict[str, str]) -> None:
-        self.label, self.path = label, path
+        self.label, self._given = label, path
         self.inode: tuple[int, int] | None = None
         if storage.is_url(path):
             self.real: str = str(path).rstrip("/")
@@ -53,7 +54,7 @@ class _Resolved:
             st = os.lstat(text)
         except OSError:
             st = None
-        if st is not None and not os.path.islink(text):  # the usual case: resolve the folder once per folder
+        if st is not None and not stat.S_ISLNK(st.st_mode):  # the usual case: resolve the folder once per folder
             if head not in parents:
                 parents[head] = os.path.realpath(head or os.sep)
             self.real = os.path.join(parents[head], tail)
@@ -63,6 +64,11 @@ class _Resolved:
             with contextlib.suppress(OSError):
                 st = os.stat(self.real)
                 self.inode = (st.st_dev, st.st_ino)
+
+    @property
+    def path(self) -> Path | str:
+        """The path as given (a local one as a `Path`: made only when a message names it)."""
+        return _as_path(self._given) if isinstance(self._given, str) else self._given
 
     def same(self, other: _Resolved) -> bool:
         return self.real == other.real or (self.inode is not None and self.inode == other.inode)
@@ -85,8 +91,8 @@ def check_paths(inputs: dict[str, object], outputs: dict[str, object], work_dir:
     a pool of many shards costs a stat or two per shard.
     """
     parents: dict[str, str] = {}
-    ins = [_Resolved(k, _as_path(p), parents) for k, v in inputs.items() for p in _paths(v)]
-    outs = [_Resolved(k, _as_path(p), parents) for k, v in outputs.items() for p in _paths(v)]
+    ins = [_Resolved(k, p, parents) for k, v in inputs.items() for p in _paths(v)]
+    outs = [_Resolved(k, p, parents) for k, v in outputs.items() for p in _paths(v)]
     by_real = {r.real: r for r in reversed(ins)}  # the first input of a path names it
     by_inode = {r.inode: r for r in reversed(ins) if r.inode is not None}
     for i, o in enumerate(outs):

@@ -141,14 +141,18 @@ def threshold_at_rank_parts(parts: Parts, n: int) -> float:
     return kth_largest_parts(parts, n + 1)[0]
 
 
-def top_k_parts(parts: Parts, k: int) -> Iterator[np.ndarray]:
-    """`top_k_mask` over the concatenation of `parts`, yielded part by part (ties to the earliest rows)."""
-    total = _count(parts)
+def top_k_parts(parts: Parts, k: int, blocks: Parts | None = None) -> Iterator[np.ndarray]:
+    """`top_k_mask` over the concatenation of `parts`, yielded part by part (ties to the earliest rows).
+
+    `blocks`: the same values cut otherwise (the same concatenation, e.g. several small parts joined),
+    for the passes that only count: fewer, larger reads when the parts are small."""
+    counted = parts if blocks is None else blocks
+    total = _count(counted)
     if k <= 0 or k >= total:
         for p in parts():
             yield np.full(len(p), k > 0, dtype=bool)
         return
-    kth, above = kth_largest_parts(parts, k)
+    kth, above = kth_largest_parts(counted, k)
     need = k - above
     for p in parts():
         p = np.asarray(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import os
 from collections.abc import Iterable, Iterator
 
@@ -33,18 +34,19 @@ def hex_to_uids(values: pa.Array | pa.ChunkedArray | list[str] | np.ndarray, sou
         return np.empty(0, dtype=UID_DTYPE)
     if arr.null_count:
         _raise_bad_uid(arr, int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), source)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32 if pa.types.is_string(arr.type) else np.int64)
+    buffers = arr.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32 if pa.types.is_string(arr.type) else np.int64)
     offsets = offsets[arr.offset : arr.offset + n + 1]
-    lengths = np.diff(offsets)
+    lengths = offsets[1:] - offsets[:-1]
     if (lengths != 32).any():
         _raise_bad_uid(arr, int(np.flatnonzero(lengths != 32)[0]), source)
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[0] + 32 * n]
-    digits = _HEX[data].reshape(n, 32)
-    bad = (digits == 255).any(axis=1)
-    if bad.any():
-        _raise_bad_uid(arr, int(np.flatnonzero(bad)[0]), source)
-    packed = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2])  # (n, 16) big-endian bytes
-    words = packed.view(">u8")
+    start = int(offsets[0])
+    try:  # the 32 n hex digits, back to back, as 16 n bytes (big-endian words); a non-hex digit raises
+        raw = binascii.a2b_hex(memoryview(buffers[2])[start : start + 32 * n])
+    except binascii.Error:
+        digits = _HEX[np.frombuffer(buffers[2], dtype=np.uint8, count=32 * n, offset=start)].reshape(n, 32)
+        _raise_bad_uid(arr, int(np.flatnonzero((digits == 255).any(axis=1))[0]), source)
+    words = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
     out = np.empty(n, dtype=UID_DTYPE)
     out["f0"] = words[:, 0]
     out["f1"] = words[:, 1]
@@ -112,8 +114,9 @@ def first_duplicate(sorted_uids: np.ndarray) -> int | None:
     """Index of the first repeated uid in a sorted array, or None."""
     if len(sorted_uids) < 2:
         return None
-    same = (sorted_uids["f0"][1:] == sorted_uids["f0"][:-1]) & (sorted_uids["f1"][1:] == sorted_uids["f1"][:-1])
-    hits = np.flatnonzero(same)
+    high, low = sorted_uids["f0"], sorted_uids["f1"]
+    pairs = np.flatnonzero(high[1:] == high[:-1])  # neighbours sharing the high word (rare), then the low word
+    hits = pairs[low[pairs + 1] == low[pairs]]
     return int(hits[0]) if len(hits) else None
 
 
@@ -190,25 +193,23 @@ def read_run(path: str | os.PathLike, start: int, stop: int, fds: dict[str, int]
     many runs in one file opens it once, not once per run and step)."""
     if fds is None:
         return np.fromfile(path, dtype=UID_DTYPE, count=max(0, stop - start), offset=start * UID_DTYPE.itemsize)
-    key = str(path)
-    if key not in fds:
-        fds[key] = os.open(key, os.O_RDONLY)
     out = np.empty(max(0, stop - start), dtype=UID_DTYPE)
-    view, pos = memoryview(out.view(np.uint8)), start * UID_DTYPE.itemsize
-    while len(view):
-        n = os.preadv(fds[key], [view], pos)
-        if n <= 0:
-            raise OSError(f"{key}: short read at byte {pos}")
-        view, pos = view[n:], pos + n
+    _read_into(path, start, out, fds)
     return out
 
 
-def _count_at_most(run: np.ndarray, hi: np.uint64, lo: np.uint64) -> int:
-    """How many uids of the sorted `run` are <= (hi, lo)."""
-    high = run["f0"]
-    left = int(high.searchsorted(hi, side="left"))
-    right = int(high.searchsorted(hi, side="right"))
-    return left + int(run["f1"][left:right].searchsorted(lo, side="right"))
+def _read_into(path: str | os.PathLike, start: int, out: np.ndarray, fds: dict[str, int]) -> None:
+    """Fill `out` with the records of a raw run file from record `start` on (one positioned read)."""
+    key = str(path)
+    fd = fds.get(key)
+    if fd is None:
+        fd = fds[key] = os.open(key, os.O_RDONLY)
+    view, pos = memoryview(out.view(np.uint8)), start * UID_DTYPE.itemsize
+    while len(view):
+        n = os.preadv(fd, [view], pos)
+        if n <= 0:
+            raise OSError(f"{key}: short read at byte {pos}")
+        view, pos = view[n:], pos + n
 
 
 def merge_runs(paths: list[str], lengths: list[int] | np.ndarray, budget: int | None = None,
@@ -236,23 +237,34 @@ def merge_runs(paths: list[str], lengths: list[int] | np.ndarray, budget: int | 
 
 def _merge(paths: list[str], pos: np.ndarray, ends: np.ndarray, chunk: int,
            fds: dict[str, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    # a step's run heads are read side by side into one array (`at[j]`: where live run j's head starts) and
+    # cut with whole-array operations: many small runs cost one positioned read each per step, not also a
+    # search and an array apiece
     while True:
         live = np.flatnonzero(pos < ends)
         if not len(live):
             return
         stops = np.minimum(pos[live] + chunk, ends[live])
-        heads = [read_run(paths[r], int(pos[r]), int(stop), fds) for r, stop in zip(live.tolist(), stops.tolist(),
-                                                                                    strict=True)]
+        sizes = stops - pos[live]
+        at = np.zeros(len(live) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=at[1:])
+        heads = np.empty(int(at[-1]), dtype=UID_DTYPE)
+        for r, start, a, b in zip(live.tolist(), pos[live].tolist(), at[:-1].tolist(), at[1:].tolist(), strict=True):
+            _read_into(paths[r], start, heads[a:b], fds)
         more = np.flatnonzero(stops < ends[live])  # runs with uids beyond their head
         if len(more):
-            lasts = np.concatenate([heads[j][-1:] for j in more.tolist()])
+            lasts = heads[at[1:][more] - 1]
             bound = lasts[uid_order(lasts)[0]]
-            takes = [_count_at_most(h, bound["f0"], bound["f1"]) for h in heads]
+            high, low = heads["f0"], heads["f1"]
+            # each head is sorted: the uids <= bound are a prefix of it, and the batch is those prefixes
+            keep = (high < bound["f0"]) | ((high == bound["f0"]) & (low <= bound["f1"]))
+            takes = np.add.reduceat(keep, at[:-1], dtype=np.int64)  # every live head holds >= 1 uid
+            batch = heads[keep]
+            del keep, high, low
         else:  # every run read to its end: the rest is this batch
-            takes = [len(h) for h in heads]
-        pos[live] += takes
-        batch = np.concatenate([h[:t] for h, t in zip(heads, takes, strict=True)])
+            takes, batch = sizes, heads
         del heads
+        pos[live] += takes
         source = np.repeat(live.astype(np.int32), takes)
         order = uid_order(batch, source)
         yield batch[order], source[order]

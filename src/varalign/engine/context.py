@@ -90,6 +90,8 @@ class Context:
 
     def expand(self, alive: Mask, i: int, keep: np.ndarray) -> np.ndarray:
         """A keep mask over the alive rows of shard i, as a mask over all its rows."""
+        if alive.phase is None and isinstance(keep, np.ndarray) and keep.dtype == bool and keep.shape == (self.run.sizes[i],):
+            return keep.copy()  # every row alive: the mask is `keep` itself
         a = self.mask(alive, i)
         out = np.zeros_like(a)
         out[np.flatnonzero(a)[keep]] = True

@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+WRITE_BUFFER = 1 << 18  # bytes an Appender gathers before it writes
+
 
 def offsets_of(counts: list[int] | np.ndarray) -> np.ndarray:
     """`[0, c0, c0 + c1, ...]`: where each shard's records start."""
@@ -53,6 +55,10 @@ class Flat:
         """Shard i's records."""
         return self.read(int(self.offsets[i]), int(self.offsets[i + 1]))
 
+    def span(self, a: int, b: int) -> np.ndarray:
+        """The records of shards `a .. b-1`, one after the other (one read)."""
+        return self.read(int(self.offsets[a]), int(self.offsets[b]))
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Records `[start, stop)` of the whole array."""
         if stop <= start:
@@ -89,7 +95,8 @@ class Appender:
     def __init__(self, path: str | os.PathLike, dtype: np.dtype | None = None) -> None:
         self.path, self.dtype = Path(path), None if dtype is None else np.dtype(dtype)
         self.counts: list[int] = []
-        self.fh: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        # a buffer of its own: the arrays of small shards are written a few at a time, not one write call each
+        self.fh: BinaryIO | None = open(self.path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 - closed by close()
 
     def add(self, array: np.ndarray) -> None:
         if self.dtype is None:

@@ -217,9 +217,10 @@ class Job:
         run = self.run
         run.counts["selected"] = selected.total
         run.columns["selected"] = lambda i: pa.array(run.mask(selected, i))
-        runs = Appender(run.flat_path("selected.sorted_uids"), UID_DTYPE)  # each shard's selection, sorted
-        for i in range(len(run.shards)):
-            runs.add(sort_uids(run.scan_array(i, "uids")[run.mask(selected, i)]))
+        # the selection of each span of shards (one shard, or consecutive small ones), sorted: runs to merge
+        runs, uids = Appender(run.flat_path("selected.sorted_uids"), UID_DTYPE), run.flats["scan.uids"]
+        for a, b in run.spans():
+            runs.add(sort_uids(uids.span(a, b)[run.mask_span(selected, a, b)]))
         run.flats["selected"] = runs.close()
         result = FilterResult(np.empty(0, dtype=UID_DTYPE), run.counts, run.clock.laps, run.thresholds)
         # every output goes to a temp file first; they are renamed together only when all were written,
@@ -231,7 +232,7 @@ class Job:
             result.scores_path = str(scores)
         if self.save_path is not None:
             with self.group.write(self.save_path) as tmp:
-                stream_subset(tmp, selected.total, (b for b, _ in run.runs("selected", selected.counts)))
+                stream_subset(tmp, selected.total, (b for b, _ in run.runs("selected")))
             result.save_path = str(self.save_path)
             run.clock.lap("write")
         if self.group.outputs:
@@ -240,7 +241,7 @@ class Job:
         if self.save_path is not None:
             result.uids = open_subset(self.save_path)  # the saved file, mapped: not a copy in RAM
         else:
-            batches = [b for b, _ in run.runs("selected", selected.counts)]  # the result in memory: no file
+            batches = [b for b, _ in run.runs("selected")]  # the result in memory: no file
             result.uids = np.concatenate(batches) if batches else np.empty(0, dtype=UID_DTYPE)
         return result
 

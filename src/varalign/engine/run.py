@@ -34,6 +34,7 @@ from .flat import Appender, Flat, offsets_of
 from .options import run_option
 from .plan import file_digest, listing, plain, prepare_stage, recipe_identity, stage_identity
 
+SPAN_ROWS = 1 << 16  # the passes that read a pool-wide array whole read consecutive small shards together
 WINDOW_ROWS = 1 << 19  # a window of small shards holds up to this many rows of task results
 WINDOW_SHARDS = 256
 SAVE_ROWS = 1 << 16  # finished tasks are saved to the work dir in groups of at least this many rows (or
@@ -76,6 +77,7 @@ class Run:
         self.temp_dir: str | None = None
         self.phases = 0
         self.flats: dict[str, Flat] = {}  # this run's pool-wide arrays, by name
+        self._spans: list[tuple[int, int]] | None = None  # see spans()
 
     # -- shards through the executor, results in the work directory -------------------------------------
     def window(self) -> int:
@@ -150,6 +152,25 @@ class Run:
             return np.ones(self.sizes[i], dtype=bool)
         return self.flats[mask.phase].get(i)
 
+    def spans(self) -> list[tuple[int, int]]:
+        """The shards in runs of consecutive ones `(a, b)`: shards a .. b-1, up to SPAN_ROWS rows together (a
+        larger shard alone). A pass over a pool-wide array reads a span at once: a pool of many small shards
+        costs a few reads and array operations per 65,536 rows, not per shard."""
+        if self._spans is None:
+            out, a, n = [], 0, len(self.shards)
+            while a < n:  # b: the last end with offsets[b] - offsets[a] <= SPAN_ROWS, at least one shard on
+                b = max(a + 1, int(np.searchsorted(self.offsets, self.offsets[a] + SPAN_ROWS, side="right")) - 1)
+                out.append((a, b))
+                a = b
+            self._spans = out
+        return self._spans
+
+    def mask_span(self, mask: Mask, a: int, b: int) -> np.ndarray:
+        """The keep mask of shards a .. b-1, one after the other."""
+        if mask.phase is None:
+            return np.ones(int(self.offsets[b] - self.offsets[a]), dtype=bool)
+        return self.flats[mask.phase].span(a, b)
+
     def phase(self, kind: str, label: str) -> str:
         """A fresh name for this run's own arrays (rewritten by every run)."""
         self.phases += 1
@@ -177,10 +198,10 @@ class Run:
     def get_array(self, phase: str, i: int) -> np.ndarray:
         return self.flats[phase].get(i)
 
-    def runs(self, name: str, counts: list[int] | np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The merged sorted uid runs in the flat file `name` (shard i's run: `counts[i]` uids)."""
+    def runs(self, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The merged sorted uid runs in the flat file `name` (one run per part of it: a shard or a span)."""
         flat = self.flats[name]
-        return merge_runs([flat.path] * len(self.shards), counts, starts=flat.offsets[:-1])
+        return merge_runs([flat.path] * (len(flat.offsets) - 1), np.diff(flat.offsets), starts=flat.offsets[:-1])
 
     # -- passes -------------------------------------------------------------------------------------------
     def scan(self) -> None:
@@ -201,7 +222,7 @@ class Run:
             del sc, got, arrays
         self.flats |= {f"scan.{k}": a.close() for k, a in out.items()}
         self.offsets = offsets_of(self.sizes)
-        later = first_shared(self.runs("scan.sorted_uids", self.sizes))
+        later = first_shared(self.runs("scan.sorted_uids"))  # one run per shard: `later` is a shard
         if later is not None:
             raise VaralignError("duplicate uid across shards (also in an earlier shard)", self.shards[later].parquet)
         self.n_pool = int(sum(self.sizes))
@@ -229,19 +250,26 @@ class Run:
         if isinstance(prep, Selector):
             out = prep.select(Context(self, label, key, self.info[label]), stage, alive)
         else:
-            values, dtype = self.values(prep, alive, label, key)
-            keeps = self.keep(stage, values, dtype, alive.total, label)
+            values, span, dtype = self.values(prep, alive, label, key)
+            keeps = self.keep(stage, values, span, dtype, alive.total, label)
             ctx = Context(self, label, key)
             out = self.save_masks(label, (ctx.expand(alive, i, k) for i, k in enumerate(keeps)))
         self.columns[f"kept_{label}"] = lambda i: pa.array(self.mask(out, i))
         return out
 
-    def values(self, prep: Score, alive: Mask, label: str, key: str) -> tuple[Callable[[int], np.ndarray], np.dtype]:
-        """The stage's score of shard i's alive rows (a function of i), and its dtype (float32 or bool)."""
+    def values(self, prep: Score, alive: Mask, label: str, key: str
+               ) -> tuple[Callable[[int], np.ndarray], Callable[[int, int], np.ndarray], np.dtype]:
+        """The stage's score of shard i's alive rows (a function of i), the same of shards a .. b-1 one
+        after the other (a function of a, b), and its dtype (float32 or bool)."""
         if prep.column is not None:
             col = f"col_{prep.column}"
+            scores = self.flats[f"scan.{col}"]
             self.columns[label] = lambda i: pa.array(self.scan_array(i, col))
-            return (lambda i: self.scan_array(i, col)[self.mask(alive, i)]), np.dtype(np.float32)
+            if alive.phase is None:  # every row alive
+                return scores.get, scores.span, np.dtype(np.float32)
+            masks = self.flats[alive.phase]
+            return ((lambda i: scores.get(i)[masks.get(i)]), (lambda a, b: scores.span(a, b)[masks.span(a, b)]),
+                    np.dtype(np.float32))
         phase = f"{safe(label)}-{key}"
         ran = [i for i in range(len(self.shards)) if alive.counts[i] or prep.every_shard]
         tasks = ((i, (prep.fn, self.shards[i], self.rows(alive, i), prep.kwargs)) for i in ran)
@@ -272,13 +300,16 @@ class Run:
             return pa.array(full, mask=~a)
 
         self.columns[label] = column
-        return values, dtype
+        return values, flat.span, dtype
 
-    def keep(self, stage: Stage, values: Callable[[int], np.ndarray], dtype: np.dtype, n_alive: int,
-             label: str) -> Iterable[np.ndarray]:
+    def keep(self, stage: Stage, values: Callable[[int], np.ndarray], span: Callable[[int, int], np.ndarray],
+             dtype: np.dtype, n_alive: int, label: str) -> Iterable[np.ndarray]:
         """Per shard, which of its alive rows survive the stage's keep rule."""
         def parts() -> Iterator[np.ndarray]:
             return (values(i) for i in range(len(self.shards)))
+
+        def blocks() -> Iterator[np.ndarray]:  # the same values, consecutive small shards together
+            return (span(a, b) for a, b in self.spans())
 
         if dtype.kind == "b":
             return parts()
@@ -287,13 +318,13 @@ class Run:
             return (at_least(v, stage.threshold) for v in parts())
         k = count_for_fraction(self.n_pool, stage.fraction)
         if stage.select == "datacomp":
-            t = threshold_at_rank_parts(parts, k)
+            t = threshold_at_rank_parts(blocks, k)
             self.thresholds[label] = t
             return (at_least(v, t) for v in parts())
         if k > n_alive:
             raise VaralignError(f"stage {label!r} asks for {k} rows (fraction {stage.fraction} of the pool) "
                                 f"but only {n_alive} survived the previous stage")
-        return top_k_parts(parts, k)
+        return top_k_parts(parts, k, blocks)
 
 
 # -- tasks (module level: they travel to Ray workers) ----------------------------------------------------
