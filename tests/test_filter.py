@@ -395,7 +395,7 @@ def test_parquet_row_count_from_the_footer(tmp_path) -> None:
     import pyarrow as pa  # noqa: PLC0415
 
     from varalign.errors import VaralignError  # noqa: PLC0415
-    from varalign.pool import footer_rows, parquet_rows  # noqa: PLC0415
+    from varalign.pool import Shard, footer_rows, parquet_rows, read_columns  # noqa: PLC0415
 
     n = 3000
     table = pa.table({"uid": [f"{i:032x}" for i in range(n)], "score": np.arange(n, dtype=np.float32),
@@ -420,3 +420,31 @@ def test_parquet_row_count_from_the_footer(tmp_path) -> None:
         with pytest.raises(VaralignError, match="not a readable parquet file"):
             parquet_rows(path)
     assert footer_rows(tmp_path / "missing.parquet") is None
+    # a valid tail (length, magic) over a damaged footer: never a row count read from garbage
+    length = int.from_bytes(data[-8:-4], "little")
+    head, footer = data[: -8 - length], data[-8 - length: -8]
+    rng = np.random.default_rng(0)
+    damaged = {"zeroed": bytes(length), "random": rng.integers(0, 256, length, dtype=np.uint8).tobytes(),
+               "ff_after_half": footer[: length // 2] + b"\xff" * (length - length // 2),
+               "ff_tail": footer[:-8] + b"\xff" * 8, "no_stop": footer[:-1] + b"\x15",
+               "ff_head": b"\xff" * 8 + footer[8:], "schema_cut": footer[:40] + bytes(length - 40)}
+    for bad, new_footer in damaged.items():
+        path = tmp_path / f"{bad}.footer"
+        path.write_bytes(head + new_footer + len(new_footer).to_bytes(4, "little") + b"PAR1")
+        assert footer_rows(path) is None, bad
+        with pytest.raises(VaralignError, match="not a readable parquet file"):
+            parquet_rows(path)
+    # damaged inside the row groups' column chunks, start and end intact (no key-value metadata, so the
+    # middle of the footer is column chunks): counted here, and reading the shard's columns (pyarrow's
+    # full parse) fails with the file's name
+    pq.write_table(table.select(["uid", "score"]).replace_schema_metadata(None), tmp_path / "small.pq",
+                   store_schema=False)
+    data = (tmp_path / "small.pq").read_bytes()
+    length = int.from_bytes(data[-8:-4], "little")
+    head, footer = data[: -8 - length], data[-8 - length: -8]
+    mid = footer[: length // 2] + b"\xff" * 16 + footer[length // 2 + 16:]
+    path = tmp_path / "mid.footer"
+    path.write_bytes(head + mid + data[-8:])
+    assert footer_rows(path) == n
+    with pytest.raises(VaralignError, match=r"mid\.footer"):
+        read_columns(Shard("mid", str(path), None, n), ["uid"])

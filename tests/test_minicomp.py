@@ -425,6 +425,23 @@ def test_two_builds_byte_identical(built, tmp_path: Path) -> None:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
+def test_shards_identical_whatever_the_worker_count(tmp_path: Path, monkeypatch) -> None:
+    """write_shards encodes shards side by side in processes: one worker and two give the same bytes."""
+    from varalign import execute  # noqa: PLC0415
+    from varalign.minicomp.build import SIZE, write_shards  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    samples = [{"text": f"a photo of thing {i} é", "meta": {"label": i % 4},
+                "_img": rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)} for i in range(23)]
+    outs = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(execute, "default_workers", lambda w=workers: w)
+        out = tmp_path / f"w{workers}"
+        assert write_shards(samples, out, shard_size=5, prefix="x") == 5
+        outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len(outs[1]) == 10 and outs[1] == outs[2]
+
+
 def test_paired_comparison_by_hand() -> None:
     from varalign.minicomp.run import paired, paired_table
 

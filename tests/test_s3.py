@@ -243,6 +243,30 @@ def test_target_from_a_pool_in_s3_to_s3(s3, tmp_path) -> None:
     assert s3["fs"].exists("out/targets/t.manifest.json")
 
 
+def test_storage_errors_classified_by_type_before_text() -> None:
+    """A typed error decides (a dropped connection is a storage error whatever numbers its message holds);
+    an untyped one is read for an S3 error code or HTTP status as a whole word."""
+    class ReadTimeoutError(Exception):  # botocore's and aiohttp's transient errors are named like this
+        pass
+
+    class NoCredentialsError(Exception):
+        pass
+
+    url = "s3://b/k"
+    cases = {ConnectionResetError("reset by peer after 404 bytes"): "storage error",
+             ReadTimeoutError("read timeout on 403.example after 404 ms"): "storage error",
+             FileNotFoundError("b/k"): "not found", PermissionError("AccessDenied"): "permission denied",
+             NoCredentialsError("Unable to locate credentials"): "no usable credentials",
+             OSError("An error occurred (NoSuchBucket)"): "not found",
+             OSError("HTTP 403 Forbidden"): "permission denied",
+             OSError("SignatureDoesNotMatch"): "no usable credentials",
+             OSError("wrote 14040 of 14041 bytes"): "storage error"}
+    for exc, reason in cases.items():
+        err = storage.remote_error(exc, url)
+        assert err.reason.startswith(reason), (exc, err.reason)
+        assert url in str(err) and len(str(err).splitlines()) == 1
+
+
 def test_pending_manifest_put_failing_on_the_way_replaces_no_output(s3, tmp_path, capsys, monkeypatch) -> None:
     """The first put (the pending manifest) stores its object, then the connection drops: the error says no
     output was replaced (not that nothing was written), no output object exists, and the same command then
@@ -256,7 +280,7 @@ def test_pending_manifest_put_failing_on_the_way_replaces_no_output(s3, tmp_path
     def put_then_drop(local_path: str, url: str) -> None:
         real_put(local_path, url)
         if url.endswith(".pending"):
-            raise storage.remote_error(ConnectionResetError("Connection reset by peer"), url)
+            raise storage.remote_error(ConnectionResetError("Connection reset by peer after 404 bytes"), url)
 
     monkeypatch.setattr(storage, "put_file", put_then_drop)
     capsys.readouterr()

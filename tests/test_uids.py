@@ -97,7 +97,7 @@ def test_uid_order_is_lexsort(high_values: int) -> None:
 
 
 def test_every_ascii_character_at_either_digit_of_a_byte() -> None:
-    """The two-digit lookup accepts exactly the hex digits, in the first or the second digit of a byte."""
+    """Exactly the hex digits are accepted, in the first or the second digit of a byte."""
     ok = set("0123456789abcdefABCDEF")
     for pos in (0, 1, 30, 31):
         for code in range(1, 128):
@@ -107,3 +107,12 @@ def test_every_ascii_character_at_either_digit_of_a_byte() -> None:
             else:
                 with pytest.raises(VaralignError, match="at row 1"):
                     hex_to_uids(["1" * 32, uid])
+
+
+def test_multibyte_characters_are_not_hex_digits() -> None:
+    """Lengths are checked in bytes: a 31-character uid with one 2-byte character is 32 bytes long and still
+    refused at its row, as are 32 characters of which one takes 2 or 3 bytes."""
+    for bad in ("\u00e9" + "0" * 30, "0" * 15 + "\u00e9" + "0" * 15, "0" * 30 + "\u00e9", "0" * 31 + "\u00e9",
+                "\u20ac" + "0" * 29, "0" * 29 + "\U0001F600"):
+        with pytest.raises(VaralignError, match="at row 1"):
+            hex_to_uids(["1" * 32, bad])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,15 +208,31 @@ def read_ranges(path: object, ranges: list[tuple[int, int]], block_size: int = B
                 yield data[offset - start : offset - start + size]
 
 
+_TRANSIENT = ("Timeout", "Connection", "Disconnected", "Payload", "IncompleteRead")
+
+
 def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFoundError:
-    """A storage backend's exception as one line naming the URL (missing bucket, credentials, permission)."""
+    """A storage backend's exception as one line naming the URL (missing bucket, credentials, permission).
+    The exception's type decides first (s3fs and gcsfs turn 404/403 into FileNotFoundError/PermissionError;
+    a timeout or a dropped connection is a storage error whatever its message says, so "reset after 404
+    bytes" is not "not found"); only an untyped error is read for an S3 error code or HTTP status."""
     text = _short(exc)
     low = text.lower()
-    if isinstance(exc, FileNotFoundError) or "nosuchbucket" in low or "not found" in low or "404" in low:
+    names = " ".join(c.__name__ for c in type(exc).__mro__)
+    if isinstance(exc, FileNotFoundError):
         return VaralignError(f"not found ({text})", path)
-    if isinstance(exc, PermissionError) or "accessdenied" in low or "403" in low or "forbidden" in low:
+    if isinstance(exc, PermissionError):
         return VaralignError(f"permission denied ({text})", path)
-    if "credential" in low or "nocredentials" in low or "signature" in low:
+    if "NoCredentials" in names or "PartialCredentials" in names:
+        return VaralignError(f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options",
+                             path)
+    if isinstance(exc, (TimeoutError, ConnectionError)) or any(t in names for t in _TRANSIENT):
+        return VaralignError(f"storage error ({text})", path)
+    if re.search(r"nosuchbucket|nosuchkey|\bnot found\b|\b404\b", low):
+        return VaralignError(f"not found ({text})", path)
+    if re.search(r"accessdenied|\bforbidden\b|\b403\b", low):
+        return VaralignError(f"permission denied ({text})", path)
+    if re.search(r"credential|signature|invalidaccesskeyid", low):
         return VaralignError(f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options",
                              path)
     return VaralignError(f"storage error ({text})", path)

@@ -271,8 +271,9 @@ class _Rounds:
 
     def score_groups(self) -> Iterator[list[tuple[int, int]]]:
         """Consecutive state blocks scored in one call of the mapper: enough block tasks for ~4 per worker
-        (a large Ray cluster is kept busy, not 64 tasks at a time), at most MAX_GROUP state blocks (~9 B
-        of alive mask, last and new scores per candidate in memory meanwhile)."""
+        (a large Ray cluster is kept busy, not 64 tasks at a time), at most MAX_GROUP state blocks (~5 B
+        a candidate in memory meanwhile: its alive flag and its new score; the last scores are read and
+        written one block at a time)."""
         per_block = self.state_rows // self.block_rows
         workers = max(1, int(getattr(self.mapper, "workers", 1)))
         size = 1 if self.on_device is not None else min(MAX_GROUP, max(1, -(-4 * workers // per_block)))
