@@ -3,6 +3,7 @@ server on 127.0.0.1, the `s3` fixture of test_s3.py): the local run's outputs, w
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -139,6 +140,81 @@ def test_reshard_from_and_to_urls(s3, shards, tmp_path, capsys, monkeypatch) -> 
     for key in ("input_samples", "output_samples", "output_shard_count", "not_found", "found_unique"):
         assert meta[key] == want[key], key
     assert meta["output_samples"] == 25 and meta["args"]["input_dir"] == "s3://pool/shards"
+
+
+class _NoSharedFiles:
+    """An executor whose tasks cannot read the driver's files, as on a cluster without a shared filesystem:
+    the driver's work directory is moved away while each task runs (results come back as on Ray)."""
+
+    name, shared_filesystem, num_workers = "no-shared-fs", False, 1
+
+    def __init__(self, hide: Path) -> None:
+        self.hide, self.calls = hide, 0
+
+    def put(self, obj):
+        return obj
+
+    def map(self, fn, tasks, desc, quiet=False, on_result=None, bar=None):
+        out = []
+        for i, task in enumerate(tasks):
+            away = self.hide.with_name(self.hide.name + ".away")
+            self.hide.rename(away)
+            try:
+                out.append(fn(*task))
+            finally:
+                away.rename(self.hide)
+            self.calls += 1
+            if on_result is not None:
+                on_result(i, out[-1])
+        return out
+
+
+def test_reshard_tasks_need_no_shared_filesystem(s3, shards, tmp_path, monkeypatch) -> None:  # noqa: F811
+    """URL in, URL out: no task of either pass reads the driver's work directory (the subset and each
+    shard's index travel with the tasks); the output equals the local run's."""
+    rs = importlib.import_module("varalign.experiment.reshard")  # the module (the package exports the function)
+    fs = s3["fs"]
+    assert main(_reshard_argv(str(shards / "in"), str(tmp_path / "local"), str(shards / "s.npy"))) == 0
+    executors = []
+
+    def make(name, workers, address, processes=False):
+        executors.append(_NoSharedFiles(rs._work_root("s3://out/noshared")))
+        return executors[-1]
+
+    monkeypatch.setattr(rs, "make_executor", make)
+    assert main(_reshard_argv("s3://pool/shards", "s3://out/noshared", "s3://pool/subsets/s.npy")) == 0
+    assert executors and executors[0].calls == 3 + 4  # 3 input shards indexed, 25 samples in 4 shards of 8
+    for p in sorted((tmp_path / "local").glob("*.tar")):
+        assert fs.cat_file(f"out/noshared/{p.name}") == p.read_bytes(), p.name
+
+
+def test_reshard_with_ray_on_two_nodes(s3, shards, tmp_path) -> None:  # noqa: F811
+    """`reshard --executor ray` from and to the bucket on a two-node Ray cluster (Ray's cluster utilities):
+    the local run's shards, byte for byte."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster  # noqa: PLC0415
+    from test_s3 import CREDS  # noqa: PLC0415
+
+    fs = s3["fs"]
+    assert main(_reshard_argv(str(shards / "in"), str(tmp_path / "local"), str(shards / "s.npy"))) == 0
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {storage.ENV: os.environ[storage.ENV], **CREDS}})
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        argv = _reshard_argv("s3://pool/shards", "s3://out/ray", "s3://pool/subsets/s.npy", "--executor", "ray",
+                             "--ray_address", cluster.address)
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls("out/ray", detail=False)) == names
+    for p in sorted((tmp_path / "local").glob("*.tar")):
+        assert fs.cat_file(f"out/ray/{p.name}") == p.read_bytes(), p.name
 
 
 def _fail(*args, **kwargs):

@@ -86,7 +86,8 @@ def _add_executor_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help=f"where the per-shard tasks run ({what}; default: %(default)s)")
     p.add_argument("--ray_address", default=None, help="Ray cluster address for --executor ray (default: start a "
-                                                       "local one); every node must see the files at the same paths")
+                                                       "local one); every node must see local files at the same "
+                                                       "paths (URLs need no shared filesystem)")
 
 
 def _run_embed(args: argparse.Namespace) -> int:

@@ -81,8 +81,9 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
     given (which deletes only that reshard's shards, stats, `meta.json`, `sample_ids.npy`); refuses an
     output directory that is, or holds, the input or the subset file. Writes `meta.json` (arguments + counters) and
     `sample_ids.npy` (the subset file). Subset uids absent from the input are counted in `not_found`.
-    `executor`: `local` (`num_workers` processes) or `ray` (Ray tasks; every node must see the input and
-    output directories at the same paths).
+    `executor`: `local` (`num_workers` processes) or `ray` (Ray tasks: the subset and each shard's index
+    travel through Ray, so a cluster without a shared filesystem works when the input and output are URLs;
+    a local input or output folder must be seen by every node at the same path).
     """
     out = storage.as_path(output_dir)
     with contextlib.ExitStack() as stack:
@@ -294,10 +295,14 @@ def _is_npy(path: str | os.PathLike) -> bool:
 
 # ---- pass 1: index -------------------------------------------------------------------------------
 
-def _index_shard(i: int, path: str, subset_dir: str) -> dict[str, np.ndarray]:
-    """Scan one input tar: the byte ranges of its subset samples, and its counters (`info`, JSON)."""
-    unique = np.load(Path(subset_dir) / "unique.npy", mmap_mode="r")  # mapped: cheap per task and per process
-    counts = np.load(Path(subset_dir) / "counts.npy", mmap_mode="r")
+def _index_shard(i: int, path: str, subset: str | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scan one input tar: the byte ranges of its subset samples, and its counters (`info`, JSON).
+    `subset`: the work directory's folder of the sorted unique uids and their counts, or those arrays."""
+    if isinstance(subset, str):  # mapped: cheap per task and per process
+        unique = np.load(Path(subset) / "unique.npy", mmap_mode="r")
+        counts = np.load(Path(subset) / "counts.npy", mmap_mode="r")
+    else:
+        unique, counts = subset["unique"], subset["counts"]
     keys, uid_strs, members, error = [], [], [], None
     name = os.path.basename(path)
     try:
@@ -334,9 +339,13 @@ def _index_shard(i: int, path: str, subset_dir: str) -> dict[str, np.ndarray]:
 
 
 def _run_index(inputs: list[Path], work: WorkDir, runner, quiet: bool) -> list[dict]:
-    """Index every input shard (those a Ctrl-C'd run finished are reused); their counters, in input order."""
-    subset_dir = str(work.path("subset"))
-    todo = [(i, str(p), subset_dir) for i, p in enumerate(inputs) if not work.has("index", str(i))]
+    """Index every input shard (those a Ctrl-C'd run finished are reused); their counters, in input order.
+    On an executor without a shared filesystem (Ray) the subset travels through Ray's object store, not
+    as a path of the driver's work directory."""
+    subset: str | object = str(work.path("subset"))
+    if not runner.shared_filesystem:
+        subset = runner.put({k: np.load(work.path("subset", f"{k}.npy")) for k in ("unique", "counts")})
+    todo = [(i, str(p), subset) for i, p in enumerate(inputs) if not work.has("index", str(i))]
     with tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="reshard: index", unit="shard",
               disable=quiet) as bar:
         runner.map(_index_shard, todo, "reshard: index", quiet=True,
@@ -367,8 +376,9 @@ def _write_shard(job: tuple) -> int:  # a module-level function: it runs in anot
     o, lo, hi, pieces, out_tar, out_stats = job
     written = 0
     with atomic_path(out_tar, ".tar") as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
-        for path, index_file, first, last in pieces:  # positions [first, last) within this input shard
-            members = _piece_members(np.load(index_file), first, last)
+        for path, index, first, last in pieces:  # positions [first, last) within this input shard
+            # the index: a file of the driver's work directory, or (no shared filesystem) its arrays
+            members = _piece_members(np.load(index) if isinstance(index, str) else index, first, last)
             # a local tar by seek + read; a URL by ranged requests covering neighbouring samples
             data = storage.read_ranges(path, [(off, size) for _, off, size in members])
             for (name, _, _), blob in zip(members, data, strict=True):
@@ -400,13 +410,15 @@ def _run_write(index: list[dict], copies: np.ndarray, out: Path | str, shard_siz
                n_out: int, runner, quiet: bool) -> None:
     starts = np.concatenate([[0], np.cumsum(copies)])
     jobs = []
+    shared = runner.shared_filesystem
     for o in range(n_out):
         lo, hi = o * shard_size, min((o + 1) * shard_size, int(starts[-1]))
         pieces = []
         for k, r in enumerate(index):
             a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
-            if a < b:
-                pieces.append((r["path"], r["index"], a - int(starts[k]), b - int(starts[k])))
+            if a < b:  # without a shared filesystem the job carries the index's arrays (bytes per sample)
+                idx = r["index"] if shared else dict(np.load(r["index"]))
+                pieces.append((r["path"], idx, a - int(starts[k]), b - int(starts[k])))
         jobs.append((o, lo, hi, pieces, storage.join(out, fmt.format(o)), storage.join(out, stats_fmt.format(o))))
     with tqdm(total=int(starts[-1]), desc="reshard: write", unit="sample", disable=quiet) as bar:
         runner.map(_write_shard, [(job,) for job in jobs], "reshard: write", quiet=True,
