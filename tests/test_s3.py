@@ -4,6 +4,7 @@ object noticed, one-line errors for a missing bucket or missing credentials."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -182,6 +183,19 @@ def test_ray_on_two_nodes_reads_the_pool_from_s3(s3, tmp_path) -> None:
     """A Ray cluster of two nodes (Ray's own cluster utilities, on this machine): every task reads its shard
     from the bucket and returns its result through Ray; VAS-D's candidates travel as Ray objects. The
     subsets equal the local executor's."""
+    with two_node_ray() as address:
+        for name in ("clip_score", "vas_d"):
+            local = filter_pool(s3["local"] / "pool", tmp_path / f"{name}-local.npy", name, quiet=True, **CASES[name])
+            remote = filter_pool(s3["pool"], tmp_path / f"{name}-ray.npy", name, quiet=True, executor="ray",
+                                 ray_address=address, **CASES[name])
+            assert np.array_equal(np.asarray(local.uids), np.asarray(remote.uids))
+            assert (tmp_path / f"{name}-local.npy").read_bytes() == (tmp_path / f"{name}-ray.npy").read_bytes()
+
+
+@contextlib.contextmanager
+def two_node_ray():
+    """A Ray cluster of two one-CPU nodes (Ray's cluster utilities) whose workers reach the S3 server; its
+    address, the driver connected."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
@@ -193,12 +207,7 @@ def test_ray_on_two_nodes_reads_the_pool_from_s3(s3, tmp_path) -> None:
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {storage.ENV: os.environ[storage.ENV], **CREDS}})
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        for name in ("clip_score", "vas_d"):
-            local = filter_pool(s3["local"] / "pool", tmp_path / f"{name}-local.npy", name, quiet=True, **CASES[name])
-            remote = filter_pool(s3["pool"], tmp_path / f"{name}-ray.npy", name, quiet=True, executor="ray",
-                                 ray_address=cluster.address, **CASES[name])
-            assert np.array_equal(np.asarray(local.uids), np.asarray(remote.uids))
-            assert (tmp_path / f"{name}-local.npy").read_bytes() == (tmp_path / f"{name}-ray.npy").read_bytes()
+        yield cluster.address
     finally:
         ray.shutdown()
         cluster.shutdown()

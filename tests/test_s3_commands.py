@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("moto.server", reason="moto[server] is part of the test extra")
 s3fs = pytest.importorskip("s3fs", reason="s3fs is part of the test extra")
 
-from test_s3 import s3  # noqa: E402, F401 - the module's S3 server, the synthetic pool uploaded
+from test_s3 import s3, two_node_ray  # noqa: E402, F401 - the module's S3 server, the synthetic pool uploaded
 
 from varalign import filter_pool, storage  # noqa: E402
 from varalign.cli import main  # noqa: E402
@@ -191,26 +191,11 @@ def test_reshard_tasks_need_no_shared_filesystem(s3, shards, tmp_path, monkeypat
 def test_reshard_with_ray_on_two_nodes(s3, shards, tmp_path) -> None:  # noqa: F811
     """`reshard --executor ray` from and to the bucket on a two-node Ray cluster (Ray's cluster utilities):
     the local run's shards, byte for byte."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster  # noqa: PLC0415
-    from test_s3 import CREDS  # noqa: PLC0415
-
     fs = s3["fs"]
     assert main(_reshard_argv(str(shards / "in"), str(tmp_path / "local"), str(shards / "s.npy"))) == 0
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {storage.ENV: os.environ[storage.ENV], **CREDS}})
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        argv = _reshard_argv("s3://pool/shards", "s3://out/ray", "s3://pool/subsets/s.npy", "--executor", "ray",
-                             "--ray_address", cluster.address)
-        assert main(argv) == 0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with two_node_ray() as address:
+        assert main(_reshard_argv("s3://pool/shards", "s3://out/ray", "s3://pool/subsets/s.npy", "--executor", "ray",
+                                  "--ray_address", address)) == 0
     names = sorted(p.name for p in (tmp_path / "local").iterdir())
     assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls("out/ray", detail=False)) == names
     for p in sorted((tmp_path / "local").glob("*.tar")):
