@@ -69,6 +69,29 @@ def test_one_batch_is_permutation_free_and_k_averages() -> None:
     assert not np.allclose(small[0], small[1], atol=1e-4)  # K really changes the average
 
 
+def test_rows_in_one_batch_are_normalised_once(monkeypatch) -> None:
+    """Rows that fit in one batch form the same batch in every repeat: one log-sum-exp pass, not K (and the
+    full-matrix reference's K-repeat average, up to float order); more rows than a batch: K passes."""
+    import varalign.scores.negcliploss as ncl  # noqa: PLC0415
+
+    calls = []
+    real = ncl.batch_logsumexp
+    monkeypatch.setattr(ncl, "batch_logsumexp", lambda f, *a, **k: (calls.append(len(f)), real(f, *a, **k))[1])
+    img, txt = _pairs(40, 8)
+    got = negcliploss_scores(img, txt, temperature=0.02, batch_size=40, average_num=10, seed=4)
+    assert calls == [40]
+    np.testing.assert_allclose(got, ncl_reference(img, txt, _perms(40, [4], 10), 40, 0.02), rtol=0, atol=2e-5)
+    calls.clear()
+    negcliploss_scores(img, txt, temperature=0.02, batch_size=39, average_num=10, seed=4)
+    assert calls == [39, 1] * 10
+    pytest.importorskip("torch")
+    perms = []
+    real_on = ncl.negcliploss_on
+    monkeypatch.setattr(ncl, "negcliploss_on", lambda i, t, p, *a, **k: real_on(i, t, perms.extend(p) or perms, *a, **k))
+    negcliploss_scores(img, txt, temperature=0.02, batch_size=64, average_num=10, seed=4, device="torch-cpu")
+    assert len(perms) == 1
+
+
 def test_float16_input_decoded_exactly() -> None:
     img, txt = _pairs(20, 8)
     img16, txt16 = img.astype(np.float16), txt.astype(np.float16)

@@ -9,7 +9,10 @@ As in the reference (`cal_new_clip_score`), batches are drawn from one shard (pa
 each repeat is a fresh permutation of the shard's pool rows cut into consecutive batches of B,
 and the last batch of a repeat is smaller: its rows see fewer negatives, so a smaller
 log-sum-exp and a slightly higher score (REFERENCE §8.7; averaged out over K repeats).
-cs does not depend on the batch, so it is computed once rather than averaged K times.
+cs does not depend on the batch, so it is computed once rather than averaged K times; nor does the
+normalisation when the rows fit in one batch (a shard of at most B rows: every repeat is the same batch,
+reordered), so it is computed once too — the reference's K-repeat average up to the order of float sums, K
+times faster (the demo's 5,000-row shards: 12.0 -> 1.9 s at K = 10, the same subsets).
 
 Memory: the shard's requested rows of both members stay in RAM in their stored dtype
 (500k × 768 × 2 B × 2 = 1.5 GB for a DataComp L/14 shard); per batch, F_b and T_b in float32
@@ -56,14 +59,17 @@ def negcliploss_scores(img: np.ndarray, txt: np.ndarray, *, temperature: float =
     _check_args(img, txt, temperature, batch_size, average_num)
     n = len(img)
     seeds = [int(seed)] if np.isscalar(seed) else [int(s) for s in seed]
+    # rows that fit in one batch are the same batch in every repeat (a permutation of all of them), so the K
+    # normalisations are one number: computed once (repeat 0's order), K times less work for a small shard
+    repeats = 1 if n <= batch_size else average_num
     if device != "cpu":
-        perms = (np.random.default_rng([*seeds, k]).permutation(n) for k in range(average_num))
+        perms = (np.random.default_rng([*seeds, k]).permutation(n) for k in range(repeats))
         cs, lse = negcliploss_on(np.asarray(img), np.asarray(txt), perms, temperature, batch_size, device,
                                  row_block=row_block, resident=resident)
-        return (cs - lse * (temperature / 2 / average_num)).astype(np.float32)
+        return (cs - lse * (temperature / 2 / repeats)).astype(np.float32)
     cs = np.empty(n, dtype=np.float64)
     norm = np.zeros(n, dtype=np.float64)
-    for k in range(average_num):
+    for k in range(repeats):
         perm = np.random.default_rng([*seeds, k]).permutation(n)
         for b0 in range(0, n, batch_size):
             idx = perm[b0 : b0 + batch_size]
@@ -73,7 +79,7 @@ def negcliploss_scores(img: np.ndarray, txt: np.ndarray, *, temperature: float =
                 cs[idx] = np.einsum("ij,ij->i", f, t)
             row_lse, col_lse = batch_logsumexp(f, t, temperature, row_block)
             norm[idx] += row_lse + col_lse
-    return (cs - norm * (temperature / 2 / average_num)).astype(np.float32)
+    return (cs - norm * (temperature / 2 / repeats)).astype(np.float32)
 
 
 def batch_logsumexp(f: np.ndarray, t: np.ndarray, temperature: float,
