@@ -378,3 +378,23 @@ def test_cpu_training_waits_passively(tmp_path: Path, monkeypatch: pytest.Monkey
                                num_checkpoints=1, quiet=True)
     assert Path(result.checkpoint).name == "epoch_1.pt"
     assert seen.get("OMP_WAIT_POLICY") == expected
+
+
+def test_reshard_index_piece_gives_the_same_members() -> None:
+    """An index cut to a piece's rows (what a Ray write task receives) names the same members as the whole."""
+    from varalign.experiment.reshard import _index_piece, _piece_members  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 30))
+        copies = rng.integers(1, 4, n)
+        per = rng.integers(1, 4, n)
+        ptr = np.concatenate([[0], np.cumsum(per)])
+        idx = {"uids": np.arange(n).astype("u8,u8"), "copies": copies, "ptr": ptr,
+               "ext": np.array(["jpg", "txt", "json"] * int(ptr[-1]))[: ptr[-1]],
+               "offset": rng.integers(0, 10**6, ptr[-1]), "size": rng.integers(1, 10**4, ptr[-1])}
+        total = int(copies.sum())
+        first = int(rng.integers(0, total))
+        last = int(rng.integers(first + 1, total + 1))
+        part, a, b = _index_piece(idx, first, last)
+        assert _piece_members(part, a, b) == _piece_members(idx, first, last)

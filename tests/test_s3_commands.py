@@ -155,6 +155,7 @@ class _NoSharedFiles:
         return obj
 
     def map(self, fn, tasks, desc, quiet=False, on_result=None, bar=None):
+        self.tasks = [*getattr(self, "tasks", []), *tasks]
         out = []
         for i, task in enumerate(tasks):
             away = self.hide.with_name(self.hide.name + ".away")
@@ -184,6 +185,10 @@ def test_reshard_tasks_need_no_shared_filesystem(s3, shards, tmp_path, monkeypat
     monkeypatch.setattr(rs, "make_executor", make)
     assert main(_reshard_argv("s3://pool/shards", "s3://out/noshared", "s3://pool/subsets/s.npy")) == 0
     assert executors and executors[0].calls == 3 + 4  # 3 input shards indexed, 25 samples in 4 shards of 8
+    # the write jobs carry only their pieces' rows of the indexes: the 24 matched uids once, plus at most
+    # one row repeated at each of the 3 boundaries between output shards
+    rows = [len(piece[1]["uids"]) for (job,) in executors[0].tasks[3:] for piece in job[3]]
+    assert 24 <= sum(rows) <= 24 + 3, rows
     for p in sorted((tmp_path / "local").glob("*.tar")):
         assert fs.cat_file(f"out/noshared/{p.name}") == p.read_bytes(), p.name
 

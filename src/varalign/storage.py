@@ -208,7 +208,8 @@ def read_ranges(path: object, ranges: list[tuple[int, int]], block_size: int = B
                 yield data[offset - start : offset - start + size]
 
 
-_TRANSIENT = ("Timeout", "Connection", "Disconnected", "Payload", "IncompleteRead")
+_TRANSIENT = ("Timeout", "Connection", "Disconnected", "Payload", "IncompleteRead", "HTTPClientError",
+              "ResponseStreamingError", "ResponseParserError")
 
 
 def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFoundError:

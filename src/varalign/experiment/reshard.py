@@ -343,9 +343,10 @@ def _run_index(inputs: list[Path], work: WorkDir, runner, quiet: bool) -> list[d
     On an executor without a shared filesystem (Ray) the subset travels through Ray's object store, not
     as a path of the driver's work directory."""
     subset: str | object = str(work.path("subset"))
-    if not runner.shared_filesystem:
+    todo = [i for i in range(len(inputs)) if not work.has("index", str(i))]
+    if todo and not runner.shared_filesystem:
         subset = runner.put({k: np.load(work.path("subset", f"{k}.npy")) for k in ("unique", "counts")})
-    todo = [(i, str(p), subset) for i, p in enumerate(inputs) if not work.has("index", str(i))]
+    todo = [(i, str(inputs[i]), subset) for i in todo]
     with tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="reshard: index", unit="shard",
               disable=quiet) as bar:
         runner.map(_index_shard, todo, "reshard: index", quiet=True,
@@ -411,18 +412,37 @@ def _run_write(index: list[dict], copies: np.ndarray, out: Path | str, shard_siz
     starts = np.concatenate([[0], np.cumsum(copies)])
     jobs = []
     shared = runner.shared_filesystem
+    loaded: list = [-1, None]  # the input index last read (outputs take consecutive input shards)
     for o in range(n_out):
         lo, hi = o * shard_size, min((o + 1) * shard_size, int(starts[-1]))
         pieces = []
         for k, r in enumerate(index):
             a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
-            if a < b:  # without a shared filesystem the job carries the index's arrays (bytes per sample)
-                idx = r["index"] if shared else dict(np.load(r["index"]))
-                pieces.append((r["path"], idx, a - int(starts[k]), b - int(starts[k])))
+            if a < b:
+                first, last = a - int(starts[k]), b - int(starts[k])
+                if shared:
+                    pieces.append((r["path"], r["index"], first, last))
+                else:  # the job carries the piece's rows of the index: each index's bytes travel once in all
+                    if loaded[0] != k:
+                        loaded[:] = [k, np.load(r["index"])]
+                    pieces.append((r["path"], *_index_piece(loaded[1], first, last)))
         jobs.append((o, lo, hi, pieces, storage.join(out, fmt.format(o)), storage.join(out, stats_fmt.format(o))))
     with tqdm(total=int(starts[-1]), desc="reshard: write", unit="sample", disable=quiet) as bar:
         runner.map(_write_shard, [(job,) for job in jobs], "reshard: write", quiet=True,
                    on_result=lambda _, n: bar.update(n))
+
+
+def _index_piece(idx, first: int, last: int) -> tuple[dict[str, np.ndarray], int, int]:
+    """The rows of an input shard's index that positions [first, last) of its matched sequence use, and
+    those positions counted from the first of them (what `_piece_members` needs, nothing more)."""
+    cum = np.concatenate([[0], np.cumsum(idx["copies"])])
+    s0 = int(np.searchsorted(cum, first, side="right") - 1)
+    s1 = int(np.searchsorted(cum, last, side="left"))
+    ptr = idx["ptr"]
+    m0, m1 = int(ptr[s0]), int(ptr[s1])
+    part = {"uids": idx["uids"][s0:s1], "copies": idx["copies"][s0:s1], "ptr": ptr[s0 : s1 + 1] - m0,
+            "ext": idx["ext"][m0:m1], "offset": idx["offset"][m0:m1], "size": idx["size"][m0:m1]}
+    return part, first - int(cum[s0]), last - int(cum[s0])
 
 
 def _warn(msg: str, quiet: bool) -> None:
