@@ -396,5 +396,5 @@ def test_reshard_index_piece_gives_the_same_members() -> None:
         total = int(copies.sum())
         first = int(rng.integers(0, total))
         last = int(rng.integers(first + 1, total + 1))
-        part, a, b = _index_piece(idx, first, last)
+        part, a, b = _index_piece(idx, np.concatenate([[0], np.cumsum(copies)]), first, last)
         assert _piece_members(part, a, b) == _piece_members(idx, first, last)

@@ -224,9 +224,9 @@ def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFou
         return VaralignError(f"not found ({text})", path)
     if isinstance(exc, PermissionError):
         return VaralignError(f"permission denied ({text})", path)
+    credentials = f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options"
     if "NoCredentials" in names or "PartialCredentials" in names:
-        return VaralignError(f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options",
-                             path)
+        return VaralignError(credentials, path)
     if isinstance(exc, (TimeoutError, ConnectionError)) or any(t in names for t in _TRANSIENT):
         return VaralignError(f"storage error ({text})", path)
     if re.search(r"nosuchbucket|nosuchkey|\bnot found\b|\b404\b", low):
@@ -234,8 +234,7 @@ def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFou
     if re.search(r"accessdenied|\bforbidden\b|\b403\b", low):
         return VaralignError(f"permission denied ({text})", path)
     if re.search(r"credential|signature|invalidaccesskeyid", low):
-        return VaralignError(f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options",
-                             path)
+        return VaralignError(credentials, path)
     return VaralignError(f"storage error ({text})", path)
 
 

@@ -125,7 +125,7 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
     try:
         work.put_array("subset", "unique", unique)
         work.put_array("subset", "counts", counts)
-        index = _run_index(inputs, work, runner, quiet)
+        index = _run_index(inputs, work, runner, quiet, unique, counts)
         result.input_samples = sum(r["samples"] for r in index)
         result.failed_shards = [f"{r['path']}: {r['error']}" for r in index if r["error"]]
         for msg in result.failed_shards:
@@ -338,14 +338,15 @@ def _index_shard(i: int, path: str, subset: str | dict[str, np.ndarray]) -> dict
             "info": np.array(json.dumps(info))}
 
 
-def _run_index(inputs: list[Path], work: WorkDir, runner, quiet: bool) -> list[dict]:
+def _run_index(inputs: list[Path], work: WorkDir, runner, quiet: bool, unique: np.ndarray,
+               counts: np.ndarray) -> list[dict]:
     """Index every input shard (those a Ctrl-C'd run finished are reused); their counters, in input order.
     On an executor without a shared filesystem (Ray) the subset travels through Ray's object store, not
     as a path of the driver's work directory."""
     subset: str | object = str(work.path("subset"))
     todo = [i for i in range(len(inputs)) if not work.has("index", str(i))]
     if todo and not runner.shared_filesystem:
-        subset = runner.put({k: np.load(work.path("subset", f"{k}.npy")) for k in ("unique", "counts")})
+        subset = runner.put({"unique": unique, "counts": counts})
     todo = [(i, str(inputs[i]), subset) for i in todo]
     with tqdm(total=len(inputs), initial=len(inputs) - len(todo), desc="reshard: index", unit="shard",
               disable=quiet) as bar:
@@ -412,7 +413,7 @@ def _run_write(index: list[dict], copies: np.ndarray, out: Path | str, shard_siz
     starts = np.concatenate([[0], np.cumsum(copies)])
     jobs = []
     shared = runner.shared_filesystem
-    loaded: list = [-1, None]  # the input index last read (outputs take consecutive input shards)
+    loaded: list = [-1, None, None]  # the input index last read, its copies' cumsum (outputs take consecutive inputs)
     for o in range(n_out):
         lo, hi = o * shard_size, min((o + 1) * shard_size, int(starts[-1]))
         pieces = []
@@ -424,18 +425,19 @@ def _run_write(index: list[dict], copies: np.ndarray, out: Path | str, shard_siz
                     pieces.append((r["path"], r["index"], first, last))
                 else:  # the job carries the piece's rows of the index: each index's bytes travel once in all
                     if loaded[0] != k:
-                        loaded[:] = [k, np.load(r["index"])]
-                    pieces.append((r["path"], *_index_piece(loaded[1], first, last)))
+                        idx = np.load(r["index"])
+                        loaded[:] = [k, idx, np.concatenate([[0], np.cumsum(idx["copies"])])]
+                    pieces.append((r["path"], *_index_piece(loaded[1], loaded[2], first, last)))
         jobs.append((o, lo, hi, pieces, storage.join(out, fmt.format(o)), storage.join(out, stats_fmt.format(o))))
     with tqdm(total=int(starts[-1]), desc="reshard: write", unit="sample", disable=quiet) as bar:
         runner.map(_write_shard, [(job,) for job in jobs], "reshard: write", quiet=True,
                    on_result=lambda _, n: bar.update(n))
 
 
-def _index_piece(idx, first: int, last: int) -> tuple[dict[str, np.ndarray], int, int]:
+def _index_piece(idx, cum: np.ndarray, first: int, last: int) -> tuple[dict[str, np.ndarray], int, int]:
     """The rows of an input shard's index that positions [first, last) of its matched sequence use, and
-    those positions counted from the first of them (what `_piece_members` needs, nothing more)."""
-    cum = np.concatenate([[0], np.cumsum(idx["copies"])])
+    those positions counted from the first of them (what `_piece_members` needs, nothing more); `cum`:
+    0 then the cumulative sum of the index's copies."""
     s0 = int(np.searchsorted(cum, first, side="right") - 1)
     s1 = int(np.searchsorted(cum, last, side="left"))
     ptr = idx["ptr"]
