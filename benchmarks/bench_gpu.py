@@ -3,7 +3,8 @@ the same runs on the machine's CPUs.
 
     python benchmarks/bench_gpu.py --time_limit 420 --json benchmarks/gpu/results_heavy.json
                                  # 1M samples, 16 shards: vas, negcliploss, normsim, image_based, on the GPU
-                                 # and (subsets) on the CPU: one script, planned for < 8 min on one H200
+                                 # and (subsets) on the CPU, then exact VAS-D's rounds at 4M, 16M and 57.6M
+                                 # candidates: one script, planned for < 8 min on one H200
     python benchmarks/bench_gpu.py --methods vas,vas_d,vas_d_lowrank --pools 1000000:16,4000000:32
     python benchmarks/bench_gpu.py --gpu torch-cpu --pools 20000:4 --normsim_rows 20000 --centroids 2000 \
         --check_scale 0.05 --json /tmp/dry.json          # a dry run of the same script without a GPU
@@ -27,6 +28,14 @@ on the GPU, and the two compared: identical, or the differing rows listed with t
 The CPU rates of these subset runs and the GPU rates of the whole-pool runs give the estimates printed at
 the end (DataComp-small, 12.8M rows; -medium, 128M), each with its formula. Results are appended to
 `--json` after every run, so a run cut short keeps what it measured.
+
+Exact VAS-D at DataComp-medium scale (`vas_d_rounds`, after the last pool): the rounds alone, on the GPU,
+over `--round_sizes` synthetic candidates (tiles of 2^20 rows, made on the fly: no host memory or disk for
+88.5 GB), planned as `--round_iters` rounds from 45% to 30% and stopped after `--round_count` timed rounds;
+a size the GPU cannot hold beside the rounds' working set (`backend.ResidentRows.fits`) is reported and
+skipped. The per-round time, c0 + c1·alive through the smallest and largest size, gives medium's 500
+rounds over 57.6M -> 38.4M candidates; with the copy to the device and the pass over the pool (vas's stage
+rate), the whole stage.
 """
 
 from __future__ import annotations
@@ -117,6 +126,8 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
             r = run_method(pool, out, name, opts | {"device": device})
             outs[device] = out
             walls[f"{key}@{device}"] = r["wall"]
+            if key == "vas":  # the pass over every embedding: what VAS-D's collect costs at this rate
+                walls[f"vas_stage@{device}"], walls["pool_rows"] = r["timings"].get("vas", r["wall"]), samples
             ceiling = (cpu_pass if device == "cpu" else gpu_pass) * passes
             jac = jaccard(outs["cpu"], out) if device != "cpu" and "cpu" in outs else None
             row = {"samples": samples, "shards": shards, "method": label, "device": device, "wall_s": r["wall"],
@@ -382,14 +393,163 @@ def estimates(rates: dict[str, dict], args: argparse.Namespace, record) -> None:
               flush=True)
 
 
+# -- exact VAS-D's rounds at DataComp-medium scale ----------------------------------------------------------
+BASE_ROWS = 1 << 20  # distinct synthetic rows; larger candidate sets are tiles of them, columns rolled per tile
+
+
+class TiledRows:
+    """`rows` × 768 float16 candidates made on the fly from BASE_ROWS synthetic ones (tile t: the base rows
+    with their columns rolled by t), so that 57.6M candidates (88.5 GB) need no host memory or disk: what is
+    timed is the rounds, not the rows' values."""
+
+    def __init__(self, base: np.ndarray, rows: int) -> None:
+        self.base, self.rows = base, rows
+        self.shape, self.dtype = (rows, base.shape[1]), base.dtype
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop, _ = sl.indices(self.rows)
+        out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
+        pos = start
+        while pos < stop:
+            tile, at = divmod(pos, len(self.base))
+            n = min(stop - pos, len(self.base) - at)
+            out[pos - start : pos - start + n] = np.roll(self.base[at : at + n], tile, axis=1)
+            pos += n
+        return out
+
+
+def rounds_child(spec: dict) -> None:
+    """Exact VAS-D rounds over `candidates` synthetic rows on `device` (45% -> 30% of a pool in `num_iters`
+    rounds, as at DataComp's scale), stopped after `rounds` rounds; prints the time of each."""
+    import torch  # noqa: PLC0415
+
+    from varalign.backend import ResidentRows  # noqa: PLC0415
+    from varalign.scores.vas_d import BLOCK_ROWS, STATE_ROWS, CandidateStore, vas_d_iterate  # noqa: PLC0415
+
+    m, device = spec["candidates"], spec["device"]
+    base = np.load(spec["base"], mmap_mode="r")
+    dim = base.shape[1]
+    cuda = device.startswith("cuda")
+    nbytes = m * dim * 2
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        if not ResidentRows.fits(nbytes, ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS), free, total):
+            print(json.dumps({"candidates": m, "fits": False, "nbytes": nbytes, "free": free, "total": total}))
+            return
+    store = CandidateStore.from_array(TiledRows(np.ascontiguousarray(base), m))
+    b32 = np.asarray(base[:65536], dtype=np.float32)
+    gram = (b32.T.astype(np.float64) @ b32) * (m / len(b32))  # ~ the candidates' Gram: enough for timing
+    stamps: list[float] = []
+
+    class Stop(Exception):
+        pass
+
+    def checkpoint(state: dict) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        if len(stamps) >= spec["rounds"]:
+            raise Stop
+
+    t0 = time.perf_counter()
+    try:
+        vas_d_iterate(store, gram, (gram / m).astype(np.float32), m * 2 // 3, spec["num_iters"], device=device,
+                      resident=True if not cuda else None, checkpoint=checkpoint)
+    except Stop:
+        pass
+    # the load (host -> device copy) ends where the first round starts: time it as a separate copy
+    t1 = time.perf_counter()
+    chunk = -(-(m - m * 2 // 3) // spec["num_iters"])
+    rounds = np.diff([t0] + stamps).tolist()
+    print(json.dumps({"candidates": m, "fits": True, "nbytes": nbytes, "first_with_load_s": rounds[0],
+                      "round_s": rounds[1:], "alive": [m - chunk * i for i in range(1, len(rounds))],
+                      "total_s": t1 - t0,
+                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}))
+
+
+def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], record) -> None:
+    """Per-round time of exact VAS-D at several candidate counts on the device (`--round_sizes`), a line
+    c0 + c1·alive fitted through them, and from it the estimate for DataComp-medium: 128M rows, CLIP 45%
+    -> VAS-D 30% (57.6M -> 38.4M candidates) in the paper's 500 rounds, candidates resident on one GPU."""
+    base_path = root / f"rounds_base_{BASE_ROWS}.npy"
+    if not base_path.exists():
+        np.save(base_path, _parallel_rows(BASE_ROWS, 300, os.cpu_count() or 1))
+    print(f"\nexact VAS-D rounds on {args.gpu} (synthetic candidates, {args.round_iters} rounds planned, "
+          f"{args.round_count} timed; each round scores every alive candidate, then removes 1/{args.round_iters} "
+          "of the third that goes)", flush=True)
+    print("| candidates | GB (float16) | first round + load (s) | per round (s), median | ns per candidate-round | "
+          "peak GPU mem (GB) |", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
+    points = []
+    for m in args.round_sizes:
+        if time.perf_counter() > DEADLINE[0]:
+            raise OutOfTime
+        spec = {"candidates": m, "device": args.gpu, "base": str(base_path), "num_iters": args.round_iters,
+                "rounds": args.round_count + 1}
+        proc = subprocess.run([sys.executable, __file__, "--rounds_child", json.dumps(spec)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            raise RuntimeError(f"VAS-D rounds over {m:,} candidates failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        record({"vas_d_rounds": m, "device": args.gpu} | r)
+        if not r["fits"]:
+            print(f"| {m:,} | {r['nbytes'] / 1e9:.1f} | does not fit ({r['free'] / 1e9:.1f} GB free of "
+                  f"{r['total'] / 1e9:.1f}) | - | - | - |", flush=True)
+            continue
+        per = float(np.median(r["round_s"]))
+        points.append((float(np.mean(r["alive"])), per, max(0.0, r["first_with_load_s"] - per) / r["nbytes"]))
+        peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
+        print(f"| {m:,} | {r['nbytes'] / 1e9:.1f} | {r['first_with_load_s']:.2f} | {per:.3f} | "
+              f"{per / np.mean(r['alive']) * 1e9:.1f} | {peak} |", flush=True)
+    if len(points) < 2:
+        print("(fewer than two sizes measured: no estimate)", flush=True)
+        return
+    (a1, t1, _), (a2, t2, load_per_byte) = points[0], points[-1]
+    c1 = (t2 - t1) / (a2 - a1)
+    c0 = t1 - c1 * a1
+    cand, keep, iters = int(MEDIUM * 0.45), int(MEDIUM * 0.30), 500
+    chunk = -(-(cand - keep) // iters)
+    alive_sum = sum(max(keep, cand - chunk * i) for i in range(iters))
+    rounds_s = iters * c0 + c1 * alive_sum
+    load_s = load_per_byte * cand * 768 * 2  # the copy to the device: the largest size's first round less a round
+    vas_stage = walls.get(f"vas_stage@{args.gpu}")
+    pool_rows = walls.get("pool_rows")
+    collect_s = vas_stage / pool_rows * MEDIUM if vas_stage and pool_rows else None
+    row = {"estimate": "vas_d exact, DataComp-medium, 500 rounds", "c0_s": c0, "c1_ns": c1 * 1e9,
+           "rounds_s": rounds_s, "load_s": load_s, "collect_s": collect_s, "candidate_rounds": alive_sum}
+    record(row)
+    print(f"\nper round = c0 + c1 * alive: c0 = {c0 * 1e3:.1f} ms, c1 = {c1 * 1e9:.2f} ns per candidate "
+          f"(through the smallest and largest size)", flush=True)
+    print(f"DataComp-medium, exact VAS-D, 500 rounds over {cand:,} -> {keep:,} candidates "
+          f"({cand * 768 * 2 / 1e9:.1f} GB resident): rounds {rounds_s / 60:.1f} min "
+          f"(500 × c0 + c1 × {alive_sum:.3g} candidate-rounds); their copy to the device {load_s / 60:.1f} min "
+          "(the largest size's first round less a round, per byte)" + (
+              f"; the pass over the pool's embeddings ≈ vas's stage at this rate, {collect_s / 60:.1f} min "
+              f"(vas stage {vas_stage:.1f} s on {pool_rows:,} rows × 128M / rows); total "
+              f"{(rounds_s + load_s + collect_s) / 60:.1f} min (the reference's log: 200 rounds in 321 min)"
+              if collect_s else ""), flush=True)
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child(json.loads(sys.argv[2]))
         return
+    if len(sys.argv) == 3 and sys.argv[1] == "--rounds_child":
+        rounds_child(json.loads(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pools", default="1000000:16", help="comma-separated SAMPLES:SHARDS")
-    ap.add_argument("--methods", default="vas,negcliploss,normsim,image_based",
-                    help=f"comma-separated, of {', '.join(VAS_METHODS + HEAVY_METHODS)}")
+    ap.add_argument("--methods", default="vas,negcliploss,normsim,image_based,vas_d_rounds",
+                    help=f"comma-separated, of {', '.join(VAS_METHODS + HEAVY_METHODS + ('vas_d_rounds',))}")
+    ap.add_argument("--round_sizes", default="4000000,16000000,57600000",
+                    help="vas_d_rounds: candidate counts timed (57.6M: DataComp-medium's 45%%; a size the GPU "
+                         "cannot hold is reported and skipped)")
+    ap.add_argument("--round_iters", type=int, default=500, help="vas_d_rounds: rounds planned (sets the "
+                    "candidates removed per round)")
+    ap.add_argument("--round_count", type=int, default=3, help="vas_d_rounds: rounds timed after the first")
     ap.add_argument("--iters", type=int, default=20, help="VAS-D iterations")
     ap.add_argument("--rank", type=int, default=128, help="rank of the VAS-D lowrank mode")
     ap.add_argument("--skip_cpu_exact", action="store_true", help="no exact VAS-D on the CPU above 1M samples")
@@ -408,10 +568,11 @@ def main() -> None:
                     "seconds (0: no limit; e.g. 420 to fit an 8-minute slot)")
     args = ap.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(args.methods) - set(VAS_METHODS + HEAVY_METHODS)
+    unknown = set(args.methods) - set(VAS_METHODS + HEAVY_METHODS + ("vas_d_rounds",))
     if unknown:
         sys.exit(f"bench_gpu.py: unknown --methods {sorted(unknown)}")
     args.check_rows = {k: int(v) for k, v in (x.split(":") for x in args.check_rows.split(","))}
+    args.round_sizes = [int(x) for x in args.round_sizes.split(",") if x.strip()]
     import torch  # noqa: PLC0415
 
     if args.gpu.startswith("cuda") and not torch.cuda.is_available():
@@ -438,12 +599,14 @@ def main() -> None:
     for spec in args.pools.split(","):
         samples, shards = (int(x) for x in spec.split(":"))
         walls = bench_pool(samples, shards, root, args, record)
-        if any(m in args.methods for m in HEAVY_METHODS):
-            try:
+        try:
+            if any(m in args.methods for m in HEAVY_METHODS):
                 heavy_pool(samples, shards, root, args, walls, record)
-            except OutOfTime:
-                print(f"--time_limit {args.time_limit:.0f} s reached: the remaining runs were left out", flush=True)
-                record({"note": "time limit reached"})
+            if "vas_d_rounds" in args.methods and spec == args.pools.split(",")[-1]:
+                vas_d_rounds(root, args, walls, record)
+        except OutOfTime:
+            print(f"--time_limit {args.time_limit:.0f} s reached: the remaining runs were left out", flush=True)
+            record({"note": "time limit reached"})
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 
 

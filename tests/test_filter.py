@@ -138,6 +138,39 @@ def test_vas_d_on_a_torch_device_matches_numpy(tmp_path, resident: bool) -> None
     resumed = vas_d_iterate(store, gram, first, 1000, 6, block_rows=512, device="torch-cpu", resident=resident,
                             state=saved, state_dir=str(state_dir))
     assert np.array_equal(resumed.keep, cpu.keep) and np.array_equal(resumed.removed_at, cpu.removed_at)
+    # what the rounds report: rounds run, candidates scored over them (3000, 2666, ..., 1334: chunk 334),
+    # residency; the resumed run counts only its own rounds
+    assert dev.timing["rounds_run"] == 6 and dev.timing["resident"] is resident
+    assert dev.timing["candidate_rounds"] == sum(3000 - 334 * i for i in range(6)) == cpu.timing["candidate_rounds"]
+    assert resumed.timing["rounds_run"] == 3 and resumed.timing["candidate_rounds"] == sum(3000 - 334 * i
+                                                                                           for i in range(3, 6))
+    assert cpu.timing["resident"] is False and cpu.timing["rounds_s"] > 0
+
+
+def test_vas_d_residency_rule(monkeypatch, capsys) -> None:
+    """Candidates stay on an accelerator when they fit beside the rounds' working set and 5% slack:
+    DataComp-medium's exact VAS-D candidates (128M × 45% rows of 768 float16) fit an H200, not an 80 GB
+    H100, where they are read from the host every round and a note says so."""
+    torch = pytest.importorskip("torch")
+    from varalign import backend
+
+    rows, dim = 57_600_000, 768
+    nbytes = rows * dim * 2
+    work = backend.ResidentRows.work_bytes(dim, 16384, 1 << 20)
+    assert 0.5e9 < work < 1e9  # the scoring step dominates: 4·16384 rows × 768 × 14 B
+    assert backend.ResidentRows.fits(nbytes, work, free=140_000_000_000, total=143_700_000_000)
+    assert not backend.ResidentRows.fits(nbytes, work, free=84_000_000_000, total=85_000_000_000)
+    assert not backend.ResidentRows.fits(nbytes, work, free=nbytes + work, total=143_700_000_000)  # no slack
+
+    class FakeCuda:  # an accelerator of 85 GB with 84 GB free: only the decision is exercised
+        type = "cuda"
+
+    monkeypatch.setattr(backend, "torch_device", lambda device: (torch, FakeCuda()))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (84_000_000_000, 85_000_000_000))
+    read = lambda a, b: pytest.fail("rows that do not fit must not be copied")  # noqa: E731
+    assert backend.ResidentRows.load(read, rows, dim, np.dtype(np.float16), "cuda", 16384) is None
+    err = capsys.readouterr().err
+    assert "57,600,000 VAS-D candidates (88.5 GB) do not fit" in err and "84.0 GB free" in err
 
 
 def _vas_d_in_memory(f: np.ndarray, target_count: int, num_iters: int) -> tuple[np.ndarray, np.ndarray]:

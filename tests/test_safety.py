@@ -499,7 +499,12 @@ def test_num_iters_above_the_rows_to_drop_is_capped_with_a_note(ws: Path, capsys
     code, err = _cli(base + ["--save_path", str(ws / "b.npy"), "--num_iters", "40", "--quiet"], capsys)
     assert code == 0 and "capped" not in err
     assert (ws / "a.npy").read_bytes() == (ws / "b.npy").read_bytes()
-    assert json.loads(manifest_path(ws / "a.npy").read_text())["stages"]["vas_d"]["num_iters_run"] == 40
+    stage = json.loads(manifest_path(ws / "a.npy").read_text())["stages"]["vas_d"]
+    assert stage["num_iters_run"] == 40
+    # where the time went, in the manifest: 40 rounds over the candidates, each dropping one
+    t = stage["timing"]
+    assert t["rounds_run"] == 40 and t["resident"] is False and t["collect_s"] >= 0 and t["rounds_s"] > 0
+    assert t["candidate_rounds"] == sum(t["candidates"] - i for i in range(40))
 
 
 def test_no_warnings_on_stderr(ws: Path, capsys) -> None:

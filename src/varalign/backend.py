@@ -171,13 +171,28 @@ class ResidentRows:
     def __init__(self, torch, dev, data, block_rows: int) -> None:
         self.torch, self.dev, self.data, self.block_rows = torch, dev, data, block_rows
 
+    @staticmethod
+    def work_bytes(dim: int, block_rows: int, index_rows: int) -> int:
+        """Device memory the rounds use beside the resident rows: a scoring step of 4·`block_rows` rows
+        (gathered float16, then three float32 arrays of them alive at once: 14 B a value), a Gram block
+        (float32 rows, float64 D×D sums) and the row indices of one state block (int64) and their scores."""
+        step = 4 * block_rows
+        return step * dim * 14 + block_rows * dim * 4 + 2 * dim * dim * 8 + index_rows * 12
+
+    @staticmethod
+    def fits(nbytes: int, work: int, free: int, total: int) -> bool:
+        """Whether rows of `nbytes` stay resident on an accelerator with `free` of `total` bytes free: with the
+        rounds' working set `work` and 5% of the device (the caching allocator's slack) still free beside
+        them. DataComp-medium's 57.6M exact VAS-D candidates (88.5 GB as float16) fit one 141 GB H200."""
+        return nbytes + work + total // 20 <= free
+
     @classmethod
     def load(cls, read: Callable[[int, int], np.ndarray], rows: int, dim: int, dtype: np.dtype, device: str,
-             block_rows: int, resident: bool | None = None) -> ResidentRows | None:
+             block_rows: int, resident: bool | None = None, index_rows: int = 1 << 20) -> ResidentRows | None:
         """Rows `read(start, stop)` (numpy, `(stop - start, dim)` of `dtype`) copied to `device`;
         None where they should stay on the host: `device` is `cpu`, `resident` is False, or (by
-        default, `resident=None`) the device is not an accelerator or they would take more than half
-        of its free memory."""
+        default, `resident=None`) the device is not an accelerator or they do not fit beside the rounds'
+        working set (`fits`; a note on stderr says so, since every round then reads them from the host)."""
         if device == "cpu" or resident is False:
             return None
         torch, dev = torch_device(device)
@@ -185,8 +200,11 @@ class ResidentRows:
         if resident is None:
             if dev.type != "cuda":
                 return None  # on the host the streamed rows keep memory bounded
-            free, _total = torch.cuda.mem_get_info(dev)
-            if nbytes > free // 2:
+            free, total = torch.cuda.mem_get_info(dev)
+            if not cls.fits(nbytes, cls.work_bytes(dim, block_rows, index_rows), free, total):
+                print(f"varalign: note: the {rows:,} VAS-D candidates ({nbytes / 1e9:.1f} GB) do not fit in "
+                      f"{dev}'s {free / 1e9:.1f} GB free beside the rounds' working set: they are read from the "
+                      "host every round (slower; a larger device holds them)", file=sys.stderr)
                 return None
         probe = torch.from_numpy(np.zeros((1, dim), dtype=dtype))
         data = torch.empty((rows, dim), dtype=probe.dtype, device=dev)

@@ -9,6 +9,7 @@ of the candidates.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +82,9 @@ class VasD(Selector):
                   "rows, at least one per round; the subset is the same)", file=sys.stderr)
             iters = capped
         ctx.info["num_iters_run"] = iters
+        t0 = time.perf_counter()
         store, offsets, g_all, g_cand = self._collect(ctx, alive)
+        collect_s = time.perf_counter() - t0
         first_target = (g_all / ctx.n_pool).astype(np.float32)
         if self.p.mode == "lowrank":  # fast mode: every round in a rank-r subspace
             basis = lowrank_basis(g_cand, self.p.rank)
@@ -99,6 +102,9 @@ class VasD(Selector):
         res = vas_d_iterate(store, g_cand, first_target, target_count, iters, ctx.threads, ctx.quiet, state=state,
                             checkpoint=checkpoint, device=self.device, mapper=ctx.mapper(f"{ctx.label} rounds"),
                             state_dir=str(state_dir))
+        # where the time went (the manifest's stage record; benchmarks/bench_gpu.py fits per-round rates to it)
+        ctx.info["timing"] = {"collect_s": round(collect_s, 3), "candidates": store.rows} | {
+            k: round(v, 3) if isinstance(v, float) else v for k, v in res.timing.items()}
         return self._outputs(ctx, alive, offsets, res)
 
     def _collect(self, ctx, alive) -> tuple[CandidateStore, np.ndarray, np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,6 +143,10 @@ class VasDResult:
     def __init__(self, state_dir: str, rows: int, num_iters: int, chunk: int, keepalive: Any = None) -> None:
         self.state_dir, self.rows, self.num_iters, self.chunk = state_dir, rows, num_iters, chunk
         self._keepalive = keepalive  # a TemporaryDirectory when the caller gave no state_dir
+        # how this process ran the rounds (a resumed run: only the rounds it ran): seconds copying the candidates
+        # to the device, seconds of the rounds, rounds run, candidates scored over them, candidates on the device
+        self.timing: dict[str, Any] = {"load_s": 0.0, "rounds_s": 0.0, "rounds_run": 0, "candidate_rounds": 0,
+                                       "resident": False}
 
     def part(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keep, removed_at, last_score) of candidates `[start, stop)`."""
@@ -244,15 +249,20 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
                  "state_format": np.int64(STATE_FORMAT)}
     start = int(state["it"])
     limits = threadpool_limits(limits=1)  # results must not depend on BLAS's thread count
+    result = VasDResult(state_dir, m, num_iters, chunk, keepalive)
     try:
+        t0 = time.perf_counter()
         on_device = ResidentRows.load(store.read, store.rows, store.dim, store.dtype, device, block_rows,
-                                      resident) if start < num_iters else None
+                                      resident, index_rows=state_rows) if start < num_iters else None
+        t1 = time.perf_counter()
         rounds = _Rounds(store, state_dir, state_rows, block_rows, device, on_device,
                          mapper or thread_mapper(num_workers))
-        rounds.run(state, start, num_iters, chunk, target_count, quiet, checkpoint)
+        scored = rounds.run(state, start, num_iters, chunk, target_count, quiet, checkpoint)
+        result.timing = {"load_s": t1 - t0, "rounds_s": time.perf_counter() - t1, "rounds_run": num_iters - start,
+                         "candidate_rounds": scored, "resident": on_device is not None}
     finally:
         limits.restore_original_limits()
-    return VasDResult(state_dir, m, num_iters, chunk, keepalive)
+    return result
 
 
 @dataclass
@@ -285,10 +295,13 @@ class _Rounds:
         return _read(self.state_dir, REMOVED, np.int32, a, b) >= it
 
     def run(self, state: dict, start: int, num_iters: int, chunk: int, target_count: int, quiet: bool,
-            checkpoint) -> None:
+            checkpoint) -> int:
+        """Rounds `start`..`num_iters - 1`; returns the candidates scored over them (Σ alive per round)."""
         target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
+        scored = 0
         for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
                        initial=start, total=num_iters):
+            scored += n_alive
             for group in self.score_groups():  # score every alive candidate against the current target
                 alive = [self.alive(a, b, it) for a, b in group]
                 scores = self.score(group[0][0], group[-1][1], np.concatenate(alive), target)
@@ -319,6 +332,7 @@ class _Rounds:
             state |= {"it": np.int64(it + 1), "target": target, "gram_keep": gram_keep, "n_alive": np.int64(n_alive)}
             if checkpoint is not None:
                 checkpoint(state)
+        return scored
 
     def alive_scores(self, it: int) -> Iterator[np.ndarray]:
         """The last scores of the candidates alive in round `it`, state block by state block."""
