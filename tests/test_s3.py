@@ -270,6 +270,25 @@ def test_storage_errors_classified_by_type_before_text() -> None:
              OSError("HTTP 403 Forbidden"): "permission denied",
              OSError("SignatureDoesNotMatch"): "no usable credentials",
              OSError("wrote 14040 of 14041 bytes"): "storage error"}
+    # botocore's own exceptions, and s3fs's translation of a ClientError (a PermissionError whose cause holds
+    # the service's code): a wrong key or an expired token is a credentials problem, AccessDenied a refusal
+    exceptions = pytest.importorskip("botocore.exceptions")
+    s3errors = pytest.importorskip("s3fs.errors")
+
+    def client_error(code: str, message: str):
+        return exceptions.ClientError({"Error": {"Code": code, "Message": message},
+                                       "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+
+    cases |= {exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:9/403"): "storage error",
+              exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"): "storage error",
+              exceptions.NoCredentialsError(): "no usable credentials",
+              s3errors.translate_boto_error(client_error("InvalidAccessKeyId", "The AWS Access Key Id you provided "
+                                                         "does not exist in our records.")): "no usable credentials",
+              s3errors.translate_boto_error(client_error("ExpiredToken", "The provided token has expired.")):
+                  "no usable credentials",
+              s3errors.translate_boto_error(client_error("AccessDenied", "Access Denied")): "permission denied",
+              s3errors.translate_boto_error(client_error("NoSuchKey", "The specified key does not exist.")):
+                  "not found"}
     for exc, reason in cases.items():
         err = storage.remote_error(exc, url)
         assert err.reason.startswith(reason), (exc, err.reason)

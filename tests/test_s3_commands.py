@@ -401,6 +401,14 @@ def test_write_refused_by_the_policy_is_one_line_and_writes_nothing(synth_pool, 
                              env={k: v for k, v in {**env, **reader}.items() if k != storage.ENV},
                              capture_output=True, text=True, timeout=120)
         after = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="perm-pool")["Contents"])
+        # a key the server does not know: the same 403 status, but the credentials are wrong, not the policy
+        unknown = {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000", "AWS_SECRET_ACCESS_KEY": "x" * 40}
+        bad_key = subprocess.run([sys.executable, "-m", "varalign", "filter", "--name", "clip_score", "--arch", "l14",
+                                  "--fraction", "0.3", "--metadata_dir", "s3://perm-pool/pool", "--save_path",
+                                  str(tmp_path / "local.npy"), "--quiet", "--storage_options",
+                                  json.dumps({"client_kwargs": {"endpoint_url": url}})],
+                                 env={k: v for k, v in {**env, **unknown}.items() if k != storage.ENV},
+                                 capture_output=True, text=True, timeout=120)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -408,3 +416,7 @@ def test_write_refused_by_the_policy_is_one_line_and_writes_nothing(synth_pool, 
     assert run.returncode == 1 and len(err.splitlines()) == 1, err
     assert err.startswith("varalign: error: s3://perm-pool/out.npy: ") and "permission denied" in err
     assert "Access Denied" in err and after == before  # nothing written, not even the pending manifest
+    err = bad_key.stderr.strip()
+    assert bad_key.returncode == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("varalign: error: s3://perm-pool/pool") and "no usable credentials (InvalidAccessKeyId" in err
+    assert not (tmp_path / "local.npy").exists()

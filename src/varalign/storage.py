@@ -212,6 +212,24 @@ _TRANSIENT = ("Timeout", "Connection", "Disconnected", "Payload", "IncompleteRea
               "ResponseStreamingError", "ResponseParserError")
 
 
+# S3 error codes (and their STS/IAM cousins) that mean the key or token is wrong, not that a policy refuses
+_CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                               "TokenRefreshRequired", "InvalidSecurity", "ExpiredTokenException",
+                               "InvalidClientTokenId", "UnrecognizedClientException", "AuthFailure"})
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The service's error code (botocore's `response["Error"]["Code"]`) of `exc` or of the exception it was
+    raised from (s3fs keeps botocore's ClientError as the cause of the OSError it raises)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return response["Error"].get("Code")
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFoundError:
     """A storage backend's exception as one line naming the URL (missing bucket, credentials, permission).
     The exception's type decides first (s3fs and gcsfs turn 404/403 into FileNotFoundError/PermissionError;
@@ -220,11 +238,15 @@ def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFou
     text = _short(exc)
     low = text.lower()
     names = " ".join(c.__name__ for c in type(exc).__mro__)
+    code = _error_code(exc)
+    credentials = f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options"
+    if code in _CREDENTIAL_CODES:  # s3fs turns these into PermissionError too: they are not a policy's refusal
+        return VaralignError(f"no usable credentials ({code}: {text}); set them as for fsspec/boto, or "
+                             "--storage_options", path)
     if isinstance(exc, FileNotFoundError):
         return VaralignError(f"not found ({text})", path)
     if isinstance(exc, PermissionError):
         return VaralignError(f"permission denied ({text})", path)
-    credentials = f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options"
     if "NoCredentials" in names or "PartialCredentials" in names:
         return VaralignError(credentials, path)
     if isinstance(exc, (TimeoutError, ConnectionError)) or any(t in names for t in _TRANSIENT):
