@@ -73,3 +73,30 @@ def test_vas_d_rounds_run_as_ray_tasks(local_ray, synth_pool, tmp_path, monkeypa
     assert len(rounds) == 3 and all(n >= 1 for n in rounds)
     assert any(desc == "vas_d (npz)" for desc, _ in calls)
     assert any(desc == "vas_d (projection)" for desc, _ in calls) == (mode == "lowrank")
+
+
+def test_a_ray_varalign_starts_shares_this_machines_disk(synth_pool, tmp_path) -> None:
+    """The one-node Ray varalign starts itself shares this machine's filesystem (VAS-D's workers write the
+    candidate store in place, as the local executor's do: same subset); a Ray started by someone else, or
+    a cluster given by address, is never assumed to share one (results travel through Ray's object store)."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, ray
+from varalign import filter_pool
+from varalign.execute import RayExecutor
+opts = dict(arch="l14", fraction=0.45, fraction_vas=0.3, num_iters=4, quiet=True)
+filter_pool({str(synth_pool / "pool")!r}, {str(tmp_path / "local.npy")!r}, "vas_d", **opts)
+filter_pool({str(synth_pool / "pool")!r}, {str(tmp_path / "ray.npy")!r}, "vas_d", executor="ray", num_workers=2, **opts)
+ours = RayExecutor().shared_filesystem
+ray.shutdown()
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+print(json.dumps([ours, RayExecutor().shared_filesystem]))
+ray.shutdown()
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [True, False]
+    assert (tmp_path / "local.npy").read_bytes() == (tmp_path / "ray.npy").read_bytes()

@@ -120,6 +120,9 @@ def _one_kernel_thread() -> None:
     threadpool_limits(limits=1)
 
 
+_LOCAL_RAY: list[str | None] = [None]  # the address of the one-node Ray this process started, if it did
+
+
 class RayExecutor:
     """The same tasks as Ray tasks on a local or remote Ray cluster (`pip install 'varalign[ray]'`).
 
@@ -129,7 +132,11 @@ class RayExecutor:
     """
 
     name = "ray"
-    shared_filesystem = False  # results come back to the driver; workers write no shared files
+    # False: results come back to the driver and workers write no shared files. True only for the one-node
+    # Ray this process started itself (its workers share this machine's disk: VAS-D's candidates and reshard's
+    # shards are written in place, not sent through the object store); a cluster given by address may have
+    # other nodes, now or after it scales, so it is never assumed to share one
+    shared_filesystem = False
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
         try:
@@ -145,6 +152,8 @@ class RayExecutor:
             env = {storage.ENV: os.environ[storage.ENV]} if os.environ.get(storage.ENV) else {}
             ray.init(log_to_driver=False, include_dashboard=False,
                      runtime_env={"env_vars": env} if env else None, **kwargs)
+            _LOCAL_RAY[0] = None if address else ray.get_runtime_context().gcs_address
+        self.shared_filesystem = not address and _LOCAL_RAY[0] == ray.get_runtime_context().gcs_address
         self.num_workers = int(ray.cluster_resources().get("CPU", 1))
         self._remote: dict[Callable, Any] = {}
 
