@@ -480,7 +480,7 @@ def rounds_child(spec: dict) -> None:
     from varalign.scores.vas_d import BLOCK_ROWS, STATE_ROWS, CandidateStore, vas_d_iterate  # noqa: PLC0415
 
     m, device = spec["candidates"], spec["device"]
-    base = np.load(spec["base"], mmap_mode="r")
+    base = np.load(spec["base"], mmap_mode="r")[:, : spec.get("dim", 768)]
     dim = base.shape[1]
     cuda = device.startswith("cuda")
     nbytes = m * dim * 2
@@ -530,6 +530,7 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
     print(f"\nexact VAS-D rounds on {args.gpu} (synthetic candidates, {args.round_iters} rounds planned, "
           f"{args.round_count} timed; each round scores every alive candidate, then removes 1/{args.round_iters} "
           "of the third that goes)", flush=True)
+    print(f"(D = {args.round_dim})", flush=True)
     print("| candidates | GB (float16) | first round + load (s) | per round (s), median | ns per candidate-round | "
           "peak GPU mem (GB) |", flush=True)
     print("|---|---|---|---|---|---|", flush=True)
@@ -538,7 +539,7 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
         if time.perf_counter() > DEADLINE[0]:
             raise OutOfTime
         spec = {"candidates": m, "device": args.gpu, "base": str(base_path), "num_iters": args.round_iters,
-                "rounds": args.round_count + 1}
+                "rounds": args.round_count + 1, "dim": args.round_dim}
         proc = subprocess.run([sys.executable, __file__, "--rounds_child", json.dumps(spec)], capture_output=True,
                               text=True)
         if proc.returncode:
@@ -600,6 +601,8 @@ def main() -> None:
     ap.add_argument("--round_iters", type=int, default=500, help="vas_d_rounds: rounds planned (sets the "
                     "candidates removed per round)")
     ap.add_argument("--round_count", type=int, default=3, help="vas_d_rounds: rounds timed after the first")
+    ap.add_argument("--round_dim", type=int, default=768, help="vas_d_rounds: embedding width (e.g. 16 on "
+                    "--gpu torch-cpu: the rounds' host-side work alone, the products made negligible)")
     ap.add_argument("--iters", type=int, default=20, help="VAS-D iterations")
     ap.add_argument("--rank", type=int, default=128, help="rank of the VAS-D lowrank mode")
     ap.add_argument("--skip_cpu_exact", action="store_true", help="no exact VAS-D on the CPU above 1M samples")
