@@ -282,11 +282,12 @@ def s_pass_check(assets: dict[str, Path], args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         out[device] = target_centroid_set(c, [feats], device=device)
         out[f"{device}_s"] = time.perf_counter() - t0
-    dev = args.gpu if args.gpu != "none" else "cpu"
-    same = bool(np.array_equal(out["cpu"], out[dev]))
-    return {"rows": len(feats), "centroids": len(c), "allowed_cpu": int(out["cpu"].sum()),
-            "allowed_dev": int(out[dev].sum()), "identical": same, "cpu_s": out["cpu_s"],
-            "dev_s": out[f"{dev}_s"] if args.gpu != "none" else None}
+    row = {"rows": len(feats), "centroids": len(c), "allowed_cpu": int(out["cpu"].sum()), "cpu_s": out["cpu_s"],
+           "allowed_dev": None, "identical": None, "dev_s": None}
+    if args.gpu != "none":
+        row |= {"allowed_dev": int(out[args.gpu].sum()), "identical": bool(np.array_equal(out["cpu"], out[args.gpu])),
+                "dev_s": out[f"{args.gpu}_s"]}
+    return row
 
 
 def cpu_name() -> str:
@@ -394,10 +395,10 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
         chk = s_pass_check(assets, args)
         record({"check": "image_based target pass, cpu vs device"} | chk)
         dev_s = f"{chk['dev_s']:.1f}" if chk["dev_s"] is not None else "-"
+        same = "(no device)" if chk["identical"] is None else \
+            f"{'identical' if chk['identical'] else 'DIFFERENT'} ({chk['allowed_cpu']} vs {chk['allowed_dev']})"
         print(f"| image_based target pass ({chk['rows']:,} target rows × {chk['centroids']:,} centroids) | "
-              f"{chk['rows']:,} | {chk['cpu_s']:.1f} | - | {dev_s} | "
-              f"{'identical' if chk['identical'] else 'DIFFERENT'} ({chk['allowed_cpu']} vs {chk['allowed_dev']}) |",
-              flush=True)
+              f"{chk['rows']:,} | {chk['cpu_s']:.1f} | - | {dev_s} | {same} |", flush=True)
         scale = args.normsim_rows / chk["rows"]
         pass_row = {"estimate": "image_based target pass (once per centroid set)", "target_rows": args.normsim_rows,
                     "cpu_s": chk["cpu_s"] * scale, "gpu_s": chk["dev_s"] * scale if chk["dev_s"] else None}
@@ -425,7 +426,9 @@ def estimates(rates: dict[str, dict], args: argparse.Namespace, record) -> None:
             per = r["cpu_rows_per_shard"]
             cpu *= min(NEG_B, per) / NEG_B  # cost per row ∝ the batch it sees
             formula = f"subset rate × {min(NEG_B, per):,} / {NEG_B:,} (batches of the subset's size)"
-            if per <= NEG_B:  # a shard of one batch is normalised once, not K times: a pool's shards are K
+            # a shard of one batch is normalised once, not K times; DataComp's parquet files hold ~500k rows
+            # (more than B), so on a real pool every one of the K repeats runs
+            if per <= NEG_B:
                 cpu /= NEG_K
                 formula += f" / K = {NEG_K} (the subset's one-batch shards are scored once, not K times)"
         row = {"estimate": key, "gpu_rows_per_s": r["gpu_rows_per_s"], "cpu_rows_per_s": cpu, "formula": formula}
@@ -489,6 +492,18 @@ def rounds_child(spec: dict) -> None:
         if not ResidentRows.fits(nbytes, ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS), free, total):
             print(json.dumps({"candidates": m, "fits": False, "nbytes": nbytes, "free": free, "total": total}))
             return
+    device_s = [0.0]  # time inside the device calls (scores, Grams; each ends by copying its result back)
+
+    def timed(fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                device_s[0] += time.perf_counter() - t
+        return run
+
+    ResidentRows.score, ResidentRows.gram64 = timed(ResidentRows.score), timed(ResidentRows.gram64)
     store = CandidateStore.from_array(TiledRows(np.ascontiguousarray(base), m))
     b32 = np.asarray(base[:65536], dtype=np.float32)
     gram = (b32.T.astype(np.float64) @ b32) * (m / len(b32))  # ~ the candidates' Gram: enough for timing
@@ -497,10 +512,13 @@ def rounds_child(spec: dict) -> None:
     class Stop(Exception):
         pass
 
+    in_device: list[float] = []
+
     def checkpoint(state: dict) -> None:
         if cuda:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        in_device.append(device_s[0])
         if len(stamps) >= spec["rounds"]:
             raise Stop
 
@@ -516,6 +534,8 @@ def rounds_child(spec: dict) -> None:
     rounds = np.diff([t0] + stamps).tolist()
     print(json.dumps({"candidates": m, "fits": True, "nbytes": nbytes, "first_with_load_s": rounds[0],
                       "round_s": rounds[1:], "alive": [m - chunk * i for i in range(1, len(rounds))],
+                      "device_call_s": np.diff(in_device).tolist(),
+                      "work_bound_bytes": ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS),
                       "total_s": t1 - t0,
                       "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}))
 
@@ -532,8 +552,8 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
           "of the third that goes)", flush=True)
     print(f"(D = {args.round_dim})", flush=True)
     print("| candidates | GB (float16) | first round + load (s) | per round (s), median | ns per candidate-round | "
-          "peak GPU mem (GB) |", flush=True)
-    print("|---|---|---|---|---|---|", flush=True)
+          "of which in device calls | peak GPU mem (GB) | peak beyond the rows / working-set bound (GB) |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     points = []
     for m in args.round_sizes:
         if time.perf_counter() > DEADLINE[0]:
@@ -548,13 +568,17 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
         record({"vas_d_rounds": m, "device": args.gpu} | r)
         if not r["fits"]:
             print(f"| {m:,} | {r['nbytes'] / 1e9:.1f} | does not fit ({r['free'] / 1e9:.1f} GB free of "
-                  f"{r['total'] / 1e9:.1f}) | - | - | - |", flush=True)
+                  f"{r['total'] / 1e9:.1f}) | - | - | - | - | - |", flush=True)
             continue
         per = float(np.median(r["round_s"]))
         points.append((float(np.mean(r["alive"])), per, max(0.0, r["first_with_load_s"] - per) / r["nbytes"]))
         peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
+        beyond = (f"{(r['peak_gpu_bytes'] - r['nbytes']) / 1e9:.2f} / {r['work_bound_bytes'] / 1e9:.2f}"
+                  + (" EXCEEDED" if r["peak_gpu_bytes"] - r["nbytes"] > r["work_bound_bytes"] else "")
+                  if r["peak_gpu_bytes"] else "-")
+        dev_ns = float(np.median(r["device_call_s"])) / np.mean(r["alive"]) * 1e9
         print(f"| {m:,} | {r['nbytes'] / 1e9:.1f} | {r['first_with_load_s']:.2f} | {per:.3f} | "
-              f"{per / np.mean(r['alive']) * 1e9:.1f} | {peak} |", flush=True)
+              f"{per / np.mean(r['alive']) * 1e9:.1f} | {dev_ns:.1f} | {peak} | {beyond} |", flush=True)
     if len(points) < 2:
         print("(fewer than two sizes measured: no estimate)", flush=True)
         return

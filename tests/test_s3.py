@@ -289,6 +289,20 @@ def test_storage_errors_classified_by_type_before_text() -> None:
               s3errors.translate_boto_error(client_error("AccessDenied", "Access Denied")): "permission denied",
               s3errors.translate_boto_error(client_error("NoSuchKey", "The specified key does not exist.")):
                   "not found"}
+    try:  # raised `from None` while handling an expired token: the suppressed context is not its reason
+        try:
+            raise client_error("ExpiredToken", "The provided token has expired.")
+        except exceptions.ClientError:
+            raise FileNotFoundError("b/k") from None
+    except FileNotFoundError as exc:
+        cases[exc] = "not found"
+    try:  # raised inside the handler without a cause (as some s3fs paths do): the context's code counts
+        try:
+            raise client_error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist.")
+        except exceptions.ClientError:
+            raise PermissionError("Forbidden")  # noqa: B904
+    except PermissionError as exc:
+        cases[exc] = "no usable credentials"
     for exc, reason in cases.items():
         err = storage.remote_error(exc, url)
         assert err.reason.startswith(reason), (exc, err.reason)

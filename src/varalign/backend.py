@@ -200,6 +200,7 @@ class ResidentRows:
         if resident is None:
             if dev.type != "cuda":
                 return None  # on the host the streamed rows keep memory bounded
+            torch.cuda.empty_cache()  # what torch keeps cached from earlier stages counts as free here
             free, total = torch.cuda.mem_get_info(dev)
             if not cls.fits(nbytes, cls.work_bytes(dim, block_rows, index_rows), free, total):
                 print(f"varalign: note: the {rows:,} VAS-D candidates ({nbytes / 1e9:.1f} GB) do not fit in "

@@ -226,7 +226,8 @@ def _error_code(exc: BaseException) -> str | None:
         response = getattr(exc, "response", None)
         if isinstance(response, dict) and isinstance(response.get("Error"), dict):
             return response["Error"].get("Code")
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        # the context too (s3fs raises some without a cause, inside the except), unless it was suppressed
+        exc, seen = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__), seen + 1
     return None
 
 

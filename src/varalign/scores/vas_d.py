@@ -227,8 +227,8 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     A round is idempotent: it reads a candidate as alive when `removed_at >= it` and only writes `it` into
     `removed_at`, so a round cut short (or any earlier checkpoint) resumes from the files as they are.
     On a torch `device`, `resident` copies the candidates (as stored, float16) to the device once
-    and runs every round there; None (default) does so on an accelerator when they fit in half of
-    its free memory, and streams them from the store every round otherwise (`backend.ResidentRows`).
+    and runs every round there; None (default) does so on an accelerator when they fit beside the
+    rounds' working set (`backend.ResidentRows.fits`), and streams them from the store every round otherwise.
     `mapper(fn, tasks)`: runs a round's block tasks (the engine's executor); default: `num_workers` threads.
     """
     m = store.rows
@@ -258,7 +258,8 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
         rounds = _Rounds(store, state_dir, state_rows, block_rows, device, on_device,
                          mapper or thread_mapper(num_workers))
         scored = rounds.run(state, start, num_iters, chunk, target_count, quiet, checkpoint)
-        result.timing = {"load_s": t1 - t0, "rounds_s": time.perf_counter() - t1, "rounds_run": num_iters - start,
+        result.timing = {"load_s": t1 - t0, "rounds_s": time.perf_counter() - t1,
+                         "rounds_run": max(0, num_iters - start),
                          "candidate_rounds": scored, "resident": on_device is not None}
     finally:
         limits.restore_original_limits()
