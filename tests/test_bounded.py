@@ -15,6 +15,7 @@ import pytest
 import reference_impl as ref
 
 from varalign import filter_pool
+from varalign.atomic import manifest_path
 from varalign.errors import VaralignError
 from varalign.select import threshold_at_rank, threshold_at_rank_parts, top_k_mask, top_k_parts
 from varalign.synth import make_pool, make_target
@@ -334,6 +335,8 @@ def test_vas_d_lowrank_is_the_same_for_any_worker_count_and_close_to_exact(many_
         assert len(res.uids) == int(8000 * opts["fraction_vas"]) == res.counts["selected"]
         outs.append(((tmp_path / f"w{workers}.npy").read_bytes(), pq.read_table(tmp_path / f"w{workers}.parquet")))
     assert outs[0][0] == outs[1][0] and outs[0][1].equals(outs[1][1])  # subset and every score, bit for bit
+    timing = json.loads(manifest_path(tmp_path / "w1.npy").read_text())["stages"]["vas_d"]["timing"]
+    assert timing["project_s"] > 0 and timing["rounds_run"] == opts["num_iters"]  # the projection is timed too
     pool = expected("vas_d_lowrank").pool
     exact = ref.vas_d_select(pool.l14, pool.feats, opts["fraction"], opts["fraction_vas"], opts["num_iters"])
     low = {tuple(u) for u in np.load(tmp_path / "w1.npy").tolist()}

@@ -504,6 +504,7 @@ def test_num_iters_above_the_rows_to_drop_is_capped_with_a_note(ws: Path, capsys
     # where the time went, in the manifest: 40 rounds over the candidates, each dropping one
     t = stage["timing"]
     assert t["rounds_run"] == 40 and t["resident"] is False and t["collect_s"] >= 0 and t["rounds_s"] > 0
+    assert t["project_s"] == 0  # exact mode: no low-rank projection
     assert t["candidate_rounds"] == sum(t["candidates"] - i for i in range(40))
 
 

@@ -85,8 +85,10 @@ class VasD(Selector):
         t0 = time.perf_counter()
         store, offsets, g_all, g_cand = self._collect(ctx, alive)
         collect_s = time.perf_counter() - t0
+        project_s = 0.0
         first_target = (g_all / ctx.n_pool).astype(np.float32)
         if self.p.mode == "lowrank":  # fast mode: every round in a rank-r subspace
+            t0 = time.perf_counter()
             basis = lowrank_basis(g_cand, self.p.rank)
             store = project_store(store, basis, path=f"{store.path}.rank{self.p.rank}", num_workers=ctx.threads,
                                   device=self.device, mapper=ctx.mapper(f"{ctx.label} (projection)"))
@@ -94,6 +96,7 @@ class VasD(Selector):
             with threadpool_limits(limits=1):  # the same numbers whatever the core count
                 g_cand = b64.T @ g_cand @ b64
                 first_target = (b64.T @ first_target.astype(np.float64) @ b64).astype(np.float32)
+            project_s = time.perf_counter() - t0
         state, checkpoint = ctx.state("rounds")
         # the per-candidate state (removed_at, last score) lives in flat files next to the store, so the rounds'
         # memory does not grow with the candidates; the embeddings stay in the on-disk store
@@ -103,7 +106,8 @@ class VasD(Selector):
                             checkpoint=checkpoint, device=self.device, mapper=ctx.mapper(f"{ctx.label} rounds"),
                             state_dir=str(state_dir))
         # where the time went (the manifest's stage record; benchmarks/bench_gpu.py fits per-round rates to it)
-        ctx.info["timing"] = {"collect_s": round(collect_s, 3), "candidates": store.rows} | {
+        ctx.info["timing"] = {"collect_s": round(collect_s, 3), "project_s": round(project_s, 3),
+                              "candidates": store.rows} | {
             k: round(v, 3) if isinstance(v, float) else v for k, v in res.timing.items()}
         return self._outputs(ctx, alive, offsets, res)
 
