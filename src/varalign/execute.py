@@ -153,7 +153,8 @@ class RayExecutor:
             ray.init(log_to_driver=False, include_dashboard=False,
                      runtime_env={"env_vars": env} if env else None, **kwargs)
             _LOCAL_RAY[0] = None if address else ray.get_runtime_context().gcs_address
-        self.shared_filesystem = not address and _LOCAL_RAY[0] == ray.get_runtime_context().gcs_address
+        self.shared_filesystem = (not address and _LOCAL_RAY[0] == ray.get_runtime_context().gcs_address
+                                  and sum(1 for n in ray.nodes() if n.get("Alive")) == 1)
         self.num_workers = int(ray.cluster_resources().get("CPU", 1))
         self._remote: dict[Callable, Any] = {}
 
