@@ -240,10 +240,11 @@ def remote_error(exc: BaseException, path: object) -> VaralignError | FileNotFou
     low = text.lower()
     names = " ".join(c.__name__ for c in type(exc).__mro__)
     code = _error_code(exc)
-    credentials = f"no usable credentials ({text}); set them as for fsspec/boto, or --storage_options"
-    if code in _CREDENTIAL_CODES:  # s3fs turns these into PermissionError too: they are not a policy's refusal
-        return VaralignError(f"no usable credentials ({code}: {text}); set them as for fsspec/boto, or "
-                             "--storage_options", path)
+    bad_key = code in _CREDENTIAL_CODES  # s3fs turns these into PermissionError too: not a policy's refusal
+    credentials = (f"no usable credentials ({f'{code}: ' if bad_key else ''}{text}); set them as for fsspec/boto, "
+                   "or --storage_options")
+    if bad_key:
+        return VaralignError(credentials, path)
     if isinstance(exc, FileNotFoundError):
         return VaralignError(f"not found ({text})", path)
     if isinstance(exc, PermissionError):
