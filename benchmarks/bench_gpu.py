@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -56,6 +57,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_filter import _vm_hwm, blas_seconds, ensure_pool, load_candidates, run_method, vas_d_passes  # noqa: E402
+
+from varalign.scores.vas_d import FLUSH_S  # noqa: E402
 
 VAS_METHODS = ("vas", "vas_d", "vas_d_lowrank")
 HEAVY_METHODS = ("negcliploss", "normsim", "image_based")
@@ -476,34 +479,32 @@ class TiledRows:
 
 def rounds_child(spec: dict) -> None:
     """Exact VAS-D rounds over `candidates` synthetic rows on `device` (45% -> 30% of a pool in `num_iters`
-    rounds, as at DataComp's scale), stopped after `rounds` rounds; prints the time of each."""
+    rounds, as at DataComp's scale), stopped after `rounds` rounds; prints the time of each, and of one write of
+    the round state to the state files (what the rounds do every `scores.vas_d.FLUSH_S` seconds)."""
     import torch  # noqa: PLC0415
 
     from varalign.backend import ResidentRows  # noqa: PLC0415
-    from varalign.scores.vas_d import BLOCK_ROWS, STATE_ROWS, CandidateStore, vas_d_iterate  # noqa: PLC0415
+    from varalign.scores.vas_d import (  # noqa: PLC0415
+        BLOCK_ROWS,
+        LAST,
+        REMOVED,
+        STATE_ROWS,
+        CandidateStore,
+        _Rounds,
+        vas_d_iterate,
+    )
 
     m, device = spec["candidates"], spec["device"]
     base = np.load(spec["base"], mmap_mode="r")[:, : spec.get("dim", 768)]
     dim = base.shape[1]
     cuda = device.startswith("cuda")
     nbytes = m * dim * 2
+    work = ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS, m)
     if cuda:
         free, total = torch.cuda.mem_get_info()
-        if not ResidentRows.fits(nbytes, ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS), free, total):
+        if not ResidentRows.fits(nbytes, work, free, total):
             print(json.dumps({"candidates": m, "fits": False, "nbytes": nbytes, "free": free, "total": total}))
             return
-    device_s = [0.0]  # time inside the device calls (scores, Grams; each ends by copying its result back)
-
-    def timed(fn):
-        def run(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                device_s[0] += time.perf_counter() - t
-        return run
-
-    ResidentRows.score, ResidentRows.gram64 = timed(ResidentRows.score), timed(ResidentRows.gram64)
     store = CandidateStore.from_array(TiledRows(np.ascontiguousarray(base), m))
     b32 = np.asarray(base[:65536], dtype=np.float32)
     gram = (b32.T.astype(np.float64) @ b32) * (m / len(b32))  # ~ the candidates' Gram: enough for timing
@@ -512,31 +513,39 @@ def rounds_child(spec: dict) -> None:
     class Stop(Exception):
         pass
 
-    in_device: list[float] = []
-
-    def checkpoint(state: dict) -> None:
+    def on_round(it: int) -> None:
         if cuda:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
-        in_device.append(device_s[0])
         if len(stamps) >= spec["rounds"]:
             raise Stop
 
+    state_dir = Path(spec["state_dir"])
+    state_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
         vas_d_iterate(store, gram, (gram / m).astype(np.float32), m * 2 // 3, spec["num_iters"], device=device,
-                      resident=True if not cuda else None, checkpoint=checkpoint)
+                      resident=True if not cuda else None, on_round=on_round, state_dir=str(state_dir))
     except Stop:
         pass
     t1 = time.perf_counter()  # the first round's time includes the copy to the device
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    # one write of the round state as the rounds flush it: device -> host -> the state files, block by block
+    dev = torch.device(device if cuda else "cpu")
+    state = (torch.zeros(m, dtype=torch.int32, device=dev), torch.zeros(m, dtype=torch.float32, device=dev))
+    flusher = _Rounds(store, str(state_dir), STATE_ROWS, BLOCK_ROWS, device, None, None)
+    if cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    flusher.flush(*state)
+    flush_s = time.perf_counter() - t2
+    for name in (REMOVED, LAST):
+        (state_dir / name).unlink()
     chunk = -(-(m - m * 2 // 3) // spec["num_iters"])
     rounds = np.diff([t0] + stamps).tolist()
     print(json.dumps({"candidates": m, "fits": True, "nbytes": nbytes, "first_with_load_s": rounds[0],
                       "round_s": rounds[1:], "alive": [m - chunk * i for i in range(1, len(rounds))],
-                      "device_call_s": np.diff(in_device).tolist(),
-                      "work_bound_bytes": ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS),
-                      "total_s": t1 - t0,
-                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}))
+                      "flush_s": flush_s, "work_bound_bytes": work, "total_s": t1 - t0, "peak_gpu_bytes": peak}))
 
 
 def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], record) -> None:
@@ -551,14 +560,14 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
           "of the third that goes)", flush=True)
     print(f"(D = {args.round_dim})", flush=True)
     print("| candidates | GB (float16) | first round + load (s) | per round (s), median | ns per candidate-round | "
-          "of which in device calls | peak GPU mem (GB) | peak beyond the rows / working-set bound (GB) |", flush=True)
+          "one write of the round state (s) | peak GPU mem (GB) | peak beyond the rows / working-set bound (GB) |", flush=True)
     print("|---|---|---|---|---|---|---|---|", flush=True)
     points = []
     for m in args.round_sizes:
         if time.perf_counter() > DEADLINE[0]:
             raise OutOfTime
         spec = {"candidates": m, "device": args.gpu, "base": str(base_path), "num_iters": args.round_iters,
-                "rounds": args.round_count + 1, "dim": args.round_dim}
+                "rounds": args.round_count + 1, "dim": args.round_dim, "state_dir": str(root / "rounds_state")}
         proc = subprocess.run([sys.executable, __file__, "--rounds_child", json.dumps(spec)], capture_output=True,
                               text=True)
         if proc.returncode:
@@ -570,18 +579,18 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
                   f"{r['total'] / 1e9:.1f}) | - | - | - | - | - |", flush=True)
             continue
         per = float(np.median(r["round_s"]))
-        points.append((float(np.mean(r["alive"])), per, max(0.0, r["first_with_load_s"] - per) / r["nbytes"]))
+        points.append((float(np.mean(r["alive"])), per, max(0.0, r["first_with_load_s"] - per) / r["nbytes"],
+                       r["flush_s"] / m))
         peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
         beyond = (f"{(r['peak_gpu_bytes'] - r['nbytes']) / 1e9:.2f} / {r['work_bound_bytes'] / 1e9:.2f}"
                   + (" EXCEEDED" if r["peak_gpu_bytes"] - r["nbytes"] > r["work_bound_bytes"] else "")
                   if r["peak_gpu_bytes"] else "-")
-        dev_ns = float(np.median(r["device_call_s"])) / np.mean(r["alive"]) * 1e9
         print(f"| {m:,} | {r['nbytes'] / 1e9:.1f} | {r['first_with_load_s']:.2f} | {per:.3f} | "
-              f"{per / np.mean(r['alive']) * 1e9:.1f} | {dev_ns:.1f} | {peak} | {beyond} |", flush=True)
+              f"{per / np.mean(r['alive']) * 1e9:.1f} | {r['flush_s']:.2f} | {peak} | {beyond} |", flush=True)
     if len(points) < 2:
         print("(fewer than two sizes measured: no estimate)", flush=True)
         return
-    (a1, t1, _), (a2, t2, load_per_byte) = points[0], points[-1]
+    (a1, t1, _, _), (a2, t2, load_per_byte, flush_per_row) = points[0], points[-1]
     c1 = (t2 - t1) / (a2 - a1)
     c0 = t1 - c1 * a1
     cand, keep, iters = int(MEDIUM * 0.45), int(MEDIUM * 0.30), 500
@@ -589,17 +598,22 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
     alive_sum = sum(max(keep, cand - chunk * i) for i in range(iters))
     rounds_s = iters * c0 + c1 * alive_sum
     load_s = load_per_byte * cand * 768 * 2  # the copy to the device: the largest size's first round less a round
+    # the round state written every FLUSH_S seconds of rounds (and after the last), at the largest size's rate
+    flush_s = (math.ceil(rounds_s / FLUSH_S) + 1) * flush_per_row * cand
+    rounds_s += flush_s
     vas_stage = walls.get(f"vas_stage@{args.gpu}")
     pool_rows = walls.get("pool_rows")
     collect_s = vas_stage / pool_rows * MEDIUM if vas_stage and pool_rows else None
     row = {"estimate": "vas_d exact, DataComp-medium, 500 rounds", "c0_s": c0, "c1_ns": c1 * 1e9,
-           "rounds_s": rounds_s, "load_s": load_s, "collect_s": collect_s, "candidate_rounds": alive_sum}
+           "rounds_s": rounds_s, "flush_s": flush_s, "load_s": load_s, "collect_s": collect_s,
+           "candidate_rounds": alive_sum}
     record(row)
     print(f"\nper round = c0 + c1 * alive: c0 = {c0 * 1e3:.1f} ms, c1 = {c1 * 1e9:.2f} ns per candidate "
           f"(through the smallest and largest size)", flush=True)
     print(f"DataComp-medium, exact VAS-D, 500 rounds over {cand:,} -> {keep:,} candidates "
           f"({cand * 768 * 2 / 1e9:.1f} GB resident): rounds {rounds_s / 60:.1f} min "
-          f"(500 × c0 + c1 × {alive_sum:.3g} candidate-rounds); their copy to the device {load_s / 60:.1f} min "
+          f"(500 × c0 + c1 × {alive_sum:.3g} candidate-rounds, with {flush_s:.0f} s of writing the round state "
+          f"every {FLUSH_S:.0f} s); their copy to the device {load_s / 60:.1f} min "
           "(the largest size's first round less a round, per byte)" + (
               f"; the pass over the pool's embeddings ≈ vas's stage at this rate, {collect_s / 60:.1f} min "
               f"(vas stage {vas_stage:.1f} s on {pool_rows:,} rows × 128M / rows); total "

@@ -129,8 +129,9 @@ def test_vas_d_on_a_torch_device_matches_numpy(tmp_path, resident: bool) -> None
 
     state_dir = tmp_path / "rounds"
     state_dir.mkdir()
+    # flush_s=0: resident round state is written (and a checkpoint taken) after every round
     dev = vas_d_iterate(store, gram, first, 1000, 6, block_rows=512, device="torch-cpu", resident=resident,
-                        checkpoint=checkpoint, state_dir=str(state_dir))
+                        checkpoint=checkpoint, state_dir=str(state_dir), flush_s=0)
     assert np.array_equal(cpu.keep, dev.keep) and np.array_equal(cpu.removed_at, dev.removed_at)
     np.testing.assert_allclose(dev.last_score, cpu.last_score, rtol=1e-5)
     # the round-3 checkpoint resumed over the state files as the finished run left them (a round reads
@@ -147,8 +148,68 @@ def test_vas_d_on_a_torch_device_matches_numpy(tmp_path, resident: bool) -> None
     assert cpu.timing["resident"] is False and cpu.timing["rounds_s"] > 0
 
 
+def test_vas_d_resident_state_is_written_every_flush_s(tmp_path) -> None:
+    """With the candidates resident, the round state stays on the device: by default (flush every 30 s) a short
+    run writes the state files and checkpoints once, after the last round, while `on_round` sees every round;
+    the subset equals the numpy rounds' with state blocks smaller than the pool (several per round)."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    f = rng.standard_normal((2500, 16)).astype(np.float16)
+    f32 = f.astype(np.float32)
+    gram = f32.T.astype(np.float64) @ f32
+    first = (gram / len(f)).astype(np.float32)
+    store = CandidateStore.from_array(f)
+    cpu = vas_d_iterate(store, gram, first, 900, 5, block_rows=256, state_rows=512)
+    saved: list[int] = []
+    seen: list[int] = []
+    dev = vas_d_iterate(store, gram, first, 900, 5, block_rows=256, state_rows=512, device="torch-cpu",
+                        resident=True, checkpoint=lambda st: saved.append(int(st["it"])), on_round=seen.append)
+    assert saved == [5] and seen == [0, 1, 2, 3, 4]
+    assert np.array_equal(dev.removed_at, cpu.removed_at) and dev.keep.sum() == 900
+    np.testing.assert_allclose(dev.last_score, cpu.last_score, rtol=1e-5)
+
+    # a run stopped after round 2, within the flush interval, left no checkpoint: its rounds are lost and a new
+    # run starts over, ending the same
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(it: int) -> None:
+        if it == 2:
+            raise Stop
+
+    state_dir = tmp_path / "rounds"
+    state_dir.mkdir()
+    saved.clear()
+    with pytest.raises(Stop):
+        vas_d_iterate(store, gram, first, 900, 5, block_rows=256, state_rows=512, device="torch-cpu", resident=True,
+                      checkpoint=lambda st: saved.append(int(st["it"])), on_round=stop_at_2, state_dir=str(state_dir))
+    assert saved == []
+    again = vas_d_iterate(store, gram, first, 900, 5, block_rows=256, state_rows=512, device="torch-cpu",
+                          resident=True, state=None, state_dir=str(state_dir))
+    assert np.array_equal(again.removed_at, cpu.removed_at)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 20, 33, 40])
+def test_device_top_k_breaks_ties_like_top_k_mask(k: int) -> None:
+    """The resident rounds' top-k on the device keeps what `select.top_k_mask` keeps of the alive values: ties
+    at the cut to the earliest, -0.0 equal to +0.0, whichever side (k or n - k + 1) torch.topk is asked for."""
+    torch = pytest.importorskip("torch")
+    from varalign.scores.vas_d import _device_top_k
+    from varalign.select import top_k_mask
+
+    values = np.array([0.5, -0.0, 0.0, 0.5, 1.0, 0.5, 2.0, 0.0, -1.0, 0.5] * 5, dtype=np.float32)
+    alive = np.ones(len(values), dtype=bool)
+    alive[[3, 11, 12, 30, 47]] = False
+    n = int(alive.sum())
+    got = _device_top_k(torch, torch.from_numpy(values), torch.from_numpy(alive), n, k).numpy()
+    want = np.zeros(len(values), dtype=bool)
+    want[np.flatnonzero(alive)[top_k_mask(values[alive], k)]] = True
+    assert got.sum() == min(k, n) and np.array_equal(got, want)
+
+
 def test_vas_d_residency_rule(monkeypatch, capsys) -> None:
-    """Candidates stay on an accelerator when they fit beside the rounds' working set and 5% slack:
+    """Candidates stay on an accelerator when they fit beside the rounds' working set (with their round state)
+    and 5% slack:
     DataComp-medium's exact VAS-D candidates (128M × 45% rows of 768 float16) fit an H200, not an 80 GB
     H100, where they are read from the host every round and a note says so."""
     torch = pytest.importorskip("torch")
@@ -156,8 +217,10 @@ def test_vas_d_residency_rule(monkeypatch, capsys) -> None:
 
     rows, dim = 57_600_000, 768
     nbytes = rows * dim * 2
-    work = backend.ResidentRows.work_bytes(dim, 16384, 1 << 20)
-    assert 0.5e9 < work < 1e9  # the scoring step dominates: 4·16384 rows × 768 × 14 B
+    work = backend.ResidentRows.work_bytes(dim, 16384, 1 << 20, rows)
+    # the scoring step (4·16384 rows × 768 × 14 B: 0.70 GB) and the round state kept on the device (20 B a
+    # candidate: 1.15 GB)
+    assert 1.85e9 < work < 2.0e9
     assert backend.ResidentRows.fits(nbytes, work, free=140_000_000_000, total=143_700_000_000)
     assert not backend.ResidentRows.fits(nbytes, work, free=84_000_000_000, total=85_000_000_000)
     assert not backend.ResidentRows.fits(nbytes, work, free=nbytes + work, total=143_700_000_000)  # no slack

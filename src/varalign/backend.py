@@ -172,12 +172,15 @@ class ResidentRows:
         self.torch, self.dev, self.data, self.block_rows = torch, dev, data, block_rows
 
     @staticmethod
-    def work_bytes(dim: int, block_rows: int, index_rows: int) -> int:
+    def work_bytes(dim: int, block_rows: int, index_rows: int, rows: int = 0) -> int:
         """Device memory the rounds use beside the resident rows: a scoring step of 4·`block_rows` rows
         (gathered float16, then three float32 arrays of them alive at once: 14 B a value), a Gram block
-        (float32 rows, float64 D×D sums) and the row indices of one state block (int64) and their scores."""
+        (float32 rows, float64 D×D sums), the row indices of one state block (int64) and their scores, and
+        the `rows` candidates' round state kept on the device with a round's selection (20 B a candidate: the
+        round that removed it and its last score, 8 B; the scores masked for the top-k, 4 B; the top-k's values
+        and indices, up to 6 B when a round keeps up to half of them (one round); two flags)."""
         step = 4 * block_rows
-        return step * dim * 14 + block_rows * dim * 4 + 2 * dim * dim * 8 + index_rows * 12
+        return step * dim * 14 + block_rows * dim * 4 + 2 * dim * dim * 8 + index_rows * 12 + rows * 20
 
     @staticmethod
     def fits(nbytes: int, work: int, free: int, total: int) -> bool:
@@ -202,7 +205,7 @@ class ResidentRows:
                 return None  # on the host the streamed rows keep memory bounded
             torch.cuda.empty_cache()  # what torch keeps cached from earlier stages counts as free here
             free, total = torch.cuda.mem_get_info(dev)
-            if not cls.fits(nbytes, cls.work_bytes(dim, block_rows, index_rows), free, total):
+            if not cls.fits(nbytes, cls.work_bytes(dim, block_rows, index_rows, rows), free, total):
                 print(f"varalign: note: the {rows:,} VAS-D candidates ({nbytes / 1e9:.1f} GB) do not fit in "
                       f"{dev}'s {free / 1e9:.1f} GB free beside the rounds' working set: they are read from the "
                       "host every round (slower; a larger device holds them)", file=sys.stderr)
@@ -214,28 +217,26 @@ class ResidentRows:
             data[start:stop] = torch.from_numpy(np.ascontiguousarray(read(start, stop))).to(dev)
         return cls(torch, dev, data, block_rows)
 
-    def score(self, idx: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """f_iᵀ S f_i (float32) for the rows at `idx`."""
+    def score(self, index: Any, target: Any) -> Any:
+        """f_iᵀ S f_i (float32, on the device) for the rows at `index` (int64 on the device); `target` S is a
+        float32 D×D on the device."""
         torch = self.torch
-        s = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(self.dev)
-        index = torch.from_numpy(idx.astype(np.int64)).to(self.dev)
-        out = torch.empty(len(idx), dtype=torch.float32, device=self.dev)
+        out = torch.empty(len(index), dtype=torch.float32, device=self.dev)
         step = self.block_rows * 4
-        for a in range(0, len(idx), step):
+        for a in range(0, len(index), step):
             f = self.data.index_select(0, index[a : a + step]).float()
-            out[a : a + step] = ((f @ s) * f).sum(dim=1)
-        return out.cpu().numpy()
+            out[a : a + step] = ((f @ target) * f).sum(dim=1)
+        return out
 
-    def gram64(self, rows: np.ndarray) -> np.ndarray:
-        """Σ f fᵀ (float64) over the rows at `rows`."""
+    def gram64(self, index: Any) -> Any:
+        """Σ f fᵀ (float64 D×D, on the device) over the rows at `index` (int64 on the device)."""
         torch = self.torch
-        index = torch.from_numpy(rows.astype(np.int64)).to(self.dev)
         dim = self.data.shape[1]
         total = torch.zeros((dim, dim), dtype=torch.float64, device=self.dev)
-        for a in range(0, len(rows), self.block_rows):
+        for a in range(0, len(index), self.block_rows):
             f = self.data.index_select(0, index[a : a + self.block_rows]).float()
             total += (f.T @ f).double()
-        return total.cpu().numpy()
+        return total
 
 
 # -- the heavy scores on a torch device: negCLIPLoss, NormSim, max-inner-product centroids, k-means --------

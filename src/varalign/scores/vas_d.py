@@ -11,6 +11,7 @@ overshoots).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -25,7 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ..backend import ResidentRows, gram64_on, projector, quadratic_rows_on
+from ..backend import ResidentRows, gram64_on, on_device, projector, quadratic_rows_on
 from ..pool import Shard, embedding_member, iter_row_blocks
 from ..select import top_k_parts
 
@@ -132,6 +133,10 @@ REMOVED, LAST = "removed_at.i32", "last.f32"
 # keeps a Ray cluster of up to ~1,000 workers busy through a round (4 tasks a worker up to 256 workers)
 MAX_GROUP = 16
 STATE_FORMAT = 2  # checkpoints of the flat-file rounds (1: every candidate's state inside the checkpoint)
+# candidates resident on a device keep their round state there too: it is written to the state files (and a
+# checkpoint taken) at most this many seconds apart, and after the last round. At DataComp-medium's 57.6M
+# candidates a write is ~460 MB, well under a second; a killed run redoes at most this much of its rounds.
+FLUSH_S = 30.0
 
 
 class VasDResult:
@@ -213,7 +218,8 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
                   block_rows: int = BLOCK_ROWS, state: dict[str, np.ndarray] | None = None,
                   checkpoint: Callable[[dict[str, np.ndarray]], None] | None = None,
                   device: str = "cpu", resident: bool | None = None, mapper: Mapper | None = None,
-                  state_dir: str | None = None, state_rows: int = STATE_ROWS) -> VasDResult:
+                  state_dir: str | None = None, state_rows: int = STATE_ROWS, flush_s: float = FLUSH_S,
+                  on_round: Callable[[int], None] | None = None) -> VasDResult:
     """Greedy backward elimination from `store.rows` candidates down to `target_count`.
 
     Memory does not grow with the candidates: their per-candidate state (the round that removed each one,
@@ -229,7 +235,11 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     On a torch `device`, `resident` copies the candidates (as stored, float16) to the device once
     and runs every round there; None (default) does so on an accelerator when they fit beside the
     rounds' working set (`backend.ResidentRows.fits`), and streams them from the store every round otherwise.
+    Resident candidates keep their round state on the device as well (scores, top-k and removals never
+    leave it; only the D×D target crosses per round): the state files are then written, and `checkpoint`
+    called, after the rounds at most `flush_s` seconds apart and after the last one.
     `mapper(fn, tasks)`: runs a round's block tasks (the engine's executor); default: `num_workers` threads.
+    `on_round(it)`: called after every round (progress, timing).
     """
     m = store.rows
     if target_count > m:
@@ -252,15 +262,20 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     result = VasDResult(state_dir, m, num_iters, chunk, keepalive)
     try:
         t0 = time.perf_counter()
-        on_device = ResidentRows.load(store.read, store.rows, store.dim, store.dtype, device, block_rows,
-                                      resident, index_rows=state_rows) if start < num_iters else None
-        t1 = time.perf_counter()
-        rounds = _Rounds(store, state_dir, state_rows, block_rows, device, on_device,
-                         mapper or thread_mapper(num_workers))
-        scored = rounds.run(state, start, num_iters, chunk, target_count, quiet, checkpoint)
+        with on_device(device) if device != "cpu" else contextlib.nullcontext():  # out of memory: one line
+            rows = ResidentRows.load(store.read, store.rows, store.dim, store.dtype, device, block_rows,
+                                     resident, index_rows=state_rows) if start < num_iters else None
+            t1 = time.perf_counter()
+            rounds = _Rounds(store, state_dir, state_rows, block_rows, device, rows,
+                             mapper or thread_mapper(num_workers), on_round)
+            if rows is not None:
+                scored = rounds.run_resident(state, start, num_iters, chunk, target_count, quiet, checkpoint,
+                                             flush_s)
+            else:
+                scored = rounds.run(state, start, num_iters, chunk, target_count, quiet, checkpoint)
         result.timing = {"load_s": t1 - t0, "rounds_s": time.perf_counter() - t1,
                          "rounds_run": max(0, num_iters - start),
-                         "candidate_rounds": scored, "resident": on_device is not None}
+                         "candidate_rounds": scored, "resident": rows is not None}
     finally:
         limits.restore_original_limits()
     return result
@@ -275,6 +290,7 @@ class _Rounds:
     device: str
     on_device: ResidentRows | None
     mapper: Mapper
+    on_round: Callable[[int], None] | None = None
 
     def spans(self) -> Iterator[tuple[int, int]]:
         for a in range(0, self.store.rows, self.state_rows):
@@ -287,7 +303,7 @@ class _Rounds:
         written one block at a time)."""
         per_block = self.state_rows // self.block_rows
         workers = max(1, int(getattr(self.mapper, "workers", 1)))
-        size = 1 if self.on_device is not None else min(MAX_GROUP, max(1, -(-4 * workers // per_block)))
+        size = min(MAX_GROUP, max(1, -(-4 * workers // per_block)))
         spans = list(self.spans())
         for g in range(0, len(spans), size):
             yield spans[g : g + size]
@@ -333,7 +349,63 @@ class _Rounds:
             state |= {"it": np.int64(it + 1), "target": target, "gram_keep": gram_keep, "n_alive": np.int64(n_alive)}
             if checkpoint is not None:
                 checkpoint(state)
+            if self.on_round is not None:
+                self.on_round(it)
         return scored
+
+    def run_resident(self, state: dict, start: int, num_iters: int, chunk: int, target_count: int, quiet: bool,
+                     checkpoint, flush_s: float) -> int:
+        """`run` with the candidates and their round state on the device (`on_device`): the same rounds, the
+        same subset. The state is read from the files once, and written back (then `checkpoint`) at most
+        `flush_s` seconds apart and after the last round. The top-k is the same as `top_k_parts`'s: the k-th
+        largest alive score, every alive candidate above it, and the earliest of those equal to it."""
+        rows, torch = self.on_device, self.on_device.torch
+        dev = rows.dev
+        removed_at = torch.empty(self.store.rows, dtype=torch.int32, device=dev)
+        last = torch.empty(self.store.rows, dtype=torch.float32, device=dev)
+        for a, b in self.spans():  # one state block of host memory at a time
+            removed_at[a:b] = torch.from_numpy(_read(self.state_dir, REMOVED, np.int32, a, b)).to(dev)
+            last[a:b] = torch.from_numpy(_read(self.state_dir, LAST, np.float32, a, b)).to(dev)
+        target, gram_keep, n_alive = state["target"], state["gram_keep"], int(state["n_alive"])
+        gram_dev = torch.from_numpy(np.ascontiguousarray(gram_keep, dtype=np.float64)).to(dev)
+        scored, flushed = 0, time.perf_counter()
+        for it in tqdm(range(start, num_iters), desc="vas_d iterations", disable=quiet, leave=False,
+                       initial=start, total=num_iters):
+            scored += n_alive
+            s = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(dev)
+            for a, b in self.spans():  # as `run`: state block by state block, in steps of 4 store blocks
+                index = torch.nonzero(removed_at[a:b] >= it).squeeze(1) + a
+                last[index] = rows.score(index, s)
+            k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
+            alive = removed_at >= it
+            gone = _device_top_k(torch, last, alive, n_alive, k).logical_not_().logical_and_(alive)
+            del alive
+            removed_at.masked_fill_(gone, it)
+            if it < num_iters - 1:
+                for a, b in self.spans():  # one Gram per state block, in order, as the rounds did with host state
+                    index = torch.nonzero(gone[a:b]).squeeze(1) + a
+                    if len(index):
+                        gram_dev -= rows.gram64(index)
+            del gone
+            removed_any, n_alive = k < n_alive, k
+            if it < num_iters - 1 and removed_any:
+                gram_keep = gram_dev.cpu().numpy()
+                target = (gram_keep / n_alive).astype(np.float32)
+            state |= {"it": np.int64(it + 1), "target": target, "gram_keep": gram_keep, "n_alive": np.int64(n_alive)}
+            if it == num_iters - 1 or time.perf_counter() - flushed >= flush_s:
+                self.flush(removed_at, last)
+                if checkpoint is not None:
+                    checkpoint(state)
+                flushed = time.perf_counter()
+            if self.on_round is not None:
+                self.on_round(it)
+        return scored
+
+    def flush(self, removed_at: Any, last: Any) -> None:
+        """The device's round state into the state files, one state block at a time."""
+        for a, b in self.spans():
+            _write(self.state_dir, REMOVED, a, removed_at[a:b].cpu().numpy())
+            _write(self.state_dir, LAST, a, last[a:b].cpu().numpy())
 
     def alive_scores(self, it: int) -> Iterator[np.ndarray]:
         """The last scores of the candidates alive in round `it`, state block by state block."""
@@ -341,8 +413,6 @@ class _Rounds:
             yield _read(self.state_dir, LAST, np.float32, a, b)[self.alive(a, b, it)]
 
     def score(self, a: int, b: int, alive: np.ndarray, target: np.ndarray) -> np.ndarray:
-        if self.on_device is not None:
-            return self.on_device.score(a + np.flatnonzero(alive), target)
         return _score_alive(self.store, alive, target, self.mapper, self.block_rows, self.device, offset=a)
 
     def subtract(self, gram_keep: np.ndarray, rows: np.ndarray, final: bool) -> np.ndarray:
@@ -350,14 +420,33 @@ class _Rounds:
         a time, in the order the rounds held in memory did (consecutive blocks of the round's removed rows,
         so the float64 sums, and the subset, do not depend on `state_rows`); returns the rows of an
         incomplete last block, left for the next call unless `final`."""
-        if self.on_device is not None:  # one call per state block (the device sums in its own order)
-            if len(rows):
-                gram_keep -= self.on_device.gram64(rows)
-            return rows[:0]
         whole = len(rows) if final else len(rows) // self.block_rows * self.block_rows
         for s in range(0, whole, self.block_rows):
             gram_keep -= gram64_on(self.store.gather(rows[s : min(s + self.block_rows, whole)]), self.device)
         return rows[whole:]
+
+
+def _device_top_k(torch, values: Any, alive: Any, n_alive: int, k: int) -> Any:
+    """`select.top_k_mask` of the alive `values` on the device, as a flag per candidate: the k-th largest alive
+    value, the alive candidates above it, and the earliest alive candidates equal to it up to k. The k-th value
+    comes from `torch.topk` of the smaller side (the k largest, or the n - k + 1 smallest) over all candidates
+    with the others set to -inf (or +inf), where they rank last: 4 B a candidate, no index of the alive ones."""
+    if k >= n_alive:
+        return alive.clone()
+    if k <= 0:
+        return torch.zeros_like(alive)
+    largest = k <= n_alive - k + 1
+    fill = torch.tensor(-math.inf if largest else math.inf, dtype=values.dtype, device=values.device)
+    masked = torch.where(alive, values, fill)
+    side = torch.topk(masked, k if largest else n_alive - k + 1, largest=largest, sorted=False).values
+    kth = side.min() if largest else side.max()
+    del masked, side
+    keep = (values > kth).logical_and_(alive)
+    need = k - int(keep.sum())
+    if need > 0:
+        ties = torch.nonzero((values == kth).logical_and_(alive)).squeeze(1)[:need]
+        keep[ties] = True
+    return keep
 
 
 Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
