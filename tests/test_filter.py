@@ -189,6 +189,67 @@ def test_vas_d_resident_state_is_written_every_flush_s(tmp_path) -> None:
     assert np.array_equal(again.removed_at, cpu.removed_at)
 
 
+def test_vas_d_resident_targets_equal_the_streamed_rounds(tmp_path) -> None:
+    """Resident on a device, the rounds subtract the removed rows' Grams in the streamed rounds' blocks and
+    order on that device: every round's Gram of the kept rows is bit for bit the streamed one, whatever the
+    state block size."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    f = rng.standard_normal((6000, 24)).astype(np.float16)
+    f32 = f.astype(np.float32)
+    gram = f32.T.astype(np.float64) @ f32
+    first = (gram / len(f)).astype(np.float32)
+    store = CandidateStore.from_array(f)
+    runs = {}
+    for label, resident, state_rows in (("streamed", False, 1024), ("resident", True, 1024),
+                                        ("resident, one state block", True, 8192)):
+        grams: list[np.ndarray] = []
+        res = vas_d_iterate(store, gram, first, 2000, 6, block_rows=256, state_rows=state_rows, device="torch-cpu",
+                            resident=resident, flush_s=0, checkpoint=lambda st, g=grams: g.append(st["gram_keep"]))
+        runs[label] = (res.removed_at, grams)
+    removed, grams = runs["streamed"]
+    assert len(grams) == 6
+    for label in ("resident", "resident, one state block"):
+        assert np.array_equal(runs[label][0], removed), label
+        assert all(np.array_equal(a, b) for a, b in zip(runs[label][1], grams, strict=True)), label
+
+
+@pytest.mark.parametrize("device, resident", [("cpu", None), ("torch-cpu", True)])
+def test_vas_d_resume_undoes_removals_written_after_the_checkpoint(tmp_path, device, resident) -> None:
+    """State files that hold removals of rounds after the checkpoint (a run killed between its writes and its
+    checkpoint; rerun elsewhere, a float tie may go the other way) are rewound to the checkpoint's round: the
+    resumed run ends as an uninterrupted one, not with candidates that a later round of another run removed."""
+    if device != "cpu":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    f = rng.standard_normal((3000, 16)).astype(np.float16)
+    f32 = f.astype(np.float32)
+    gram = f32.T.astype(np.float64) @ f32
+    first = (gram / len(f)).astype(np.float32)
+    store = CandidateStore.from_array(f)
+    saved = {}
+
+    def checkpoint(state):
+        if int(state["it"]) == 2:
+            saved.update({k: np.copy(v) for k, v in state.items()})
+
+    state_dir = tmp_path / "rounds"
+    state_dir.mkdir()
+    whole = vas_d_iterate(store, gram, first, 1000, 6, block_rows=256, device=device, resident=resident,
+                          checkpoint=checkpoint, state_dir=str(state_dir), flush_s=0)
+    assert int(saved["it"]) == 2
+    # what another run's later rounds could have left: survivors marked as removed in round 4 (still alive in
+    # round 2, so the files agree with the checkpoint's count)
+    removed = np.fromfile(state_dir / "removed_at.i32", dtype=np.int32)
+    survivors = np.flatnonzero(removed == 6)[:50]
+    removed[survivors] = 4
+    removed.tofile(state_dir / "removed_at.i32")
+    resumed = vas_d_iterate(store, gram, first, 1000, 6, block_rows=256, device=device, resident=resident,
+                            state=saved, state_dir=str(state_dir), flush_s=0)
+    assert resumed.timing["rounds_run"] == 4  # resumed, not started over
+    assert np.array_equal(resumed.removed_at, whole.removed_at) and resumed.keep.sum() == 1000
+
+
 @pytest.mark.parametrize("k", [0, 1, 7, 20, 33, 40])
 def test_device_top_k_breaks_ties_like_top_k_mask(k: int) -> None:
     """The resident rounds' top-k on the device keeps what `select.top_k_mask` keeps of the alive values: ties
@@ -201,10 +262,11 @@ def test_device_top_k_breaks_ties_like_top_k_mask(k: int) -> None:
     alive = np.ones(len(values), dtype=bool)
     alive[[3, 11, 12, 30, 47]] = False
     n = int(alive.sum())
-    got = _device_top_k(torch, torch.from_numpy(values), torch.from_numpy(alive), n, k).numpy()
     want = np.zeros(len(values), dtype=bool)
     want[np.flatnonzero(alive)[top_k_mask(values[alive], k)]] = True
-    assert got.sum() == min(k, n) and np.array_equal(got, want)
+    for tie_rows in (1 << 20, 8, 1):  # the ties looked for in one block, or across several
+        got = _device_top_k(torch, torch.from_numpy(values), torch.from_numpy(alive), n, k, tie_rows=tie_rows)
+        assert got.sum() == min(k, n) and np.array_equal(got.numpy(), want), tie_rows
 
 
 def test_vas_d_residency_rule(monkeypatch, capsys) -> None:

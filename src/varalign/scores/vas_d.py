@@ -134,8 +134,9 @@ REMOVED, LAST = "removed_at.i32", "last.f32"
 MAX_GROUP = 16
 STATE_FORMAT = 2  # checkpoints of the flat-file rounds (1: every candidate's state inside the checkpoint)
 # candidates resident on a device keep their round state there too: it is written to the state files (and a
-# checkpoint taken) at most this many seconds apart, and after the last round. At DataComp-medium's 57.6M
-# candidates a write is ~460 MB, well under a second; a killed run redoes at most this much of its rounds.
+# checkpoint taken) after the first round that ends this many seconds after the last write, and after the last
+# round. At DataComp-medium's 57.6M candidates a write is ~460 MB, well under a second; a killed run redoes
+# about this much of its rounds (plus one round and the write it was in).
 FLUSH_S = 30.0
 
 
@@ -206,6 +207,20 @@ def _resumable(state: dict, state_dir: str, rows: int, state_rows: int) -> bool:
     return alive == int(state["n_alive"])
 
 
+def _rewind(state_dir: str, rows: int, it: int, num_iters: int, state_rows: int) -> None:
+    """Undo, in the state files, the removals of rounds `it` and later (a killed run's rounds after its checkpoint):
+    those candidates are alive again in round `it`. Rerun on another device (or the CPU) a round may score a
+    candidate a float tie apart and keep one the killed run removed; rewound, the files still agree with the
+    checkpoint's alive count whatever the rerun decides."""
+    for a in range(0, rows, state_rows):
+        b = min(a + state_rows, rows)
+        removed_at = _read(state_dir, REMOVED, np.int32, a, b)
+        later = (removed_at >= it) & (removed_at < num_iters)
+        if later.any():
+            removed_at[later] = num_iters
+            _write(state_dir, REMOVED, a, removed_at)
+
+
 def _init_state_files(state_dir: str, rows: int, num_iters: int, state_rows: int) -> None:
     for name, dtype, fill in ((REMOVED, np.int32, num_iters), (LAST, np.float32, np.nan)):
         with open(os.path.join(state_dir, name), "wb") as fh:
@@ -230,14 +245,16 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
 
     `checkpoint(state)` is called after every round with the small state (`it`, `target`, `gram_keep`,
     `n_alive`); passing it back with the same `state_dir` resumes after that round with identical results.
-    A round is idempotent: it reads a candidate as alive when `removed_at >= it` and only writes `it` into
-    `removed_at`, so a round cut short (or any earlier checkpoint) resumes from the files as they are.
+    A round reads a candidate as alive when `removed_at >= it` and only writes `it` into `removed_at`; a resumed
+    run first resets the removals of the rounds after its checkpoint (a round cut short, or rounds written
+    after an earlier checkpoint), so it resumes from the files whatever they hold of those rounds.
     On a torch `device`, `resident` copies the candidates (as stored, float16) to the device once
     and runs every round there; None (default) does so on an accelerator when they fit beside the
     rounds' working set (`backend.ResidentRows.fits`), and streams them from the store every round otherwise.
     Resident candidates keep their round state on the device as well (scores, top-k and removals never
-    leave it; only the D×D target crosses per round): the state files are then written, and `checkpoint`
-    called, after the rounds at most `flush_s` seconds apart and after the last one.
+    leave it; only the D×D target and Gram cross per round): the state files are then written, and
+    `checkpoint` called, after the first round that ends `flush_s` seconds after the last write, and after
+    the last round.
     `mapper(fn, tasks)`: runs a round's block tasks (the engine's executor); default: `num_workers` threads.
     `on_round(it)`: called after every round (progress, timing).
     """
@@ -252,6 +269,8 @@ def vas_d_iterate(store: CandidateStore, gram_candidates: np.ndarray, first_targ
     state_rows = max(block_rows, state_rows // block_rows * block_rows)  # whole blocks per state block
     if state is not None and not _resumable(state, state_dir, m, state_rows):
         state = None  # an earlier version's checkpoint, files gone, or files that do not match it: start over
+    if state is not None:
+        _rewind(state_dir, m, int(state["it"]), num_iters, state_rows)
     if state is None:
         _init_state_files(state_dir, m, num_iters, state_rows)
         state = {"it": np.int64(0), "target": np.asarray(first_target, dtype=np.float32),
@@ -356,9 +375,12 @@ class _Rounds:
     def run_resident(self, state: dict, start: int, num_iters: int, chunk: int, target_count: int, quiet: bool,
                      checkpoint, flush_s: float) -> int:
         """`run` with the candidates and their round state on the device (`on_device`): the same rounds, the
-        same subset. The state is read from the files once, and written back (then `checkpoint`) at most
-        `flush_s` seconds apart and after the last round. The top-k is the same as `top_k_parts`'s: the k-th
-        largest alive score, every alive candidate above it, and the earliest of those equal to it."""
+        removed rows' Grams subtracted in the same blocks and order as `run` streaming the candidates to that
+        device (so the targets do not depend on residency or `state_rows`; the scores are taken in other groups
+        of rows, which may move one by a float rounding), so the same subset up to float ties. The state is
+        read from the files once, and written back (then `checkpoint`) after the first round that ends
+        `flush_s` seconds after the last write, and after the last round. The top-k is `top_k_parts`'s: the
+        k-th largest alive score, every alive candidate above it, and the earliest of those equal to it."""
         rows, torch = self.on_device, self.on_device.torch
         dev = rows.dev
         removed_at = torch.empty(self.store.rows, dtype=torch.int32, device=dev)
@@ -374,18 +396,23 @@ class _Rounds:
             scored += n_alive
             s = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(dev)
             for a, b in self.spans():  # as `run`: state block by state block, in steps of 4 store blocks
-                index = torch.nonzero(removed_at[a:b] >= it).squeeze(1) + a
+                index = torch.nonzero(removed_at[a:b] >= it).squeeze(1).add_(a)
                 last[index] = rows.score(index, s)
             k = target_count if it == num_iters - 1 else max(target_count, n_alive - chunk)
             alive = removed_at >= it
             gone = _device_top_k(torch, last, alive, n_alive, k).logical_not_().logical_and_(alive)
             del alive
             removed_at.masked_fill_(gone, it)
-            if it < num_iters - 1:
-                for a, b in self.spans():  # one Gram per state block, in order, as the rounds did with host state
-                    index = torch.nonzero(gone[a:b]).squeeze(1) + a
-                    if len(index):
-                        gram_dev -= rows.gram64(index)
+            if it < num_iters - 1:  # as `subtract`: blocks of `block_rows` removed rows, the last one may be short
+                pending = torch.empty(0, dtype=torch.int64, device=dev)
+                for a, b in self.spans():
+                    pending = torch.cat([pending, torch.nonzero(gone[a:b]).squeeze(1).add_(a)])
+                    whole = len(pending) // self.block_rows * self.block_rows
+                    for r in range(0, whole, self.block_rows):
+                        gram_dev -= rows.gram64(pending[r : r + self.block_rows])
+                    pending = pending[whole:]
+                if len(pending):
+                    gram_dev -= rows.gram64(pending)
             del gone
             removed_any, n_alive = k < n_alive, k
             if it < num_iters - 1 and removed_any:
@@ -426,7 +453,7 @@ class _Rounds:
         return rows[whole:]
 
 
-def _device_top_k(torch, values: Any, alive: Any, n_alive: int, k: int) -> Any:
+def _device_top_k(torch, values: Any, alive: Any, n_alive: int, k: int, tie_rows: int = STATE_ROWS) -> Any:
     """`select.top_k_mask` of the alive `values` on the device, as a flag per candidate: the k-th largest alive
     value, the alive candidates above it, and the earliest alive candidates equal to it up to k. The k-th value
     comes from `torch.topk` of the smaller side (the k largest, or the n - k + 1 smallest) over all candidates
@@ -436,16 +463,19 @@ def _device_top_k(torch, values: Any, alive: Any, n_alive: int, k: int) -> Any:
     if k <= 0:
         return torch.zeros_like(alive)
     largest = k <= n_alive - k + 1
-    fill = torch.tensor(-math.inf if largest else math.inf, dtype=values.dtype, device=values.device)
-    masked = torch.where(alive, values, fill)
+    masked = torch.where(alive, values, -math.inf if largest else math.inf)
     side = torch.topk(masked, k if largest else n_alive - k + 1, largest=largest, sorted=False).values
     kth = side.min() if largest else side.max()
     del masked, side
     keep = (values > kth).logical_and_(alive)
     need = k - int(keep.sum())
-    if need > 0:
-        ties = torch.nonzero((values == kth).logical_and_(alive)).squeeze(1)[:need]
+    for a in range(0, len(values), tie_rows):  # the earliest ties, a block at a time (ties may be most rows)
+        if need <= 0:
+            break
+        ties = torch.nonzero((values[a : a + tie_rows] == kth).logical_and_(alive[a : a + tie_rows])).squeeze(1)
+        ties = ties[:need].add_(a)
         keep[ties] = True
+        need -= len(ties)
     return keep
 
 
