@@ -161,6 +161,30 @@ def test_out_of_memory_is_one_line_not_a_cpu_fallback(uneven, tmp_path, capsys, 
     assert not (tmp_path / "s.npy").exists()
 
 
+@pytest.mark.parametrize("message, line", [
+    ("CUDA error: an illegal memory access was encountered. Compile with TORCH_USE_CUDA_DSA",
+     "--device torch-cpu: CUDA error: an illegal memory access was encountered"),
+    ("CUDA_ERROR_LAUNCH_FAILED", "--device torch-cpu: CUDA_ERROR_LAUNCH_FAILED"),
+    ("HIP error: invalid device function", "--device torch-cpu: HIP error: invalid device function"),
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB", "--device torch-cpu: out of memory"),
+    ("MPS backend out of memory (MPS allocated: 9 GB)", "--device torch-cpu: out of memory"),
+    ("bad relationship between the shapes", None),  # names no device ("hip" inside a word): raised as it is
+    ("mat1 and mat2 shapes cannot be multiplied", None),
+])
+def test_device_errors_are_one_line_others_raised_as_they_are(message: str, line: str | None) -> None:
+    """A RuntimeError inside `on_device` that names the device (a whole word) or its memory becomes one
+    VaralignError line; any other is a bug of ours, raised with its traceback."""
+    from varalign import backend
+
+    with pytest.raises(VaralignError if line else RuntimeError) as caught:
+        with backend.on_device("torch-cpu"):
+            raise RuntimeError(message)
+    if line:
+        assert str(caught.value).startswith(line) and "\n" not in str(caught.value)
+    else:
+        assert caught.type is RuntimeError and str(caught.value) == message
+
+
 def test_target_on_a_device(uneven, tmp_path) -> None:
     assert main(["target", str(uneven / "pool"), "--save_path", str(tmp_path / "cpu.npy"), "--quiet"]) == 0
     assert main(["target", str(uneven / "pool"), "--save_path", str(tmp_path / "dev.npy"), "--device", "torch-cpu",

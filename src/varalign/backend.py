@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 import threading
 import weakref
@@ -265,8 +266,9 @@ _TINY = 1e-20  # negCLIPLoss column sums below this are recomputed exactly (as s
 _LOCKS: dict[str, threading.RLock] = {}
 _LOCKS_GUARD = threading.Lock()
 _HALF_MM: dict[str, bool] = {}
-_DEVICE_WORDS = ("out of memory", "cuda", "cublas", "hip", "mps", "xpu", "device-side", "device ordinal",
-                 "can't allocate memory")
+# a RuntimeError that names the device or its memory (whole words: "relationship" does not name HIP)
+_DEVICE_ERROR = re.compile(r"(?<![a-z])(cuda|cublas|cudnn|hip|mps|xpu)(?![a-z])|device-side|device ordinal")
+_OOM = re.compile(r"out of memory|(tried|failed) to allocate|can't allocate memory")
 
 
 @contextlib.contextmanager
@@ -283,9 +285,8 @@ def on_device(device: str) -> Iterator[tuple[Any, Any]]:
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             text = " ".join(str(exc).split())
             low = text.lower()
-            oom = isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in low \
-                or "allocate" in low
-            if not (oom or any(word in low for word in _DEVICE_WORDS)):
+            oom = isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or _OOM.search(low) is not None
+            if not (oom or _DEVICE_ERROR.search(low)):
                 raise
             first = text.split(". ")[0][:240] or type(exc).__name__
             if oom:
