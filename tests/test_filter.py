@@ -148,17 +148,20 @@ def test_vas_d_on_a_torch_device_matches_numpy(tmp_path, resident: bool) -> None
     assert cpu.timing["resident"] is False and cpu.timing["rounds_s"] > 0
 
 
+def _candidates(seed: int, rows: int, dim: int) -> tuple[CandidateStore, np.ndarray, np.ndarray]:
+    """Random float16 candidates in memory, their Gram (float64) and the first target (their mean outer product)."""
+    f = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float16)
+    f32 = f.astype(np.float32)
+    gram = f32.T.astype(np.float64) @ f32
+    return CandidateStore.from_array(f), gram, (gram / rows).astype(np.float32)
+
+
 def test_vas_d_resident_state_is_written_every_flush_s(tmp_path) -> None:
     """With the candidates resident, the round state stays on the device: by default (flush every 30 s) a short
     run writes the state files and checkpoints once, after the last round, while `on_round` sees every round;
     the subset equals the numpy rounds' with state blocks smaller than the pool (several per round)."""
     pytest.importorskip("torch")
-    rng = np.random.default_rng(5)
-    f = rng.standard_normal((2500, 16)).astype(np.float16)
-    f32 = f.astype(np.float32)
-    gram = f32.T.astype(np.float64) @ f32
-    first = (gram / len(f)).astype(np.float32)
-    store = CandidateStore.from_array(f)
+    store, gram, first = _candidates(5, 2500, 16)
     cpu = vas_d_iterate(store, gram, first, 900, 5, block_rows=256, state_rows=512)
     saved: list[int] = []
     seen: list[int] = []
@@ -194,12 +197,7 @@ def test_vas_d_resident_targets_equal_the_streamed_rounds(tmp_path) -> None:
     order on that device: every round's Gram of the kept rows is bit for bit the streamed one, whatever the
     state block size."""
     pytest.importorskip("torch")
-    rng = np.random.default_rng(9)
-    f = rng.standard_normal((6000, 24)).astype(np.float16)
-    f32 = f.astype(np.float32)
-    gram = f32.T.astype(np.float64) @ f32
-    first = (gram / len(f)).astype(np.float32)
-    store = CandidateStore.from_array(f)
+    store, gram, first = _candidates(9, 6000, 24)
     runs = {}
     for label, resident, state_rows in (("streamed", False, 1024), ("resident", True, 1024),
                                         ("resident, one state block", True, 8192)):
@@ -221,12 +219,7 @@ def test_vas_d_resume_undoes_removals_written_after_the_checkpoint(tmp_path, dev
     resumed run ends as an uninterrupted one, not with candidates that a later round of another run removed."""
     if device != "cpu":
         pytest.importorskip("torch")
-    rng = np.random.default_rng(4)
-    f = rng.standard_normal((3000, 16)).astype(np.float16)
-    f32 = f.astype(np.float32)
-    gram = f32.T.astype(np.float64) @ f32
-    first = (gram / len(f)).astype(np.float32)
-    store = CandidateStore.from_array(f)
+    store, gram, first = _candidates(4, 3000, 16)
     saved = {}
 
     def checkpoint(state):
