@@ -845,3 +845,18 @@ def test_target_cli_pool_with_nan(tenv: TargetEnv, capsys: pytest.CaptureFixture
     tenv.write(lambda s: s[0]["l14_img"].__setitem__((6, 6), np.inf))
     line = cli_error(tenv, capsys, _target_argv(tenv, tenv.pool), N0)
     assert "row 6" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["filter", "--name", "clip_score", "--arch", "l14", "--fraction", "abc"],
+     "varalign filter: error: argument --fraction: invalid float value: 'abc' (see `varalign filter --help`)"),
+    (["filter", "--name", "clip_score", "--arch", "x99"], "varalign filter: error: argument --arch: invalid choice"),
+    (["filter", "--frobnicate", "3"], "varalign: error: unrecognized arguments: --frobnicate 3"),
+    (["no_such_command"], "varalign: error: argument command: invalid choice: 'no_such_command'"),
+])
+def test_a_malformed_command_line_is_one_line(argv: list[str], message: str, capsys) -> None:
+    """argparse's errors, as every other: one line (the usage is `--help`'s), exit code 2 (argparse's)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err

@@ -82,6 +82,18 @@ fraction = 0.2
     ('op = "xor"\n[[parts]]\n[[parts]]', "op must be"),
     ('stages = 3 =', "not valid TOML"),
     ('colour = "red"', "unknown recipe key 'colour'"),
+    # values of the wrong type, and recipes that select nothing: one line, before any work
+    ('[[stages]]\nscore = "clip_score"\narch = "l14"\nfraction = "lots"', "fraction must be a number, got 'lots'"),
+    ('[[stages]]\nscore = "clip_score"\narch = "l14"\nfraction = true', "fraction must be a number, got True"),
+    ('[[stages]]\nscore = "clip_score"\narch = "l14"\nthreshold = "x"', "threshold must be a number, got 'x'"),
+    ('[[stages]]\nscore = "vas"\narch = "l14"\nthreshold = [1, 2]', "threshold must be a number, got [1, 2]"),
+    ('[[stages]]\nscore = "vas"\narch = "l14"\ntarget = 7\nfraction = 0.3', "target must be a path (a string)"),
+    ('[[stages]]\nscore = 5\nfraction = 0.3', "`score` must be a string, got 5"),
+    ('stages = [1, 2]', "`stages` must be a list of tables"),
+    ('name = 5\n[[stages]]\nscore = "clip_score"\narch = "l14"\nfraction = 0.3', "`name` must be a string"),
+    ('', "has no stages"),
+    ('name = "x"\nstages = []', "recipe 'x' has no stages"),
+    ('op = "union"\n[[parts]]\nname = "a"\n[[parts]]\nname = "b"', "recipe 'a' has no stages"),
 ])
 def test_bad_recipe_one_line_error(synth_pool, tmp_path, capsys, text, message) -> None:
     path = _write(tmp_path, text)

@@ -213,10 +213,18 @@ def _note(args: argparse.Namespace, text: str) -> None:
         print(f"varalign: note: {text}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a malformed command line reported in one line (exit code 2, argparse's), the usage left
+    to `--help`; the subcommands' parsers are of this class too (`add_subparsers` takes the parent's)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(prog="varalign", description="Select CLIP pretraining data: VAS, VAS-D, "
+    parser = _Parser(prog="varalign", description="Select CLIP pretraining data: VAS, VAS-D, "
                                      "CLIP score on DataComp pools.")
     parser.add_argument("--version", action="version", version=f"varalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

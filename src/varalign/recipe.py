@@ -113,27 +113,62 @@ def load_recipe(path_or_name: str | os.PathLike) -> Recipe:
         raise VaralignError(f"cannot read recipe ({exc})", path) from None
     except tomllib.TOMLDecodeError as exc:
         raise VaralignError(f"recipe is not valid TOML ({exc})", path) from None
-    return _recipe_from_dict(data, path.stem, path.parent, path)
+    recipe = _recipe_from_dict(data, path.stem, path.parent, path)
+    _check_selects(recipe, path)
+    return recipe
+
+
+def _check_selects(recipe: Recipe, source: Path) -> None:
+    """A recipe file (or a part of one) without stages would keep the whole pool: surely a mistake (`--name
+    no_filter` says it on purpose). An op that is not one `validate_recipe` knows is left for it to name."""
+    if recipe.op in ("intersection", "union"):
+        for part in recipe.parts:
+            _check_selects(part, source)
+    elif not recipe.op and not recipe.stages:
+        raise VaralignError(f"recipe {recipe.name!r} has no stages (and no op over parts): it would keep the "
+                            "whole pool", source)
 
 
 def _recipe_from_dict(data: dict, default_name: str, base: Path, source: Path) -> Recipe:
     unknown = set(data) - {"name", "description", "stages", "op", "parts"}
     if unknown:
         raise VaralignError(f"unknown recipe key {sorted(unknown)[0]!r}", source)
+    for key in ("name", "description", "op"):
+        _check_type(data, key, str, "a string", source)
+    for key in ("stages", "parts"):
+        if not (isinstance(data.get(key, []), list) and all(isinstance(x, dict) for x in data.get(key, []))):
+            raise VaralignError(f"`{key}` must be a list of tables ([[{key}]] blocks), got {data[key]!r}", source)
     parts = [_recipe_from_dict(p, f"{default_name}.{i}", base, source) for i, p in enumerate(data.get("parts", []))]
     stages = []
     for raw in data.get("stages", []):
         if "score" not in raw:
             raise VaralignError("every stage needs `score = ...`", source)
+        for key in ("score", "select", "label"):
+            _check_type(raw, key, str, "a string", source)
+        for key in ("fraction", "threshold"):
+            if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], (int, float))):
+                raise VaralignError(f"stage {raw['score']!r}: {key} must be a number, got {raw[key]!r}", source)
+        for key, value in raw.items():
+            if key not in STAGE_KEYS and _is_path_key(key) and not isinstance(value, str):
+                raise VaralignError(f"stage {raw['score']!r}: {key} must be a path (a string), got {value!r}", source)
         params = {k: _resolve(k, v, base) for k, v in raw.items() if k not in STAGE_KEYS}
         stages.append(Stage(raw["score"], params, raw.get("fraction"), raw.get("threshold"),
                             raw.get("select", "top_k"), raw.get("label", "")))
     return Recipe(data.get("name", default_name), data.get("description", ""), stages, data.get("op"), parts)
 
 
+def _check_type(table: dict, key: str, kind: type, words: str, source: Path) -> None:
+    if key in table and not isinstance(table[key], kind):
+        raise VaralignError(f"`{key}` must be {words}, got {table[key]!r}", source)
+
+
+def _is_path_key(key: str) -> bool:
+    return key.endswith(("path", "target", "_file"))
+
+
 def _resolve(key: str, value: Any, base: Path) -> Any:
     """Relative paths in a recipe are relative to the recipe file."""
-    if key.endswith(("path", "target", "_file")) and isinstance(value, str) and not os.path.isabs(value):
+    if _is_path_key(key) and isinstance(value, str) and not os.path.isabs(value):
         candidate = base / value
         return str(candidate) if candidate.exists() else value
     return value
