@@ -1,5 +1,7 @@
 """Recipes: presets equal the --name methods, set operations, validation before any work."""
 
+import os
+
 import numpy as np
 import pytest
 from reference_impl import load_pool, top_k
@@ -70,6 +72,28 @@ fraction = 0.2
         expected = sort_uids(hex_to_uids([uids[i] for i in sorted(rows)]))
         assert np.array_equal(res.uids, expected)
         assert res.counts["l14.clip_score"] == 600 and res.counts["b32.clip_score"] == 600
+
+
+def test_recipe_paths_are_relative_to_the_recipe_file_only(synth_pool, tmp_path, monkeypatch, capsys) -> None:
+    """A relative target is looked for beside the recipe, never in the current folder (a file of that name
+    there is not silently used); `~` and URLs are kept."""
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.toml"
+    recipe.write_text('[[stages]]\nscore = "vas"\narch = "l14"\ntarget = "t.npy"\nfraction = 0.3\n'
+                      '[[stages]]\nscore = "vas"\narch = "l14"\ntarget = "s3://bucket/t.npy"\nfraction = 0.2\n'
+                      'label = "remote"\n[[stages]]\nscore = "vas"\narch = "l14"\ntarget = "~/t.npy"\n'
+                      'fraction = 0.1\nlabel = "home"\n')
+    stages = load_recipe(recipe).stages
+    assert stages[0].params["target"] == str(tmp_path / "recipes" / "t.npy")
+    assert stages[1].params["target"] == "s3://bucket/t.npy"
+    assert stages[2].params["target"] == os.path.expanduser("~/t.npy")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.npy").write_bytes((synth_pool / "files" / "variance" / "variance_imagenet_1k.npy").read_bytes())
+    code = main(["filter", "--recipe", str(recipe), "--metadata_dir", str(synth_pool / "pool"),
+                 "--save_path", str(tmp_path / "out.npy"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and str(tmp_path / "recipes" / "t.npy") in err, err
+    assert not (tmp_path / "out.npy").exists()
 
 
 @pytest.mark.parametrize("text, message", [

@@ -107,7 +107,7 @@ def find_asset(name: str, cache_path: str | os.PathLike | None = None, download:
     looked = ", ".join(map(str, paths))
     raise VaralignError(
         f"DataComp asset {asset.name!r} not found (looked for {looked}); download {asset.url} to {paths[0]}, "
-        "pass its folder as the cache path, or allow downloading")
+        "pass its folder with --cache_path, or add --download to fetch it")
 
 
 def check_sha256(path: str | os.PathLike, expected: str) -> bool:

@@ -149,7 +149,7 @@ def _run_centroids(args: argparse.Namespace) -> int:
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the paper's methods on a real-image mini pool, print what each kept, "
                                     "write the subsets and an HTML report",
-                       description="Builds (once, about 2 minutes on 2 cores) or reuses the real-image mini pool of "
+                       description="Builds (once, about 3 minutes on 2 cores) or reuses the real-image mini pool of "
                                    "`varalign minicomp build`, runs no filter, CLIP score, VAS and VAS-D ∩ CLIP "
                                    "score, negCLIPLoss (∩ NormSim) and DataComp's basic rules on it, and prints the "
                                    "share of each hidden noise kind each kept. Needs the [demo] extra; "

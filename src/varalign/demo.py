@@ -192,7 +192,7 @@ def _ensure_pool(root: Path, config, fashion_mnist_dir: str | None, quiet: bool,
             )
         print(
             f"building the real-image mini pool ({cfg.size:,} samples; trains a teacher CLIP on "
-            f"{cfg.teacher_samples:,} samples; once; at the default size about 2 minutes on 2 idle cores, "
+            f"{cfg.teacher_samples:,} samples; once; at the default size about 3 minutes on 2 idle cores, "
             f"several times that on a busy machine{'' if quiet else '; progress on stderr'}) -> {root}"
         )
         sys.stdout.flush()

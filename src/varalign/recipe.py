@@ -167,11 +167,12 @@ def _is_path_key(key: str) -> bool:
 
 
 def _resolve(key: str, value: Any, base: Path) -> Any:
-    """Relative paths in a recipe are relative to the recipe file."""
-    if _is_path_key(key) and isinstance(value, str) and not os.path.isabs(value):
-        candidate = base / value
-        return str(candidate) if candidate.exists() else value
-    return value
+    """Relative paths in a recipe are relative to the recipe file (never the current folder: a missing file is
+    reported where the recipe says it is); `~` is the home folder; URLs (`s3://...`) are left as they are."""
+    if not (_is_path_key(key) and isinstance(value, str)) or "://" in value:
+        return value
+    value = os.path.expanduser(value)
+    return value if os.path.isabs(value) else str(base / value)
 
 
 def list_presets() -> dict[str, str]:
