@@ -642,8 +642,19 @@ def test_given_uids_works(env: Env, capsys: pytest.CaptureFixture) -> None:
     uids = hex_to_uids(env.shards()[0]["uid"][:10])
     path = env.tmp / "given.bin"
     path.write_bytes(np.sort(uids).tobytes())
-    cli_ok(env, capsys, env.argv("no_filter") + ["--given_uids_path", str(path)])
+    err = cli_ok(env, capsys, env.argv("no_filter") + ["--given_uids_path", str(path)])
     assert np.array_equal(np.sort(np.load(env.out / "subset.npy")), np.sort(uids.astype(UID_DTYPE)))
+    assert "none of the uids" not in err
+
+
+def test_given_uids_none_in_the_pool_is_an_empty_subset_with_a_note(env: Env, capsys: pytest.CaptureFixture) -> None:
+    """uids of another pool: not an error (an empty subset is a subset), but a note says it."""
+    env.write()
+    path = env.tmp / "other.npy"
+    np.save(path, hex_to_uids(["f" * 32, "e" * 32]))
+    err = cli_ok(env, capsys, env.argv("no_filter") + ["--given_uids_path", str(path)])
+    assert len(np.load(env.out / "subset.npy")) == 0
+    assert f"varalign: note: none of the uids in {path} is in the pool: the subset is empty" in err
 
 
 # ----------------------------------------------------------------------------- outputs and parallel runs

@@ -227,6 +227,9 @@ class Run:
             raise VaralignError("duplicate uid across shards (also in an earlier shard)", self.shards[later].parquet)
         self.n_pool = int(sum(self.sizes))
         self.counts["pool"] = self.n_pool
+        if self.given and self.n_pool == 0:  # not an error (a subset may miss a pool), but surely worth saying
+            print(f"varalign: note: none of the uids in {self.given} is in the pool: the subset is empty",
+                  file=sys.stderr)
         self.clock.lap("scan")
 
     def evaluate(self, recipe: Recipe, alive: Mask, prefix: str, key: str) -> Mask:
