@@ -30,8 +30,8 @@ class FilterOptions:
     save_scores: str | None = param(None, help="also write a parquet of uid + every score computed")
     seed: int = param(0, type=int, low=0, help="seed for randomised scores (negCLIPLoss batches)")
     device: str = param("cpu", type=str, help="cpu (numpy/BLAS, default) or a torch device such as cuda, cuda:1 "
-                                              "(VAS, VAS-D, negCLIPLoss, NormSim and image_based math on the GPU; needs "
-                                              "torch)")
+                                              "(every embedding score's math on the GPU: the README's GPU section lists "
+                                              "them; needs torch)")
     num_workers: int | None = param(None, type=int, low=1, help="parallel shards (default: all cores)")
     batch_size_vass: int | None = param(None, type=int, low=1, help="accepted for compatibility (bounds memory only)")
     storage_options: str | None = param(None, help="fsspec options for URLs (s3://, gs://, hf://) as JSON, e.g. "
