@@ -130,11 +130,21 @@ def test_reshard_refuses_non_empty_output(data: Path, tmp_path: Path) -> None:
     (tmp_path / "out" / "00000007.tar").unlink()
     assert run_cli(argv) == 0
     (tmp_path / "out" / "notes.txt").write_text("the user's")
-    with pytest.raises(VaralignError, match="not empty"):
+    with pytest.raises(VaralignError, match="holds a finished reshard"):
         run_cli(argv)
+    # files named like shards that the earlier run (1 shard, in its meta.json) did not write are the user's, as is
+    # a .reshard-work folder varalign did not create
+    (tmp_path / "out" / "00000005.tar").write_bytes(b"mine")
+    (tmp_path / "out" / ".reshard-work").mkdir()
+    (tmp_path / "out" / ".reshard-work" / "keep.txt").write_text("mine")
+    with pytest.raises(VaralignError, match=".reshard-work in the output directory was not created by varalign"):
+        run_cli([*argv, "--overwrite"])
+    (tmp_path / "out" / ".reshard-work" / "keep.txt").unlink()
+    (tmp_path / "out" / ".reshard-work").rmdir()
     assert run_cli([*argv, "--overwrite"]) == 0  # replaces its own earlier output, nothing else
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "00000000.tar", "00000000_stats.json", "meta.json", "notes.txt", "sample_ids.npy"]
+        "00000000.tar", "00000000_stats.json", "00000005.tar", "meta.json", "notes.txt", "sample_ids.npy"]
+    assert (tmp_path / "out" / "00000005.tar").read_bytes() == b"mine"
     with pytest.raises(VaralignError, match="output directory is the input"):
         run_cli(["reshard", "-i", str(data / "shards"), "-o", str(data / "shards"), "-s", str(tmp_path / "s.npy")])
     with pytest.raises(VaralignError, match="subset file"):

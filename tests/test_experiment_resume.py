@@ -97,8 +97,9 @@ def test_reshard_interrupted_keeps_the_shards_indexed(shards: Path, tmp_path: Pa
     indexed = []
     real = reshard_module._index_shard
     monkeypatch.setattr(reshard_module, "_index_shard", lambda *a: indexed.append(a[0]) or real(*a))
+    # the same command again (no --overwrite: the folder holds this unfinished reshard, its marker and no meta.json)
     r = reshard_module.reshard(shards, tmp_path / "out", tmp_path / "s.npy", shard_size=16, num_workers=1,
-                               overwrite=True, quiet=True)
+                               quiet=True)
     assert indexed == [] and r.output_samples == 100  # every input shard's index reused
     assert not work.exists()
     assert _files(tmp_path / "out") == _files(tmp_path / "clean")

@@ -125,7 +125,8 @@ def test_reshard_from_and_to_urls(s3, shards, tmp_path, capsys, monkeypatch) -> 
         main(argv)
     assert not [n for n in fs.ls("out/resharded", detail=False) if n.endswith((".tar", "_stats.json", "meta.json"))]
     monkeypatch.undo()
-    assert main(argv) == 1 and "pass --overwrite" in capsys.readouterr().err  # as a local folder: ours, not empty
+    assert main(argv) == 0  # the same command resumes the unfinished reshard (its marker, no meta.json)
+    assert main(argv) == 1 and "pass --overwrite" in capsys.readouterr().err  # now a finished one: not replaced
     assert main([*argv, "--overwrite"]) == 0
     assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls("out/resharded", detail=False)) == local
     for name in local:  # the same bytes; the stats name their input shards (URLs here)

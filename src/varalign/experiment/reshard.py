@@ -5,8 +5,8 @@ since writing a tar holds the GIL; or Ray tasks):
 1. index: each input tar is scanned (headers + `.json` members only), its uids looked up in the
    sorted subset (`np.searchsorted`), and the byte ranges of the matching samples saved as that
    shard's task result in the work directory `{output_dir}/.reshard-work` (`workdir.WorkDir`: a run
-   interrupted by Ctrl-C keeps it, and the next `--overwrite` run reuses the shards indexed; removed at
-   the end otherwise);
+   interrupted by Ctrl-C or killed keeps it, and the same command run again resumes: it reuses the
+   shards indexed; removed at the end otherwise);
 2. write: output shard `o` holds global positions `[o*S, (o+1)*S)` of the matched sequence (input
    shards in name order, samples in tar order, a uid repeated k times in the subset written k times
    with keys `{uid}-{j}`), copied by seek + read from the input tars into an atomically renamed tar.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tarfile
 import time
@@ -136,6 +135,9 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
         result.not_found = result.subset_unique - result.found_unique
         result.output_shard_count = -(-result.output_samples // shard_size)
         if not dry_run:
+            _write_marker(out, {"output_shard_format": output_shard_format,
+                                "output_shard_stats_format": output_shard_stats_format,
+                                "output_shard_count": result.output_shard_count})
             names = [f(o) for o in range(result.output_shard_count)
                      for f in (output_shard_format.format, output_shard_stats_format.format)]
             staged = storage.join(out, STAGING) if remote else out
@@ -150,7 +152,7 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
                 storage.remove_tree(staged)
             save_npy(storage.join(out, "sample_ids.npy"), np.load(local_subset, allow_pickle=False)
                      if _is_npy(local_subset) else np.fromfile(local_subset, dtype=UID_DTYPE))
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the shards indexed are kept for the next (--overwrite) run
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the shards indexed are kept for the next run
         if dry_run:
             work.remove()
         raise
@@ -222,52 +224,66 @@ MARKER = ".varalign-reshard"
 
 def _prepare_output(out: Path | str, overwrite: bool, input_dir: object, subset_file: object,
                     output_shard_format: str, output_shard_stats_format: str) -> None:
-    """A new or empty folder, or (with `overwrite`) one that an earlier reshard wrote (its marker or
-    meta.json): then only that reshard's own files are removed; nothing else is ever touched."""
+    """A new or empty folder; one an unfinished reshard left (its marker, no meta.json: the run resumes); or,
+    with `overwrite`, one that a finished reshard wrote (meta.json). Only the files that reshard wrote are
+    removed (the shards its meta.json or marker counts, meta.json, sample_ids.npy); nothing else is touched."""
     check_paths({"--input_dir": str(input_dir), "--subset_file": str(subset_file)}, {},
                 work_dir=out, dir_label="output directory")
-    if storage.is_url(out):
-        _prepare_remote_output(str(out), overwrite, output_shard_format, output_shard_stats_format)
-        return
-    if out.exists() and not out.is_dir():
-        raise VaralignError("output path exists and is not a directory", out)
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / MARKER).exists() or _reshard_meta(out) is not None
-        if not ours:
-            raise VaralignError("output directory is not empty and holds no varalign reshard output: not touched; "
-                                "give an empty or new folder", out)
-        if not overwrite:
-            raise VaralignError("output directory is not empty (pass --overwrite to replace its shards)", out)
-        old = _reshard_meta(out) or {}
-        formats = {(old.get("output_shard_format") or output_shard_format),
-                   ((old.get("args") or {}).get("output_shard_stats_format") or output_shard_stats_format)}
-        for p in out.iterdir():
-            if p.name == WORK_DIR and p.is_dir() and not is_ours(p):  # ours is kept: the shards it indexed
-                shutil.rmtree(p)
-            elif p.name in ("meta.json", "sample_ids.npy") or _numbered(p.name, formats):
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(out / MARKER, {"tool": "varalign reshard", "pid": os.getpid()})
-
-
-def _prepare_remote_output(out: str, overwrite: bool, output_shard_format: str, output_shard_stats_format: str) -> None:
-    """`_prepare_output` for a folder URL: the same rules, on the objects directly under it."""
-    names = storage.check_folder(out)
+    remote = storage.is_url(out)
+    if remote:
+        names = storage.check_folder(str(out))
+    else:
+        if out.exists() and not out.is_dir():
+            raise VaralignError("output path exists and is not a directory", out)
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if names:
-        if MARKER not in names and _reshard_meta(out) is None:
+        meta, marker = _reshard_meta(out), _read_marker_file(out)
+        if meta is None and marker is None:
             raise VaralignError("output directory is not empty and holds no varalign reshard output: not touched; "
                                 "give an empty or new folder", out)
-        if not overwrite:
-            raise VaralignError("output directory is not empty (pass --overwrite to replace its shards)", out)
-        old = _reshard_meta(out) or {}
-        formats = {(old.get("output_shard_format") or output_shard_format),
-                   ((old.get("args") or {}).get("output_shard_stats_format") or output_shard_stats_format)}
-        for name in names:
-            if name == STAGING:  # a killed run's uploads
-                storage.remove_tree(storage.join(out, name))
-            elif name in ("meta.json", "sample_ids.npy") or _numbered(name, formats):
+        if meta is not None and not overwrite:
+            raise VaralignError("output directory holds a finished reshard (meta.json): pass --overwrite to replace "
+                                "its shards", out)
+        if not remote and WORK_DIR in names and not is_ours(out / WORK_DIR):
+            raise VaralignError(f"{WORK_DIR} in the output directory was not created by varalign: not touched; "
+                                "move it away or give another folder", out / WORK_DIR)
+        for name in sorted(set(names) & _own_names(meta if meta is not None else marker)):
+            if remote:
                 storage.remove(storage.join(out, name))
-    save_json(storage.join(out, MARKER), {"tool": "varalign reshard", "pid": os.getpid()})
+            else:
+                (out / name).unlink()
+        if remote and STAGING in names:  # a killed run's uploads
+            storage.remove_tree(storage.join(out, STAGING))
+    if not remote:
+        out.mkdir(parents=True, exist_ok=True)
+    _write_marker(out, {"output_shard_format": output_shard_format,
+                        "output_shard_stats_format": output_shard_stats_format})
+
+
+def _own_names(record: dict) -> set[str]:
+    """The files a reshard wrote, from its meta.json or marker: `output_shard_count` shards (and their stats)
+    in its formats, sample_ids.npy and meta.json. A marker written before the shards were counted: none."""
+    count = record.get("output_shard_count")
+    formats = {record.get("output_shard_format"),
+               (record.get("args") or {}).get("output_shard_stats_format") or record.get("output_shard_stats_format")}
+    names = {"meta.json", "sample_ids.npy"}
+    if isinstance(count, int) and count >= 0:
+        names |= {f.format(i) for f in formats if isinstance(f, str) for i in range(count)}
+    return names
+
+
+def _write_marker(out: Path | str, record: dict) -> None:
+    """The in-progress marker: what this run will write (the shard count once the index pass knows it), so that
+    the next run removes exactly that if this one is cut short."""
+    save_json(storage.join(out, MARKER), {"tool": "varalign reshard", "pid": os.getpid()} | record)
+
+
+def _read_marker_file(out: Path | str) -> dict | None:
+    try:
+        record = json.loads(storage.read_bytes(storage.join(out, MARKER)))
+    except (OSError, ValueError, UnicodeDecodeError, VaralignError):
+        return None
+    return record if isinstance(record, dict) and record.get("tool") == "varalign reshard" else None
 
 
 def _reshard_meta(out: Path | str) -> dict | None:
@@ -276,16 +292,6 @@ def _reshard_meta(out: Path | str) -> dict | None:
     except (OSError, ValueError, UnicodeDecodeError, VaralignError):
         return None
     return meta if isinstance(meta, dict) and "output_shard_count" in meta and "args" in meta else None
-
-
-def _numbered(name: str, formats: set[str]) -> bool:
-    """Whether `name` is `fmt.format(i)` for one of the shard formats (e.g. 00000012.tar)."""
-    for fmt in formats:
-        head, _, tail = fmt.partition("{")
-        spec, _, rest = tail.partition("}")
-        if name.startswith(head) and name.endswith(rest) and name[len(head):len(name) - len(rest)].isdigit():
-            return True
-    return False
 
 
 def _is_npy(path: str | os.PathLike) -> bool:
