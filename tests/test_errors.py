@@ -864,6 +864,23 @@ def test_target_cli_pool_with_nan(tenv: TargetEnv, capsys: pytest.CaptureFixture
     (["filter", "--name", "clip_score", "--arch", "x99"], "varalign filter: error: argument --arch: invalid choice"),
     (["filter", "--frobnicate", "3"], "varalign: error: unrecognized arguments: --frobnicate 3"),
     (["no_such_command"], "varalign: error: argument command: invalid choice: 'no_such_command'"),
+    # the other subcommands' numeric options, checked by argparse before any work
+    (["embed", "in", "--output_dir", "out", "--batch_size", "0"],
+     "varalign embed: error: argument --batch_size: must be an integer >= 1, got '0'"),
+    (["centroids", "--metadata_dir", "p", "--save_path", "c.npy", "-k", "0"],
+     "varalign centroids: error: argument --num_clusters/-k: must be an integer >= 1"),
+    (["centroids", "--metadata_dir", "p", "--save_path", "c.npy", "--sample_ratio", "nan"],
+     "varalign centroids: error: argument --sample_ratio: must be a finite number, got 'nan'"),
+    (["train", "--scale", "tiny", "--data_dir", "d", "--output_dir", "o", "--lr", "nan"],
+     "varalign train: error: argument --lr: must be a finite number"),
+    (["train", "--scale", "tiny", "--data_dir", "d", "--output_dir", "o", "--train_num_samples", "0"],
+     "varalign train: error: argument --train_num_samples: must be an integer >= 1"),
+    (["evaluate", "--train_output_dir", "r", "--batch_size", "-1"],
+     "varalign evaluate: error: argument --batch_size: must be an integer >= 1, got '-1'"),
+    (["minicomp", "build", "b", "--p_blank", "1.5"],
+     "varalign minicomp build: error: argument --p_blank: must be a number in [0, 1], got '1.5'"),
+    (["minicomp", "run", "b", "r", "--seeds", "x"],
+     "varalign minicomp run: error: argument --seeds: must be comma-separated integers, got 'x'"),
 ])
 def test_a_malformed_command_line_is_one_line(argv: list[str], message: str, capsys) -> None:
     """argparse's errors, as every other: one line (the usage is `--help`'s), exit code 2 (argparse's)."""

@@ -23,6 +23,7 @@ from experiment_data import (
 from varalign.cli import main as varalign_main
 from varalign.errors import VaralignError
 from varalign.experiment.cli import register
+from varalign.experiment.embed import _load as _embed_load
 from varalign.experiment.reshard import reshard
 from varalign.experiment.tasks import AVERAGE, IMAGENET, RETRIEVAL, SHIFTS, TASKS, VTAB, aggregate
 
@@ -337,6 +338,32 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
         run_cli(["embed", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--model", "ViT-B-32"])
 
 
+def test_embed_model_files_that_are_not_models_are_one_line(tmp_path: Path) -> None:
+    """A model config that is not JSON, and a checkpoint that is not one (a .npy; a pickle that torch's
+    weights-only loader refuses: its payload never runs), are one line each."""
+    import pickle
+
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(VaralignError, match="model config is not JSON"):
+        _embed_load(None, None, str(tmp_path / "bad.json"), True, 0, "cpu")
+    np.save(tmp_path / "good.npy", np.zeros(3))
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Evil(str(marker))))
+    for ckpt in ("good.npy", "evil.pt"):
+        with pytest.raises(VaralignError, match="cannot load open_clip model") as caught:
+            _embed_load("varalign-tiny", str(tmp_path / ckpt), None, False, 0, "cpu")
+        assert "\n" not in str(caught.value)
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path(self.marker).write_text, ("executed",))
+
+
 def test_custom_task_missing_file_is_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     task = tmp_path / "shirts"
     shutil.copytree(data / "eval" / MNIST, task)
@@ -347,6 +374,13 @@ def test_custom_task_missing_file_is_one_line(data: Path, tmp_path: Path, capsys
     assert err.count("\n") == 0 and str(task) in err and "missing zeroshot_classification_templates.txt" in err
     assert varalign_main([*base, "--tasks_dir", str(tmp_path)]) == 1  # found there: the same check
     assert "missing zeroshot_classification_templates.txt" in capsys.readouterr().err
+    (task / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    whole = (task / "test" / "0.tar").read_bytes()
+    for bytes_, why in ((b"x\n", "not a readable tar"), (whole[: len(whole) // 2], "truncated tar")):
+        (task / "test" / "0.tar").write_bytes(bytes_)  # before any model is loaded: one line naming the shard
+        assert varalign_main([*base, "--task", f"shirts={task}"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and why in err and str(task / "test" / "0.tar") in err, err
     (task / "test" / "0.tar").unlink()
     assert varalign_main([*base, "--task", f"shirts={task}", "--task_kind", "shirts=retrieval"]) == 1
     assert "missing test/0.tar" in capsys.readouterr().err
@@ -408,3 +442,34 @@ def test_reshard_index_piece_gives_the_same_members() -> None:
         last = int(rng.integers(first + 1, total + 1))
         part, a, b = _index_piece(idx, np.concatenate([[0], np.cumsum(copies)]), first, last)
         assert _piece_members(part, a, b) == _piece_members(idx, first, last)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("text", "not a readable tar shard"),
+    ("empty_tar", "empty tar shard"),
+    ("missing", "training shard not found"),
+])
+def test_train_refuses_a_bad_shard_before_training(data: Path, tmp_path: Path, case: str, message: str) -> None:
+    """A shard that is not a tar with a sample is one line before open_clip starts (its loader would skip it
+    with a warning a step, and with no good shard loop and log without end); the data folder is untouched."""
+    from varalign.experiment.train import train_data_pattern
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    shutil.copy(sorted((data / "shards").glob("*.tar"))[0], folder / "00000000.tar")
+    if case == "text":
+        (folder / "00000001.tar").write_text("x\n")
+    elif case == "empty_tar":
+        with tarfile.open(folder / "00000001.tar", "w"):
+            pass
+    else:  # a resharder's meta.json counting a shard that is not there
+        (folder / "meta.json").write_text(json.dumps({"output_shard_count": 2, "output_samples": 10, "args": {}}))
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    with pytest.raises(VaralignError, match=message) as caught:
+        train_data_pattern(str(folder))
+    assert "00000001.tar" in str(caught.value) and "\n" not in str(caught.value)
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before
+    with pytest.raises(VaralignError, match=message):
+        run_cli(["train", "--scale", "tiny", "--data_dir", str(folder), "--output_dir", str(tmp_path / "runs"),
+                 "--exp_name", "m", "--quiet"])
+    assert not (tmp_path / "runs" / "m").exists()

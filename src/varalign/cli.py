@@ -9,6 +9,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
+from .argtypes import finite_float, positive_int
 from .errors import VaralignError
 
 
@@ -117,13 +118,13 @@ def _centroids_parser(sub: argparse._SubParsersAction) -> None:
                                    "bound it.")
     p.add_argument("--metadata_dir", required=True, help="the pool (parquet + npz)")
     p.add_argument("--save_path", required=True, help="output .npy (float32 K×768), for --centroid_path")
-    p.add_argument("--num_clusters", "-k", type=int, default=100_000, help="K (DataComp: 100,000)")
-    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--num_clusters", "-k", type=positive_int, default=100_000, help="K (DataComp: 100,000)")
+    p.add_argument("--niter", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample_ratio", type=float, default=-1.0,
+    p.add_argument("--sample_ratio", type=finite_float, default=-1.0,
                    help="fraction of caption-filtered rows to train on; <= 0: all (DataComp: -1 small/medium, "
                         "0.3 large, 0.03 xlarge)")
-    p.add_argument("--max_points_per_centroid", type=int, default=10_000_000)
+    p.add_argument("--max_points_per_centroid", type=positive_int, default=10_000_000)
     p.add_argument("--no_caption_filter", action="store_true", help="train on every row")
     p.add_argument("--fasttext_model", help="fastText model for the caption filter (default: bundled lid.176.ftz)")
     p.add_argument("--gpu", action="store_true", help="faiss on the GPU(s) (default: GPU when faiss sees one)")

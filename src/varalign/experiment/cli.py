@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..argtypes import nonneg_int, positive_float, positive_int
 from ..cli import add_storage_flag
 from ..errors import VaralignError
 
@@ -69,10 +70,10 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", help="pretrained tag (needs the internet) or a local checkpoint path")
     p.add_argument("--model_config", help="local open_clip model config JSON (its file stem is the model name)")
     p.add_argument("--arch", choices=["l14", "b32"], default="l14", help="names the npz keys and score column")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=positive_int, default=256)
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when present)")
-    p.add_argument("--num_workers", type=int, default=2, help="image decoding threads")
-    p.add_argument("--shard_size", type=int, default=10_000, help="samples per shard for folder inputs")
+    p.add_argument("--num_workers", type=nonneg_int, default=2, help="image decoding threads")
+    p.add_argument("--shard_size", type=positive_int, default=10_000, help="samples per shard for folder inputs")
     p.add_argument("--random_init", action="store_true", help="allow untrained weights (testing only)")
     p.add_argument("--seed", type=int, default=0, help="torch seed (for --random_init)")
     p.add_argument("--overwrite", action="store_true", help="redo shards embedded with another config")
@@ -114,10 +115,10 @@ def _reshard_parser(sub: argparse._SubParsersAction) -> None:
                                                              "URL: shards appear under their names together)")
     p.add_argument("-s", "--subset-file", required=True, help="sorted u8,u8 uid .npy (repeated uids are repeated; "
                                                               "or a URL)")
-    p.add_argument("-n", "--num-shards", type=int, help="read shards first..first+n-1 (default: every *.tar)")
-    p.add_argument("--first-shard", type=int, default=0)
-    p.add_argument("-j", "--num-workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard")
+    p.add_argument("-n", "--num-shards", type=positive_int, help="read shards first..first+n-1 (default: every *.tar)")
+    p.add_argument("--first-shard", type=nonneg_int, default=0)
+    p.add_argument("-j", "--num-workers", type=positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per output shard")
     p.add_argument("--shard-format", default="{:08d}.tar")
     p.add_argument("--output-shard-format", default="{:08d}.tar")
     p.add_argument("--shard-stats-format", default="{:08d}_stats.json", help="accepted (input stats are not needed)")
@@ -148,13 +149,13 @@ def _run_reshard(args: argparse.Namespace) -> int:
 # ---- train ---------------------------------------------------------------------------------------
 
 def _add_train_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch_size", type=int, help="override the scale's global batch size")
-    p.add_argument("--lr", type=float, help="override the scale's learning rate")
-    p.add_argument("--train_num_samples", type=int, help="override the scale's samples seen")
-    p.add_argument("--warmup", type=int, help="override the scale's warmup steps")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 with a GPU, else 1)")
+    p.add_argument("--batch_size", type=positive_int, help="override the scale's global batch size")
+    p.add_argument("--lr", type=positive_float, help="override the scale's learning rate")
+    p.add_argument("--train_num_samples", type=positive_int, help="override the scale's samples seen")
+    p.add_argument("--warmup", type=nonneg_int, help="override the scale's warmup steps")
+    p.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 with a GPU, else 1)")
     p.add_argument("--precision", default=None, help="amp (default with a GPU), fp32 (default on CPU), amp_bf16, ...")
-    p.add_argument("--num_checkpoints", type=int, default=5)
+    p.add_argument("--num_checkpoints", type=positive_int, default=5)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -169,15 +170,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exp_name", help="default: {data dir name}_{scale}_seed_{seed}")
     p.add_argument("--data_weights", help="upsampling factors for a::b data (open_clip --train-data-upsampling-factors)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--accum_freq", type=int, default=1)
-    p.add_argument("--log_every_n_steps", type=int, default=100)
+    p.add_argument("--accum_freq", type=positive_int, default=1)
+    p.add_argument("--log_every_n_steps", type=positive_int, default=100)
     p.add_argument("--resume", default="latest", help="latest (default), a checkpoint path, or none")
     p.add_argument("--imagenet_val", help="ImageNet val folder for open_clip's in-training zero-shot")
-    p.add_argument("--grad_clip_norm", type=float)
-    p.add_argument("--save_frequency", type=int, default=0)
+    p.add_argument("--grad_clip_norm", type=positive_float)
+    p.add_argument("--save_frequency", type=nonneg_int, default=0)
     p.add_argument("--report_to_wandb", action="store_true")
     p.add_argument("--wandb_project_name", default="datanet")
-    p.add_argument("--nproc_per_node", type=int, help="processes (default: one per GPU, else 1); >1 uses torchrun")
+    p.add_argument("--nproc_per_node", type=positive_int, help="processes (default: one per GPU, else 1); >1 uses torchrun")
     _add_train_overrides(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_train)
@@ -209,11 +210,11 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data_dir", help="local DataComp eval data: {task}/ or wds_{task}_test/ per task "
                                       "(needed unless only custom tasks are evaluated)")
     p.add_argument("--output_dir", help="default: --train_output_dir")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--tasks", help="comma-separated DataComp task keys (default: all 38 when --data_dir is given)")
     _add_custom_task_flags(p)
     p.add_argument("--use_model", help='"ARCH CHECKPOINT": evaluate this open_clip model instead of info.json')
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--num_workers", type=nonneg_int, default=0)
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_evaluate)
@@ -265,7 +266,7 @@ def _experiment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--tasks", help="comma-separated DataComp task keys (default: all 38)")
     _add_custom_task_flags(p)
-    p.add_argument("-j", "--num-workers", type=int, default=None, help="reshard processes")
+    p.add_argument("-j", "--num-workers", type=positive_int, default=None, help="reshard processes")
     p.add_argument("--overwrite", action="store_true", help="reshard over earlier outputs")
     _add_train_overrides(p)
     p.add_argument("--quiet", action="store_true")

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import pickle
 import sys
 import time
 from collections.abc import Iterator
@@ -309,11 +311,14 @@ def _load(model: str | None, pretrained: str | None, model_config: str | os.Path
         cfg = Path(model_config)
         if not cfg.is_file():
             raise VaralignError("model config not found", cfg)
+        try:
+            json.loads(cfg.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise VaralignError(f"model config is not JSON ({exc})", cfg) from None
         open_clip.add_model_config(cfg)
         model = model or cfg.stem
     assert model is not None
     if model in CUSTOM_MODELS and model not in open_clip.list_models():
-        import json
         import tempfile
 
         d = Path(tempfile.mkdtemp(prefix="varalign-model-"))
@@ -324,9 +329,10 @@ def _load(model: str | None, pretrained: str | None, model_config: str | os.Path
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None if random_init else pretrained,
                                                                    device=dev)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise VaralignError(f"cannot load open_clip model {model!r} / {pretrained!r} "
-                            f"({' '.join(str(exc).split())[:200]})") from None
+    except (RuntimeError, ValueError, OSError, KeyError, AttributeError, TypeError, EOFError,
+            pickle.UnpicklingError) as exc:  # a checkpoint that is not one: a .npy, a refused pickle, a truncated file
+        raise VaralignError(f"cannot load open_clip model {model!r} / {pretrained!r} ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from None
     net.eval()
     return net, preprocess, open_clip.get_tokenizer(model), dev
 

