@@ -348,3 +348,18 @@ def test_outcome_classification() -> None:
              ("failed_to_resize", "image too small"): "failed_resize"}
     assert {k: classify(*k) for k in cases} == cases
 
+
+
+def test_a_users_download_report_is_never_replaced(pool: Pool, full: Path, tmp_path: Path, capsys) -> None:
+    """A download_report.json varalign did not write stops the run before any work, untouched; the one an
+    earlier download wrote is replaced (the re-run over `full`)."""
+    data = tmp_path / "data"
+    shutil.copytree(pool.metadata, data / "metadata")
+    (data / "download_report.json").write_text('{"mine": true}\n')
+    assert main(["download", "--data_dir", str(data), *ARGS, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a varalign download_report.json: not overwritten" in err and err.count("\n") == 1
+    assert (data / "download_report.json").read_text() == '{"mine": true}\n' and not (data / "shards").exists()
+    before = report(full)
+    assert main(["download", "--data_dir", str(full), *ARGS, "--quiet"]) == 0
+    assert report(full)["settings"] == before["settings"]

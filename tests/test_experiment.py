@@ -473,3 +473,43 @@ def test_train_refuses_a_bad_shard_before_training(data: Path, tmp_path: Path, c
         run_cli(["train", "--scale", "tiny", "--data_dir", str(folder), "--output_dir", str(tmp_path / "runs"),
                  "--exp_name", "m", "--quiet"])
     assert not (tmp_path / "runs" / "m").exists()
+
+
+def test_evaluate_experiment_and_train_never_replace_a_users_files(data: Path, tmp_path: Path) -> None:
+    """Files of the names evaluate, experiment and train write, which varalign did not write (the user's, or
+    changed since), stop the command before any work, untouched; --overwrite replaces evaluate's and
+    experiment's. What varalign wrote itself (its ledger, `owned.py`) is replaced on a re-run."""
+    from varalign import owned
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "eval_results.md").write_text("my table\n")
+    base = ["evaluate", "--use_model", "ViT-B-32 x.pt", "--output_dir", str(out), "--task", f"m={data / 'eval' / MNIST}"]
+    with pytest.raises(VaralignError, match="eval_results.md: exists and was not written by varalign"):
+        run_cli(base)  # before the model is loaded (x.pt does not exist: that would be the error otherwise)
+    with pytest.raises(VaralignError, match="cannot load model"):
+        run_cli([*base, "--overwrite"])  # allowed now: on to the model
+    assert (out / "eval_results.md").read_text() == "my table\n"
+    # the ledger: a file varalign wrote is replaceable until someone changes it
+    (out / "eval_summary.json").write_text("{}\n")
+    owned.record(out, ["eval_summary.json"])
+    owned.check_replaceable(out, ["eval_summary.json"])
+    (out / "eval_summary.json").write_text('{"edited": 1}\n')
+    with pytest.raises(VaralignError, match="or was changed since"):
+        owned.check_replaceable(out, ["eval_summary.json"])
+
+    make_subset(tmp_path / "s.npy", [fake_uid(1)])
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "comparison.md").write_text("mine\n")
+    with pytest.raises(VaralignError, match="comparison.md: exists and was not written by varalign"):
+        run_cli(["experiment", "-i", str(data / "shards"), "-s", str(tmp_path / "s.npy"), "--output_dir", str(exp),
+                 "--scale", "tiny", "--eval_data_dir", str(data / "eval")])
+    assert sorted(p.name for p in exp.iterdir()) == ["comparison.md"]
+
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    (tmp_path / "runs" / "m" / "info.json").write_text('{"mine": 1}\n')
+    with pytest.raises(VaralignError, match="is not a varalign train info.json: not overwritten"):
+        run_cli(["train", "--scale", "tiny", "--data_dir", str(data / "shards"), "--output_dir",
+                 str(tmp_path / "runs"), "--exp_name", "m", "--quiet"])
+    assert sorted(p.name for p in (tmp_path / "runs" / "m").iterdir()) == ["info.json"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -462,3 +463,17 @@ def test_paired_comparison_by_hand() -> None:
         "vas_clip_score": {"per_seed": {str(s): {"t": v, "average": v} for s, v in enumerate([0.50, 0.52, 0.47])}}}}
     table = paired_table(res)
     assert set(table) == {"vas_clip_score"} and table["vas_clip_score"]["tasks"]["t"] == pytest.approx(0.0266667, abs=1e-6)
+
+
+def test_run_never_replaces_a_users_results(built, tmp_path: Path) -> None:
+    """results.md / .json / .svg in the run folder that varalign did not write stop `minicomp run` before any
+    work; `overwrite` lets it replace them."""
+    from varalign.errors import VaralignError
+    from varalign.minicomp.run import run
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "results.md").write_text("my notes\n")
+    with pytest.raises(VaralignError, match="results.md: exists and was not written by varalign"):
+        run(built.build_dir, run_dir, methods=["no_filter"], quiet=True)
+    assert (run_dir / "results.md").read_text() == "my notes\n" and sorted(os.listdir(run_dir)) == ["results.md"]

@@ -80,6 +80,7 @@ def download(opts: DownloadOptions) -> DownloadResult:
     meta_dir = storage.as_path(opts.metadata_dir or storage.join(data_dir, "metadata"))
     work = _work_dir(data_dir)
     _prepare_dir(data_dir, work)
+    _check_report(storage.join(data_dir, REPORT))
     with _locked(work, data_dir):
         fetched = hub.fetch_metadata(opts.scale, meta_dir, work / "hf", download_npz=opts.download_npz,
                                      overwrite=opts.overwrite_metadata, quiet=opts.quiet)
@@ -148,6 +149,20 @@ def _prepare_dir(data_dir: Path | str, work: Path) -> None:
         raise VaralignError(f"cannot create the download directory ({exc.strerror})", data_dir) from None
     if not os.access(work, os.W_OK):
         raise VaralignError("the download directory is not writable", data_dir)
+
+
+def _check_report(path: Path | str) -> None:
+    """A download_report.json that an earlier download wrote is replaced; another file of that name is not."""
+    if not storage.exists(path):
+        return
+    try:
+        report = json.loads(storage.read_bytes(path))
+    except (OSError, ValueError, UnicodeDecodeError, VaralignError):
+        report = None
+    if not (isinstance(report, dict) and isinstance(report.get("versions"), dict) and "varalign" in report["versions"]
+            and "settings" in report):
+        raise VaralignError(f"exists and is not a varalign {REPORT}: not overwritten; move it away or give "
+                            "another --data_dir", path)
 
 
 @contextlib.contextmanager

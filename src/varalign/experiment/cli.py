@@ -216,6 +216,8 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use_model", help='"ARCH CHECKPOINT": evaluate this open_clip model instead of info.json')
     p.add_argument("--num_workers", type=nonneg_int, default=0)
     p.add_argument("--device")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an eval_summary.json / eval_results.md that varalign did not write")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_evaluate)
 
@@ -235,7 +237,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise VaralignError("give --data_dir (DataComp's tasks) and/or --task NAME=PATH / --tasks_dir DIR (your own)")
     r = evaluate(args.train_output_dir, args.data_dir, output_dir=args.output_dir, batch_size=args.batch_size,
                  tasks=_tasks(args.tasks), num_workers=args.num_workers, device=args.device, use_model=use_model,
-                 quiet=args.quiet, **custom)
+                 quiet=args.quiet, overwrite=args.overwrite, **custom)
     for g in GROUPS:
         print(f"{g}: {format_score(r.groups[g])}")
     for key, value in r.main_metrics.items():

@@ -34,6 +34,8 @@ import numpy as np
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
+from ..owned import check_replaceable
+from ..owned import record as record_owned
 from .tasks import GROUPS, TASK_BY_KEY, TASKS, Task, aggregate, format_score, get_task
 from .train import CUSTOM_MODELS, read_info
 
@@ -191,7 +193,7 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
              output_dir: str | os.PathLike | None = None, batch_size: int = 64, tasks: list[str] | None = None,
              custom_tasks: dict[str, str | os.PathLike] | None = None, tasks_dir: str | os.PathLike | None = None,
              task_kinds: dict[str, str] | None = None, num_workers: int = 0, device: str | None = None,
-             use_model: tuple[str, str] | None = None, quiet: bool = False) -> EvalReport:
+             use_model: tuple[str, str] | None = None, quiet: bool = False, overwrite: bool = False) -> EvalReport:
     """Evaluate a trained model (`info.json` in `train_output_dir`, or `use_model=(arch, checkpoint)`).
 
     DataComp tasks: `tasks` (keys), by default all 38 when `data_dir` is given or no custom task is; their
@@ -201,6 +203,8 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
     folders there named by a DataComp key are that DataComp task); `task_kinds={name: "classification" |
     "retrieval"}` forces a custom task's kind. Their main metric (acc1, or mean_recall@1) is in
     `main_metrics` under the name; `custom` says kind and folder. They are not in DataComp's groups.
+    An `eval_summary.json` or `eval_results.md` in the output folder that varalign did not write (`owned`) is
+    not replaced unless `overwrite`.
     """
     start = time.time()
     if use_model is not None:
@@ -236,6 +240,7 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
         if key not in keys:
             keys.append(key)
     data_dir = "." if data_dir is None else data_dir
+    check_replaceable(out, (SUMMARY, TABLE), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS
     done = read_results(results_path)
@@ -284,6 +289,7 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
                               "info": {k: info.get(k) for k in ("model", "checkpoint")}})
     with atomic_path(out / TABLE, ".md") as tmp:
         tmp.write_text(markdown_table(report))
+    record_owned(out, (SUMMARY, TABLE))
     return report
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 from ..guard import lock, lock_file_for
+from ..owned import check_replaceable
+from ..owned import record as record_owned
 from ..workdir import Steps, WorkDir, digest
 from .evaluate import evaluate
 from .reshard import reshard
@@ -28,6 +30,7 @@ from .tasks import GROUPS, TASK_BY_KEY, format_score
 from .train import train
 
 WORK_DIR = ".experiment-work"
+COMPARISON = ("comparison.json", "comparison.md")  # the loop's own files in --output_dir
 
 
 class Loop:
@@ -122,6 +125,7 @@ def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.Pat
     for s, name in zip(subset_files, names, strict=True):
         if name != "no_filter" and not Path(s).is_file():
             raise VaralignError("subset file not found", s)
+    check_replaceable(out, COMPARISON, overwrite)  # the user's comparison files are never replaced unasked
     rows = []
     with Loop(out, input_dir, num_workers=num_workers, overwrite=overwrite, quiet=quiet) as loop:
         for subset, name in zip(subset_files, names, strict=True):
@@ -132,7 +136,8 @@ def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.Pat
                 exp_dir = loop.train(exp_name, scale, data_dir, seed, train_options)
                 _say(f"experiment: evaluate {exp_name}", quiet)
                 report = evaluate(exp_dir, eval_data_dir, tasks=tasks, batch_size=eval_batch_size, quiet=quiet,
-                                  custom_tasks=custom_tasks, tasks_dir=tasks_dir, task_kinds=task_kinds)
+                                  custom_tasks=custom_tasks, tasks_dir=tasks_dir, task_kinds=task_kinds,
+                                  overwrite=overwrite)
                 rows.append({"subset": name, "seed": seed, "samples": samples, "exp_dir": str(exp_dir),
                              "groups": {g: report.groups[g]["score"] for g in GROUPS},
                              "group_detail": report.groups, "main_metrics": report.main_metrics,
@@ -140,6 +145,7 @@ def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.Pat
     save_json(out / "comparison.json", rows)
     with atomic_path(out / "comparison.md", ".md") as tmp:
         tmp.write_text(comparison_table(rows))
+    record_owned(out, COMPARISON)
     return rows
 
 

@@ -254,6 +254,7 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
                       wandb_project_name=wandb_project_name, imagenet_val=imagenet_val,
                       grad_checkpointing=scale != "tiny")
     exp_dir = Path(output_dir) / exp_name
+    _check_info_is_ours(exp_dir / "info.json")
     exp_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if not gpus and workers > 0:
@@ -299,6 +300,19 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
             "seconds": round(time.time() - start, 1)}
     save_json(exp_dir / "info.json", info)
     return TrainResult(str(exp_dir), str(checkpoint), str(exp_dir / "info.json"), info["seconds"])
+
+
+def _check_info_is_ours(path: Path) -> None:
+    """An info.json an earlier `varalign train` wrote is replaced (the run resumes or is redone); another is not."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        info = None
+    if not (isinstance(info, dict) and {"scale", "checkpoint", "scale_config", "open_clip_args"} <= set(info)):
+        raise VaralignError("exists and is not a varalign train info.json: not overwritten; give another --exp_name "
+                            "or --output_dir", path)
 
 
 def read_info(train_output_dir: str | os.PathLike) -> dict:

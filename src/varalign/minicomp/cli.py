@@ -61,6 +61,8 @@ def register_minicomp(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated training seeds (default: 0,1,2)")
     r.add_argument("--train_num_samples", type=positive_int, default=12_800, help="samples seen per run (default: %(default)s)")
     r.add_argument("--batch_size", type=positive_int, default=64)
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a results.json / .md / .svg in RUN_DIR that varalign did not write")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_run_run)
 
@@ -97,6 +99,6 @@ def _run_run(args: argparse.Namespace) -> int:
 
     res = run(args.build_dir, args.run_dir, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
               seeds=args.seeds, train_num_samples=args.train_num_samples,
-              batch_size=args.batch_size, quiet=args.quiet)
+              batch_size=args.batch_size, quiet=args.quiet, overwrite=args.overwrite)
     print(results_table(res), end="")
     return 0

@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
+from ..owned import check_replaceable
+from ..owned import record as record_owned
 from ..uids import hex_to_uids, isin_sorted, load_subset, save_subset, sort_uids
 from .build import CAPTION_KINDS, IMAGE_KINDS, LABEL_COLUMNS, finished
 from .plot import write_plot
@@ -54,6 +56,8 @@ DESCRIPTIONS = {
     "basic_filter": "DataComp's basic rules: English caption, length, image size and aspect ratio",
     "image_based": "DataComp's image_based: pool clusters nearest to the downstream features",
 }
+
+RESULTS = ("results.json", "results.md", "results.svg")  # what a run writes into its folder
 
 
 def pool_labels(metadata_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -159,8 +163,9 @@ def _evaluate(exp_dir: Path, eval_dir: Path) -> tuple[list[Path], dict[str, floa
 
 def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: list[str] | None = None,
         seeds: list[int] | None = None, train_num_samples: int = 12_800, batch_size: int = 64,
-        quiet: bool = False) -> dict:
-    """Run every method (default: all of METHODS) over `seeds` (default [0]); returns the results dict."""
+        quiet: bool = False, overwrite: bool = False) -> dict:
+    """Run every method (default: all of METHODS) over `seeds` (default [0]); returns the results dict.
+    A results.json / .md / .svg in `run_dir` that varalign did not write is not replaced unless `overwrite`."""
     from ..experiment.experiment import Loop
 
     build_dir, run_dir = Path(build_dir), Path(run_dir)
@@ -173,6 +178,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
     if unknown:
         raise VaralignError(f"unknown method(s) {', '.join(unknown)} (one of {', '.join(METHODS)})")
     seeds = seeds or [0]
+    check_replaceable(run_dir, RESULTS, overwrite)
     pool_uids, labels = pool_labels(build_dir / "metadata")
     results: dict = {"methods": {}, "skipped": {}, "train_num_samples": train_num_samples, "seeds": seeds}
     build_id = manifest["config"]
@@ -236,6 +242,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
     with atomic_path(run_dir / "results.md", ".md") as tmp:
         tmp.write_text(results_table(results))
     write_plot(run_dir / "results.json", run_dir / "results.svg")
+    record_owned(run_dir, RESULTS)
     return results
 
 

@@ -1,0 +1,63 @@
+"""Files a command writes into a folder it shares with the user (evaluate's tables, experiment's comparison,
+minicomp's results, download's report, train's info.json).
+
+A ledger in the folder (`.varalign-files.json`) records each such file's size and SHA-256 when varalign writes
+it. Before any work, `check_replaceable` refuses a file of those names that the ledger does not account for (the
+user's own, or one changed since varalign wrote it), unless `overwrite`; `record` adds the files once written.
+The same rule as `filter`'s manifest, for folders of several named outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from .atomic import file_sha256, save_json
+from .errors import VaralignError
+
+LEDGER = ".varalign-files.json"
+
+
+def _ledger(folder: Path) -> dict[str, dict]:
+    try:
+        data = json.loads((folder / LEDGER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def _accounted(path: Path, record: object) -> bool:
+    if not isinstance(record, dict):
+        return False
+    try:
+        return path.stat().st_size == record.get("size") and file_sha256(path) == record.get("sha256")
+    except OSError:
+        return False
+
+
+def check_replaceable(folder: str | os.PathLike, names: Iterable[str], overwrite: bool = False) -> None:
+    """Refuse (one line naming the file) an existing `folder/name` that varalign did not write, or that was
+    changed since; with `overwrite` anything may be replaced."""
+    if overwrite:
+        return
+    folder = Path(folder)
+    ledger = _ledger(folder)
+    for name in names:
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and not _accounted(path, ledger.get(name)):
+            raise VaralignError("exists and was not written by varalign (or was changed since): not overwritten; "
+                                "remove it, choose another folder, or pass --overwrite", path)
+
+
+def record(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Add the files `folder/name` just written to the folder's ledger."""
+    folder = Path(folder)
+    ledger = _ledger(folder)
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            ledger[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    save_json(folder / LEDGER, {"tool": "varalign", "files": ledger})
