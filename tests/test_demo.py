@@ -255,3 +255,25 @@ def test_training_progress_from_log_lines(tmp_path, capsys) -> None:
     assert "| 228/256 [" in states[-1] and "epoch 2/2" in states[-1]
     code, _ = run_with_progress([sys.executable, str(script)], None, total=200, epochs=2, desc="fake", quiet=True)
     assert code == 3 and capsys.readouterr().err == ""
+
+
+def test_demos_never_build_over_a_users_files(tmp_path, capsys) -> None:
+    """A pool folder holding the user's files is not built over (the synthetic demo's `pool/`, a
+    `--build_dir` that is no minicomp build): one line, the files untouched."""
+    (tmp_path / "u" / "pool").mkdir(parents=True)
+    (tmp_path / "u" / "pool" / "00000000.parquet").write_text("mine")
+    argv = ["demo", "--synthetic", "--out_dir", str(tmp_path / "u"), "--num_samples", "2000", "--num_shards", "2",
+            "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "holds files that are not a varalign demo pool: not touched" in err and err.count("\n") == 1
+    assert (tmp_path / "u" / "pool" / "00000000.parquet").read_text() == "mine"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "00000000.tar").write_text("mine")
+    assert main(["demo", "--out_dir", str(tmp_path / "d"), "--build_dir", str(tmp_path / "b"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no minicomp build: not touched" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["00000000.tar"]
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--synthetic", "--out_dir", str(tmp_path / "z"), "--num_samples", "0"])
+    assert exited.value.code == 2 and "--num_samples: must be an integer >= 1" in capsys.readouterr().err

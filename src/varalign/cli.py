@@ -159,21 +159,21 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                                      "or varalign_demo_synthetic with --synthetic)")
     p.add_argument("--build_dir", help="the mini pool: a `varalign minicomp build` folder, reused when finished "
                                        "(default: OUT_DIR/minicomp)")
-    p.add_argument("--size", type=int, help="pool samples when building (default: 20000)")
-    p.add_argument("--teacher_samples", type=int, help="samples seen by the teacher CLIP when building "
+    p.add_argument("--size", type=positive_int, help="pool samples when building (default: 20000)")
+    p.add_argument("--teacher_samples", type=positive_int, help="samples seen by the teacher CLIP when building "
                                                        "(default: 40000)")
     p.add_argument("--fashion_mnist_dir", help="folder of Fashion-MNIST idx files (default: Debian's "
                                                "/usr/share/datasets/fashion-mnist when installed)")
     p.add_argument("--train", action="store_true", help="also train a tiny CLIP on each subset and evaluate it "
                                                         "(about 30 s per method on 2 cores)")
-    p.add_argument("--train_num_samples", type=int, default=12_800, help="samples seen per training run "
+    p.add_argument("--train_num_samples", type=positive_int, default=12_800, help="samples seen per training run "
                                                                          "(default: %(default)s)")
     p.add_argument("--train_seeds", default="0", help="comma-separated training seeds (default: %(default)s)")
     p.add_argument("--synthetic", action="store_true", help="the older demo: a generated embeddings-only pool, "
                                                             "clip_score / vas / vas_d (core install only)")
-    p.add_argument("--num_samples", type=int, help="--synthetic: pool samples (default: 50000)")
-    p.add_argument("--num_shards", type=int, help="--synthetic: shards (default: 10)")
-    p.add_argument("--num_iters", type=int, help="--synthetic: VAS-D iterations (default: 20)")
+    p.add_argument("--num_samples", type=positive_int, help="--synthetic: pool samples (default: 50000)")
+    p.add_argument("--num_shards", type=positive_int, help="--synthetic: shards (default: 10)")
+    p.add_argument("--num_iters", type=positive_int, help="--synthetic: VAS-D iterations (default: 20)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_demo)
 

@@ -368,6 +368,12 @@ def run_synthetic_demo(
     pool_dir = out / "pool"
     t0 = time.perf_counter()
     if not _pool_ready(pool_dir, num_samples):
+        ours = pool_dir / ".varalign-demo-pool"  # what makes a half-built pool ours to build over
+        if pool_dir.is_dir() and any(pool_dir.iterdir()) and not ours.exists():
+            raise VaralignError("holds files that are not a varalign demo pool: not touched; give another --out_dir",
+                                pool_dir)
+        pool_dir.mkdir(parents=True, exist_ok=True)
+        ours.write_text("varalign demo --synthetic\n")
         print(
             f"generating a SYNTHETIC DataComp-format pool: {num_samples:,} samples in {num_shards} shards -> {pool_dir}"
         )

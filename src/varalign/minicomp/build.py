@@ -542,6 +542,9 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
             manifest_path.unlink()
         elif old.get("complete"):
             return BuildResult(**old["result"])
+    elif root.is_dir() and any(root.iterdir()) and not (root / WORK_DIR).is_dir():
+        raise VaralignError("build directory is not empty and holds no minicomp build: not touched; give an empty "
+                            "or new folder", root)
     root.mkdir(parents=True, exist_ok=True)
     work = WorkDir(root / WORK_DIR, digest("minicomp build", ident))
     steps = Steps(work)
