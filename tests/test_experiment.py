@@ -513,3 +513,22 @@ def test_evaluate_experiment_and_train_never_replace_a_users_files(data: Path, t
         run_cli(["train", "--scale", "tiny", "--data_dir", str(data / "shards"), "--output_dir",
                  str(tmp_path / "runs"), "--exp_name", "m", "--quiet"])
     assert sorted(p.name for p in (tmp_path / "runs" / "m").iterdir()) == ["info.json"]
+
+
+def test_failed_training_names_its_cause_and_missing_eval_data_is_one_line(data: Path, tmp_path: Path) -> None:
+    """A failed open_clip run's error line is its exception, not torch's last log line; an eval data folder that
+    does not exist is one line before any work (not 38 tasks reported missing, after training)."""
+    from varalign.experiment.train import _cause
+
+    assert _cause(["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: Invalid lr: nan",
+                   "I1206 12:00:00 torch/_dynamo/utils.py cache_misses: 0"]) == "ValueError: Invalid lr: nan"
+    assert _cause(["torch.OutOfMemoryError: CUDA out of memory", "I1206 x"]).startswith("torch.OutOfMemoryError")
+    assert _cause(["only a log line"]) == "only a log line" and _cause([]) == ""
+    with pytest.raises(VaralignError, match="eval data directory not found"):
+        run_cli(["evaluate", "--use_model", "ViT-B-32 x.pt", "--data_dir", str(tmp_path / "nope"), "--output_dir",
+                 str(tmp_path / "ev")])
+    make_subset(tmp_path / "s.npy", [fake_uid(1)])
+    with pytest.raises(VaralignError, match="eval data directory not found"):
+        run_cli(["experiment", "-i", str(data / "shards"), "-s", str(tmp_path / "s.npy"), "--output_dir",
+                 str(tmp_path / "exp"), "--scale", "tiny", "--eval_data_dir", str(tmp_path / "nope")])
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "ev").exists()

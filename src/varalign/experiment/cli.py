@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..argtypes import nonneg_int, positive_float, positive_int
-from ..cli import add_storage_flag
+from ..cli import add_storage_flag, nonneg_int, positive_float, positive_int
 from ..errors import VaralignError
 
 

@@ -239,6 +239,8 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
     for key in located:
         if key not in keys:
             keys.append(key)
+    if data_dir is not None and not Path(data_dir).is_dir():  # else every task would be reported missing
+        raise VaralignError("eval data directory not found", data_dir)
     data_dir = "." if data_dir is None else data_dir
     check_replaceable(out, (SUMMARY, TABLE), overwrite)
     out.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,8 @@ def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.Pat
     for s, name in zip(subset_files, names, strict=True):
         if name != "no_filter" and not Path(s).is_file():
             raise VaralignError("subset file not found", s)
+    if eval_data_dir is not None and not Path(eval_data_dir).is_dir():  # found out before training, not after
+        raise VaralignError("eval data directory not found", eval_data_dir)
     check_replaceable(out, COMPARISON, overwrite)  # the user's comparison files are never replaced unasked
     rows = []
     with Loop(out, input_dir, num_workers=num_workers, overwrite=overwrite, quiet=quiet) as loop:

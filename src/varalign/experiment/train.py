@@ -280,15 +280,15 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
         returncode, tail = run_with_progress(cmd, env, total=int(cfg["train_num_samples"]), epochs=num_checkpoints,
                                              desc=progress_desc or f"train {exp_name}",
                                              log_path=Path(log_path) if log_path is not None else None, quiet=quiet)
-        tail = tail[-1:]
     else:
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None,
                               stderr=subprocess.PIPE if quiet else None, text=True)
         returncode = proc.returncode
-        tail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
+        tail = (proc.stderr or "").strip().splitlines()[-40:] if quiet else []
     if returncode != 0:
+        cause = _cause(tail)
         raise VaralignError(f"open_clip_train failed with exit code {returncode}"
-                            + (f": {tail[0][:300]}" if tail else f" (see {exp_dir / 'out.log'})"), exp_dir)
+                            + (f": {cause[:300]}" if cause else "") + f" (log: {exp_dir / 'out.log'})", exp_dir)
     checkpoint = exp_dir / "checkpoints" / f"epoch_{num_checkpoints}.pt"
     if not checkpoint.exists():
         checkpoint = exp_dir / "checkpoints" / "epoch_latest.pt"
@@ -300,6 +300,18 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
             "seconds": round(time.time() - start, 1)}
     save_json(exp_dir / "info.json", info)
     return TrainResult(str(exp_dir), str(checkpoint), str(exp_dir / "info.json"), info["seconds"])
+
+
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b|^error:|\berror: ", re.IGNORECASE)
+
+
+def _cause(lines: list[str]) -> str:
+    """The line of a failed run's last output that says why: the last exception or error line (a traceback's
+    last line), else the last line (torch's and open_clip's own log lines come after the error)."""
+    for line in reversed(lines):
+        if _ERROR_LINE.search(line.strip()):
+            return line.strip()
+    return lines[-1].strip() if lines else ""
 
 
 def _check_info_is_ours(path: Path) -> None:

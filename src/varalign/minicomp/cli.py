@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..argtypes import int_list, nonneg_int, positive_int, share
+from ..cli import int_list, nonneg_int, positive_int, share
 from .build import PRESETS, V4_VALUES, BuildConfig
 
 
