@@ -532,3 +532,22 @@ def test_failed_training_names_its_cause_and_missing_eval_data_is_one_line(data:
         run_cli(["experiment", "-i", str(data / "shards"), "-s", str(tmp_path / "s.npy"), "--output_dir",
                  str(tmp_path / "exp"), "--scale", "tiny", "--eval_data_dir", str(tmp_path / "nope")])
     assert not (tmp_path / "exp").exists() and not (tmp_path / "ev").exists()
+
+
+def test_a_tar_cut_at_a_member_boundary_is_reported(data: Path, tmp_path: Path) -> None:
+    """A shard cut right after a member reads as a shorter whole tar (tarfile and webdataset stop there without a
+    word): reshard names it among its failed shards (the samples before the cut are kept), embed refuses it."""
+    shards = tmp_path / "in"
+    shards.mkdir()
+    first = sorted((data / "shards").glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+    cut = -(-(members[9].offset_data + members[9].size) // 512) * 512
+    (shards / "00000000.tar").write_bytes(first.read_bytes()[:cut])
+    make_subset(tmp_path / "s.npy", [fake_uid(i) for i in range(100)])
+    r = reshard(shards, tmp_path / "out", tmp_path / "s.npy", quiet=True)
+    assert len(r.failed_shards) == 1 and "truncated: no end-of-archive blocks" in r.failed_shards[0]
+    assert 0 < r.output_samples < 100
+    with pytest.raises(VaralignError, match="truncated tar: no end-of-archive blocks"):
+        run_cli(["embed", str(shards), "--output_dir", str(tmp_path / "emb"), "--model", "varalign-tiny",
+                 "--random_init", "--arch", "b32", "--device", "cpu", "--quiet"])

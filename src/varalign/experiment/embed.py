@@ -45,7 +45,7 @@ from ..npz import write_npz
 from ..pool import ARCHS, SCORE_COLUMN, image_key, text_key
 from ..uids import hex_to_uids
 from ..workdir import Steps, WorkDir, digest, is_ours
-from .wds import IMAGE_EXTS, iter_samples, list_tars, open_tar, read_json, read_member, sample_uid
+from .wds import IMAGE_EXTS, ends_whole, iter_samples, list_tars, open_tar, read_json, read_member, sample_uid
 
 MANIFEST = "embed.json"
 WORK_DIR = ".embed-work"
@@ -360,6 +360,8 @@ def _iter_unit(unit: _Unit) -> Iterator[tuple[str, str, bytes | None, str | None
                 img = read_member(tf, s.members[ext]) if ext else None
                 txt = read_member(tf, s.members["txt"]).decode("utf-8", "replace") if "txt" in s.members else None
                 yield s.key, sample_uid(s.key, storage.basename(unit.tar), meta), img, txt, meta
+            if not ends_whole(tf):
+                raise VaralignError("truncated tar: no end-of-archive blocks after its last member", unit.tar)
     else:
         for key, img_path, txt_path in unit.files or []:
             yield (key, hashlib.md5(f"{unit.folder}/{key}".encode()).hexdigest(), img_path.read_bytes(),

@@ -44,7 +44,7 @@ from ..execute import make_executor
 from ..guard import check_paths, lock, lock_file_for
 from ..uids import UID_DTYPE, hex_to_uids, load_subset_counts, sort_uids, uids_to_hex
 from ..workdir import WorkDir, digest, is_ours
-from .wds import add_bytes, iter_samples, open_tar, read_json, read_member, sample_uid
+from .wds import add_bytes, ends_whole, iter_samples, open_tar, read_json, read_member, sample_uid
 
 WORK_DIR = ".reshard-work"
 STAGING = ".reshard-staging"  # in an output URL: shards uploaded here, moved onto their names at the end
@@ -318,6 +318,8 @@ def _index_shard(i: int, path: str, subset: str | dict[str, np.ndarray]) -> dict
                 keys.append(sample.key)
                 uid_strs.append(sample_uid(sample.key, name, meta))
                 members.append([(ext, info.offset_data, info.size) for ext, info in sample.members.items()])
+            if not ends_whole(tf):
+                error = "truncated: no end-of-archive blocks after its last member (the samples after it are lost)"
     except (tarfile.TarError, OSError, EOFError, VaralignError) as exc:
         error = " ".join(str(exc).split())[:200]
     uids = hex_to_uids(uid_strs, source=path)

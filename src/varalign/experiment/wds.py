@@ -72,6 +72,18 @@ def open_tar(path: str | os.PathLike) -> tarfile.TarFile:
         raise VaralignError(f"not a readable (uncompressed) tar shard ({exc})", path) from None
 
 
+def ends_whole(tf: tarfile.TarFile) -> bool:
+    """After reading every member: whether the tar ends with its two end-of-archive blocks after the last one.
+    A tar cut at a member boundary otherwise reads as a shorter whole one (tarfile, and webdataset, stop there
+    without a word). Checked where the tar is a local file (a URL's tar is read through once, not seeked)."""
+    if not tf.members or getattr(tf.fileobj, "name", None) is None or not hasattr(tf.fileobj, "seek"):
+        return True
+    last = tf.members[-1]
+    end = -(-(last.offset_data + last.size) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    tf.fileobj.seek(end)
+    return tf.fileobj.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
+
+
 def read_member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     fh = tf.extractfile(info)
     if fh is None:
