@@ -446,7 +446,6 @@ def test_reshard_index_piece_gives_the_same_members() -> None:
 
 @pytest.mark.parametrize("case, message", [
     ("text", "not a readable tar shard"),
-    ("empty_tar", "empty tar shard"),
     ("missing", "training shard not found"),
 ])
 def test_train_refuses_a_bad_shard_before_training(data: Path, tmp_path: Path, case: str, message: str) -> None:
@@ -459,9 +458,6 @@ def test_train_refuses_a_bad_shard_before_training(data: Path, tmp_path: Path, c
     shutil.copy(sorted((data / "shards").glob("*.tar"))[0], folder / "00000000.tar")
     if case == "text":
         (folder / "00000001.tar").write_text("x\n")
-    elif case == "empty_tar":
-        with tarfile.open(folder / "00000001.tar", "w"):
-            pass
     else:  # a resharder's meta.json counting a shard that is not there
         (folder / "meta.json").write_text(json.dumps({"output_shard_count": 2, "output_samples": 10, "args": {}}))
     before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
@@ -497,6 +493,11 @@ def test_evaluate_experiment_and_train_never_replace_a_users_files(data: Path, t
     (out / "eval_summary.json").write_text('{"edited": 1}\n')
     with pytest.raises(VaralignError, match="or was changed since"):
         owned.check_replaceable(out, ["eval_summary.json"])
+    # files an older varalign wrote (no ledger) are known by their content: the evaluation goes on to the model
+    (out / owned.LEDGER).unlink()
+    (out / "eval_summary.json").write_text('{"main_metrics": {}, "groups": {}, "missing": {}}\n')
+    with pytest.raises(VaralignError, match="cannot load model"):
+        run_cli(base)
 
     make_subset(tmp_path / "s.npy", [fake_uid(1)])
     exp = tmp_path / "exp"
@@ -524,6 +525,8 @@ def test_failed_training_names_its_cause_and_missing_eval_data_is_one_line(data:
                    "I1206 12:00:00 torch/_dynamo/utils.py cache_misses: 0"]) == "ValueError: Invalid lr: nan"
     assert _cause(["torch.OutOfMemoryError: CUDA out of memory", "I1206 x"]).startswith("torch.OutOfMemoryError")
     assert _cause(["only a log line"]) == "only a log line" and _cause([]) == ""
+    assert _cause(["[rank0]: RuntimeError: shapes differ", "torch.distributed.elastic.multiprocessing.errors."
+                   "ChildFailedError:", "I1206 x"]) == "RuntimeError: shapes differ"  # torchrun's wrapper skipped
     with pytest.raises(VaralignError, match="eval data directory not found"):
         run_cli(["evaluate", "--use_model", "ViT-B-32 x.pt", "--data_dir", str(tmp_path / "nope"), "--output_dir",
                  str(tmp_path / "ev")])
@@ -551,3 +554,21 @@ def test_a_tar_cut_at_a_member_boundary_is_reported(data: Path, tmp_path: Path) 
     with pytest.raises(VaralignError, match="truncated tar: no end-of-archive blocks"):
         run_cli(["embed", str(shards), "--output_dir", str(tmp_path / "emb"), "--model", "varalign-tiny",
                  "--random_init", "--arch", "b32", "--device", "cpu", "--quiet"])
+
+
+def test_train_leaves_out_empty_shards(data: Path, tmp_path: Path, capsys) -> None:
+    """An empty tar (img2dataset's shard none of whose images came) is left out with a warning; only when every
+    shard is empty is it an error."""
+    from varalign.experiment.train import train_data_pattern
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for name in ("00000000.tar", "00000002.tar"):
+        with tarfile.open(folder / name, "w"):
+            pass
+    with pytest.raises(VaralignError, match="every tar shard is empty"):
+        train_data_pattern(str(folder))
+    shutil.copy(sorted((data / "shards").glob("*.tar"))[0], folder / "00000001.tar")
+    pattern, _ = train_data_pattern(str(folder))
+    assert pattern == str(folder / "00000001.tar")
+    assert "2 empty tar shard(s) left out" in capsys.readouterr().err

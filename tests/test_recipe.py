@@ -87,6 +87,14 @@ def test_recipe_paths_are_relative_to_the_recipe_file_only(synth_pool, tmp_path,
     assert stages[0].params["target"] == str(tmp_path / "recipes" / "t.npy")
     assert stages[1].params["target"] == "s3://bucket/t.npy"
     assert stages[2].params["target"] == os.path.expanduser("~/t.npy")
+    several = tmp_path / "recipes" / "several.toml"  # NormSim's targets, image_based's centroids: lists and paths
+    several.write_text('[[stages]]\nscore = "normsim"\narch = "l14"\ntarget = ["a.npy", "/abs/b.npy"]\n'
+                       'fraction = 0.3\n[[stages]]\nscore = "image_based"\ncentroids = "c.npy"\n'
+                       'target_features = ["f.npy"]\nlabel = "ib"\n')
+    st = load_recipe(several).stages
+    assert st[0].params["target"] == [str(tmp_path / "recipes" / "a.npy"), "/abs/b.npy"]
+    assert st[1].params["centroids"] == str(tmp_path / "recipes" / "c.npy")
+    assert st[1].params["target_features"] == [str(tmp_path / "recipes" / "f.npy")]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.npy").write_bytes((synth_pool / "files" / "variance" / "variance_imagenet_1k.npy").read_bytes())
     code = main(["filter", "--recipe", str(recipe), "--metadata_dir", str(synth_pool / "pool"),
@@ -112,6 +120,7 @@ def test_recipe_paths_are_relative_to_the_recipe_file_only(synth_pool, tmp_path,
     ('[[stages]]\nscore = "clip_score"\narch = "l14"\nthreshold = "x"', "threshold must be a number, got 'x'"),
     ('[[stages]]\nscore = "vas"\narch = "l14"\nthreshold = [1, 2]', "threshold must be a number, got [1, 2]"),
     ('[[stages]]\nscore = "vas"\narch = "l14"\ntarget = 7\nfraction = 0.3', "target must be a path (a string)"),
+    ('[[stages]]\nscore = "normsim"\narch = "l14"\ntarget = [1]\nfraction = 0.3', "or a list of paths, got [1]"),
     ('[[stages]]\nscore = 5\nfraction = 0.3', "`score` must be a string, got 5"),
     ('stages = [1, 2]', "`stages` must be a list of tables"),
     ('name = 5\n[[stages]]\nscore = "clip_score"\narch = "l14"\nfraction = 0.3', "`name` must be a string"),

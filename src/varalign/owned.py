@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .atomic import file_sha256, save_json
@@ -38,12 +38,27 @@ def _accounted(path: Path, record: object) -> bool:
         return False
 
 
-def check_replaceable(folder: str | os.PathLike, names: Iterable[str], overwrite: bool = False) -> None:
+def json_keys(path: Path, keys: set[str]) -> bool:
+    """Whether `path` is a JSON object with `keys` (or a non-empty list of such objects): a file of the group an
+    earlier varalign wrote before it kept a ledger, or one whose ledger entry a kill cut off."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    rows = data if isinstance(data, list) and data else [data]
+    return all(isinstance(r, dict) and keys <= set(r) for r in rows)
+
+
+def check_replaceable(folder: str | os.PathLike, names: Iterable[str], overwrite: bool = False,
+                      ours: Callable[[Path], bool] | None = None) -> None:
     """Refuse (one line naming the file) an existing `folder/name` that varalign did not write, or that was
-    changed since; with `overwrite` anything may be replaced."""
+    changed since; with `overwrite` anything may be replaced. `ours(folder)`: whether the group of files there
+    is recognisably varalign's by its content (then none is refused)."""
     if overwrite:
         return
     folder = Path(folder)
+    if ours is not None and ours(folder):
+        return
     ledger = _ledger(folder)
     for name in names:
         path = folder / name

@@ -149,8 +149,10 @@ def _recipe_from_dict(data: dict, default_name: str, base: Path, source: Path) -
             if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], (int, float))):
                 raise VaralignError(f"stage {raw['score']!r}: {key} must be a number, got {raw[key]!r}", source)
         for key, value in raw.items():
-            if key not in STAGE_KEYS and _is_path_key(key) and not isinstance(value, str):
-                raise VaralignError(f"stage {raw['score']!r}: {key} must be a path (a string), got {value!r}", source)
+            paths = value if isinstance(value, list) else [value]
+            if key not in STAGE_KEYS and _is_path_key(key) and not (paths and all(isinstance(v, str) for v in paths)):
+                raise VaralignError(f"stage {raw['score']!r}: {key} must be a path (a string) or a list of paths, "
+                                    f"got {value!r}", source)
         params = {k: _resolve(k, v, base) for k, v in raw.items() if k not in STAGE_KEYS}
         stages.append(Stage(raw["score"], params, raw.get("fraction"), raw.get("threshold"),
                             raw.get("select", "top_k"), raw.get("label", "")))
@@ -162,13 +164,18 @@ def _check_type(table: dict, key: str, kind: type, words: str, source: Path) -> 
         raise VaralignError(f"`{key}` must be {words}, got {table[key]!r}", source)
 
 
+PATH_KEYS = {"centroids", "target_features", "fasttext_model", "wordnet_dir"}  # scorer parameters that are paths
+
+
 def _is_path_key(key: str) -> bool:
-    return key.endswith(("path", "target", "_file"))
+    return key in PATH_KEYS or key.endswith(("path", "target", "_file"))
 
 
 def _resolve(key: str, value: Any, base: Path) -> Any:
     """Relative paths in a recipe are relative to the recipe file (never the current folder: a missing file is
     reported where the recipe says it is); `~` is the home folder; URLs (`s3://...`) are left as they are."""
+    if isinstance(value, list) and _is_path_key(key):  # several files (NormSim targets, ImageNet features)
+        return [_resolve(key, v, base) for v in value]
     if not (_is_path_key(key) and isinstance(value, str)) or "://" in value:
         return value
     value = os.path.expanduser(value)

@@ -110,8 +110,9 @@ def _reshard_parser(sub: argparse._SubParsersAction) -> None:
                        description="DataComp-compatible resharder: input shards + subset file -> output shards "
                                    "with _stats.json, meta.json and sample_ids.npy.")
     p.add_argument("-i", "--input-dir", required=True, help="directory of input {:08d}.tar shards (or a URL)")
-    p.add_argument("-o", "--output-dir", required=True, help="output directory (must be empty, or --overwrite; a "
-                                                             "URL: shards appear under their names together)")
+    p.add_argument("-o", "--output-dir", required=True,
+                   help="output directory (new or empty; an unfinished reshard there resumes, a finished one needs "
+                        "--overwrite; a URL: shards appear under their names together)")
     p.add_argument("-s", "--subset-file", required=True, help="sorted u8,u8 uid .npy (repeated uids are repeated; "
                                                               "or a URL)")
     p.add_argument("-n", "--num-shards", type=positive_int, help="read shards first..first+n-1 (default: every *.tar)")

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
-from ..owned import check_replaceable
+from ..owned import check_replaceable, json_keys
 from ..owned import record as record_owned
 from .tasks import GROUPS, TASK_BY_KEY, TASKS, Task, aggregate, format_score, get_task
 from .train import CUSTOM_MODELS, read_info
@@ -112,6 +112,16 @@ def check_task_files(where: str | os.PathLike, kind: str) -> None:
     for i in range(nshards):
         if not (where / "test" / f"{i}.tar").is_file():
             raise VaralignError(f"missing test/{i}.tar (test/nshards.txt says {nshards})", where)
+
+
+def check_task_tars(where: str | os.PathLike) -> None:
+    """Every shard of a task (`test/nshards.txt` of them) a whole tar: one line naming the first that is not."""
+    where = Path(where)
+    try:
+        nshards = int((where / "test" / "nshards.txt").read_text().strip())
+    except (OSError, ValueError):
+        return  # the layout checks (or clip_benchmark) name what is wrong
+    for i in range(nshards):
         _check_whole_tar(where / "test" / f"{i}.tar")
 
 
@@ -242,8 +252,8 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
     if data_dir is not None and not Path(data_dir).is_dir():  # else every task would be reported missing
         raise VaralignError("eval data directory not found", data_dir)
     data_dir = "." if data_dir is None else data_dir
-    check_replaceable(out, (SUMMARY, TABLE), overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out, (SUMMARY, TABLE), overwrite,
+                      ours=lambda d: json_keys(d / SUMMARY, {"main_metrics", "groups", "missing"}))
     results_path = out / RESULTS
     done = read_results(results_path)
     report = EvalReport(str(out))
@@ -266,6 +276,9 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
         if prev is None or prev.get("path") != str(where) or prev.get("kind") != task.kind:
             done.pop(task.key, None)
             todo.append((task, where, True))
+    for _task, where, _custom in todo:  # the tasks still to run, before the model is loaded
+        check_task_tars(where)
+    out.mkdir(parents=True, exist_ok=True)
     if todo:
         import torch
 

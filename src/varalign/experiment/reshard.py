@@ -76,8 +76,9 @@ def reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset_
             ray_address: str | None = None) -> ReshardResult:
     """Write the samples of `input_dir` whose uid is in `subset_file` as new shards in `output_dir`.
 
-    Refuses a non-empty `output_dir` unless it holds an earlier reshard's output and `overwrite` is
-    given (which deletes only that reshard's shards, stats, `meta.json`, `sample_ids.npy`); refuses an
+    Refuses a non-empty `output_dir` that holds no reshard of its own; resumes an unfinished one there (its
+    marker, no `meta.json`); replaces a finished one only with `overwrite` (which deletes only the shards and
+    stats its `meta.json` counts, `meta.json` and `sample_ids.npy`); refuses an
     output directory that is, or holds, the input or the subset file. Writes `meta.json` (arguments + counters) and
     `sample_ids.npy` (the subset file). Subset uids absent from the input are counted in `not_found`.
     `executor`: `local` (`num_workers` processes) or `ray` (Ray tasks: the subset and each shard's index

@@ -17,6 +17,7 @@ import sys
 import tarfile
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,8 +143,15 @@ def train_data_pattern(data_dir: str) -> tuple[str, int]:
                         total += int(json.loads(stats.read_text()).get("successes", 0))
                     except ValueError:
                         pass
-        for n in names:
-            _check_shard(root / n)
+        with ThreadPoolExecutor(16) as pool:  # one open per shard: many at a time on a network filesystem
+            full = list(pool.map(lambda n, r=root: _check_shard(r / n), names))
+        empty = [n for n, ok in zip(names, full, strict=True) if not ok]
+        if len(empty) == len(names):
+            raise VaralignError("every tar shard is empty (no sample)", root)
+        if empty:  # img2dataset writes a shard none of whose images came as an empty tar; open_clip skips it
+            print(f"varalign: warning: {len(empty)} empty tar shard(s) left out ({root / empty[0]}, ...)",
+                  file=sys.stderr)
+            names = [n for n, ok in zip(names, full, strict=True) if ok]
         if names == [f"{i:08d}.tar" for i in range(len(names))]:
             patterns.append(str(root / f"{{00000000..{len(names) - 1:08d}}}.tar"))
         else:
@@ -151,9 +159,10 @@ def train_data_pattern(data_dir: str) -> tuple[str, int]:
     return "::".join(patterns), total
 
 
-def _check_shard(path: Path) -> None:
-    """A shard that is missing, or not a tar holding a sample, is one line before training: open_clip's loader
-    skips a bad shard with a warning, and with no good one it would loop (and log) without end."""
+def _check_shard(path: Path) -> bool:
+    """Whether a shard holds a sample (False: an empty tar); a shard that is missing or not a tar is one line
+    before training: open_clip's loader skips a bad shard with a warning a step, and with no good one it
+    would loop (and log) without end."""
     try:
         with tarfile.open(path, "r:") as tar:
             first = tar.next()
@@ -161,8 +170,7 @@ def _check_shard(path: Path) -> None:
         raise VaralignError("training shard not found", path) from None
     except (tarfile.TarError, OSError) as exc:
         raise VaralignError(f"not a readable tar shard ({exc})", path) from None
-    if first is None:
-        raise VaralignError("empty tar shard (no sample)", path)
+    return first is not None
 
 
 def build_args(scale: str, data_dir: str, output_dir: str, exp_name: str, *, cfg: dict, world_size: int = 1,
@@ -309,8 +317,9 @@ def _cause(lines: list[str]) -> str:
     """The line of a failed run's last output that says why: the last exception or error line (a traceback's
     last line), else the last line (torch's and open_clip's own log lines come after the error)."""
     for line in reversed(lines):
-        if _ERROR_LINE.search(line.strip()):
-            return line.strip()
+        text = re.sub(r"^\[rank\d+\]:\s*", "", line.strip())  # torchrun prefixes its workers' lines
+        if _ERROR_LINE.search(text) and "ChildFailedError" not in text:  # torchrun's own, not the cause
+            return text
     return lines[-1].strip() if lines else ""
 
 

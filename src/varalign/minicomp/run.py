@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
-from ..owned import check_replaceable
+from ..owned import check_replaceable, json_keys
 from ..owned import record as record_owned
 from ..uids import hex_to_uids, isin_sorted, load_subset, save_subset, sort_uids
 from .build import CAPTION_KINDS, IMAGE_KINDS, LABEL_COLUMNS, finished
@@ -143,6 +143,7 @@ def _image_based_recipe(build_dir: Path, out_dir: Path) -> Path:
         rows = sum(s.num_rows for s in discover_shards(build_dir / "metadata", need_npz=True))
         build_centroids(build_dir / "metadata", k=max(8, rows // 128), niter=20, seed=0, save_path=centroids)
     features = build_dir / "files" / "normsim_downstream" / "train_features.npy"
+    centroids, features = centroids.resolve(), features.resolve()  # a recipe's relative paths are its folder's
     recipe = out_dir / "image_based.toml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text('name = "image_based"\ndescription = "DataComp image_based on the mini pool"\n'
@@ -178,7 +179,8 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
     if unknown:
         raise VaralignError(f"unknown method(s) {', '.join(unknown)} (one of {', '.join(METHODS)})")
     seeds = seeds or [0]
-    check_replaceable(run_dir, RESULTS, overwrite)
+    check_replaceable(run_dir, RESULTS, overwrite, ours=lambda d: json_keys(d / RESULTS[0], {"methods", "skipped",
+                                                                                             "seeds"}))
     pool_uids, labels = pool_labels(build_dir / "metadata")
     results: dict = {"methods": {}, "skipped": {}, "train_num_samples": train_num_samples, "seeds": seeds}
     build_id = manifest["config"]
