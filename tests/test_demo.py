@@ -274,6 +274,11 @@ def test_demos_never_build_over_a_users_files(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "holds no minicomp build: not touched" in err and err.count("\n") == 1
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["00000000.tar"]
+    (tmp_path / "r").mkdir()  # a report.html of the user's: refused before any work (nothing else written)
+    (tmp_path / "r" / "report.html").write_text("<html>mine</html>")
+    assert main(["demo", "--synthetic", "--out_dir", str(tmp_path / "r"), "--num_samples", "2000", "--quiet"]) == 1
+    assert "is not a varalign report: not overwritten" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["report.html"]
     with pytest.raises(SystemExit) as exited:
         main(["demo", "--synthetic", "--out_dir", str(tmp_path / "z"), "--num_samples", "0"])
     assert exited.value.code == 2 and "--num_samples: must be an integer >= 1" in capsys.readouterr().err

@@ -69,6 +69,7 @@ def run_demo(
     """
     out = Path(out_dir)
     root = Path(build_dir) if build_dir else out / "minicomp"
+    _check_report_path(out)
     t0 = time.perf_counter()
     manifest, built_now = _ensure_pool(root, config, fashion_mnist_dir, quiet, pool_version)
     t_pool = time.perf_counter() - t0
@@ -366,6 +367,7 @@ def run_synthetic_demo(
     """Build (or reuse) the synthetic pool under `out_dir`, run clip_score / vas / vas_d, print a table."""
     out = Path(out_dir)
     pool_dir = out / "pool"
+    _check_report_path(out)
     t0 = time.perf_counter()
     if not _pool_ready(pool_dir, num_samples):
         ours = pool_dir / ".varalign-demo-pool"  # what makes a half-built pool ours to build over
@@ -435,6 +437,13 @@ def _shares(pool_dir: Path, scores_path: Path) -> dict[str, float]:
         "on_target": float(np.isin(concepts[selected], TARGET_CONCEPTS).mean()),
         "pool_on_target": float(np.isin(concepts, TARGET_CONCEPTS).mean()),
     }
+
+
+def _check_report_path(out: Path) -> None:
+    """The demo's report.html, if there, must be a varalign report: found out before any work, not after."""
+    from .report import check_report_output  # noqa: PLC0415
+
+    check_report_output(out / "report.html")
 
 
 def _pool_ready(pool_dir: Path, num_samples: int) -> bool:

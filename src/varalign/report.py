@@ -657,6 +657,13 @@ def _is_our_report(path: Path | str) -> bool:
     return GENERATOR.encode() in head or b"<title>varalign " in head
 
 
+def check_report_output(output: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an existing `output` that is not a varalign report (unless `overwrite`): one line naming it."""
+    if storage.exists(output) and not overwrite and not _is_our_report(output):
+        raise VaralignError("exists and is not a varalign report: not overwritten; remove it, choose another "
+                            "--output, or pass --overwrite", output)
+
+
 def build_report(metadata_dir: str | os.PathLike, selections: list, output: str | os.PathLike,
                  scores: list | None = None, top: int = 12, title: str | None = None,
                  overwrite: bool = False) -> Path | str:
@@ -674,9 +681,7 @@ def build_report(metadata_dir: str | os.PathLike, selections: list, output: str 
     with lock_outputs([output]):
         if not storage.is_url(output):
             remove_stale_temps(output)
-        if storage.exists(output) and not overwrite and not _is_our_report(output):
-            raise VaralignError("exists and is not a varalign report: not overwritten; remove it, choose another "
-                                "--output, or pass --overwrite", output)
+        check_report_output(output, overwrite)
         return _build_report(metadata_dir, selections, output, scores, top, title)
 
 
