@@ -278,3 +278,24 @@ def test_bad_inputs_give_one_line_errors(synth_pool: Path, runs: tuple[Path, dic
     with pytest.raises(VaralignError, match="metadata directory not found"):
         cli(["--metadata_dir", str(tmp_path / "nopool"), "--output", str(html_out), "--selections", sel])
     assert not html_out.exists() and not list(tmp_path.glob(".r.html.*"))
+
+
+@pytest.mark.parametrize("page, ours", [
+    ('<html><head><meta name="generator" content="varalign report"><title>x</title>', True),
+    ("<!DOCTYPE html><html><head><title>varalign report: clip, vas</title>", True),  # an earlier version's
+    ("<!DOCTYPE html><html><head><title>varalign demo (synthetic)</title>", True),
+    ("<html><head><title>varalign notes from the lab</title>", False),  # the user's page that names varalign
+    ("<html><head><title>my page</title>", False),
+])
+def test_only_varalign_reports_are_replaced(tmp_path: Path, page: str, ours: bool) -> None:
+    from varalign.report import check_report_output
+
+    path = tmp_path / "r.html"
+    path.write_text(page)
+    if ours:
+        check_report_output(path)
+    else:
+        with pytest.raises(VaralignError, match="is not a varalign report: not overwritten"):
+            check_report_output(path)
+        check_report_output(path, overwrite=True)
+    assert path.read_text() == page

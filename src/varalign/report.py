@@ -653,8 +653,9 @@ def _is_our_report(path: Path | str) -> bool:
         head = storage.read_bytes(path, 1 << 16)
     except (OSError, VaralignError):
         return False
-    # reports of earlier versions carry no generator tag, but their default titles name varalign
-    return GENERATOR.encode() in head or b"<title>varalign " in head
+    # reports of earlier versions carry no generator tag, but their default titles (the report's, the demos')
+    # name varalign: those exactly, not any page whose title starts with the word
+    return GENERATOR.encode() in head or any(t in head for t in (b"<title>varalign report: ", b"<title>varalign demo"))
 
 
 def check_report_output(output: str | os.PathLike, overwrite: bool = False) -> None:
