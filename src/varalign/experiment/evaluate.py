@@ -38,6 +38,7 @@ from ..owned import check_replaceable, json_keys
 from ..owned import record as record_owned
 from .tasks import GROUPS, TASK_BY_KEY, TASKS, Task, aggregate, format_score, get_task
 from .train import CUSTOM_MODELS, read_info
+from .wds import ends_whole
 
 RESULTS = "eval_results.jsonl"
 SUMMARY = "eval_summary.json"
@@ -129,18 +130,16 @@ def _check_whole_tar(path: Path) -> None:
     """A task shard is a tar whose every member is whole (a test set is small: every header is read, no data)."""
     try:
         with tarfile.open(path, "r:") as tar:
-            end = max((m.offset_data + m.size for m in tar), default=None)
+            members = tar.getmembers()
+            whole = ends_whole(tar)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise VaralignError(f"not a readable tar ({' '.join(str(exc).split())[:200]})", path) from None
-    if end is None:
+    if not members:
         raise VaralignError("empty tar (no sample)", path)
-    size, tail = path.stat().st_size, -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    with open(path, "rb") as fh:  # a whole tar ends with two zero blocks after its last member
-        fh.seek(tail)
-        marker = fh.read(2 * tarfile.BLOCKSIZE)
-    if end > size or marker != bytes(2 * tarfile.BLOCKSIZE):
+    if not whole:
+        end = members[-1].offset_data + members[-1].size
         raise VaralignError(f"truncated tar (no end-of-archive blocks after its last member, at byte {end:,} of "
-                            f"{size:,})", path)
+                            f"{path.stat().st_size:,})", path)
 
 
 def find_tasks(tasks_dir: str | os.PathLike) -> dict[str, Path]:
