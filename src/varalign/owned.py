@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from .atomic import file_sha256, save_json
@@ -38,7 +38,7 @@ def _accounted(path: Path, record: object) -> bool:
         return False
 
 
-def json_keys(path: Path, keys: set[str]) -> bool:
+def _json_keys(path: Path, keys: set[str]) -> bool:
     """Whether `path` is a JSON object with `keys` (or a non-empty list of such objects): a file of the group an
     earlier varalign wrote before it kept a ledger, or one whose ledger entry a kill cut off."""
     try:
@@ -50,14 +50,14 @@ def json_keys(path: Path, keys: set[str]) -> bool:
 
 
 def check_replaceable(folder: str | os.PathLike, names: Iterable[str], overwrite: bool = False,
-                      ours: Callable[[Path], bool] | None = None) -> None:
+                      known_by: tuple[str, set[str]] | None = None) -> None:
     """Refuse (one line naming the file) an existing `folder/name` that varalign did not write, or that was
-    changed since; with `overwrite` anything may be replaced. `ours(folder)`: whether the group of files there
-    is recognisably varalign's by its content (then none is refused)."""
+    changed since; with `overwrite` anything may be replaced. `known_by=(name, keys)`: the group of files is
+    recognisably varalign's (then none is refused) when `folder/name` is a JSON object with `keys`."""
     if overwrite:
         return
     folder = Path(folder)
-    if ours is not None and ours(folder):
+    if known_by is not None and _json_keys(folder / known_by[0], known_by[1]):
         return
     ledger = _ledger(folder)
     for name in names:

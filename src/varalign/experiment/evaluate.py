@@ -34,7 +34,7 @@ import numpy as np
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
-from ..owned import check_replaceable, json_keys
+from ..owned import check_replaceable
 from ..owned import record as record_owned
 from .tasks import GROUPS, TASK_BY_KEY, TASKS, Task, aggregate, format_score, get_task
 from .train import CUSTOM_MODELS, read_info
@@ -251,8 +251,7 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
     if data_dir is not None and not Path(data_dir).is_dir():  # else every task would be reported missing
         raise VaralignError("eval data directory not found", data_dir)
     data_dir = "." if data_dir is None else data_dir
-    check_replaceable(out, (SUMMARY, TABLE), overwrite,
-                      ours=lambda d: json_keys(d / SUMMARY, {"main_metrics", "groups", "missing"}))
+    check_replaceable(out, (SUMMARY, TABLE), overwrite, known_by=(SUMMARY, {"main_metrics", "groups", "missing"}))
     results_path = out / RESULTS
     done = read_results(results_path)
     report = EvalReport(str(out))

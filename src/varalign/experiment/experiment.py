@@ -21,7 +21,7 @@ from pathlib import Path
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
 from ..guard import lock, lock_file_for
-from ..owned import check_replaceable, json_keys
+from ..owned import check_replaceable
 from ..owned import record as record_owned
 from ..workdir import Steps, WorkDir, digest
 from .evaluate import evaluate
@@ -128,7 +128,7 @@ def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.Pat
     if eval_data_dir is not None and not Path(eval_data_dir).is_dir():  # found out before training, not after
         raise VaralignError("eval data directory not found", eval_data_dir)
     check_replaceable(out, COMPARISON, overwrite,  # the user's comparison files are never replaced unasked
-                      ours=lambda d: json_keys(d / COMPARISON[0], {"subset", "seed", "groups"}))
+                      known_by=(COMPARISON[0], {"subset", "seed", "groups"}))
     rows = []
     with Loop(out, input_dir, num_workers=num_workers, overwrite=overwrite, quiet=quiet) as loop:
         for subset, name in zip(subset_files, names, strict=True):

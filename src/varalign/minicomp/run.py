@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
-from ..owned import check_replaceable, json_keys
+from ..owned import check_replaceable
 from ..owned import record as record_owned
 from ..uids import hex_to_uids, isin_sorted, load_subset, save_subset, sort_uids
 from .build import CAPTION_KINDS, IMAGE_KINDS, LABEL_COLUMNS, finished
@@ -179,8 +179,7 @@ def run(build_dir: str | os.PathLike, run_dir: str | os.PathLike, *, methods: li
     if unknown:
         raise VaralignError(f"unknown method(s) {', '.join(unknown)} (one of {', '.join(METHODS)})")
     seeds = seeds or [0]
-    check_replaceable(run_dir, RESULTS, overwrite, ours=lambda d: json_keys(d / RESULTS[0], {"methods", "skipped",
-                                                                                             "seeds"}))
+    check_replaceable(run_dir, RESULTS, overwrite, known_by=(RESULTS[0], {"methods", "skipped", "seeds"}))
     pool_uids, labels = pool_labels(build_dir / "metadata")
     results: dict = {"methods": {}, "skipped": {}, "train_num_samples": train_num_samples, "seeds": seeds}
     build_id = manifest["config"]
