@@ -280,19 +280,21 @@ def _write_marker(out: Path | str, record: dict) -> None:
 
 
 def _read_marker_file(out: Path | str) -> dict | None:
-    try:
-        record = json.loads(storage.read_bytes(storage.join(out, MARKER)))
-    except (OSError, ValueError, UnicodeDecodeError, VaralignError):
-        return None
+    record = _json_in(out, MARKER)
     return record if isinstance(record, dict) and record.get("tool") == "varalign reshard" else None
 
 
 def _reshard_meta(out: Path | str) -> dict | None:
+    meta = _json_in(out, "meta.json")
+    return meta if isinstance(meta, dict) and "output_shard_count" in meta and "args" in meta else None
+
+
+def _json_in(out: Path | str, name: str) -> object:
+    """The JSON file `name` in the output folder (local or URL), or None when it is missing or unreadable."""
     try:
-        meta = json.loads(storage.read_bytes(storage.join(out, "meta.json")))
+        return json.loads(storage.read_bytes(storage.join(out, name)))
     except (OSError, ValueError, UnicodeDecodeError, VaralignError):
         return None
-    return meta if isinstance(meta, dict) and "output_shard_count" in meta and "args" in meta else None
 
 
 def _is_npy(path: str | os.PathLike) -> bool:
