@@ -340,7 +340,8 @@ class _Rounds:
             scored += n_alive
             for group in self.score_groups():  # score every alive candidate against the current target
                 alive = [self.alive(a, b, it) for a, b in group]
-                scores = self.score(group[0][0], group[-1][1], np.concatenate(alive), target)
+                scores = _score_alive(self.store, np.concatenate(alive), target, self.mapper, self.block_rows,
+                                      self.device, offset=group[0][0])
                 cuts = np.cumsum([int(np.count_nonzero(x)) for x in alive])[:-1]
                 for (a, b), mask, part in zip(group, alive, np.split(scores, cuts), strict=True):
                     last = _read(self.state_dir, LAST, np.float32, a, b)
@@ -438,9 +439,6 @@ class _Rounds:
         """The last scores of the candidates alive in round `it`, state block by state block."""
         for a, b in self.spans():
             yield _read(self.state_dir, LAST, np.float32, a, b)[self.alive(a, b, it)]
-
-    def score(self, a: int, b: int, alive: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return _score_alive(self.store, alive, target, self.mapper, self.block_rows, self.device, offset=a)
 
     def subtract(self, gram_keep: np.ndarray, rows: np.ndarray, final: bool) -> np.ndarray:
         """Subtract the Gram of `rows` (ascending) from `gram_keep` in place, a block of `block_rows` rows at
