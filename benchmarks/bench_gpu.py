@@ -7,7 +7,8 @@ the same runs on the machine's CPUs.
                                  # candidates: one script, planned for < 8 min on one H200
     python benchmarks/bench_gpu.py --methods vas,vas_d,vas_d_lowrank --pools 1000000:16,4000000:32
     python benchmarks/bench_gpu.py --gpu torch-cpu --pools 20000:4 --normsim_rows 20000 --centroids 2000 \
-        --check_scale 0.05 --json /tmp/dry.json          # a dry run of the same script without a GPU
+        --check_scale 0.05 --round_sizes 200000,800000 --round_dim 64 --json /tmp/dry.json
+                                 # a dry run of the same script without a GPU (~2 min on 2 cores)
 
 Run it on a machine with a CUDA GPU and torch. Every filter run is a fresh child process (wall time, peak
 RSS, peak GPU memory).
@@ -502,9 +503,12 @@ def rounds_child(spec: dict) -> None:
     work = ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS, m)
     if cuda:
         free, total = torch.cuda.mem_get_info()
-        if not ResidentRows.fits(nbytes, work, free, total):
-            print(json.dumps({"candidates": m, "fits": False, "nbytes": nbytes, "free": free, "total": total}))
-            return
+    else:  # torch's CPU device (a dry run): the "device" memory is the host's, so the same rule on it
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free, total = (int(info[k].split()[0]) * 1024 for k in ("MemAvailable", "MemTotal"))
+    if not ResidentRows.fits(nbytes, work, free, total):
+        print(json.dumps({"candidates": m, "fits": False, "nbytes": nbytes, "free": free, "total": total}))
+        return
     store = CandidateStore.from_array(TiledRows(np.ascontiguousarray(base), m))
     b32 = np.asarray(base[:65536], dtype=np.float32)
     gram = (b32.T.astype(np.float64) @ b32) * (m / len(b32))  # ~ the candidates' Gram: enough for timing
@@ -571,7 +575,9 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
         proc = subprocess.run([sys.executable, __file__, "--rounds_child", json.dumps(spec)], capture_output=True,
                               text=True)
         if proc.returncode:
-            raise RuntimeError(f"VAS-D rounds over {m:,} candidates failed:\n{proc.stderr[-3000:]}")
+            how = (f"killed by signal {-proc.returncode}" + (" (out of host memory?)" if proc.returncode == -9 else "")
+                   if proc.returncode < 0 else f"exit status {proc.returncode}")
+            raise RuntimeError(f"VAS-D rounds over {m:,} candidates failed ({how}):\n{proc.stderr[-3000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         record({"vas_d_rounds": m, "device": args.gpu} | r)
         if not r["fits"]:
