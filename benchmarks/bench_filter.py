@@ -43,8 +43,9 @@ def child(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - t0
     rss = _vm_hwm()
     gpu = None  # peak GPU memory of a --device cuda run
-    if "torch" in sys.modules and str(opts.get("device", "cpu")).startswith("cuda"):
-        gpu = sys.modules["torch"].cuda.max_memory_allocated()
+    device = str(opts.get("device", "cpu"))
+    if "torch" in sys.modules and device.startswith("cuda"):
+        gpu = sys.modules["torch"].cuda.max_memory_allocated(device)
     print(json.dumps({"wall": wall, "rss": rss, "gpu_bytes": gpu, "counts": res.counts, "timings": res.timings}))
 
 

@@ -73,7 +73,7 @@ def gpu_seconds(feats: np.ndarray, target: np.ndarray, device: str, repeats: int
     import torch  # noqa: PLC0415
 
     dev = torch.device("cpu" if device == "torch-cpu" else device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     f16 = torch.from_numpy(feats.astype(np.float16)).to(dev)
     s = torch.from_numpy(target).to(dev)
     best = float("inf")
@@ -85,6 +85,9 @@ def gpu_seconds(feats: np.ndarray, target: np.ndarray, device: str, repeats: int
             ((f @ s) * f).sum(dim=1)
         sync()
         best = min(best, time.perf_counter() - t0)
+    del f16, s
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the child runs after this one decide residency from the device's free memory
     return best
 
 
@@ -128,7 +131,11 @@ def bench_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
                 continue
             out = root / "out" / f"gpu_{samples}_{label.replace(' ', '_').replace('=', '')}_{device}.npy"
             out.unlink(missing_ok=True)
-            r = run_method(pool, out, name, opts | {"device": device})
+            try:
+                r = run_method(pool, out, name, opts | {"device": device})
+            except RuntimeError as exc:
+                failed(record, {"samples": samples, "method": label, "device": device}, exc)
+                continue
             outs[device] = out
             walls[f"{key}@{device}"] = r["wall"]
             if key == "vas":  # the pass over every embedding: what VAS-D's collect costs at this rate
@@ -157,8 +164,9 @@ def child(spec: dict) -> None:
     res = filter_pool(spec["pool"], spec["out"], spec.get("name"), quiet=True, **spec["opts"])
     wall = time.perf_counter() - t0
     gpu = None
-    if "torch" in sys.modules and str(spec["opts"].get("device", "cpu")).startswith("cuda"):
-        gpu = sys.modules["torch"].cuda.max_memory_allocated()
+    device = str(spec["opts"].get("device", "cpu"))
+    if "torch" in sys.modules and device.startswith("cuda"):
+        gpu = sys.modules["torch"].cuda.max_memory_allocated(device)
     print(json.dumps({"wall": wall, "rss": _vm_hwm(), "gpu_bytes": gpu, "counts": res.counts,
                       "timings": res.timings}))
 
@@ -168,16 +176,40 @@ class OutOfTime(Exception):
 
 
 DEADLINE = [float("inf")]
+GRACE_S = 150
+ROUNDS_RESERVE_S = 100  # what vas_d_rounds' three sizes take on one H200 (~40 s at 57.6M: the copy, 4 rounds)  # a child started before the deadline may run this long past it before it is killed
+
+
+class RunFailed(RuntimeError):
+    """One run failed (its stderr's tail in the message): recorded, and the script goes on with the next."""
+
+
+def run_script(what: str, argv: list[str]) -> str:
+    """This script as a child (`argv`), killed GRACE_S after the deadline; its stdout, or RunFailed."""
+    timeout = None if DEADLINE[0] == float("inf") else max(60.0, DEADLINE[0] + GRACE_S - time.perf_counter())
+    try:
+        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RunFailed(f"{what}: killed after {timeout:.0f} s (past --time_limit)") from exc
+    if proc.returncode:
+        how = (f"killed by signal {-proc.returncode}" + (" (out of host memory?)" if proc.returncode == -9 else "")
+               if proc.returncode < 0 else f"exit status {proc.returncode}")
+        raise RunFailed(f"{what} failed ({how}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def failed(record, what: dict, exc: Exception) -> None:
+    """A run that failed: its error printed and recorded (--json), so the runs after it still happen."""
+    print(f"FAILED {what}: {exc}", flush=True)
+    record(what | {"error": str(exc)[-3000:]})
 
 
 def run_child(pool: Path, out: Path, name: str | None, opts: dict) -> dict:
     if time.perf_counter() > DEADLINE[0]:
         raise OutOfTime
     spec = {"pool": str(pool), "out": str(out), "name": name, "opts": opts}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{name or opts.get('recipe')} {opts} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_script(f"{name or opts.get('recipe')} {opts}", ["--child", json.dumps(spec)])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _target_rows(n: int, seed: int) -> np.ndarray:
@@ -252,22 +284,24 @@ def compare_scores(cpu: Path, dev: Path, label: str) -> dict:
     """Same rows kept? Else the differing rows with both scores, the cut and the largest score difference."""
     import pyarrow.parquet as pq  # noqa: PLC0415
 
-    a, b = pq.read_table(cpu).to_pandas(), pq.read_table(dev).to_pandas()
-    ka, kb = a[f"kept_{label}"].to_numpy(), b[f"kept_{label}"].to_numpy()
+    ta, tb = pq.read_table(cpu), pq.read_table(dev)  # (pyarrow alone: the bare GPU image has no pandas)
+    a = {n: ta.column(n).to_numpy(zero_copy_only=False) for n in ("uid", f"kept_{label}", label)}
+    b = {n: tb.column(n).to_numpy(zero_copy_only=False) for n in (f"kept_{label}", label)}
+    ka, kb = a[f"kept_{label}"].astype(bool), b[f"kept_{label}"].astype(bool)
     differ = np.flatnonzero(ka != kb)
     out = {"rows": int(len(ka)), "kept_cpu": int(ka.sum()), "kept_dev": int(kb.sum()), "differing": int(len(differ))}
-    sa, sb = a[label].to_numpy(), b[label].to_numpy()
+    sa, sb = a[label], b[label]
     if sa.dtype.kind == "f":
         both = ~np.isnan(sa) & ~np.isnan(sb)
         out["max_abs_score_diff"] = float(np.abs(sa[both] - sb[both]).max()) if both.any() else 0.0
         cut = float(np.nanmin(np.where(ka, sa, np.nan)))
         out["cut_cpu"] = cut
-        out["differing_rows"] = [{"uid": a["uid"][i], "cpu": float(sa[i]), "dev": float(sb[i]),
+        out["differing_rows"] = [{"uid": str(a["uid"][i]), "cpu": float(sa[i]), "dev": float(sb[i]),
                                   "cpu_minus_cut": float(sa[i] - cut)} for i in differ[:20]]
         out["ties_only"] = bool(all(abs(r["cpu_minus_cut"]) <= 2 * out["max_abs_score_diff"] + 1e-12
                                     for r in out["differing_rows"])) and len(differ) <= 20
     else:
-        out["differing_rows"] = [a["uid"][i] for i in differ[:20]]
+        out["differing_rows"] = [str(a["uid"][i]) for i in differ[:20]]
     union = int((ka | kb).sum())
     out["jaccard"] = float((ka & kb).sum() / union) if union else 1.0
     return out
@@ -291,6 +325,13 @@ def s_pass_check(assets: dict[str, Path], args: argparse.Namespace) -> dict:
     if args.gpu != "none":
         row |= {"allowed_dev": int(out[args.gpu].sum()), "identical": bool(np.array_equal(out["cpu"], out[args.gpu])),
                 "dev_s": out[f"{args.gpu}_s"]}
+    if args.gpu.startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        from varalign.backend import release_device_matrices  # noqa: PLC0415
+
+        release_device_matrices()
+        torch.cuda.empty_cache()  # this (parent) process holds no GPU memory beyond its context while children run
     return row
 
 
@@ -347,7 +388,12 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
                 stale.unlink()  # time the pass over the target rows too
         out = root / "out" / f"heavy_{samples}_{key}_{args.gpu}.npy"
         out.unlink(missing_ok=True)
-        r = run_child(pool, out, name, opts | {"device": args.gpu})
+        try:
+            r = run_child(pool, out, name, opts | {"device": args.gpu})
+        except RunFailed as exc:
+            failed(record, {"samples": samples, "method": key, "device": args.gpu}, exc)
+            rates[key] = {"gpu_rows_per_s": None}
+            continue
         stage = r["timings"].get(label, r["wall"])
         ratio = r["wall"] / vas_dev if vas_dev else None
         rates[key] = {"gpu_rows_per_s": samples / stage, "gpu_wall_s": r["wall"]}
@@ -369,16 +415,22 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
         given = root / "out" / f"subset_{samples}_{per_shard}.npy"
         n = subset_file(pool, per_shard, given)
         res = {}
-        for device in devices(args):
-            out = root / "out" / f"check_{samples}_{key}_{device}.npy"
-            scores = out.with_suffix(".parquet")
-            out.unlink(missing_ok=True)
-            scores.unlink(missing_ok=True)
-            res[device] = run_child(pool, out, name, opts | {"device": device, "given_uids_path": str(given),
-                                                             "save_scores": str(scores)})
+        try:
+            for device in devices(args):
+                out = root / "out" / f"check_{samples}_{key}_{device}.npy"
+                scores = out.with_suffix(".parquet")
+                out.unlink(missing_ok=True)
+                scores.unlink(missing_ok=True)
+                res[device] = run_child(pool, out, name, opts | {"device": device, "given_uids_path": str(given),
+                                                                 "save_scores": str(scores)})
+        except RunFailed as exc:
+            failed(record, {"samples": samples, "method": key, "check": "subset cpu vs device"}, exc)
+            if "cpu" not in res:
+                continue
         cpu_stage = res["cpu"]["timings"].get(label, res["cpu"]["wall"])
+        rates.setdefault(key, {"gpu_rows_per_s": None})
         rates[key] |= {"cpu_rows_per_s": n / cpu_stage, "cpu_rows": n, "cpu_rows_per_shard": per_shard}
-        if args.gpu == "none":
+        if args.gpu == "none" or args.gpu not in res:
             record({"samples": samples, "method": key, "check": "subset cpu", "rows": n,
                     "cpu_wall_s": res["cpu"]["wall"], "cpu_stage_s": cpu_stage, "timings": res["cpu"]["timings"]})
             print(f"| {key} | {n:,} | {res['cpu']['wall']:.1f} | {cpu_stage:.1f} | - | (no device) |", flush=True)
@@ -396,6 +448,8 @@ def heavy_pool(samples: int, shards: int, root: Path, args: argparse.Namespace, 
         for row in cmp["differing_rows"][:5]:
             print(f"    differs: {row}", flush=True)
     if "image_based" in args.methods:
+        if time.perf_counter() > DEADLINE[0]:
+            raise OutOfTime
         chk = s_pass_check(assets, args)
         record({"check": "image_based target pass, cpu vs device"} | chk)
         dev_s = f"{chk['dev_s']:.1f}" if chk["dev_s"] is not None else "-"
@@ -502,7 +556,7 @@ def rounds_child(spec: dict) -> None:
     nbytes = m * dim * 2
     work = ResidentRows.work_bytes(dim, BLOCK_ROWS, STATE_ROWS, m)
     if cuda:
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(device)
     else:  # torch's CPU device (a dry run): the "device" memory is the host's, so the same rule on it
         info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         free, total = (int(info[k].split()[0]) * 1024 for k in ("MemAvailable", "MemTotal"))
@@ -519,7 +573,7 @@ def rounds_child(spec: dict) -> None:
 
     def on_round(it: int) -> None:
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         stamps.append(time.perf_counter())
         if len(stamps) >= spec["rounds"]:
             raise Stop
@@ -533,13 +587,13 @@ def rounds_child(spec: dict) -> None:
     except Stop:
         pass
     t1 = time.perf_counter()  # the first round's time includes the copy to the device
-    peak = torch.cuda.max_memory_allocated() if cuda else None
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
     # one write of the round state as the rounds flush it: device -> host -> the state files, block by block
     dev = torch.device(device if cuda else "cpu")
     state = (torch.zeros(m, dtype=torch.int32, device=dev), torch.zeros(m, dtype=torch.float32, device=dev))
     flusher = _Rounds(store, str(state_dir), STATE_ROWS, BLOCK_ROWS, device, None, None)
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     t2 = time.perf_counter()
     flusher.flush(*state)
     flush_s = time.perf_counter() - t2
@@ -572,13 +626,12 @@ def vas_d_rounds(root: Path, args: argparse.Namespace, walls: dict[str, float], 
             raise OutOfTime
         spec = {"candidates": m, "device": args.gpu, "base": str(base_path), "num_iters": args.round_iters,
                 "rounds": args.round_count + 1, "dim": args.round_dim, "state_dir": str(root / "rounds_state")}
-        proc = subprocess.run([sys.executable, __file__, "--rounds_child", json.dumps(spec)], capture_output=True,
-                              text=True)
-        if proc.returncode:
-            how = (f"killed by signal {-proc.returncode}" + (" (out of host memory?)" if proc.returncode == -9 else "")
-                   if proc.returncode < 0 else f"exit status {proc.returncode}")
-            raise RuntimeError(f"VAS-D rounds over {m:,} candidates failed ({how}):\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        try:
+            stdout = run_script(f"VAS-D rounds over {m:,} candidates", ["--rounds_child", json.dumps(spec)])
+        except RunFailed as exc:
+            failed(record, {"vas_d_rounds": m, "device": args.gpu}, exc)
+            continue
+        r = json.loads(stdout.strip().splitlines()[-1])
         record({"vas_d_rounds": m, "device": args.gpu} | r)
         if not r["fits"]:
             print(f"| {m:,} | {r['nbytes'] / 1e9:.1f} | does not fit ({r['free'] / 1e9:.1f} GB free of "
@@ -676,7 +729,7 @@ def main() -> None:
         sys.exit("bench_gpu.py: torch sees no CUDA device")
     info = {"machine": platform.machine(), "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else args.gpu,
+            "gpu": torch.cuda.get_device_name(args.gpu) if args.gpu.startswith("cuda") else args.gpu,
             "methods": args.methods, "normsim_rows": args.normsim_rows, "centroids": args.centroids}
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
@@ -691,19 +744,36 @@ def main() -> None:
 
     root = Path(args.data_dir)
     (root / "out").mkdir(parents=True, exist_ok=True)
-    if args.time_limit:
-        DEADLINE[0] = t_start + args.time_limit
-    for spec in args.pools.split(","):
+    rounds = "vas_d_rounds" in args.methods and args.gpu != "none"
+    # the rounds come last but are what DataComp-medium's VAS-D estimate needs: the runs before them stop
+    # ROUNDS_RESERVE_S before --time_limit, so that they still start
+    deadline = t_start + args.time_limit if args.time_limit else float("inf")
+    pools = args.pools.split(",")
+    for spec in pools:
         samples, shards = (int(x) for x in spec.split(":"))
-        walls = bench_pool(samples, shards, root, args, record)
-        try:
-            if any(m in args.methods for m in HEAVY_METHODS):
-                heavy_pool(samples, shards, root, args, walls, record)
-            if "vas_d_rounds" in args.methods and spec == args.pools.split(",")[-1] and args.gpu != "none":
-                vas_d_rounds(root, args, walls, record)
-        except OutOfTime:
-            print(f"--time_limit {args.time_limit:.0f} s reached: the remaining runs were left out", flush=True)
-            record({"note": "time limit reached"})
+        last = spec == pools[-1]
+        DEADLINE[0] = deadline - (ROUNDS_RESERVE_S if rounds else 0)
+        walls: dict[str, float] = {}
+        for phase in ("vas", "heavy", "rounds"):
+            if phase == "rounds":
+                if not (rounds and last):
+                    continue
+                DEADLINE[0] = deadline
+            try:
+                if phase == "vas":
+                    walls = bench_pool(samples, shards, root, args, record)
+                elif phase == "heavy" and any(m in args.methods for m in HEAVY_METHODS):
+                    heavy_pool(samples, shards, root, args, walls, record)
+                elif phase == "rounds":
+                    vas_d_rounds(root, args, walls, record)
+            except OutOfTime:
+                print(f"--time_limit {args.time_limit:.0f} s reached: the rest of {phase} was left out", flush=True)
+                record({"note": f"time limit reached in {phase}"})
+            except Exception as exc:  # noqa: BLE001 - a bench phase that fails must not cost the phases after it
+                import traceback  # noqa: PLC0415
+
+                traceback.print_exc()
+                failed(record, {"phase": phase, "samples": samples}, exc)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
