@@ -185,6 +185,100 @@ def test_device_errors_are_one_line_others_raised_as_they_are(message: str, line
         assert caught.type is RuntimeError and str(caught.value) == message
 
 
+def test_out_of_memory_frees_the_failed_kernels_tensors() -> None:
+    """After an out-of-memory, the tensors of the kernel that failed are freed even while a caller keeps the
+    error (its traceback would otherwise hold them, and their device memory, for as long as it lives)."""
+    import gc
+    import weakref
+
+    from varalign import backend
+
+    held = []
+
+    def kernel():
+        tile = torch.ones(4096)
+        held.append(weakref.ref(tile))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(VaralignError, match="out of memory") as caught:
+        with backend.on_device("torch-cpu"):
+            kernel()
+    gc.collect()
+    assert caught.value is not None and held[0]() is None
+
+
+@pytest.mark.parametrize("kernel", ["quadratic_rows_on", "gram64_on", "projector"])
+def test_per_task_kernels_report_device_failures_in_one_line(kernel, monkeypatch) -> None:
+    """VAS's scores, the Gram blocks of VAS-D's collect and the lowrank projection run outside `on_device`'s
+    lock (worker threads side by side), yet a device failure in them is one line too."""
+    from varalign import backend
+
+    def fail(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    rows = np.ones((8, 4), dtype=np.float16)
+    call = {"quadratic_rows_on": lambda: backend.quadratic_rows_on(rows, np.eye(4, dtype=np.float32), "torch-cpu"),
+            "gram64_on": lambda: backend.gram64_on(rows, "torch-cpu"),
+            "projector": lambda: backend.projector(np.ones((4, 2), np.float32), "torch-cpu")(rows)}[kernel]
+    assert call().shape[0] in (4, 8)  # works before the failure is injected
+    monkeypatch.setattr(torch.Tensor, "cpu", fail)
+    with pytest.raises(VaralignError, match=r"^--device torch-cpu: out of memory") as caught:
+        call()
+    assert "\n" not in str(caught.value)
+
+
+def test_cuda_kernels_run_without_tf32_and_give_the_setting_back() -> None:
+    """A process that turned TF32 on (10-bit mantissas) gets full float32 products inside the device kernels,
+    while any thread is in one, and its setting back after the last (torch.device("cuda") needs no GPU)."""
+    import threading
+
+    from varalign import backend
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        inside, release = threading.Event(), threading.Event()
+        seen = []
+
+        def other() -> None:
+            with backend.device_errors("cuda"):
+                seen.append(matmul.allow_tf32)
+                inside.set()
+                release.wait(10)
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert inside.wait(10)
+        with backend.device_errors("cuda"):
+            seen.append(matmul.allow_tf32)
+        seen.append(matmul.allow_tf32)  # the other thread is still inside
+        release.set()
+        t.join(10)
+        assert seen == [False, False, False] and matmul.allow_tf32 is True
+        matmul.allow_tf32 = False
+        with backend.device_errors("cuda"):
+            assert matmul.allow_tf32 is False
+        assert matmul.allow_tf32 is False
+    finally:
+        matmul.allow_tf32 = before
+
+
+def test_tf32_override_is_refused_for_cuda(monkeypatch) -> None:
+    """TORCH_ALLOW_TF32_CUBLAS_OVERRIDE makes torch multiply float32 in TF32 whatever the process asks: a CUDA
+    run refuses it in one line instead of giving subsets far from the CPU's."""
+    from varalign.backend import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    with pytest.raises(VaralignError, match="TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set"):
+        check_device("cuda")
+    assert check_device("torch-cpu") == "torch-cpu"
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
+    assert check_device("cuda:0") == "cuda:0"
+
+
 def test_target_on_a_device(uneven, tmp_path) -> None:
     assert main(["target", str(uneven / "pool"), "--save_path", str(tmp_path / "cpu.npy"), "--quiet"]) == 0
     assert main(["target", str(uneven / "pool"), "--save_path", str(tmp_path / "dev.npy"), "--device", "torch-cpu",

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -114,6 +115,11 @@ def check_device(device: str) -> str:
         raise VaralignError(f"--device {device} needs torch: pip install 'varalign[torch]'") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VaralignError(f"--device {device}: torch sees no CUDA device (torch {torch.__version__})")
+    if device.startswith("cuda") and os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0"):
+        # torch then multiplies float32 in TF32 whatever the process asks (10-bit mantissas: subsets would
+        # differ from the CPU's far beyond float ties)
+        raise VaralignError(f"--device {device}: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set, which makes CUDA's "
+                            "float32 products TF32; unset it")
     try:
         dev = torch.device("cpu" if device == "torch-cpu" else device)
     except (RuntimeError, ValueError):
@@ -137,9 +143,10 @@ def quadratic_rows_on(features: np.ndarray, target: np.ndarray, device: str) -> 
     if device == "cpu":
         return quadratic_rows(to_float32(features), target)
     torch, dev = torch_device(device)
-    f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
-    s = torch.tensor(np.asarray(target, dtype=np.float32), device=dev)
-    return ((f @ s) * f).sum(dim=1).cpu().numpy()
+    with device_errors(device):
+        f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
+        s = torch.tensor(np.asarray(target, dtype=np.float32), device=dev)
+        return ((f @ s) * f).sum(dim=1).cpu().numpy()
 
 
 def gram64_on(features: np.ndarray, device: str) -> np.ndarray:
@@ -147,8 +154,9 @@ def gram64_on(features: np.ndarray, device: str) -> np.ndarray:
     if device == "cpu":
         return gram64(to_float32(features))
     torch, dev = torch_device(device)
-    f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
-    return (f.T @ f).double().cpu().numpy()
+    with device_errors(device):
+        f = torch.from_numpy(np.require(features, requirements=["C", "W"])).to(dev).float()
+        return (f.T @ f).double().cpu().numpy()
 
 
 def projector(basis: np.ndarray, device: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -157,8 +165,13 @@ def projector(basis: np.ndarray, device: str) -> Callable[[np.ndarray], np.ndarr
     if device == "cpu":
         return lambda rows: to_float32(rows) @ basis
     torch, dev = torch_device(device)
-    basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32)).to(dev)
-    return lambda rows: (torch.from_numpy(np.ascontiguousarray(rows)).to(dev).float() @ basis_t).cpu().numpy()
+    with device_errors(device):
+        basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32)).to(dev)
+
+    def project(rows: np.ndarray) -> np.ndarray:
+        with device_errors(device):
+            return (torch.from_numpy(np.ascontiguousarray(rows)).to(dev).float() @ basis_t).cpu().numpy()
+    return project
 
 
 class ResidentRows:
@@ -275,26 +288,67 @@ _OOM = re.compile(r"out of memory|(tried|failed) to allocate|can't allocate memo
 def on_device(device: str) -> Iterator[tuple[Any, Any]]:
     """`(torch, torch.device)`, this thread holding the device alone among this process's threads (a
     re-entrant lock per device). Out of memory, or any other failure of the device, inside the block is
-    raised as one VaralignError line."""
+    raised as one VaralignError line (`device_errors`)."""
     torch, dev = torch_device(device)
     with _LOCKS_GUARD:
         lock = _LOCKS.setdefault(str(dev), threading.RLock())
-    with lock:
-        try:
-            yield torch, dev
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            text = " ".join(str(exc).split())
-            low = text.lower()
-            oom = isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or _OOM.search(low) is not None
-            if not (oom or _DEVICE_ERROR.search(low)):
-                raise
-            first = text.split(". ")[0][:240] or type(exc).__name__
-            if oom:
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise VaralignError(f"--device {device}: out of memory ({first}); free the device, or run with "
-                                    "--device cpu") from None
-            raise VaralignError(f"--device {device}: {first}") from None
+    with lock, device_errors(device):
+        yield torch, dev
+
+
+@contextlib.contextmanager
+def device_errors(device: str) -> Iterator[None]:
+    """Out of memory, or any other failure of `device`, inside the block raised as one VaralignError line,
+    with float32 products in full float32 on CUDA (no TF32) for the block; without `on_device`'s lock, for the
+    small per-task kernels (VAS scores, Gram blocks, projections) that worker threads run side by side,
+    some of them while another thread holds the lock for the whole of VAS-D's rounds."""
+    if device == "cpu":
+        yield
+        return
+    torch, dev = torch_device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        _no_tf32(torch, +1)
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        text = " ".join(str(exc).split())
+        low = text.lower()
+        oom = isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or _OOM.search(low) is not None
+        if not (oom or _DEVICE_ERROR.search(low)):
+            raise
+        first = text.split(". ")[0][:240] or type(exc).__name__
+        if oom:
+            # the finished frames of the failed kernel still hold its tensors through the traceback (and so
+            # would the error a caller keeps): free their locals, then return the memory to the device
+            traceback.clear_frames(exc.__traceback__)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            raise VaralignError(f"--device {device}: out of memory ({first}); free the device, or run with "
+                                "--device cpu") from None
+        raise VaralignError(f"--device {device}: {first}") from None
+    finally:
+        if cuda:
+            _no_tf32(torch, -1)
+
+
+_TF32 = {"depth": 0, "saved": False}
+_TF32_GUARD = threading.Lock()
+
+
+def _no_tf32(torch, step: int) -> None:
+    """Float32 products in full float32 on CUDA while any thread is inside `device_errors` (`step` +1 on
+    entry, -1 on exit): a process that turned TF32 on (10-bit mantissas, ~1e-3 per product: subsets far from
+    the CPU's) gets its setting back when the last thread leaves."""
+    matmul = torch.backends.cuda.matmul
+    with _TF32_GUARD:
+        if step > 0 and _TF32["depth"] == 0:
+            _TF32["saved"] = bool(matmul.allow_tf32)
+            if _TF32["saved"]:
+                matmul.allow_tf32 = False
+        _TF32["depth"] += step
+        if step < 0 and _TF32["depth"] == 0 and _TF32["saved"]:
+            matmul.allow_tf32 = True
 
 
 def _acc_dtype(torch, dev):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -283,14 +284,18 @@ def _npy_header_size(path: str, member_offset: int, size: int, compressed: bool)
     return 12 + struct.unpack("<I", head[8:12])[0]
 
 
+NPY_HEADER_LOCK = threading.Lock()  # see _parse_npy_header; also held by np.load of small .npz files read in tasks
+
+
 def _parse_npy_header(head: bytes, path: str, key: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
     fp = io.BytesIO(head)
     try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        with NPY_HEADER_LOCK:  # numpy parses the header with ast.literal_eval, which CPython 3.11 makes racy
+            version = np.lib.format.read_magic(fp)  # across threads ("AST constructor recursion depth mismatch",
+            if version == (1, 0):  # python/cpython#106905): one header at a time; they are ~100 bytes
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
     except (ValueError, EOFError, SyntaxError) as exc:
         raise VaralignError(f"npz member {key!r} is not a valid .npy array ({exc})", path) from None
     if dtype.hasobject:

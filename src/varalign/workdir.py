@@ -24,6 +24,7 @@ import numpy as np
 
 from .atomic import atomic_path, os_error, save_json
 from .errors import VaralignError
+from .npz import NPY_HEADER_LOCK
 
 MARKER = ".varalign-workdir"
 GROUP_PREFIX, GROUP_NAMES, GROUP_SEP = "g-", "__names__", "~"  # group files: many tasks' results in one
@@ -179,7 +180,7 @@ class WorkDir:
         where = self._groups(phase).get(name)
         if where is not None:
             return self._group_member(phase, where)
-        with np.load(self.root / phase / f"{name}.npz", allow_pickle=False) as npz:
+        with NPY_HEADER_LOCK, np.load(self.root / phase / f"{name}.npz", allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
 
     def save(self, phase: str, name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -233,7 +234,7 @@ class WorkDir:
             for done in sorted(folder.glob(f"{GROUP_PREFIX}*.done")) if folder.is_dir() else ():
                 file = done.name[: -len(".done")]
                 try:
-                    with np.load(folder / f"{file}.npz", allow_pickle=False) as npz:
+                    with NPY_HEADER_LOCK, np.load(folder / f"{file}.npz", allow_pickle=False) as npz:
                         names = npz[GROUP_NAMES].tolist()
                 except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
                     continue  # torn: its tasks are redone (has() removes it when asked)
@@ -252,7 +253,7 @@ class WorkDir:
         key = (phase, where[0])
         if self._open_npz is None or self._open_npz[0] != key:
             self.close()
-            with np.load(self.root / phase / f"{where[0]}.npz", allow_pickle=False) as npz:
+            with NPY_HEADER_LOCK, np.load(self.root / phase / f"{where[0]}.npz", allow_pickle=False) as npz:
                 self._open_npz = (key, {k: npz[k] for k in npz.files})
         members, j = self._open_npz[1], where[1]
         out: dict[str, np.ndarray] = {}
@@ -283,7 +284,7 @@ class WorkDir:
         path = self.root / phase / f"{name}.npz"
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as npz:
+        with NPY_HEADER_LOCK, np.load(path, allow_pickle=False) as npz:
             return npz[key]
 
     def put_array(self, phase: str, name: str, array: np.ndarray) -> None:
@@ -330,7 +331,7 @@ class Steps:
     def done(self, name: str, key: str = "") -> dict | None:
         if not self.work.has(self.phase, name):
             return None
-        with np.load(self.work.root / self.phase / f"{name}.npz", allow_pickle=False) as npz:
+        with NPY_HEADER_LOCK, np.load(self.work.root / self.phase / f"{name}.npz", allow_pickle=False) as npz:
             files, sizes, info = npz["files"].tolist(), npz["sizes"].tolist(), str(npz["info"])
             same = str(npz["key"]) == key
         if not same:  # made from other inputs or settings
