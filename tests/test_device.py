@@ -305,6 +305,33 @@ def test_centroids_on_a_device(uneven, tmp_path) -> None:
     shutil.rmtree(tmp_path / "again")
 
 
+@pytest.mark.parametrize("device, expect", [("cuda", "all"), ("cuda:1", 1)])
+def test_faiss_gpu_kmeans_uses_the_gpu_asked_for(device, expect, monkeypatch) -> None:
+    """With faiss-gpu, `--device cuda` trains on every GPU faiss sees (as DataComp) and `cuda:N` on GPU N alone.
+    Real faiss-cpu, with its GPU entry points replaced by recorders that keep the CPU index: the plumbing,
+    and the same centroids as faiss's CPU k-means."""
+    faiss = pytest.importorskip("faiss")
+    from varalign import centroids as cent
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    import sys
+
+    for module in {faiss, sys.modules[faiss.Kmeans.__module__]}:  # faiss.Kmeans counts GPUs with its own import
+        monkeypatch.setattr(module, "get_num_gpus", lambda: 2, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu",
+                        lambda res, dev, index: calls.append((res, dev)) or index, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus",
+                        lambda index, ngpu=-1: calls.append(("all", ngpu)) or index, raising=False)
+    x = np.random.default_rng(3).standard_normal((600, 8)).astype(np.float32)
+    got = cent.train_kmeans_on(x, 6, 5, 7, 256, False, device)
+    assert calls == ([("all", 2)] if expect == "all" else [("resources", expect)])
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    assert np.array_equal(got, cent.train_kmeans(x, 6, niter=5, seed=7, max_points_per_centroid=256, gpu=False))
+
+
 def test_bad_device_names(uneven) -> None:
     for device, message in (("cuda:7", "CUDA"), ("nonsense", "not a torch device")):
         with pytest.raises(VaralignError, match=message):

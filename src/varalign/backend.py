@@ -776,6 +776,9 @@ def kmeans_on(x: np.ndarray, k: int, niter: int, seed: int, device: str, verbose
             objective = 0.0
             for _, part in data.parts():
                 labels, best = _best(torch, dev, part, centroids, tile_bytes, half_norms)
+                # CUDA's index_add_ adds in no fixed order, yet the sums are run to run identical for rows of
+                # float16 numbers below 1 (DataComp's embeddings): multiples of 2^-24, exact in float64 up to
+                # 2^29 rows a cluster. Rows of other float32 values may differ in the last bits of a sum
                 for s in range(0, len(part), 16384):
                     sums.index_add_(0, labels[s : s + 16384], part[s : s + 16384].to(acc))
                 counts += torch.bincount(labels, minlength=k)

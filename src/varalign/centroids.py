@@ -14,7 +14,7 @@ Differences from DataComp: the sample is drawn without replacement from a genera
 numpy state of spawned workers, which its seed does not reach).
 
 On a torch device (`device="cuda"`, ...; `varalign centroids --device`): faiss's GPU k-means on every GPU
-faiss sees when faiss has GPU support and the device is CUDA (what DataComp runs), else
+faiss sees when faiss has GPU support and the device is CUDA (what DataComp runs; `cuda:N`: GPU N alone), else
 `backend.kmeans_on` on the device (Lloyd iterations as faiss's, another random start: not the same
 centroids as faiss). Device memory there: the training rows (resident, float16 when they are float16
 numbers, as rows decoded from a DataComp pool are: N × D × 2 bytes, when that is at most half of the free
@@ -71,10 +71,11 @@ def load_training_embeddings(pool_dir: str | os.PathLike, key: str = "l14_img", 
 
 
 def train_kmeans(embeddings: np.ndarray, k: int = 100_000, niter: int = 20, seed: int = 0,
-                 max_points_per_centroid: int = 10_000_000, gpu: bool | None = None,
+                 max_points_per_centroid: int = 10_000_000, gpu: bool | int | None = None,
                  verbose: bool = False, device: str = "cpu") -> np.ndarray:
-    """faiss L2 k-means; `gpu=None` uses every GPU faiss sees. On a torch `device` other than `cpu`:
-    `train_kmeans_on` (see the module doc). Returns float32 `(k, D)` centroids."""
+    """faiss L2 k-means; `gpu=None` or True uses every GPU faiss sees, an int (not a bool) that one GPU only
+    (`--device cuda:N`), False none. On a torch `device` other than `cpu`: `train_kmeans_on` (see the module
+    doc). Returns float32 `(k, D)` centroids."""
     if device != "cpu":
         return train_kmeans_on(embeddings, k, niter, seed, max_points_per_centroid, verbose, device)
     try:
@@ -86,15 +87,20 @@ def train_kmeans(embeddings: np.ndarray, k: int = 100_000, niter: int = 20, seed
         raise VaralignError(f"k-means needs at least k={k} training rows, got {len(x)}")
     if gpu is None:
         gpu = getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    one = not isinstance(gpu, bool)  # one GPU, by its index (faiss.Kmeans's own gpu= takes a count of GPUs)
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
-                      gpu=bool(gpu), verbose=verbose)
+                      gpu=False if one else gpu, verbose=verbose)
+    if one:
+        resources = faiss.StandardGpuResources()  # kept alive until the training ends
+        km.index = faiss.index_cpu_to_gpu(resources, int(gpu), km.index)
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
 
 
 def train_kmeans_on(embeddings: np.ndarray, k: int, niter: int, seed: int, max_points_per_centroid: int,
                     verbose: bool, device: str) -> np.ndarray:
-    """k-means for a torch `device`: faiss on the GPUs when it has them and `device` is CUDA, else torch."""
+    """k-means for a torch `device`: faiss on the GPUs when it has them and `device` is CUDA (`cuda`: every GPU
+    faiss sees, as DataComp; `cuda:N`: GPU N alone), else torch."""
     from .backend import check_device, kmeans_on  # noqa: PLC0415
 
     check_device(device)
@@ -106,7 +112,9 @@ def train_kmeans_on(embeddings: np.ndarray, k: int, niter: int, seed: int, max_p
     except ImportError:
         faiss = None
     if device.startswith("cuda") and faiss is not None and getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-        return train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu=True, verbose=verbose)
+        index = device.partition(":")[2]
+        return train_kmeans(x, k, niter, seed, max_points_per_centroid, gpu=int(index) if index else True,
+                            verbose=verbose)
     if len(x) > k * max_points_per_centroid:  # faiss subsamples the same way (with its own generator)
         x = x[np.sort(np.random.default_rng(seed).choice(len(x), k * max_points_per_centroid, replace=False))]
     return kmeans_on(x, k, niter, seed, device, verbose=verbose)
