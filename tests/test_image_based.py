@@ -114,6 +114,36 @@ def test_device_argmax_tiles_and_ties(resident: bool) -> None:
 
 
 @needs_torch
+def test_near_ties_are_decided_exactly_on_every_device() -> None:
+    """Two centroids whose products with a query differ by ~1e-7 (float32 rounds either way): numpy and the
+    torch kernels (torch-cpu, as on CUDA) both give the float64 answer, so the target pass cannot move a
+    whole cluster of the pool from one device to another. Without the float64 decision they differ."""
+    from varalign.backend import DeviceMatrix, argmax_on, max_norm
+
+    rng = np.random.default_rng(11)
+    dim = 768
+    base = rng.standard_normal(dim).astype(np.float32)
+    base *= 0.8 / np.linalg.norm(base)
+    c = np.concatenate([base[None], (base + rng.standard_normal(dim).astype(np.float32) * 1e-7)[None],
+                        rng.standard_normal((30, dim)).astype(np.float32) * 0.01])
+    q = (base + rng.standard_normal((400, dim)).astype(np.float32) * 0.02)
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float16)
+    s = q.astype(np.float64) @ c.astype(np.float64).T
+    want = s.argmax(axis=1)
+    assert set(want.tolist()) == {0, 1}  # the pair decides every row
+    plain = np.argmax(q.astype(np.float32) @ c.T, axis=1)
+    assert (plain != want).any()  # float32 alone orders some rows the other way
+    np.testing.assert_array_equal(ib.centroid_assigner(c, use_faiss=False)(q.astype(np.float32)), want)
+    m = DeviceMatrix.from_array(c, "torch-cpu", chunk_rows=7)
+    for resident in (True, False):
+        exact = (DeviceMatrix.from_array(c, "torch-cpu", resident=resident, chunk_rows=5, split=False), max_norm(c))
+        np.testing.assert_array_equal(argmax_on(q, m, "torch-cpu", tile_bytes=8 * 5 * 3, part_rows=7, exact=exact),
+                                      want)
+    assert (argmax_on(q, m, "torch-cpu", part_rows=7) != want).any()
+    np.testing.assert_array_equal(ib.centroid_assigner(c, device="torch-cpu")(q), want)
+
+
+@needs_torch
 def test_centroids_copied_to_the_device_once(tmp_path: Path, monkeypatch) -> None:
     from varalign import backend
 
@@ -126,7 +156,12 @@ def test_centroids_copied_to_the_device_once(tmp_path: Path, monkeypatch) -> Non
     rng = np.random.default_rng(7)
     for _ in range(3):  # as three shards of a run: one assigner each, the same centroid array
         ib.centroid_assigner(c, device="torch-cpu")(_unit(rng, 20))
-    assert loads == [len(c)]
+    assert loads == [len(c), len(c)]  # as products take them (two float16 parts a row), and their exact values
+    loads.clear()
+    halves = c.astype(np.float16).astype(np.float32)
+    for _ in range(3):
+        ib.centroid_assigner(halves, device="torch-cpu")(_unit(rng, 20))
+    assert loads == [len(c)]  # float16 numbers: one copy is both
     backend.release_device_matrices()
 
 

@@ -720,20 +720,80 @@ class _NormAcc:
 
 # max inner product (image_based's centroids) and k-means ----------------------------------------------
 def argmax_on(queries: np.ndarray, matrix: DeviceMatrix, device: str, tile_bytes: int = TILE_BYTES,
-              part_rows: int = PART_ROWS) -> np.ndarray:
+              part_rows: int = PART_ROWS, exact: tuple[DeviceMatrix, float] | None = None) -> np.ndarray:
     """Index (int64) of the row c of `matrix` with the largest q·c for every query row q (as stored), on
-    `device`; the first index on exact ties, as numpy/torch argmax. Device memory: `matrix` (resident or
-    one chunk), the queries as stored, one tile of ≤ tile_bytes, 12 bytes per query."""
+    `device`; the first index on exact ties, as numpy/torch argmax. With `exact` (the same rows with their
+    exact values, `DeviceMatrix.from_array(..., split=False)`, and their largest norm), a query whose two
+    largest products are within NEAR_TIE is decided in float64 there, as `refine_near_ties` does on the host:
+    the same index on every device. Device memory: `matrix` and `exact` (resident or one chunk), the queries
+    as stored, one tile of ≤ tile_bytes, 16 bytes per query."""
     with on_device(device) as (torch, dev):
         q = _half_if_exact(torch, _up(torch, dev, queries))
-        return _best(torch, dev, q, matrix, tile_bytes, part_rows=part_rows)[0].cpu().numpy()
+        arg, best, runner = _best(torch, dev, q, matrix, tile_bytes, part_rows=part_rows, second=exact is not None)
+        if exact is not None:
+            rows, cmax = exact
+            near = torch.nonzero(best - runner <= NEAR_TIE * torch.linalg.vector_norm(q.float(), dim=1) * cmax)
+            if len(near):
+                near = near.squeeze(1)
+                arg[near] = _best64(torch, dev, q.index_select(0, near), rows, tile_bytes, part_rows)
+        return arg.cpu().numpy()
 
 
-def _best(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, half_norms=None, part_rows: int = PART_ROWS):
-    """(index, value) of max_c q·c (minus half_norms[c] when given) over the parts of `matrix`; the first
-    index on ties (a later part wins only with a strictly larger value)."""
+def _best64(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, part_rows: int):
+    """The first index of max_c q·c with the products and sums in float64 (float32 on MPS, which has no
+    float64): `refine_near_ties` on the device."""
+    acc = _acc_dtype(torch, dev)
+    q = q.to(acc)
+    best = torch.full((len(q),), -math.inf, dtype=acc, device=dev)
+    arg = torch.zeros(len(q), dtype=torch.int64, device=dev)
+    for off, part in matrix.parts(part_rows):
+        part = part.to(acc)
+        step = max(1, tile_bytes // (8 * len(part)))
+        for r0 in range(0, len(q), step):
+            value, index = torch.max(q[r0 : r0 + step] @ part.T, dim=1)
+            rows = slice(r0, r0 + len(value))
+            better = value > best[rows]
+            best[rows] = torch.where(better, value, best[rows])
+            arg[rows] = torch.where(better, index + off, arg[rows])
+    return arg
+
+
+NEAR_TIE = 2.0**-16  # a top-2 gap below this × ‖q‖·max‖c‖ (~1.5e-5; float32 errors are ~1e-6) is decided in float64
+
+
+def max_norm(rows: np.ndarray) -> float:
+    """The largest Euclidean norm of the float32 `rows` (no float64 copy of them)."""
+    return float(np.sqrt(np.einsum("ij,ij->i", rows, rows).max())) if len(rows) else 0.0
+
+
+def refine_near_ties(queries: np.ndarray, centroids: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                     chunk: int = 8192) -> None:
+    """`labels[rows]` set to the first index of max_c q·c in float64 (the queries decoded exactly, the float32
+    centroids widened exactly): for the rows whose float32 top two are a near-tie, which float32 rounding
+    (BLAS's, or a GPU's tensor cores) could order either way. One flipped row of the "which centroids hold an
+    ImageNet image" pass would move a whole cluster of the pool, hence the same exact decision on every device."""
+    if not len(rows):
+        return
+    q = to_float32(np.asarray(queries[rows])).astype(np.float64)
+    best = np.full(len(rows), -np.inf)
+    arg = np.zeros(len(rows), dtype=np.int64)
+    for c0 in range(0, len(centroids), chunk):
+        s = q @ np.asarray(centroids[c0 : c0 + chunk], dtype=np.float64).T
+        i = s.argmax(axis=1)
+        v = s[np.arange(len(s)), i]
+        better = v > best
+        best[better], arg[better] = v[better], i[better] + c0
+    labels[rows] = arg
+
+
+def _best(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, half_norms=None, part_rows: int = PART_ROWS,
+          second: bool = False):
+    """(index, value, runner-up value or None) of max_c q·c (minus half_norms[c] when given) over the parts of
+    `matrix`; the first index on ties (a later part wins only with a strictly larger value). The runner-up
+    (`second`) is the second largest value, equal to the largest on an exact tie."""
     n = len(q)
     best = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+    runner = torch.full((n,), -math.inf, dtype=torch.float32, device=dev) if second else None
     arg = torch.zeros(n, dtype=torch.int64, device=dev)
     for off, part in matrix.parts(part_rows):
         step = _tile_rows(part, tile_bytes)
@@ -744,9 +804,12 @@ def _best(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, half_norms=None,
             value, index = torch.max(s, dim=1)
             rows = slice(r0, r0 + len(s))
             better = value > best[rows]
+            if second:  # the tile's second value; then the top two of (best, runner) and the tile's
+                two = torch.topk(s, 2, dim=1).values[:, 1] if s.shape[1] > 1 else torch.full_like(value, -math.inf)
+                runner[rows] = torch.where(better, torch.maximum(best[rows], two), torch.maximum(runner[rows], value))
             best[rows] = torch.where(better, value, best[rows])
             arg[rows] = torch.where(better, index + off, arg[rows])
-    return arg, best
+    return arg, best, runner
 
 
 def kmeans_on(x: np.ndarray, k: int, niter: int, seed: int, device: str, verbose: bool = False,
@@ -775,7 +838,7 @@ def kmeans_on(x: np.ndarray, k: int, niter: int, seed: int, device: str, verbose
             counts = torch.zeros(k, dtype=torch.int64, device=dev)
             objective = 0.0
             for _, part in data.parts():
-                labels, best = _best(torch, dev, part, centroids, tile_bytes, half_norms)
+                labels, best, _ = _best(torch, dev, part, centroids, tile_bytes, half_norms)
                 # CUDA's index_add_ adds in no fixed order, yet the sums are run to run identical for rows of
                 # float16 numbers below 1 (DataComp's embeddings): multiples of 2^-24, exact in float64 up to
                 # 2^29 rows a cluster. Rows of other float32 values may differ in the last bits of a sum

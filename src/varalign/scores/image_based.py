@@ -11,8 +11,15 @@ rounding on near-ties). On a torch device (`device="cuda"`, `"torch-cpu"`, ...):
 the centroids copied to the device once per process (as two float16 parts per row unless they are
 float16 numbers, `backend._Split`: 307 MB for 100k × 768; streamed in chunks when above half of the
 GPU's free memory), queries as stored, products in ≤ 512 MiB float32 tiles over
-at most 65,536 centroids each with a running (max, first index): device memory ≈ the centroids +
-512 MiB + the queries, whatever the centroid count (one task at a time per device in a process).
+at most 65,536 centroids each with a running (max, runner-up, first index): device memory ≈ the
+centroids (twice for float32 values: also their exact values) + 512 MiB + the queries, whatever the
+centroid count (one task at a time per device in a process).
+
+Near-ties: on the CPU (numpy) and on a torch device alike, a query whose two largest products are
+within `backend.NEAR_TIE` (2^-16 ≈ 1.5e-5) × ‖q‖ · max‖c‖ is decided again in float64
+(`backend.refine_near_ties`, `_best64` on the device), since float32 rounding (BLAS's, tensor cores')
+orders such a pair either way, and in the "which centroids hold an ImageNet image" pass one flipped
+row moves a whole cluster of the pool. So both give the same centroids but for exact float64 ties.
 """
 
 from __future__ import annotations
@@ -21,7 +28,16 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..backend import DeviceMatrix, argmax_on, cached_matrix, first_nonfinite_row, to_float32
+from ..backend import (
+    NEAR_TIE,
+    DeviceMatrix,
+    argmax_on,
+    cached_matrix,
+    first_nonfinite_row,
+    max_norm,
+    refine_near_ties,
+    to_float32,
+)
 from ..errors import VaralignError
 from ..pool import Shard, embedding_member, iter_row_blocks
 from .rules import PathArg, check_rows, image_based_caption_shard
@@ -58,9 +74,15 @@ def centroid_assigner(centroids: np.ndarray, use_faiss: bool | None = None, devi
     """
     cent = check_centroids(centroids)
     if device != "cpu":
+        def exact_rows() -> tuple[DeviceMatrix, float]:  # their exact values and largest norm, for near-ties
+            matrix = cached_matrix(cent, "centroids", device, lambda: DeviceMatrix.from_array(cent, device))
+            halves = np.array_equal(cent.astype(np.float16).astype(np.float32), cent)  # float16 already exact
+            return (matrix if halves else DeviceMatrix.from_array(cent, device, split=False)), max_norm(cent)
+
         def on_device(q: np.ndarray) -> np.ndarray:  # one copy per centroid array (the same one for every shard)
             matrix = cached_matrix(cent, "centroids", device, lambda: DeviceMatrix.from_array(cent, device))
-            return argmax_on(np.asarray(q), matrix, device)
+            exact = cached_matrix(cent, "centroids-exact", device, exact_rows)
+            return argmax_on(np.asarray(q), matrix, device, exact=exact)
 
         return on_device
     faiss = _faiss() if use_faiss is not False else None
@@ -82,12 +104,27 @@ def centroid_assigner(centroids: np.ndarray, use_faiss: bool | None = None, devi
 
 
 def _argmax_numpy(queries: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Blocked `argmax(q @ C^T)` in float32; first index on exact ties (like torch.argmax)."""
+    """Blocked `argmax(q @ C^T)` in float32; first index on exact ties (like torch.argmax); a query whose two
+    largest products are within `backend.NEAR_TIE` is decided in float64 (`refine_near_ties`), as on a device."""
     out = np.empty(len(queries), dtype=np.int64)
     step = max(16, _SCORE_BYTES // (4 * len(centroids)))
     ct = centroids.T
+    cmax = max_norm(centroids)
+    near = []
     for start in range(0, len(queries), step):
-        out[start : start + step] = np.argmax(queries[start : start + step] @ ct, axis=1)
+        q = queries[start : start + step]
+        s = q @ ct
+        arg = np.argmax(s, axis=1)
+        out[start : start + len(q)] = arg
+        if s.shape[1] < 2:
+            continue
+        rows = np.arange(len(s))
+        best = s[rows, arg].copy()
+        s[rows, arg] = -np.inf
+        gap = best - s.max(axis=1)
+        near.append(start + np.flatnonzero(gap <= NEAR_TIE * np.sqrt(np.einsum("ij,ij->i", q, q)) * cmax))
+    if near:
+        refine_near_ties(queries, centroids, out, np.concatenate(near))
     return out
 
 
