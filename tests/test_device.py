@@ -227,23 +227,44 @@ def test_per_task_kernels_report_device_failures_in_one_line(kernel, monkeypatch
     assert "\n" not in str(caught.value)
 
 
-def test_cuda_kernels_run_without_tf32_and_give_the_setting_back() -> None:
-    """A process that turned TF32 on (10-bit mantissas) gets full float32 products inside the device kernels,
-    while any thread is in one, and its setting back after the last (torch.device("cuda") needs no GPU)."""
-    import threading
+TF32_SETUPS = {  # what a process may have done, in subprocesses: torch remembers which switch was used
+    "nothing": "pass",
+    "allow_tf32": "torch.backends.cuda.matmul.allow_tf32 = True",
+    "high": "torch.set_float32_matmul_precision('high')",
+    "medium": "torch.set_float32_matmul_precision('medium')",
+    "fp32_precision": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "backends": "torch.backends.fp32_precision = 'tf32'",
+}
 
-    from varalign import backend
 
-    matmul = torch.backends.cuda.matmul
-    before = matmul.allow_tf32
-    try:
-        matmul.allow_tf32 = True
-        inside, release = threading.Event(), threading.Event()
-        seen = []
+@pytest.mark.parametrize("setup", list(TF32_SETUPS))
+def test_cuda_kernels_run_without_tf32_and_give_the_setting_back(setup) -> None:
+    """A process that turned TF32 on (10-bit mantissas), by either of torch's switches, gets full float32
+    products inside the device kernels while any thread is in one, and its setting back after the last
+    (torch.device("cuda") needs no GPU). A fresh interpreter each: torch refuses reads that mix the switches."""
+    import subprocess
+    import sys
+    import textwrap
 
-        def other() -> None:
+    code = textwrap.dedent(f"""
+        import threading, torch
+        from varalign import backend
+        {TF32_SETUPS[setup]}
+        m = torch.backends.cuda.matmul
+        before = m.fp32_precision
+
+        def legacy():
+            try:
+                return torch.get_float32_matmul_precision()
+            except RuntimeError:  # torch refuses it after the newer switch alone
+                return None
+
+        legacy_before = legacy()
+        inside, release, seen = threading.Event(), threading.Event(), []
+
+        def other():
             with backend.device_errors("cuda"):
-                seen.append(matmul.allow_tf32)
+                seen.append(m.fp32_precision)
                 inside.set()
                 release.wait(10)
 
@@ -251,17 +272,17 @@ def test_cuda_kernels_run_without_tf32_and_give_the_setting_back() -> None:
         t.start()
         assert inside.wait(10)
         with backend.device_errors("cuda"):
-            seen.append(matmul.allow_tf32)
-        seen.append(matmul.allow_tf32)  # the other thread is still inside
+            seen.append(m.fp32_precision)
+        seen.append(m.fp32_precision)  # the other thread is still inside
         release.set()
         t.join(10)
-        assert seen == [False, False, False] and matmul.allow_tf32 is True
-        matmul.allow_tf32 = False
-        with backend.device_errors("cuda"):
-            assert matmul.allow_tf32 is False
-        assert matmul.allow_tf32 is False
-    finally:
-        matmul.allow_tf32 = before
+        assert seen == ["ieee"] * 3, seen
+        assert m.fp32_precision == before, (m.fp32_precision, before)
+        assert legacy() == legacy_before, (legacy(), legacy_before)
+        print("ok", before)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
 
 
 def test_tf32_override_is_refused_for_cuda(monkeypatch) -> None:

@@ -332,23 +332,33 @@ def device_errors(device: str) -> Iterator[None]:
             _no_tf32(torch, -1)
 
 
-_TF32 = {"depth": 0, "saved": False}
+_TF32: dict[str, Any] = {"depth": 0, "saved": None}
 _TF32_GUARD = threading.Lock()
 
 
 def _no_tf32(torch, step: int) -> None:
     """Float32 products in full float32 on CUDA while any thread is inside `device_errors` (`step` +1 on
-    entry, -1 on exit): a process that turned TF32 on (10-bit mantissas, ~1e-3 per product: subsets far from
-    the CPU's) gets its setting back when the last thread leaves."""
+    entry, -1 on exit). A process that asked for TF32 (10-bit mantissas, ~1e-3 per product: subsets far from
+    the CPU's) or less, through either of torch's switches (`torch.backends.cuda.matmul.fp32_precision`, or
+    the older `set_float32_matmul_precision` / `allow_tf32`), gets "ieee" / "highest" there, both set so that
+    torch sees no mix of the two, and its own settings back when the last thread leaves."""
     matmul = torch.backends.cuda.matmul
     with _TF32_GUARD:
         if step > 0 and _TF32["depth"] == 0:
-            _TF32["saved"] = bool(matmul.allow_tf32)
-            if _TF32["saved"]:
-                matmul.allow_tf32 = False
+            try:
+                legacy = torch.get_float32_matmul_precision()
+            except RuntimeError:  # torch refuses to read it once the newer switch was used alone
+                legacy = None
+            _TF32["saved"] = (matmul.fp32_precision, legacy)
+            if legacy not in (None, "highest"):
+                torch.set_float32_matmul_precision("highest")
+            matmul.fp32_precision = "ieee"
         _TF32["depth"] += step
-        if step < 0 and _TF32["depth"] == 0 and _TF32["saved"]:
-            matmul.allow_tf32 = True
+        if step < 0 and _TF32["depth"] == 0:
+            fp32, legacy = _TF32["saved"]
+            if legacy not in (None, "highest"):
+                torch.set_float32_matmul_precision(legacy)
+            matmul.fp32_precision = fp32
 
 
 def _acc_dtype(torch, dev):
