@@ -176,8 +176,10 @@ class OutOfTime(Exception):
 
 
 DEADLINE = [float("inf")]
-GRACE_S = 150
-ROUNDS_RESERVE_S = 100  # what vas_d_rounds' three sizes take on one H200 (~40 s at 57.6M: the copy, 4 rounds)  # a child started before the deadline may run this long past it before it is killed
+GRACE_S = 150  # a child started before the deadline may run this long past it before it is killed (rounds)
+HEAVY_GRACE_S = 60  # the same before the rounds' reserve: less than it, so that the rounds still start
+ROUNDS_RESERVE_S = 100  # vas_d_rounds' three sizes on one H200 (~40 s at 57.6M: the copy, 4 rounds)
+GRACE = [GRACE_S]
 
 
 class RunFailed(RuntimeError):
@@ -185,8 +187,8 @@ class RunFailed(RuntimeError):
 
 
 def run_script(what: str, argv: list[str]) -> str:
-    """This script as a child (`argv`), killed GRACE_S after the deadline; its stdout, or RunFailed."""
-    timeout = None if DEADLINE[0] == float("inf") else max(60.0, DEADLINE[0] + GRACE_S - time.perf_counter())
+    """This script as a child (`argv`), killed GRACE[0] after the deadline; its stdout, or RunFailed."""
+    timeout = None if DEADLINE[0] == float("inf") else max(60.0, DEADLINE[0] + GRACE[0] - time.perf_counter())
     try:
         proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -753,12 +755,13 @@ def main() -> None:
         samples, shards = (int(x) for x in spec.split(":"))
         last = spec == pools[-1]
         DEADLINE[0] = deadline - (ROUNDS_RESERVE_S if rounds else 0)
+        GRACE[0] = HEAVY_GRACE_S if rounds else GRACE_S
         walls: dict[str, float] = {}
         for phase in ("vas", "heavy", "rounds"):
             if phase == "rounds":
                 if not (rounds and last):
                     continue
-                DEADLINE[0] = deadline
+                DEADLINE[0], GRACE[0] = deadline, GRACE_S
             try:
                 if phase == "vas":
                     walls = bench_pool(samples, shards, root, args, record)
