@@ -746,27 +746,12 @@ def argmax_on(queries: np.ndarray, matrix: DeviceMatrix, device: str, tile_bytes
             near = torch.nonzero(best - runner <= NEAR_TIE * torch.linalg.vector_norm(q.float(), dim=1) * cmax)
             if len(near):
                 near = near.squeeze(1)
-                arg[near] = _best64(torch, dev, q.index_select(0, near), rows, tile_bytes, part_rows)
+                # `refine_near_ties` on the device: float64 products and sums (float32 on MPS, which has no
+                # float64), 8,192 rows of `rows` at a time (50 MB at D = 768)
+                acc = _acc_dtype(torch, dev)
+                arg[near] = _best(torch, dev, q.index_select(0, near).to(acc), rows, tile_bytes,
+                                  part_rows=min(part_rows, 8192), dtype=acc)[0]
         return arg.cpu().numpy()
-
-
-def _best64(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, part_rows: int):
-    """The first index of max_c q·c with the products and sums in float64 (float32 on MPS, which has no
-    float64): `refine_near_ties` on the device."""
-    acc = _acc_dtype(torch, dev)
-    q = q.to(acc)
-    best = torch.full((len(q),), -math.inf, dtype=acc, device=dev)
-    arg = torch.zeros(len(q), dtype=torch.int64, device=dev)
-    for off, part in matrix.parts(min(part_rows, 8192)):  # 8,192 rows in float64 at a time: 50 MB at D = 768
-        part = part.to(acc)
-        step = max(1, tile_bytes // (8 * len(part)))
-        for r0 in range(0, len(q), step):
-            value, index = torch.max(q[r0 : r0 + step] @ part.T, dim=1)
-            rows = slice(r0, r0 + len(value))
-            better = value > best[rows]
-            best[rows] = torch.where(better, value, best[rows])
-            arg[rows] = torch.where(better, index + off, arg[rows])
-    return arg
 
 
 NEAR_TIE = 2.0**-16  # a top-2 gap below this × ‖q‖·max‖c‖ (~1.5e-5; float32 errors are ~1e-6) is decided in float64
@@ -798,18 +783,21 @@ def refine_near_ties(queries: np.ndarray, centroids: np.ndarray, labels: np.ndar
 
 
 def _best(torch, dev, q, matrix: DeviceMatrix, tile_bytes: int, half_norms=None, part_rows: int = PART_ROWS,
-          second: bool = False):
+          second: bool = False, dtype=None):
     """(index, value, runner-up value or None) of max_c q·c (minus half_norms[c] when given) over the parts of
     `matrix`; the first index on ties (a later part wins only with a strictly larger value). The runner-up
-    (`second`) is the second largest value, equal to the largest on an exact tie."""
+    (`second`) is the second largest value, equal to the largest on an exact tie. Products as `_product`
+    takes them (float32), or with `dtype` (float64: `q` already of it) in that dtype throughout."""
     n = len(q)
-    best = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+    best = torch.full((n,), -math.inf, dtype=dtype or torch.float32, device=dev)
     runner = torch.full((n,), -math.inf, dtype=torch.float32, device=dev) if second else None
     arg = torch.zeros(n, dtype=torch.int64, device=dev)
     for off, part in matrix.parts(part_rows):
-        step = _tile_rows(part, tile_bytes)
+        if dtype is not None:
+            part = part.to(dtype)
+        step = _tile_rows(part, tile_bytes) if dtype is None else max(1, tile_bytes // (8 * len(part)))
         for r0 in range(0, n, step):
-            s = _product(torch, dev, q[r0 : r0 + step], part)
+            s = _product(torch, dev, q[r0 : r0 + step], part) if dtype is None else q[r0 : r0 + step] @ part.T
             if half_norms is not None:
                 s.sub_(half_norms[off : off + len(part)])
             value, index = torch.max(s, dim=1)
