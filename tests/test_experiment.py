@@ -146,6 +146,22 @@ def test_reshard_refuses_non_empty_output(data: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "00000000.tar", "00000000_stats.json", "00000005.tar", "meta.json", "notes.txt", "sample_ids.npy"]
     assert (tmp_path / "out" / "00000005.tar").read_bytes() == b"mine"
+    # an unfinished run of an older varalign marked the folder before it counted its shards: which shard-named
+    # files are its own is unknown, so none is removed and the run stops; its marker's count once there, it resumes
+    from varalign.experiment.reshard import MARKER
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / MARKER).write_text(json.dumps({"tool": "varalign reshard", "output_shard_format": "{:08d}.tar",
+                                          "output_shard_stats_format": "{:08d}_stats.json"}))
+    (old / "00000003_stats.json").write_text("{}")
+    old_argv = ["reshard", "-i", str(data / "shards"), "-o", str(old), "-s", str(tmp_path / "s.npy"), "-q"]
+    with pytest.raises(VaralignError, match=r"left 1 shard-named file\(s\) here \(first: 00000003_stats.json\)"):
+        run_cli(old_argv)
+    assert sorted(p.name for p in old.iterdir()) == [MARKER, "00000003_stats.json"]
+    (old / "00000003_stats.json").rename(old / "notes-00000003.json")
+    assert run_cli(old_argv) == 0
+    assert sorted(p.name for p in old.iterdir()) == [
+        "00000000.tar", "00000000_stats.json", "meta.json", "notes-00000003.json", "sample_ids.npy"]
     with pytest.raises(VaralignError, match="output directory is the input"):
         run_cli(["reshard", "-i", str(data / "shards"), "-o", str(data / "shards"), "-s", str(tmp_path / "s.npy")])
     with pytest.raises(VaralignError, match="subset file"):
@@ -447,6 +463,8 @@ def test_reshard_index_piece_gives_the_same_members() -> None:
 @pytest.mark.parametrize("case, message", [
     ("text", "not a readable tar shard"),
     ("missing", "training shard not found"),
+    ("cut_at_member", "truncated tar shard: it does not end with tar's end-of-archive blocks"),
+    ("cut_inside_member", "truncated tar shard"),
 ])
 def test_train_refuses_a_bad_shard_before_training(data: Path, tmp_path: Path, case: str, message: str) -> None:
     """A shard that is not a tar with a sample is one line before open_clip starts (its loader would skip it
@@ -458,6 +476,15 @@ def test_train_refuses_a_bad_shard_before_training(data: Path, tmp_path: Path, c
     shutil.copy(sorted((data / "shards").glob("*.tar"))[0], folder / "00000000.tar")
     if case == "text":
         (folder / "00000001.tar").write_text("x\n")
+    elif case.startswith("cut"):  # a copy cut short: at the end of its 4th member's data, or inside it
+        whole = (folder / "00000000.tar").read_bytes()
+        with tarfile.open(folder / "00000000.tar") as tar:
+            m = tar.getmembers()[3]
+        end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        (folder / "00000001.tar").write_bytes(whole[: end if case == "cut_at_member" else m.offset_data + 10])
+        if case == "cut_at_member":
+            with tarfile.open(folder / "00000001.tar") as tar:  # what tarfile (so webdataset) sees: a 4-member tar
+                assert len(tar.getmembers()) == 4
     else:  # a resharder's meta.json counting a shard that is not there
         (folder / "meta.json").write_text(json.dumps({"output_shard_count": 2, "output_samples": 10, "args": {}}))
     before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
@@ -498,6 +525,19 @@ def test_evaluate_experiment_and_train_never_replace_a_users_files(data: Path, t
     (out / "eval_summary.json").write_text('{"main_metrics": {}, "groups": {}, "missing": {}}\n')
     with pytest.raises(VaralignError, match="cannot load model"):
         run_cli(base)
+    # a file of the ledger's name that is not varalign's ledger is the user's: refused even with --overwrite
+    for foreign in ('{"files": {}}\n', "my notes\n", '{"tool": "varalign", "files": []}\n'):
+        (out / owned.LEDGER).write_text(foreign)
+        for flags in ([], ["--overwrite"]):
+            with pytest.raises(VaralignError, match=r"varalign-files\.json: exists and is not varalign's ledger"):
+                run_cli([*base, *flags])
+            assert (out / owned.LEDGER).read_text() == foreign
+    (out / owned.LEDGER).unlink()
+    (out / owned.LEDGER).symlink_to(out / "eval_results.md")
+    with pytest.raises(VaralignError, match="is not varalign's ledger"):
+        owned.record(out, ["eval_summary.json"])
+    assert (out / owned.LEDGER).is_symlink() and (out / "eval_results.md").read_text() == "my table\n"
+    (out / owned.LEDGER).unlink()
 
     make_subset(tmp_path / "s.npy", [fake_uid(1)])
     exp = tmp_path / "exp"

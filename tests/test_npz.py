@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from varalign.errors import VaralignError
-from varalign.npz import iter_blocks, npz_keys, open_member, read_member
+from varalign.npz import iter_blocks, load_npy, load_npz, npz_keys, open_member, read_member
 from varalign.synth import write_npz
 
 
@@ -76,3 +76,80 @@ def test_stored_member_checks_its_crc(tmp_path) -> None:
     with pytest.raises(VaralignError, match=r"s\.npz: corrupt npz: member 'l14_img' fails its CRC check"):
         for _ in iter_blocks(member, 64, reuse=True):
             pass
+
+
+ARRAYS = {  # what varalign reads through load_npy / load_npz: work-directory state, subsets, centroids, indexes
+    "f16": np.random.default_rng(2).standard_normal((37, 5)).astype(np.float16),
+    "fortran": np.asfortranarray(np.arange(24, dtype=np.float64).reshape(4, 6)),
+    "big_endian": np.arange(10, dtype=">i4"),
+    "uids": np.array([(1, 2), (3, 4)], dtype="u8,u8"),
+    "text": np.array(["a", "shard-0001"]),
+    "scalar": np.array(3.5),
+    "empty": np.zeros((0, 7), dtype=np.float32),
+    "bools": np.array([True, False, True]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARRAYS))
+def test_load_npy_equals_np_load(tmp_path, name) -> None:
+    arr = ARRAYS[name]
+    path = tmp_path / "a.npy"
+    np.save(path, arr)
+    for mmap_mode in (None, "r", "c"):
+        got, want = load_npy(path, mmap_mode=mmap_mode), np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        assert got.flags.f_contiguous == want.flags.f_contiguous
+    with open(path, "rb") as fh:  # a file object (a subset read from a URL)
+        assert np.array_equal(load_npy(fh), arr)
+
+
+def test_load_npy_mapped_copy_on_write_leaves_the_file(tmp_path) -> None:
+    np.save(tmp_path / "a.npy", np.arange(5))
+    arr = load_npy(tmp_path / "a.npy", mmap_mode="c")
+    arr[0] = 99
+    assert load_npy(tmp_path / "a.npy")[0] == 0
+
+
+def test_load_npy_refuses_objects_and_short_files(tmp_path) -> None:
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        load_npy(tmp_path / "o.npy")
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        load_npy(tmp_path / "o.npy", mmap_mode="r")
+    np.save(tmp_path / "t.npy", np.arange(100))
+    (tmp_path / "t.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:-8])
+    with pytest.raises(ValueError, match="cut short: 792 of 800"):
+        load_npy(tmp_path / "t.npy")
+    (tmp_path / "n.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError):
+        load_npy(tmp_path / "n.npy")
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_load_npz_equals_np_load(tmp_path, compressed) -> None:
+    path = tmp_path / "a.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **ARRAYS)
+    got = load_npz(path)
+    with np.load(path, allow_pickle=False) as want:
+        assert sorted(got) == sorted(want.files)
+        for key in want.files:
+            assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key])
+    assert list(load_npz(path, ["uids", "text"])) == ["uids", "text"]
+    with pytest.raises(KeyError, match="nope"):
+        load_npz(path, ["uids", "nope"])
+
+
+def test_load_npz_from_many_threads(tmp_path) -> None:
+    """Task threads read work-directory files at once; every header goes through one lock (CPython 3.11's
+    ast.literal_eval, which numpy's header parser uses, can fail when threads parse at the same time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for i in range(16):
+        paths.append(tmp_path / f"{i}.npz")
+        np.savez(paths[-1], **{f"k{j}": np.full((3, j + 1), i, dtype=np.int32) for j in range(20)})
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(load_npz, paths * 8))
+    for i, arrays in enumerate(results):
+        assert len(arrays) == 20 and all((a == i % 16).all() and a.shape == (3, j + 1)
+                                         for j, a in enumerate(arrays.values()))

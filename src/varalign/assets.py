@@ -27,6 +27,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import VaralignError
+from .npz import load_npy
 from .ptfile import load_pt
 
 SCALES = ("small", "medium", "large", "xlarge")
@@ -153,7 +154,7 @@ def load_centroids(path: str | os.PathLike) -> np.ndarray:
         raise VaralignError("centroid file not found", path)
     if path.suffix == ".npy":
         try:
-            arr = np.load(path, allow_pickle=False)
+            arr = load_npy(path)
         except (ValueError, OSError, EOFError) as exc:
             raise VaralignError(f"not a plain numeric .npy ({exc})", path) from None
     else:

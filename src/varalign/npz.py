@@ -284,23 +284,83 @@ def _npy_header_size(path: str, member_offset: int, size: int, compressed: bool)
     return 12 + struct.unpack("<I", head[8:12])[0]
 
 
-NPY_HEADER_LOCK = threading.Lock()  # see _parse_npy_header; also held by np.load of small .npz files read in tasks
+# numpy parses an .npy header with ast.literal_eval, which CPython 3.11 makes racy across threads ("AST
+# constructor recursion depth mismatch", python/cpython#106905), and tasks read arrays in threads: every header
+# varalign reads is parsed under this lock, one at a time (they are ~100 bytes); the data is read outside it.
+# This is why the package reads .npy/.npz through `load_npy`/`load_npz` below, never `np.load` (ruff bans it).
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def _read_header(fp) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran order) of the .npy whose magic starts at `fp`'s position; ValueError if invalid."""
+    with _NPY_HEADER_LOCK:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    return dtype, tuple(shape), bool(fortran)
+
+
+def load_npy(source, mmap_mode: str | None = None) -> np.ndarray:
+    """What `np.load(source, mmap_mode=..., allow_pickle=False)` returns for an `.npy` (a path or a binary
+    file object), with the header read under the lock above. Raises ValueError for an object array (it would
+    need pickle), a bad header or missing data, OSError when the file cannot be read."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fh:
+            if mmap_mode is None:
+                return load_npy(fh)
+            dtype, shape, fortran = _checked_header(fh)
+            offset = fh.tell()
+        if not int(np.prod(shape, dtype=np.int64)):  # mmap cannot map zero bytes
+            return np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+        return np.memmap(source, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
+                         order="F" if fortran else "C")
+    dtype, shape, fortran = _checked_header(source)
+    arr = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+    view = memoryview(arr.reshape(-1, order="A").view(np.uint8)) if arr.size else memoryview(b"")
+    got = 0
+    while got < len(view):
+        n = source.readinto(view[got:])
+        if not n:
+            raise ValueError(f"the array is cut short: {got} of {len(view)} data bytes")
+        got += n
+    return arr
+
+
+def _checked_header(fp) -> tuple[np.dtype, tuple[int, ...], bool]:
+    dtype, shape, fortran = _read_header(fp)
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    return dtype, shape, fortran
+
+
+def load_npz(path: str | os.PathLike, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a (small) `.npz` as {name: array}, or only `keys` (KeyError for a missing one): what
+    `np.load(path, allow_pickle=False)` gives, read whole. zipfile.BadZipFile, ValueError or OSError when bad."""
+    with zipfile.ZipFile(path) as zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        if keys is not None:
+            missing = [k for k in keys if k not in names]
+            if missing:
+                raise KeyError(f"{missing[0]} is not a file in the archive")
+            names = list(keys)
+        out = {}
+        for name in names:
+            with zf.open(name + ".npy") as fh:
+                out[name] = load_npy(fh)
+        return out
 
 
 def _parse_npy_header(head: bytes, path: str, key: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
     fp = io.BytesIO(head)
     try:
-        with NPY_HEADER_LOCK:  # numpy parses the header with ast.literal_eval, which CPython 3.11 makes racy
-            version = np.lib.format.read_magic(fp)  # across threads ("AST constructor recursion depth mismatch",
-            if version == (1, 0):  # python/cpython#106905): one header at a time; they are ~100 bytes
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        dtype, shape, fortran = _read_header(fp)
     except (ValueError, EOFError, SyntaxError) as exc:
         raise VaralignError(f"npz member {key!r} is not a valid .npy array ({exc})", path) from None
     if dtype.hasobject:
         raise VaralignError(f"npz member {key!r} holds Python objects and would need pickle: refused", path)
-    return dtype, tuple(shape), bool(fortran), fp.tell()
+    return dtype, shape, fortran, fp.tell()
 
 
 class _OwnedZip(zipfile.ZipFile):

@@ -3,7 +3,8 @@ minicomp's results, download's report, train's info.json).
 
 A ledger in the folder (`.varalign-files.json`) records each such file's size and SHA-256 when varalign writes
 it. Before any work, `check_replaceable` refuses a file of those names that the ledger does not account for (the
-user's own, or one changed since varalign wrote it), unless `overwrite`; `record` adds the files once written.
+user's own, or one changed since varalign wrote it), unless `overwrite`, and a `.varalign-files.json` that is not
+varalign's ledger (always); `record` adds the files once written.
 The same rule as `filter`'s manifest, for folders of several named outputs.
 """
 
@@ -21,12 +22,20 @@ LEDGER = ".varalign-files.json"
 
 
 def _ledger(folder: Path) -> dict[str, dict]:
-    try:
-        data = json.loads((folder / LEDGER).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+    """The ledger's records ({} when there is none); a file of that name that is not varalign's ledger (the
+    user's own, a link, not our JSON) is refused, never replaced, whatever `overwrite` says."""
+    path = folder / LEDGER
+    if not (path.exists() or path.is_symlink()):
         return {}
-    files = data.get("files") if isinstance(data, dict) else None
-    return files if isinstance(files, dict) else {}
+    try:
+        data = None if path.is_symlink() else json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    files = data.get("files") if isinstance(data, dict) and data.get("tool") == "varalign" else None
+    if not isinstance(files, dict):
+        raise VaralignError("exists and is not varalign's ledger of the files it wrote here: not overwritten; "
+                            "remove or rename it, or choose another folder", path)
+    return files
 
 
 def _accounted(path: Path, record: object) -> bool:
@@ -54,12 +63,12 @@ def check_replaceable(folder: str | os.PathLike, names: Iterable[str], overwrite
     """Refuse (one line naming the file) an existing `folder/name` that varalign did not write, or that was
     changed since; with `overwrite` anything may be replaced. `known_by=(name, keys)`: the group of files is
     recognisably varalign's (then none is refused) when `folder/name` is a JSON object with `keys`."""
+    folder = Path(folder)
+    ledger = _ledger(folder)  # first: `record` will rewrite the ledger, so a foreign file there is refused now
     if overwrite:
         return
-    folder = Path(folder)
     if known_by is not None and _json_keys(folder / known_by[0], known_by[1]):
         return
-    ledger = _ledger(folder)
     for name in names:
         path = folder / name
         if (path.exists() or path.is_symlink()) and not _accounted(path, ledger.get(name)):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VaralignError
+from .npz import load_npy
 from .ptfile import load_pt
 
 TARGET_ALIASES = {"imagenet-1k": "imagenet_1k", "variance_imagenet_1k": "imagenet_1k"}
@@ -41,7 +42,7 @@ def load_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
         raise VaralignError("file not found", path)
     if path.suffix == ".npy":
         try:
-            arr = np.load(path, allow_pickle=False, mmap_mode="r")
+            arr = load_npy(path, mmap_mode="r")
         except ValueError as exc:
             why = "pickle refused: " if "object" in str(exc) or "pickle" in str(exc) else ""
             raise VaralignError(f"not a plain numeric .npy ({why}{exc})", path) from None

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from .atomic import save_npy
 from .errors import VaralignError
+from .npz import load_npy
 
 UID_DTYPE = np.dtype("u8,u8")
 
@@ -169,7 +170,7 @@ def _read_subset(path: str | os.PathLike) -> np.ndarray:
         raise VaralignError(f"cannot read subset file ({exc.strerror})", path) from None
     try:
         if magic == b"\x93NUMPY":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = load_npy(path, mmap_mode="r")
         else:
             arr = np.memmap(path, dtype=UID_DTYPE, mode="r")
     except ValueError as exc:

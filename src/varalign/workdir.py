@@ -24,7 +24,7 @@ import numpy as np
 
 from .atomic import atomic_path, os_error, save_json
 from .errors import VaralignError
-from .npz import NPY_HEADER_LOCK
+from .npz import load_npy, load_npz
 
 MARKER = ".varalign-workdir"
 GROUP_PREFIX, GROUP_NAMES, GROUP_SEP = "g-", "__names__", "~"  # group files: many tasks' results in one
@@ -180,8 +180,7 @@ class WorkDir:
         where = self._groups(phase).get(name)
         if where is not None:
             return self._group_member(phase, where)
-        with NPY_HEADER_LOCK, np.load(self.root / phase / f"{name}.npz", allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        return load_npz(self.root / phase / f"{name}.npz")
 
     def save(self, phase: str, name: str, arrays: dict[str, np.ndarray]) -> None:
         """Write the result atomically, then its completion marker (holding the result's size). Not
@@ -234,8 +233,7 @@ class WorkDir:
             for done in sorted(folder.glob(f"{GROUP_PREFIX}*.done")) if folder.is_dir() else ():
                 file = done.name[: -len(".done")]
                 try:
-                    with NPY_HEADER_LOCK, np.load(folder / f"{file}.npz", allow_pickle=False) as npz:
-                        names = npz[GROUP_NAMES].tolist()
+                    names = load_npz(folder / f"{file}.npz", [GROUP_NAMES])[GROUP_NAMES].tolist()
                 except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
                     continue  # torn: its tasks are redone (has() removes it when asked)
                 index.update({n: (file, j) for j, n in enumerate(names)})
@@ -253,8 +251,7 @@ class WorkDir:
         key = (phase, where[0])
         if self._open_npz is None or self._open_npz[0] != key:
             self.close()
-            with NPY_HEADER_LOCK, np.load(self.root / phase / f"{where[0]}.npz", allow_pickle=False) as npz:
-                self._open_npz = (key, {k: npz[k] for k in npz.files})
+            self._open_npz = (key, load_npz(self.root / phase / f"{where[0]}.npz"))
         members, j = self._open_npz[1], where[1]
         out: dict[str, np.ndarray] = {}
         for k, v in members.items():
@@ -284,8 +281,10 @@ class WorkDir:
         path = self.root / phase / f"{name}.npz"
         if not path.exists():
             return None
-        with NPY_HEADER_LOCK, np.load(path, allow_pickle=False) as npz:
-            return npz[key]
+        try:
+            return load_npz(path, [key])[key]
+        except KeyError:
+            return None
 
     def put_array(self, phase: str, name: str, array: np.ndarray) -> None:
         """Store one array of the run's own state (a keep mask, a column) as `{phase}/{name}.npy`."""
@@ -298,7 +297,7 @@ class WorkDir:
 
     def get_array(self, phase: str, name: str) -> np.ndarray:
         """An array stored by `put_array`."""
-        return np.load(self.root / phase / f"{name}.npy", allow_pickle=False)
+        return load_npy(self.root / phase / f"{name}.npy")
 
     def remove(self) -> None:
         """Remove the work directory, only if it still carries our marker (with our token)."""
@@ -331,9 +330,9 @@ class Steps:
     def done(self, name: str, key: str = "") -> dict | None:
         if not self.work.has(self.phase, name):
             return None
-        with NPY_HEADER_LOCK, np.load(self.work.root / self.phase / f"{name}.npz", allow_pickle=False) as npz:
-            files, sizes, info = npz["files"].tolist(), npz["sizes"].tolist(), str(npz["info"])
-            same = str(npz["key"]) == key
+        npz = load_npz(self.work.root / self.phase / f"{name}.npz", ["files", "sizes", "info", "key"])
+        files, sizes, info = npz["files"].tolist(), npz["sizes"].tolist(), str(npz["info"])
+        same = str(npz["key"]) == key
         if not same:  # made from other inputs or settings
             self.drop(name)
             return None

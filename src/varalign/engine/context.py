@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..atomic import atomic_path
-from ..npz import NPY_HEADER_LOCK
+from ..npz import load_npz
 
 if TYPE_CHECKING:
     from ..npz import NpzMember
@@ -137,8 +137,7 @@ class Context:
         state = None
         if path.exists():
             try:
-                with NPY_HEADER_LOCK, np.load(path, allow_pickle=False) as npz:
-                    state = {k: npz[k] for k in npz.files}
+                state = load_npz(path)
             except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # torn by a power loss: start over
                 state = None
 

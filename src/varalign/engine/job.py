@@ -24,6 +24,7 @@ from ..atomic import OutputGroup, check_output_path, manifest_path
 from ..errors import VaralignError
 from ..guard import check_paths, lock, lock_file_for, lock_outputs
 from ..methods import METHODS, NAMES, recipe_for_name
+from ..npz import load_npy
 from ..recipe import Recipe, list_presets, load_recipe, validate_recipe
 from ..uids import UID_DTYPE, sort_uids, stream_subset, uids_to_hex
 from ..workdir import WorkDir, digest, is_ours
@@ -292,8 +293,8 @@ def open_subset(path: str | os.PathLike) -> np.ndarray:
     """A subset file this tool wrote (sorted, unique), memory-mapped copy-on-write (read whole from a URL)."""
     if storage.is_url(path):
         with storage.open_read(path) as fh:
-            return np.load(fh, allow_pickle=False)
-    return np.load(path, mmap_mode="c", allow_pickle=False)
+            return load_npy(fh)
+    return load_npy(path, mmap_mode="c")
 
 
 def default_work_dir(save_path: str | os.PathLike) -> Path:

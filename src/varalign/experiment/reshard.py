@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import string
 import sys
 import tarfile
 import time
@@ -42,6 +44,7 @@ from ..atomic import atomic_path, save_json, save_npy
 from ..errors import VaralignError
 from ..execute import make_executor
 from ..guard import check_paths, lock, lock_file_for
+from ..npz import load_npy, load_npz
 from ..uids import UID_DTYPE, hex_to_uids, load_subset_counts, sort_uids, uids_to_hex
 from ..workdir import WorkDir, digest, is_ours
 from .wds import add_bytes, ends_whole, iter_samples, open_tar, read_json, read_member, sample_uid
@@ -151,7 +154,7 @@ def _reshard(input_dir: str | os.PathLike, output_dir: str | os.PathLike, subset
             if remote:  # every shard is there: onto their names together, then the staging prefix goes
                 storage.move([storage.join(staged, n) for n in names], [storage.join(out, n) for n in names])
                 storage.remove_tree(staged)
-            save_npy(storage.join(out, "sample_ids.npy"), np.load(local_subset, allow_pickle=False)
+            save_npy(storage.join(out, "sample_ids.npy"), load_npy(local_subset)
                      if _is_npy(local_subset) else np.fromfile(local_subset, dtype=UID_DTYPE))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the shards indexed are kept for the next run
         if dry_run:
@@ -248,6 +251,12 @@ def _prepare_output(out: Path | str, overwrite: bool, input_dir: object, subset_
         if not remote and WORK_DIR in names and not is_ours(out / WORK_DIR):
             raise VaralignError(f"{WORK_DIR} in the output directory was not created by varalign: not touched; "
                                 "move it away or give another folder", out / WORK_DIR)
+        if meta is None and not isinstance(marker.get("output_shard_count"), int):
+            stray = sorted(n for n in names if _shard_name_pattern(marker).fullmatch(n))
+            if stray:  # an older varalign marked the run before counting: which shards are its own is unknown
+                raise VaralignError(f"an unfinished reshard that did not record its shard count left {len(stray)} "
+                                    f"shard-named file(s) here (first: {stray[0]}): not touched; remove them or "
+                                    "give another folder", out)
         for name in sorted(set(names) & _own_names(meta if meta is not None else marker)):
             if remote:
                 storage.remove(storage.join(out, name))
@@ -271,6 +280,20 @@ def _own_names(record: dict) -> set[str]:
     if isinstance(count, int) and count >= 0:
         names |= {f.format(i) for f in formats if isinstance(f, str) for i in range(count)}
     return names
+
+
+def _shard_name_pattern(record: dict) -> re.Pattern:
+    """The names the record's shard and stats formats give (each `{...}` field: digits)."""
+    alts = []
+    for fmt in (record.get("output_shard_format"), record.get("output_shard_stats_format")):
+        if isinstance(fmt, str):
+            try:
+                parts = list(string.Formatter().parse(fmt))
+            except ValueError:
+                continue
+            alts.append("".join(re.escape(text) + (r"\d+" if field is not None else "")
+                                for text, field, _, _ in parts))
+    return re.compile("|".join(f"(?:{a})" for a in alts) or r"(?!)")
 
 
 def _write_marker(out: Path | str, record: dict) -> None:
@@ -308,8 +331,8 @@ def _index_shard(i: int, path: str, subset: str | dict[str, np.ndarray]) -> dict
     """Scan one input tar: the byte ranges of its subset samples, and its counters (`info`, JSON).
     `subset`: the work directory's folder of the sorted unique uids and their counts, or those arrays."""
     if isinstance(subset, str):  # mapped: cheap per task and per process
-        unique = np.load(Path(subset) / "unique.npy", mmap_mode="r")
-        counts = np.load(Path(subset) / "counts.npy", mmap_mode="r")
+        unique = load_npy(Path(subset) / "unique.npy", mmap_mode="r")
+        counts = load_npy(Path(subset) / "counts.npy", mmap_mode="r")
     else:
         unique, counts = subset["unique"], subset["counts"]
     keys, uid_strs, members, error = [], [], [], None
@@ -371,7 +394,7 @@ def _run_index(inputs: list[Path], work: WorkDir, runner, quiet: bool, unique: n
 
 
 def _count_found(index: list[dict]) -> int:
-    found = [np.load(r["index"])["uids"] for r in index]
+    found = [load_npz(r["index"], ["uids"])["uids"] for r in index]
     if not found:
         return 0
     allu = sort_uids(np.concatenate(found))
@@ -391,7 +414,7 @@ def _write_shard(job: tuple) -> int:  # a module-level function: it runs in anot
     with atomic_path(out_tar, ".tar") as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
         for path, index, first, last in pieces:  # positions [first, last) within this input shard
             # the index: a file of the driver's work directory, or (no shared filesystem) its arrays
-            members = _piece_members(np.load(index) if isinstance(index, str) else index, first, last)
+            members = _piece_members(load_npz(index) if isinstance(index, str) else index, first, last)
             # a local tar by seek + read; a URL by ranged requests covering neighbouring samples
             data = storage.read_ranges(path, [(off, size) for _, off, size in members])
             for (name, _, _), blob in zip(members, data, strict=True):
@@ -436,7 +459,7 @@ def _run_write(index: list[dict], copies: np.ndarray, out: Path | str, shard_siz
                     pieces.append((r["path"], r["index"], first, last))
                 else:  # the job carries the piece's rows of the index: each index's bytes travel once in all
                     if loaded[0] != k:
-                        idx = np.load(r["index"])
+                        idx = load_npz(r["index"])
                         loaded[:] = [k, idx, np.concatenate([[0], np.cumsum(idx["copies"])])]
                     pieces.append((r["path"], *_index_piece(loaded[1], loaded[2], first, last)))
         jobs.append((o, lo, hi, pieces, storage.join(out, fmt.format(o)), storage.join(out, stats_fmt.format(o))))

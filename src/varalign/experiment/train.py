@@ -166,11 +166,21 @@ def _check_shard(path: Path) -> bool:
     try:
         with tarfile.open(path, "r:") as tar:
             first = tar.next()
+            if first is None:
+                return False
+            # A whole tar ends with two zero blocks (tarfile, GNU tar and webdataset write them). One cut short,
+            # at a member boundary or inside one, ends with member data instead, and tarfile and webdataset read
+            # it as a shorter whole tar without a word: the tail, one read, tells (every header would cost a
+            # seek per member). A cut whose last 1,024 bytes happen to be zeros is not seen.
+            tar.fileobj.seek(-2 * tarfile.BLOCKSIZE, os.SEEK_END)
+            if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                raise VaralignError("truncated tar shard: it does not end with tar's end-of-archive blocks (a copy "
+                                    "or download cut short?); restore it or remove it from the folder", path)
     except FileNotFoundError:
         raise VaralignError("training shard not found", path) from None
     except (tarfile.TarError, OSError) as exc:
         raise VaralignError(f"not a readable tar shard ({exc})", path) from None
-    return first is not None
+    return True
 
 
 def build_args(scale: str, data_dir: str, output_dir: str, exp_name: str, *, cfg: dict, world_size: int = 1,

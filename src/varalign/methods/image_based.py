@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..assets import file_sha256
 from ..errors import VaralignError
+from ..npz import load_npy
 from ..pool import ARCHS
 from ..recipe import Stage
 from .base import Method, RunSettings, Score, check_fraction, name, one_of, param, register, stage_params
@@ -70,9 +69,9 @@ def image_based_assets(p: ImageBasedParams, run: RunSettings) -> tuple[Any, Any,
     key = file_sha256(cpath)[:12] + "-" + "-".join(file_sha256(f)[:8] for f in sources)
     cached = cpath.parent / f".{cpath.stem}.allowed-{key}.npy"
     if cached.exists():
-        allowed = np.load(cached, allow_pickle=False)
+        allowed = load_npy(cached)
     else:
-        it = (load_pt(f, "image_features") if f.suffix != ".npy" else np.load(f, allow_pickle=False) for f in sources) \
+        it = (load_pt(f, "image_features") if f.suffix != ".npy" else load_npy(f) for f in sources) \
             if feats else iter_in1k_features(cache, run.download)
         allowed = target_centroid_set(centroids, it, device=run.device)
         save_npy(cached, allowed)

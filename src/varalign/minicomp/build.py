@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, save_json
 from ..errors import VaralignError
+from ..npz import load_npz
 from ..pool import ARCHS
 from ..workdir import Steps, WorkDir, digest
 from . import captions as cap
@@ -617,7 +618,7 @@ def build(build_dir: str | os.PathLike, config: BuildConfig | None = None, *, ov
               num_workers=2, overwrite=True, quiet=quiet)
         build_target([ds_meta], target, arch=cfg.arch, quiet=quiet)
         normsim_dir.mkdir(parents=True, exist_ok=True)
-        feats = [np.load(p)[f"{cfg.arch}_img"].astype(np.float32) for p in sorted(ds_meta.glob("*.npz"))]
+        feats = [load_npz(p, [f"{cfg.arch}_img"])[f"{cfg.arch}_img"].astype(np.float32) for p in sorted(ds_meta.glob("*.npz"))]
         np.save(normsim_dir / "train_features.npy", np.concatenate(feats))
         out = [target, normsim_dir / "train_features.npy"]
         if cfg.target_other:
@@ -662,7 +663,7 @@ def _other_target(sources: list[Source], ds_meta: Path, files: Path, cfg: BuildC
     for p in sorted(ds_meta.glob("*.parquet")):
         uids = pq.read_table(p, columns=["uid"]).column("uid").to_pylist()
         rows = np.array([u in want for u in uids])
-        feats.append(np.load(p.with_suffix(".npz"))[f"{cfg.arch}_img"].astype(np.float64)[rows])
+        feats.append(load_npz(p.with_suffix(".npz"), [f"{cfg.arch}_img"])[f"{cfg.arch}_img"].astype(np.float64)[rows])
     from ..target import build_target
 
     feat_dir = files / "other_source"
