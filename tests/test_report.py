@@ -19,7 +19,7 @@ import pytest
 
 import varalign
 from varalign.errors import VaralignError
-from varalign.report import build_report, extremes, histogram
+from varalign.report import build_report, extremes, histogram, load_selections
 from varalign.report_cli import register_report
 from varalign.synth import make_pool
 from varalign.uids import save_subset
@@ -242,6 +242,26 @@ def test_no_manifest_no_scores_and_explicit_scores(synth_pool: Path, runs: tuple
     raw = build_report(synth_pool / "pool", [out / "uids" / "clip_score.npy"], tmp_path / "r2.html",
                        scores=[moved]).read_text()  # the vas scores for the clip_score subset: flagged
     assert f"marks {res['vas'].counts['selected']:,} rows selected but the subset holds" in raw
+
+
+def test_manifest_that_does_not_describe_the_subset_is_not_used(synth_pool: Path, runs: tuple[Path, dict],
+                                                                  tmp_path: Path) -> None:
+    """A subset changed since its manifest was written (or another output's manifest beside it): the report
+    says so and shows no counts per stage from it, nor its scores."""
+    out, _ = runs
+    changed = tmp_path / "vas.npy"
+    save_subset(changed, np.load(out / "uids" / "vas.npy")[:100])
+    shutil.copy(out / "uids" / "vas.manifest.json", tmp_path / "vas.manifest.json")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("clip_score.npy", "clip_score.manifest.json"):  # moved together: still described
+        shutil.copy(out / "uids" / name, moved / name)
+    raw = build_report(synth_pool / "pool", [changed, moved / "clip_score.npy"], tmp_path / "r.html").read_text()
+    assert "the manifest (vas.manifest.json) does not describe this subset (the file" in raw
+    assert "size or SHA-256 differs from the one recorded" in raw
+    assert raw.count("does not describe this subset") == 1  # clip_score's moved manifest matched by name
+    sels = load_selections([changed, moved / "clip_score.npy"], None)
+    assert sels[0].manifest is None and sels[0].scores is None and sels[1].manifest is not None
 
 
 def cli(argv: list[str]) -> int:

@@ -222,6 +222,25 @@ def test_outputs_with_the_same_stem_have_their_own_manifests(ws: Path) -> None:
         assert m["options"]["fraction"] == frac and str(out.absolute()) in m["files"]
 
 
+def test_output_whose_manifest_name_another_output_holds_is_refused(ws: Path, capsys) -> None:
+    """`--save_path x` after `--save_path x.npy`: both would use x.manifest.json. The second is refused (even
+    with --overwrite) while x.npy is there, so x.npy keeps its manifest; once it is moved away, it runs."""
+    a, b = ws / "x.npy", ws / "x"
+    assert manifest_path(a) == manifest_path(b)
+    assert _cli(_vas(ws, a), capsys)[0] == 0
+    before = _snapshot(ws)
+    for extra in ((), ("--overwrite",)):
+        code, err = _cli(_vas(ws, b, *extra), capsys)
+        _one_line_error(code, err, manifest_path(a), "x.npy")
+        assert "manifest of another varalign output" in err
+        assert _snapshot(ws) == before
+    assert _cli(_vas(ws, a), capsys)[0] == 0  # x.npy itself is still up to date with its own manifest
+    (ws / "moved").mkdir()
+    a.rename(ws / "moved" / "x.npy")
+    assert _cli(_vas(ws, b), capsys)[0] == 0
+    assert str(b.absolute()) in json.loads(manifest_path(b).read_text())["files"]
+
+
 # ----------------------------------------------------------------------------- a kill between renames
 
 _KILL_AT = textwrap.dedent("""

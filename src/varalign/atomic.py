@@ -289,6 +289,26 @@ def _recorded(manifest: dict | None) -> dict[str, dict]:
     return {str(k): v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 
 
+def manifest_mismatch(manifest: dict | None, output: str | os.PathLike) -> str | None:
+    """Why `manifest` does not describe the file at `output` (a local path or a URL), or None when it does or
+    records no files (an earlier varalign's). A manifest moved with its output is matched by file name."""
+    records = _recorded(manifest)
+    if not records:
+        return None
+    ops: _Ops = _Remote() if "://" in os.fspath(output) and not os.fspath(output).startswith("file://") else _Local()
+    key = ops.key(ops.path(os.fspath(output)))
+    record = records.get(key)
+    if record is None:
+        name = ops.name(ops.path(key))
+        same = [r for k, r in records.items() if ops.name(ops.path(k)) == name]
+        if not same:
+            return "it records other files (" + ", ".join(sorted(ops.name(ops.path(k)) for k in records)) + ")"
+        record = same[0]
+    if not ops.matches(ops.path(os.fspath(output)), record):
+        return "the file's size or SHA-256 differs from the one recorded (changed since)"
+    return None
+
+
 _DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime_ns) -> sha256, for an unchanged file
 
 
@@ -371,8 +391,24 @@ class OutputGroup:
                     return True
         return False
 
+    def foreign_manifest(self) -> str | None:
+        """The other output whose manifest sits where this group's goes (`--save_path x` after `x.npy`: both
+        have `x.manifest.json`), while that output is still there; None when the manifest is this group's."""
+        data = self.ops.read_json(self.manifest) if self.manifest is not None else None
+        records = _recorded(data)
+        ours = {self.ops.key(p) for p in self.outputs}
+        if not records or ours & set(records):
+            return None
+        others = [k for k in records if self.ops.exists(self.ops.path(k))]
+        return others[0] if others else None
+
     def check_overwrite(self) -> None:
-        """Refuse to replace a file varalign did not write, unless `overwrite`."""
+        """Refuse to replace a file varalign did not write, unless `overwrite`; and, even with `overwrite`,
+        the manifest of another output that is still there (replacing it would leave that one undescribed)."""
+        other = self.foreign_manifest()
+        if other is not None:
+            raise VaralignError(f"is the manifest of another varalign output ({other}): not replaced; choose "
+                                "another output name, or move that output and its manifest away", self.manifest)
         if self.overwrite:
             return
         for p in self.all_paths():

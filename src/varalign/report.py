@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from ._version import __version__
-from .atomic import atomic_path, check_output_path, manifest_path, remove_stale_temps
+from .atomic import atomic_path, check_output_path, manifest_mismatch, manifest_path, remove_stale_temps
 from .errors import VaralignError
 from .guard import check_paths, lock_outputs
 from .pool import Shard, discover_shards
@@ -151,6 +151,11 @@ def load_selections(selections: list, scores: list | None) -> list[Selection]:
         mpath = manifest_path(path)
         manifest = _read_manifest(mpath)
         notes = [] if manifest else [f"no manifest ({storage.basename(mpath)}): counts per stage unknown"]
+        why = manifest_mismatch(manifest, path) if manifest else None
+        if why is not None:  # another output's manifest, or a subset changed since: its counts would mislead
+            notes.append(f"the manifest ({storage.basename(mpath)}) does not describe this subset ({why}): "
+                         "counts per stage unknown")
+            manifest = None
         sc = _find_scores(manifest, mpath, str(scores[i]) if scores else None, notes)
         if sc is not None:
             _check_scores(sc)
