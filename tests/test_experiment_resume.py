@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from experiment_data import fake_uid, make_subset, make_train_shards
 
+from varalign.errors import VaralignError
+from varalign.pool import discover_shards
 from varalign.workdir import MARKER, Steps, WorkDir
 
 reshard_module = importlib.import_module("varalign.experiment.reshard")
@@ -65,9 +67,14 @@ def test_embed_resumes_from_its_work_dir(shards: Path, tmp_path: Path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         embed_module.embed([shards], tmp_path / "out", **opts)
     assert (tmp_path / "out" / embed_module.WORK_DIR / MARKER).exists()  # the finished shard is recorded
+    # the killed run's pool is refused by every reader until embed has finished it
+    with pytest.raises(VaralignError, match=r"embed.json: pool is incomplete: varalign embed has finished 1 of 3 "
+                                            r"shards \(00000001 not yet\); run the same embed command again"):
+        discover_shards(tmp_path / "out", need_npz=True)
     monkeypatch.setattr(embed_module, "_embed_task", real)
     resumed = embed_module.embed([shards], tmp_path / "out", **opts)
-    assert resumed.reused == 1 and resumed.rows == 200
+    assert resumed.reused == 1 and resumed.rows == 300  # the reused shard's rows counted too
+    assert len(discover_shards(tmp_path / "out", need_npz=True)) == 3
     assert not (tmp_path / "out" / embed_module.WORK_DIR).exists()  # removed once the manifest names every shard
     assert _files(tmp_path / "out") == _files(tmp_path / "clean")
     import json
@@ -78,6 +85,29 @@ def test_embed_resumes_from_its_work_dir(shards: Path, tmp_path: Path, monkeypat
     (tmp_path / "out" / "00000001.npz").unlink()
     again = embed_module.embed([shards], tmp_path / "out", **opts)
     assert again.reused == 2 and _files(tmp_path / "out") == _files(tmp_path / "clean")
+
+
+def test_embed_that_wrote_no_shard_does_not_block_the_corrected_run(shards: Path, tmp_path: Path) -> None:
+    """A wrong --pretrained fails before the folder is marked; a run that marked it but wrote no shard (its
+    model failed on a Ray worker, or it was stopped first) is replaced by the corrected one without --overwrite.
+    Once a shard is written, another config needs --overwrite."""
+    pytest.importorskip("open_clip")
+    import json
+
+    embed_module = importlib.import_module("varalign.experiment.embed")
+    out = tmp_path / "out"
+    np.save(tmp_path / "not_a_model.npy", np.zeros(3))
+    opts = {"model": "varalign-tiny", "arch": "b32", "batch_size": 64, "quiet": True}
+    with pytest.raises(VaralignError, match="cannot load open_clip model"):
+        embed_module.embed([shards], out, pretrained=str(tmp_path / "not_a_model.npy"), **opts)
+    assert not (out / "embed.json").exists()
+    out.mkdir(exist_ok=True)
+    (out / "embed.json").write_text(json.dumps({"config": {"model": "other"}, "shards": {},
+                                                "planned": ["00000000", "00000001", "00000002"]}))
+    done = embed_module.embed([shards], out, random_init=True, **opts)
+    assert done.rows == 300 and json.loads((out / "embed.json").read_text())["config"]["random_init"] is True
+    with pytest.raises(VaralignError, match="embedded with another model/config"):
+        embed_module.embed([shards], out, random_init=True, seed=1, **opts)
 
 
 def test_reshard_interrupted_keeps_the_shards_indexed(shards: Path, tmp_path: Path,

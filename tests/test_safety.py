@@ -598,3 +598,22 @@ def test_embed_output_directory_is_guarded(ws: Path, capsys) -> None:
     code, err = _cli(base + ["--output_dir", str(mine), "--overwrite"], capsys)
     _one_line_error(code, err, mine, "not touched")
     assert (mine / "00000000.parquet").read_bytes() == b"the user's shard"
+
+
+def test_interrupt_message_says_whether_anything_was_written(ws: Path, capsys, monkeypatch) -> None:
+    """filter's outputs appear together or not at all; embed's shards appear one by one: Ctrl-C says which."""
+    import importlib
+
+    import varalign.engine as engine_module
+
+    embed_module = importlib.import_module("varalign.experiment.embed")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_module, "filter_pool", stop)
+    monkeypatch.setattr(embed_module, "embed", stop)
+    code, err = _cli(_vas(ws, ws / "s.npy"), capsys)
+    assert code == 130 and "no output was written" in err
+    code, err = _cli(["embed", str(ws), "--output_dir", str(ws / "o"), "--model", "m", "--random_init"], capsys)
+    assert code == 130 and "the output is incomplete" in err and "no output was written" not in err

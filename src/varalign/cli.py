@@ -334,9 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"varalign: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("varalign: interrupted; no output was written (finished tasks are kept: run the same command "
-              "again to resume)", file=sys.stderr)
+        if getattr(args, "command", None) in _ALL_AT_ONCE:
+            print("varalign: interrupted; no output was written (finished tasks are kept: run the same command "
+                  "again to resume)", file=sys.stderr)
+        else:  # shards, checkpoints or downloads appear one by one: what is there is not the whole result
+            print("varalign: interrupted; the output is incomplete (what finished is kept: run the same command "
+                  "again to resume and complete it)", file=sys.stderr)
         return 130
+
+
+# commands whose outputs appear together, after the whole run, or not at all
+_ALL_AT_ONCE = {"filter", "target", "centroids", "report"}
 
 
 if __name__ == "__main__":

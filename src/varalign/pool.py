@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ def discover_shards(metadata_dir: str | os.PathLike, need_npz: bool) -> list[Sha
     npzs = {n[: -len(".npz")]: prefix + n for n in names if n.endswith(".npz")}
     if not parquets:
         raise VaralignError("no .parquet files in metadata directory", metadata_dir)
+    if "embed.json" in names:
+        _check_embed_finished(prefix + "embed.json")
     orphans = sorted(set(npzs) - set(parquets))
     if orphans:
         raise VaralignError("npz has no sibling parquet", npzs[orphans[0]])
@@ -69,6 +72,24 @@ def discover_shards(metadata_dir: str | os.PathLike, need_npz: bool) -> list[Sha
         shards.append(Shard(name, str(parquets[name]), str(npzs[name]) if name in npzs else None,
                             parquet_rows(parquets[name])))
     return shards
+
+
+def _check_embed_finished(path: str) -> None:
+    """A pool `varalign embed` is writing, or whose run was killed or failed, holds only some of its shards:
+    refused, not read as if it were the whole pool. Its `embed.json` names the shards planned and finished."""
+    try:
+        data = json.loads(storage.read_bytes(path))
+    except (OSError, ValueError):
+        return  # not embed's manifest (a user's file of that name): the pool is read as any other
+    if not isinstance(data, dict) or not isinstance(data.get("planned"), list) or \
+            not isinstance(data.get("shards"), dict):
+        return
+    left = sorted(set(map(str, data["planned"])) - set(data["shards"]))
+    if left:
+        done = len(data["planned"]) - len(left)
+        raise VaralignError(f"pool is incomplete: varalign embed has finished {done} of {len(data['planned'])} "
+                            f"shards ({left[0]} not yet); run the same embed command again to complete it, or "
+                            "remove embed.json to use the finished shards alone", path)
 
 
 def parquet_rows(path: str | os.PathLike) -> int:

@@ -125,6 +125,9 @@ def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained
         out.mkdir(parents=True, exist_ok=True)
     config = {"model": model, "pretrained": pretrained, "model_config": str(model_config) if model_config else None,
               "arch": arch, "random_init": random_init, "seed": seed}
+    spec = (model, pretrained, str(model_config) if model_config else None, random_init, seed, device)
+    if executor == "local":  # a model that cannot load (a wrong --pretrained) fails before the folder is marked
+        _MODELS[spec] = _load(*spec)
     _check_manifest(out, config, overwrite)
     result = EmbedResult(str(out))
     old = _read_manifest(out) or {}
@@ -147,10 +150,11 @@ def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained
         info = info or _finished_before(out, old, u.name)
         if info is None:
             todo.append(u)
-        else:  # a killed run's shard joins the manifest too
+        else:  # a killed run's shard joins the manifest too; the result counts the whole pool
             manifest["shards"][u.name] = info
+            result.rows += int(info.get("rows", 0))
+            result.skipped += int(info.get("skipped", 0))
     result.reused = len(units) - len(todo)
-    spec = (model, pretrained, str(model_config) if model_config else None, random_init, seed, device)
 
     def commit(i: int, res: tuple) -> None:  # in this process, as each shard finishes
         unit = todo[i]
@@ -169,6 +173,8 @@ def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained
         # size and ETag each had when it was put
         objects = {f: _identity(f) for f in files} if remote else None
         steps.finish(unit.name, [] if remote else files, {**manifest["shards"][unit.name], "objects": objects})
+        # embed.json follows, so a reader of the folder sees how far the pool is (and refuses it until whole)
+        save_json(storage.join(out, MANIFEST), {**manifest, "shards": {**old.get("shards", {}), **manifest["shards"]}})
 
     if todo:
         # locally one shard after another, each with the process's torch threads; on Ray one task per shard
@@ -282,7 +288,11 @@ def _read_manifest(out: Path | str) -> dict | None:
 def _check_manifest(out: Path | str, config: dict, overwrite: bool) -> None:
     old = _read_manifest(out)
     if old is not None and old.get("config") != config:
-        if not overwrite:
+        # a run that wrote no shard (its model failed to load, or it was stopped first) is simply replaced
+        started = any(storage.exists(storage.join(out, f"{Path(str(n)).name}{suffix}"))
+                      for n in set(old.get("shards") or {}) | set(old.get("planned") or [])
+                      for suffix in (".parquet", ".npz"))
+        if not overwrite and started:
             raise VaralignError("output was embedded with another model/config (pass --overwrite to redo it)",
                                 storage.join(out, MANIFEST))
         for name in set(old.get("shards") or {}) | set(old.get("planned") or []):  # only embed's own shards
