@@ -274,6 +274,14 @@ def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline
     # resume: training again finds epoch_latest at the last epoch and finishes at once
     assert run_cli(["train", "--scale", "tiny", "--data_dir", str(shards), "--output_dir", str(out),
                     "--exp_name", "cs", *TRAIN_FAST, "--quiet"]) == 0
+    # but not with another seed or other data: that would resume this model and label it with those
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in (out / "cs").rglob("*") if p.is_file())
+    for flags, what in ((["--data_dir", str(shards), "--seed", "1"], "another seed"),
+                        (["--data_dir", str(data / "shards")], "another data_dir")):
+        with pytest.raises(VaralignError, match=f"cs: holds a training with {what} .*give another --exp_name"):
+            run_cli(["train", "--scale", "tiny", *flags, "--output_dir", str(out), "--exp_name", "cs", *TRAIN_FAST,
+                     "--quiet"])
+    assert sorted((p.relative_to(out), p.read_bytes()) for p in (out / "cs").rglob("*") if p.is_file()) == before
 
     assert run_cli(["evaluate", "--train_output_dir", str(out / "cs"), "--data_dir", str(data / "eval"),
                     "--tasks", f"{MNIST},{FLICKR},vtab/cifar100,misc/winogavil", "--quiet"]) == 0
@@ -294,6 +302,26 @@ def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline
     run_cli(["evaluate", "--train_output_dir", str(out / "cs"), "--data_dir", str(data / "eval"),
              "--tasks", f"{MNIST},{FLICKR}", "--quiet"])
     assert len((out / "cs" / "eval_results.jsonl").read_text().splitlines()) == 2
+    # another checkpoint into the same folder: its results are measured, not the first model's reused
+    assert run_cli(["train", "--scale", "tiny", "--data_dir", str(shards), "--output_dir", str(out),
+                    "--exp_name", "cs_seed1", "--seed", "1", *TRAIN_FAST, "--quiet"]) == 0
+    epoch1 = out / "cs_seed1" / "checkpoints" / "epoch_2.pt"
+    capsys.readouterr()
+    assert varalign_main(["evaluate", "--use_model", f"varalign-tiny {epoch1}", "--output_dir", str(out / "cs"),
+                          "--data_dir", str(data / "eval"), "--tasks", f"{MNIST},{FLICKR}", "--quiet"]) == 0
+    lines = [json.loads(x) for x in (out / "cs" / "eval_results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and lines[0]["model_id"] != lines[2]["model_id"]
+    assert lines[2]["model_id"]["checkpoint"].startswith("sha256:")
+    summary = json.loads((out / "cs" / "eval_summary.json").read_text())
+    assert summary["main_metrics"][MNIST] == {x["key"]: x for x in lines[2:]}[MNIST]["metrics"]["main_metric"]
+    assert summary["info"]["checkpoint"] == str(epoch1)
+    # a table edited since varalign wrote it is not replaced, though the summary beside it is varalign's
+    (out / "cs" / "eval_results.md").write_text("my notes on this model\n")
+    with pytest.raises(VaralignError, match="eval_results.md: exists and was not written by varalign"):
+        run_cli(["evaluate", "--train_output_dir", str(out / "cs"), "--data_dir", str(data / "eval"),
+                 "--tasks", f"{MNIST},{FLICKR}", "--quiet"])
+    assert (out / "cs" / "eval_results.md").read_text() == "my notes on this model\n"
+    (out / "cs" / "eval_results.md").unlink()
 
     # custom tasks: a folder of task folders (a DataComp key there stays DataComp's) and NAME=PATH, whose
     # kind is detected from its files or forced; reported beside DataComp's tasks, never in its groups
@@ -339,8 +367,18 @@ def test_experiment_command(data: Path, tmp_path: Path, offline: None) -> None:
     assert all(0 <= r["main_metrics"][MNIST] <= 1 for r in rows)
     md = (tmp_path / "exp" / "comparison.md").read_text()
     assert "| half | 0 | 150 |" in md and "| upsampled | 0 | 200 |" in md
-    assert (tmp_path / "exp" / "output" / "half_tiny_seed_0" / "info.json").exists()
+    info = json.loads((tmp_path / "exp" / "output" / "half_tiny_seed_0" / "info.json").read_text())
     assert run_cli(argv) == 0  # everything reused
+    # another subset under the same name: refused (its reshard is there), then with --overwrite resharded and
+    # trained again from scratch (not the old model resumed, nor the old training reused)
+    make_subset(tmp_path / "half.npy", uids[150:])
+    with pytest.raises(VaralignError, match="holds a finished reshard"):
+        run_cli(argv)
+    assert run_cli([*argv, "--overwrite"]) == 0
+    again = json.loads((tmp_path / "exp" / "output" / "half_tiny_seed_0" / "info.json").read_text())
+    assert again["data"] != info["data"] and again["data_dir"] == info["data_dir"]
+    assert "Start epoch 0" in (tmp_path / "exp" / "output" / "half_tiny_seed_0" / "out.log").read_text()
+    assert "Loaded checkpoint" not in (tmp_path / "exp" / "output" / "half_tiny_seed_0" / "out.log").read_text()
 
 
 def test_errors_are_one_line(tmp_path: Path) -> None:
@@ -554,6 +592,18 @@ def test_evaluate_experiment_and_train_never_replace_a_users_files(data: Path, t
         run_cli(["train", "--scale", "tiny", "--data_dir", str(data / "shards"), "--output_dir",
                  str(tmp_path / "runs"), "--exp_name", "m", "--quiet"])
     assert sorted(p.name for p in (tmp_path / "runs" / "m").iterdir()) == ["info.json"]
+    (tmp_path / "runs" / "m" / "info.json").unlink()
+    (tmp_path / "runs" / "m" / "params.txt").write_text("my parameters\n")  # a name open_clip_train writes
+    with pytest.raises(VaralignError, match="m: exists, is not empty and holds no varalign training"):
+        run_cli(["train", "--scale", "tiny", "--data_dir", str(data / "shards"), "--output_dir",
+                 str(tmp_path / "runs"), "--exp_name", "m", "--quiet"])
+    assert (tmp_path / "runs" / "m" / "params.txt").read_text() == "my parameters\n"
+    # a training killed before its first checkpoint: its info.json says so, and evaluate says it is not finished
+    (tmp_path / "runs" / "k").mkdir()
+    (tmp_path / "runs" / "k" / "info.json").write_text(json.dumps(
+        {"scale": "tiny", "checkpoint": None, "model": "varalign-tiny", "scale_config": {}, "open_clip_args": []}))
+    with pytest.raises(VaralignError, match="info.json: training has not finished .*run the same train command"):
+        run_cli(["evaluate", "--train_output_dir", str(tmp_path / "runs" / "k"), "--data_dir", str(data / "eval")])
 
 
 def test_failed_training_names_its_cause_and_missing_eval_data_is_one_line(data: Path, tmp_path: Path) -> None:

@@ -61,14 +61,15 @@ def _json_keys(path: Path, keys: set[str]) -> bool:
 def check_replaceable(folder: str | os.PathLike, names: Iterable[str], overwrite: bool = False,
                       known_by: tuple[str, set[str]] | None = None) -> None:
     """Refuse (one line naming the file) an existing `folder/name` that varalign did not write, or that was
-    changed since; with `overwrite` anything may be replaced. `known_by=(name, keys)`: the group of files is
-    recognisably varalign's (then none is refused) when `folder/name` is a JSON object with `keys`."""
+    changed since; with `overwrite` anything may be replaced. `known_by=(name, keys)`: in a folder without a
+    ledger, the group of files is recognisably varalign's (then none is refused) when `folder/name` is a JSON
+    object with `keys`."""
     folder = Path(folder)
     ledger = _ledger(folder)  # first: `record` will rewrite the ledger, so a foreign file there is refused now
     if overwrite:
         return
-    if known_by is not None and _json_keys(folder / known_by[0], known_by[1]):
-        return
+    if not ledger and known_by is not None and _json_keys(folder / known_by[0], known_by[1]):
+        return  # a folder an earlier varalign wrote before it kept a ledger; with a ledger, the ledger decides
     for name in names:
         path = folder / name
         if (path.exists() or path.is_symlink()) and not _accounted(path, ledger.get(name)):

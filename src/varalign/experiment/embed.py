@@ -331,9 +331,9 @@ def _load(model: str | None, pretrained: str | None, model_config: str | os.Path
     if model in CUSTOM_MODELS and model not in open_clip.list_models():
         import tempfile
 
-        d = Path(tempfile.mkdtemp(prefix="varalign-model-"))
-        (d / f"{model}.json").write_text(json.dumps(CUSTOM_MODELS[model]))
-        open_clip.add_model_config(d / f"{model}.json")
+        with tempfile.TemporaryDirectory(prefix="varalign-model-") as d:  # read at once, then removed
+            (Path(d) / f"{model}.json").write_text(json.dumps(CUSTOM_MODELS[model]))
+            open_clip.add_model_config(Path(d) / f"{model}.json")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     try:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, save_json
+from ..atomic import atomic_path, file_sha256, save_json
 from ..errors import VaralignError
 from ..owned import check_replaceable
 from ..owned import record as record_owned
@@ -175,6 +175,21 @@ def read_results(path: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
+def model_id(info: dict) -> dict:
+    """What a result line records of the model it measured: its name and its checkpoint's SHA-256 (a pretrained
+    tag, or a file not there, as given). A line of another model is redone, never reported for this one."""
+    checkpoint = info.get("checkpoint")
+    if checkpoint and Path(str(checkpoint)).is_file():
+        checkpoint = "sha256:" + file_sha256(checkpoint)
+    return {"model": info.get("model"), "checkpoint": checkpoint}
+
+
+def _of_model(record: dict | None, mid: dict) -> bool:
+    """A result line measured this model (a line without `model_id`: an earlier varalign's, or one added by
+    hand for DataComp's own evaluators, is taken as it is)."""
+    return record is not None and record.get("model_id", mid) == mid
+
+
 def load_model(info: dict, device: str):
     """(model, preprocess, tokenizer) of a training run's checkpoint, in eval mode on `device`."""
     import open_clip
@@ -182,9 +197,9 @@ def load_model(info: dict, device: str):
     model_name = info["model"]
     config = info.get("model_config") or CUSTOM_MODELS.get(model_name)
     if config is not None and model_name not in open_clip.list_models():
-        cfg_dir = Path(tempfile.mkdtemp(prefix="varalign-model-"))
-        (cfg_dir / f"{model_name}.json").write_text(json.dumps(config))
-        open_clip.add_model_config(cfg_dir / f"{model_name}.json")
+        with tempfile.TemporaryDirectory(prefix="varalign-model-") as cfg_dir:  # read at once, then removed
+            (Path(cfg_dir) / f"{model_name}.json").write_text(json.dumps(config))
+            open_clip.add_model_config(Path(cfg_dir) / f"{model_name}.json")
     checkpoint = info["checkpoint"]
     if checkpoint and not Path(checkpoint).exists() and "/" in str(checkpoint):
         raise VaralignError("checkpoint not found", checkpoint)
@@ -254,6 +269,12 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
     check_replaceable(out, (SUMMARY, TABLE), overwrite, known_by=(SUMMARY, {"main_metrics", "groups", "missing"}))
     results_path = out / RESULTS
     done = read_results(results_path)
+    mid = model_id(info)
+    other = sorted(k for k, r in done.items() if not _of_model(r, mid))
+    if other and not quiet:
+        print(f"evaluate: {len(other)} result(s) in {results_path} are of another model or checkpoint: redone",
+              file=sys.stderr)
+    done = {k: r for k, r in done.items() if k not in other}
     report = EvalReport(str(out))
     todo = []
     for key in keys:
@@ -288,7 +309,8 @@ def evaluate(train_output_dir: str | os.PathLike | None = None, data_dir: str | 
             t0 = time.time()
             metrics = _run_task(task, where, model, preprocess, tokenizer, device, batch_size, num_workers, quiet,
                                 custom=is_custom)
-            record = {"key": task.key, "dataset": task.name, "metrics": metrics, "seconds": round(time.time() - t0, 2)}
+            record = {"key": task.key, "dataset": task.name, "metrics": metrics, "seconds": round(time.time() - t0, 2),
+                      "model_id": mid}
             if is_custom:
                 record.update({"custom": True, "kind": task.kind, "path": str(where)})
             with open(results_path, "a") as fh:  # one line per finished task: resumable

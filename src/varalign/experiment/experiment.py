@@ -27,7 +27,7 @@ from ..workdir import Steps, WorkDir, digest
 from .evaluate import evaluate
 from .reshard import reshard
 from .tasks import GROUPS, TASK_BY_KEY, format_score
-from .train import train
+from .train import data_fingerprint, train
 
 WORK_DIR = ".experiment-work"
 COMPARISON = ("comparison.json", "comparison.md")  # the loop's own files in --output_dir
@@ -89,12 +89,14 @@ class Loop:
     def train(self, exp_name: str, scale: str, data_dir: Path, seed: int, options: dict | None = None) -> Path:
         """Train `exp_name` (in `{runs_dir}/{exp_name}`) unless done with the same data and settings."""
         options = {"quiet": self.quiet, **(options or {})}
-        key = ["train", scale, str(data_dir), seed,  # what shows progress changes nothing in the model
+        key = ["train", scale, str(data_dir), data_fingerprint(str(data_dir)), seed,  # a re-resharded subset
+               # is new data; what shows progress changes nothing in the model
                sorted((k, repr(v)) for k, v in options.items() if k not in ("quiet", "progress"))]
 
         def run() -> tuple[list[Path], dict]:
             _say(f"experiment: train {exp_name}", self.quiet)
-            r = train(scale, str(data_dir), str(self.runs_dir), exp_name, seed=seed, **options)
+            # the loop's own run folder: a training of other data there is the loop's earlier one, redone
+            r = train(scale, str(data_dir), str(self.runs_dir), exp_name, seed=seed, restart=True, **options)
             return [Path(r.info_path), Path(r.checkpoint)], {"exp_dir": r.exp_dir}
 
         return Path(self.step("train", exp_name, key, run)["exp_dir"])

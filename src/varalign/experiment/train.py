@@ -159,6 +159,26 @@ def train_data_pattern(data_dir: str) -> tuple[str, int]:
     return "::".join(patterns), total
 
 
+def data_fingerprint(data_dir: str) -> str:
+    """What identifies the training data of `data_dir` (`::`-joined parts) for resuming: a resharded subset's
+    `meta.json` and `sample_ids.npy` (SHA-256), else the names and sizes of its `.tar` shards (a copied or
+    touched folder stays the same data)."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    for part in data_dir.split("::"):
+        root = Path(part)
+        if (root / "meta.json").is_file():
+            for name in ("meta.json", "sample_ids.npy"):
+                if (root / name).is_file():
+                    h.update(name.encode() + hashlib.sha256((root / name).read_bytes()).digest())
+        else:
+            for p in sorted(root.glob("*.tar")):
+                h.update(f"{p.name}:{p.stat().st_size};".encode())
+        h.update(b"::")
+    return h.hexdigest()
+
+
 def _check_shard(path: Path) -> bool:
     """Whether a shard holds a sample (False: an empty tar); a shard that is missing or not a tar is one line
     before training: open_clip's loader skips a bad shard with a warning a step, and with no good one it
@@ -240,7 +260,8 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
           imagenet_val: str | None = None, batch_size: int | None = None, learning_rate: float | None = None,
           train_num_samples: int | None = None, warmup: int | None = None, quiet: bool = False,
           progress: bool = False, model: str | None = None, model_config: str | os.PathLike | None = None,
-          progress_desc: str | None = None, log_path: str | os.PathLike | None = None) -> TrainResult:
+          progress_desc: str | None = None, log_path: str | os.PathLike | None = None,
+          restart: bool = False) -> TrainResult:
     """Train a CLIP model on the shards in `data_dir` at a DataComp scale; resumes from `epoch_latest.pt`.
 
     Defaults follow DataComp (amp, 4 workers, 5 checkpoints); without a GPU precision is fp32.
@@ -250,6 +271,8 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
     open_clip_train's output also kept in `log_path` when given.
     `model` overrides the scale's model; `model_config`, a local open_clip model JSON registered for it
     (its file stem is the model name: e.g. minicomp's teacher).
+    A folder holding a varalign training with other data, seed or settings is refused (resuming it would mix
+    them) unless `restart`: then that training's own files are removed first (the experiment loop's retrain).
     """
     start = time.time()
     cfg = scale_config(scale, batch_size=batch_size, learning_rate=learning_rate,
@@ -272,8 +295,17 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
                       wandb_project_name=wandb_project_name, imagenet_val=imagenet_val,
                       grad_checkpointing=scale != "tiny")
     exp_dir = Path(output_dir) / exp_name
-    _check_info_is_ours(exp_dir / "info.json")
+    model_json = json.loads(Path(model_config).read_text()) if model_config is not None \
+        else CUSTOM_MODELS.get(cfg["model"])
+    identity = {"data_dir": data_dir, "data": data_fingerprint(data_dir), "seed": seed, "scale_config": cfg,
+                "model_config": model_json, "num_checkpoints": num_checkpoints, "data_weights": data_weights,
+                "grad_clip_norm": grad_clip_norm}
+    _check_exp_dir(exp_dir, identity, cfg["model"], restart=restart)
     exp_dir.mkdir(parents=True, exist_ok=True)
+    # written before training, so a killed run's folder is known as this training (resumed only with the
+    # same settings) and `evaluate` says it has not finished
+    save_json(exp_dir / "info.json", {"scale": scale, "checkpoint": None, "model": cfg["model"], "exp_name": exp_name,
+                                      "precision": precision, "open_clip_args": args, **identity})
     env = dict(os.environ)
     if not gpus and workers > 0:
         # on a CPU the data-loader workers share the cores with torch's OpenMP threads, which by default spin
@@ -281,13 +313,10 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if model_config is not None:  # the caller's model JSON, registered as it is
         env["VARALIGN_MODEL_CONFIG"] = str(model_config)
-        model_config = json.loads(Path(model_config).read_text())
-    else:
-        model_config = CUSTOM_MODELS.get(cfg["model"])
-        if model_config is not None:
-            cfg_path = exp_dir / f"{cfg['model']}.json"
-            save_json(cfg_path, model_config)
-            env["VARALIGN_MODEL_CONFIG"] = str(cfg_path)
+    elif model_json is not None:
+        cfg_path = exp_dir / f"{cfg['model']}.json"
+        save_json(cfg_path, model_json)
+        env["VARALIGN_MODEL_CONFIG"] = str(cfg_path)
     entry = ["-m", "varalign.experiment.openclip_entry"]
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1
            else [sys.executable]) + entry + args
@@ -312,10 +341,8 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
         checkpoint = exp_dir / "checkpoints" / "epoch_latest.pt"
     if not checkpoint.exists():
         raise VaralignError("training finished without a checkpoint", exp_dir / "checkpoints")
-    info = {"scale": scale, "checkpoint": str(checkpoint), "scale_config": cfg, "data_dir": data_dir,
-            "model": cfg["model"], "model_config": model_config, "exp_name": exp_name, "seed": seed,
-            "precision": precision, "num_checkpoints": num_checkpoints, "open_clip_args": args,
-            "seconds": round(time.time() - start, 1)}
+    info = {"scale": scale, "checkpoint": str(checkpoint), "model": cfg["model"], "exp_name": exp_name,
+            "precision": precision, "open_clip_args": args, **identity, "seconds": round(time.time() - start, 1)}
     save_json(exp_dir / "info.json", info)
     return TrainResult(str(exp_dir), str(checkpoint), str(exp_dir / "info.json"), info["seconds"])
 
@@ -333,17 +360,55 @@ def _cause(lines: list[str]) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _check_info_is_ours(path: Path) -> None:
-    """An info.json an earlier `varalign train` wrote is replaced (the run resumes or is redone); another is not."""
-    if not (path.exists() or path.is_symlink()):
+# what open_clip_train writes in a run's folder (`--logs`/`--name`) besides varalign's info.json and model JSON
+_OPENCLIP_NAMES = {"checkpoints", "out.log", "params.txt", "tensorboard", "wandb"}
+
+
+def _check_exp_dir(exp_dir: Path, identity: dict, model: str, restart: bool = False) -> None:
+    """Train into `exp_dir` only if it is new or empty, or holds a varalign training of the same data, seed and
+    settings (then open_clip_train resumes it): another training's checkpoints would otherwise be resumed and
+    relabelled with this run's data, and a user's files (params.txt, ...) replaced."""
+    path = exp_dir / "info.json"
+    if path.exists() or path.is_symlink():
+        try:
+            info = None if path.is_symlink() else json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            info = None
+        if not (isinstance(info, dict) and {"scale", "checkpoint", "scale_config", "open_clip_args"} <= set(info)):
+            raise VaralignError("exists and is not a varalign train info.json: not overwritten; give another "
+                                "--exp_name or --output_dir", path)
+        for key, value in identity.items():
+            if key in info and info[key] != value:  # an older info.json lacks some keys: those are not compared
+                if restart:
+                    _remove_run(exp_dir, info)
+                    return
+                raise VaralignError(f"holds a training with another {key} ({_short(info[key])}, not "
+                                    f"{_short(value)}): not resumed or replaced; give another --exp_name", exp_dir)
         return
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        info = None
-    if not (isinstance(info, dict) and {"scale", "checkpoint", "scale_config", "open_clip_args"} <= set(info)):
-        raise VaralignError("exists and is not a varalign train info.json: not overwritten; give another --exp_name "
-                            "or --output_dir", path)
+    if exp_dir.is_dir():
+        names = {p.name for p in exp_dir.iterdir()}
+        # a run of an older varalign killed before its info.json: open_clip_train's files alone
+        if names and not ({"checkpoints", "out.log"} <= names and names <= _OPENCLIP_NAMES | {f"{model}.json"}):
+            raise VaralignError("exists, is not empty and holds no varalign training (info.json): not touched; "
+                                "give another --exp_name or --output_dir", exp_dir)
+
+
+def _remove_run(exp_dir: Path, info: dict) -> None:
+    """Remove the files of varalign's training in `exp_dir` (info.json, its model JSON, open_clip_train's
+    checkpoints and logs), nothing else."""
+    import shutil  # noqa: PLC0415
+
+    for name in (*_OPENCLIP_NAMES, f"{info.get('model')}.json", "info.json"):
+        p = exp_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_info(train_output_dir: str | os.PathLike) -> dict:
@@ -358,6 +423,9 @@ def read_info(train_output_dir: str | os.PathLike) -> dict:
         info["checkpoint"], info["model"]  # noqa: B018
     except (ValueError, KeyError, TypeError) as exc:
         raise VaralignError(f"not a varalign info.json ({exc})", path) from None
+    if info["checkpoint"] is None:
+        raise VaralignError("training has not finished (no checkpoint yet): run the same train command again to "
+                            "resume it", path)
     return info
 
 
