@@ -300,6 +300,22 @@ def test_bad_inputs_give_one_line_errors(synth_pool: Path, runs: tuple[Path, dic
     assert not html_out.exists() and not list(tmp_path.glob(".r.html.*"))
 
 
+def test_report_edited_since_it_was_written_is_not_replaced(synth_pool: Path, runs: tuple[Path, dict],
+                                                             tmp_path: Path) -> None:
+    """The page carries its own SHA-256: a re-run replaces it as written, not once someone edited it."""
+    out, _ = runs
+    page = tmp_path / "r.html"
+    build_report(synth_pool / "pool", [out / "uids" / "vas.npy"], page)
+    build_report(synth_pool / "pool", [out / "uids" / "vas.npy"], page)  # as written: replaced
+    edited = page.read_text().replace("</body>", "<p>my notes</p></body>")
+    page.write_text(edited)
+    with pytest.raises(VaralignError, match="r.html: exists and is a varalign report changed since it was written"):
+        build_report(synth_pool / "pool", [out / "uids" / "vas.npy"], page)
+    assert page.read_text() == edited
+    build_report(synth_pool / "pool", [out / "uids" / "vas.npy"], page, overwrite=True)
+    assert "my notes" not in page.read_text()
+
+
 @pytest.mark.parametrize("page, ours", [
     ('<html><head><meta name="generator" content="varalign report"><title>x</title>', True),
     ("<!DOCTYPE html><html><head><title>varalign report: clip, vas</title>", True),  # an earlier version's

@@ -12,11 +12,13 @@ and one or two uid subsets.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -638,8 +640,8 @@ def selection_html(sel: Selection, pool: Pool, rows: dict[str, dict]) -> str:
 
 def render(sels: list[Selection], pool: Pool, inter: dict, rows: dict[str, dict], title: str) -> str:
     head = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">{GENERATOR}<style>{CSS}</style>'
-            '</head><body>')
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">{GENERATOR}{SEAL.format(_UNSEALED)}'
+            f"<style>{CSS}</style></head><body>")
     intro = (f"<h1>{esc(title)}</h1><p class=\"meta\">pool {esc(pool.root)}: {pool.rows:,} samples in "
              f"{len(pool.shards)} shards · generated {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} by varalign "
              f"{esc(__version__)}. Histograms: grey = rows the stage scored, blue = rows it kept, red = the "
@@ -651,23 +653,47 @@ def render(sels: list[Selection], pool: Pool, inter: dict, rows: dict[str, dict]
 
 # -- entry points -----------------------------------------------------------------------------------
 GENERATOR = '<meta name="generator" content="varalign report">'
+# the page's SHA-256 (taken with this field zeroed): a page changed since varalign wrote it is not replaced
+SEAL = '<meta name="varalign-sha256" content="{}">'
+_UNSEALED = "0" * 64
+_SEAL_RE = re.compile(rb'<meta name="varalign-sha256" content="([0-9a-f]{64})">')
 
 
-def _is_our_report(path: Path | str) -> bool:
+def seal(page: str) -> str:
+    """`page` (rendered with the zeroed seal) with its SHA-256 filled in."""
+    data = page.encode("utf-8")
+    return data.replace(SEAL.format(_UNSEALED).encode(),
+                        SEAL.format(hashlib.sha256(data).hexdigest()).encode(), 1).decode("utf-8")
+
+
+def _report_state(path: Path | str) -> str:
+    """"ours" (a varalign report as written), "changed" (one edited since), or "other" (not a report)."""
     try:
-        head = storage.read_bytes(path, 1 << 16)
+        data = storage.read_bytes(path)
     except (OSError, VaralignError):
-        return False
+        return "other"
+    head = data[: 1 << 16]
+    if GENERATOR.encode() in head:
+        found = _SEAL_RE.search(head)
+        if found is None:  # an earlier version's report, written before the seal
+            return "ours"
+        zeroed = data[: found.start(1)] + _UNSEALED.encode() + data[found.end(1):]
+        return "ours" if hashlib.sha256(zeroed).hexdigest() == found.group(1).decode() else "changed"
     # reports of earlier versions carry no generator tag, but their default titles (the report's, the demos')
     # name varalign: those exactly, not any page whose title starts with the word
-    return GENERATOR.encode() in head or any(t in head for t in (b"<title>varalign report: ", b"<title>varalign demo"))
+    return "ours" if any(t in head for t in (b"<title>varalign report: ", b"<title>varalign demo")) else "other"
 
 
 def check_report_output(output: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an existing `output` that is not a varalign report (unless `overwrite`): one line naming it."""
-    if storage.exists(output) and not overwrite and not _is_our_report(output):
-        raise VaralignError("exists and is not a varalign report: not overwritten; remove it, choose another "
-                            "--output, or pass --overwrite", output)
+    """Refuse an existing `output` that is not a varalign report, or one changed since varalign wrote it
+    (unless `overwrite`): one line naming it."""
+    if not storage.exists(output) or overwrite:
+        return
+    state = _report_state(output)
+    if state != "ours":
+        what = "is not a varalign report" if state == "other" else "is a varalign report changed since it was written"
+        raise VaralignError(f"exists and {what}: not overwritten; remove it, choose another --output, or pass "
+                            "--overwrite", output)
 
 
 def build_report(metadata_dir: str | os.PathLike, selections: list, output: str | os.PathLike,
@@ -701,7 +727,8 @@ def _build_report(metadata_dir: str | os.PathLike, selections: list, output: Pat
         count_labels(pool, sel)
     wanted = {s.uid for sel in sels for s in sel.top + sel.bottom}
     rows = lookup_rows(pool, wanted)
-    page = render(sels, pool, overlaps(sels), rows, title or f"varalign report: {', '.join(s.name for s in sels)}")
+    page = seal(render(sels, pool, overlaps(sels), rows,
+                       title or f"varalign report: {', '.join(s.name for s in sels)}"))
     with atomic_path(output, ".html") as tmp:
         tmp.write_text(page, encoding="utf-8")
     return output
