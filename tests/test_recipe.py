@@ -149,3 +149,21 @@ def test_presets_listed_and_loadable(capsys) -> None:
 def test_missing_recipe() -> None:
     with pytest.raises(VaralignError, match="recipe not found"):
         load_recipe("no_such_preset")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fraction", "0.5"], "--fraction does not apply with --recipe vas_small (a recipe's stages set their own"),
+    (["--arch", "b32"], "--arch does not apply with --recipe vas_small (the recipe sets it)"),
+    (["--centroid_path", "c.npy"], "--centroid_path does not apply with --recipe vas_small (no stage of the recipe"),
+])
+def test_flags_a_recipe_would_ignore_are_refused(synth_pool, tmp_path, capsys, flags, message) -> None:
+    """With --recipe, a method flag fills what the recipe leaves unset; one that would change nothing is refused,
+    not silently ignored. A flag the recipe leaves open (here --files_path, a run option) still applies."""
+    files = synth_pool / "files"
+    argv = ["filter", "--recipe", "vas_small", "--metadata_dir", str(synth_pool / "pool"), "--save_path",
+            str(tmp_path / "s.npy"), "--files_path", str(files), "--quiet"]
+    assert main([*argv, *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "s.npy").exists()
+    assert main(argv) == 0

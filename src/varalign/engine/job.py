@@ -24,6 +24,7 @@ from ..atomic import OutputGroup, check_output_path, manifest_path
 from ..errors import VaralignError
 from ..guard import check_paths, lock, lock_file_for, lock_outputs
 from ..methods import METHODS, NAMES, recipe_for_name
+from ..methods.base import fields_of, flag_name
 from ..npz import load_npy
 from ..recipe import Recipe, list_presets, load_recipe, validate_recipe
 from ..uids import UID_DTYPE, sort_uids, stream_subset, uids_to_hex
@@ -61,9 +62,38 @@ def make_recipe(name: str | None, options: dict[str, Any]) -> Recipe:
     if (name is None) == (recipe is None):
         raise VaralignError("give exactly one of --name or --recipe")
     out = load_recipe(recipe) if recipe is not None else recipe_for_name(name, options)
+    if recipe is not None:
+        _check_recipe_flags(out, options)
     validate_recipe(out, {n for n, m in METHODS.items() if m.keep == "rule"}, set(METHODS),
                     {n for n, m in METHODS.items() if m.keep == "fraction"})
     return out
+
+
+def _check_recipe_flags(recipe: Recipe, options: dict[str, Any]) -> None:
+    """With --recipe, a method flag fills only the stages' parameters the recipe leaves unset (a model path, a
+    target): a flag that would change nothing (the recipe sets it in every stage that takes it, or no stage
+    takes it, or it is a --name keep flag such as --fraction) is refused rather than silently ignored."""
+    keep_flags = ("fraction", "threshold", "fraction_vas", "threshold_vas")
+    open_flags: set[str] = set()
+    method_flags: set[str] = set()
+    for stage in recipe.all_stages():
+        method = METHODS.get(stage.score)
+        for f, meta in fields_of(method.params) if method is not None else ():
+            flag = flag_name(f, meta)
+            if flag is not None:
+                method_flags.add(flag)
+                if f.name not in stage.params:
+                    open_flags.add(flag)
+    every_method_flag = {flag_name(f, meta) for m in METHODS.values() for f, meta in fields_of(m.params)}
+    for flag in sorted(options):
+        if options[flag] is None or options[flag] is False:
+            continue
+        if flag in keep_flags or (flag in every_method_flag and flag not in open_flags):
+            where = "the recipe sets it" if flag in method_flags else "no stage of the recipe takes it"
+            if flag in keep_flags:
+                where = "a recipe's stages set their own fraction or threshold"
+            raise VaralignError(f"--{flag} does not apply with --recipe {recipe.name} ({where}): change the "
+                                "recipe file, or use --name")
 
 
 def filter_pool(metadata_dir: str | os.PathLike, save_path: str | os.PathLike | None = None,
