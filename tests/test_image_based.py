@@ -313,3 +313,35 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_centroid_set_cache_falls_back_when_the_centroid_folder_is_read_only(tmp_path: Path, monkeypatch) -> None:
+    """S is cached beside the centroids; where that folder cannot be written (a read-only asset mount), in
+    $XDG_CACHE_HOME/varalign, and read from there by the next run (the features not read again)."""
+    from varalign import atomic
+    from varalign.methods.base import RunSettings
+    from varalign.methods.image_based import ImageBasedParams, image_based_assets
+
+    rng = np.random.default_rng(11)
+    store = tmp_path / "assets"
+    store.mkdir()
+    np.save(store / "c.npy", rng.standard_normal((50, 768)).astype(np.float32))  # L/14's dim
+    np.save(tmp_path / "feats.npy", rng.standard_normal((200, 768)).astype(np.float32))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    real = atomic.save_npy
+
+    def read_only(path, array):
+        if Path(path).parent == store:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, array)
+
+    monkeypatch.setattr(atomic, "save_npy", read_only)
+    params = ImageBasedParams(centroids=str(store / "c.npy"), target_features=[str(tmp_path / "feats.npy")])
+    _, allowed, info = image_based_assets(params, RunSettings())
+    assert sorted(p.name for p in store.iterdir()) == ["c.npy"]
+    cached = list((tmp_path / "xdg" / "varalign").glob(".c.allowed-*.npy"))
+    assert len(cached) == 1 and np.array_equal(np.load(cached[0]), allowed)
+    monkeypatch.setattr("varalign.scores.image_based.target_centroid_set",
+                        lambda *a, **k: pytest.fail("S computed again instead of read from the cache"))
+    _, again, _ = image_based_assets(params, RunSettings())
+    assert np.array_equal(again, allowed) and info["allowed_centroids"] == int(allowed.sum())

@@ -3,6 +3,7 @@ is the nearest centroid of at least one ImageNet-1k train image; and its interse
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,16 @@ def prepare(p: ImageBasedParams, run: RunSettings) -> Score:
                  inputs=[info["centroids"], *([model] if model else [])])
 
 
+def allowed_cache_dir() -> Path:
+    """varalign's cache of the ImageNet centroid sets: `$XDG_CACHE_HOME/varalign` (default ~/.cache/varalign)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "varalign"
+
+
 def image_based_assets(p: ImageBasedParams, run: RunSettings) -> tuple[Any, Any, dict[str, Any]]:
     """DataComp's centroids and the set S of centroids nearest to an ImageNet-1k train image.
 
-    S costs one pass over 1.28M ImageNet features; it is cached beside the centroid file,
-    keyed by the centroids' and the features' sha256.
+    S costs one pass over 1.28M ImageNet features; it is cached beside the centroid file (or, where that
+    folder is not writable, in `allowed_cache_dir()`), keyed by the centroids' and the features' sha256.
     """
     from ..assets import IN1K_FEATURES, find_asset, iter_in1k_features, load_centroids, load_pt  # noqa: PLC0415
     from ..atomic import save_npy  # noqa: PLC0415
@@ -67,14 +73,23 @@ def image_based_assets(p: ImageBasedParams, run: RunSettings) -> tuple[Any, Any,
     sources = [Path(f) for f in (feats if isinstance(feats, list) else [feats])] if feats else \
         [find_asset(n, cache, run.download) for n in IN1K_FEATURES]
     key = file_sha256(cpath)[:12] + "-" + "-".join(file_sha256(f)[:8] for f in sources)
-    cached = cpath.parent / f".{cpath.stem}.allowed-{key}.npy"
-    if cached.exists():
+    name = f".{cpath.stem}.allowed-{key}.npy"
+    # beside the centroids, or (a read-only folder: a shared or mounted asset store) in varalign's own cache
+    places = [cpath.parent / name, allowed_cache_dir() / name]
+    cached = next((c for c in places if c.is_file()), None)
+    if cached is not None:
         allowed = load_npy(cached)
     else:
         it = (load_pt(f, "image_features") if f.suffix != ".npy" else load_npy(f) for f in sources) \
             if feats else iter_in1k_features(cache, run.download)
         allowed = target_centroid_set(centroids, it, device=run.device)
-        save_npy(cached, allowed)
+        for place in places:
+            try:
+                place.parent.mkdir(parents=True, exist_ok=True)
+                save_npy(place, allowed)
+                break
+            except (OSError, VaralignError):
+                continue  # not writable here: the next place; with none, S is computed again next time
     info = {"centroids": str(cpath), "centroids_sha256": file_sha256(cpath), "allowed_centroids": int(allowed.sum())}
     return centroids, allowed, info
 
