@@ -377,10 +377,14 @@ def test_read_only_output_folder_is_refused_before_any_work(ws: Path, capsys) ->
             ro.chmod(0o755)
 
 
-def test_file_name_too_long_is_one_line(ws: Path, capsys) -> None:
-    out = ws / ("x" * 300 + ".npy")
+@pytest.mark.parametrize("length", [300, 240, 250])
+def test_file_name_too_long_is_one_line(ws: Path, capsys, length: int) -> None:
+    """Too long for the output itself, or for the names the commit derives from it (the lock, the manifest,
+    the pending manifest): one line naming the output, before any work."""
+    out = ws / ("x" * (length - 4) + ".npy")
     code, err = _cli(_vas(ws, out), capsys)
-    _one_line_error(code, err, "too long")
+    _one_line_error(code, err, "too long", out.name)
+    assert ".lock" not in err
     _no_hidden_leftovers(ws)
 
 

@@ -353,6 +353,12 @@ class OutputGroup:
             manifest = manifest_path(self.outputs[0])
         self.manifest = self.ops.path(os.fspath(manifest)) if manifest is not None else None
         self.pending = _pending_path(self.manifest) if self.manifest is not None else None
+        if not self.remote and self.pending is not None:  # the commit's own names must fit too
+            for p in (self.manifest, self.pending):
+                if len(p.name.encode()) > 255:
+                    raise VaralignError(f"file name too long: the output's {'manifest' if p == self.manifest else 'pending manifest'} "
+                                        f"would be named {len(p.name.encode())} bytes (at most 255); choose a shorter "
+                                        "output name", self.outputs[0])
         self.overwrite = overwrite
         self.temps: dict = {}
         self.staging: str | None = None

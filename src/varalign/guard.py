@@ -188,7 +188,12 @@ def lock_file_for(output: str | os.PathLike) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{hashlib.sha256(str(output).encode()).hexdigest()[:24]}.lock"
     p = Path(output)
-    return p.with_name(f".{p.name}.varalign.lock")
+    name = p.name
+    if len(name.encode()) > 200:  # keep the lock's name within NAME_MAX when the output's name is long
+        import hashlib  # noqa: PLC0415
+
+        name = "long-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return p.with_name(f".{name}.varalign.lock")
 
 
 @contextlib.contextmanager
