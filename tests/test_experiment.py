@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -403,10 +404,14 @@ def test_embed_model_files_that_are_not_models_are_one_line(tmp_path: Path) -> N
     np.save(tmp_path / "good.npy", np.zeros(3))
     marker = tmp_path / "ran"
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Evil(str(marker))))
-    for ckpt in ("good.npy", "evil.pt"):
-        with pytest.raises(VaralignError, match="cannot load open_clip model") as caught:
-            _embed_load("varalign-tiny", str(tmp_path / ckpt), None, False, 0, "cpu")
-        assert "\n" not in str(caught.value)
+    for ckpt, why in (("good.npy", "a numpy .npy array, not a model checkpoint"),
+                      ("evil.pt", "not a weights-only checkpoint")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's pickle-protocol warning is not shown: the error says it
+            with pytest.raises(VaralignError, match="cannot load open_clip model") as caught:
+                _embed_load("varalign-tiny", str(tmp_path / ckpt), None, False, 0, "cpu")
+        assert "\n" not in str(caught.value) and why in str(caught.value)
+        assert "weights_only" not in str(caught.value)  # not torch's advice to load it unsafely
     assert not marker.exists()
 
 

@@ -125,16 +125,32 @@ def _load_with_torch(path: Path) -> Any:
         import torch  # noqa: PLC0415 - optional dependency
     except ImportError:
         raise VaralignError("this .pt holds more than a numpy array: reading it needs torch "
-                            "(pip install 'torch==2.13.0' for the CPU), or pass the array as .npy", path) from None
+                            "(pip install 'varalign[torch]'), or pass the array as .npy", path) from None
     try:
         with torch.serialization.safe_globals(torch_safe_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # we report the failure
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a refused or bad file
-        raise VaralignError(f"cannot load .pt safely (weights_only=True): {_torch_load_reason(exc)}", path) from None
+        raise VaralignError(f"cannot load .pt safely (weights_only=True): {torch_load_reason(exc)}", path) from None
 
 
-def _torch_load_reason(exc: BaseException) -> str:
+def checkpoint_problem(exc: BaseException, path: object) -> str:
+    """Why a model checkpoint did not load, in one line without torch's advice to load it unsafely: a numpy
+    array, a pickle of objects torch's weights-only reader refuses (never unpickled), or the error itself."""
+    try:
+        with open(str(path), "rb") as fh:
+            magic = fh.read(6)
+    except (OSError, TypeError):
+        magic = b""
+    if magic == b"\x93NUMPY":
+        return "a numpy .npy array, not a model checkpoint"
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        return (f"not a weights-only checkpoint ({torch_load_reason(exc)}): it holds pickled objects, which varalign "
+                "never unpickles; save the weights with torch.save(model.state_dict(), PATH)")
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def torch_load_reason(exc: BaseException) -> str:
     """The informative line of a torch.load error (its weights_only errors wrap it in advice and ANSI codes)."""
     lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
     detail = next((ln for ln in lines if "nsupported" in ln or "Trying to" in ln),

@@ -27,6 +27,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from ..execute import LocalExecutor, make_executor
 from ..guard import check_paths, lock, lock_file_for
 from ..npz import write_npz
 from ..pool import ARCHS, SCORE_COLUMN, image_key, text_key
+from ..ptfile import checkpoint_problem
 from ..uids import hex_to_uids
 from ..workdir import Steps, WorkDir, digest, is_ours
 from .wds import IMAGE_EXTS, ends_whole, iter_samples, list_tars, open_tar, read_json, read_member, sample_uid
@@ -337,12 +339,14 @@ def _load(model: str | None, pretrained: str | None, model_config: str | os.Path
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None if random_init else pretrained,
-                                                                   device=dev)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the failure is reported
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=None if random_init else pretrained, device=dev)
     except (RuntimeError, ValueError, OSError, KeyError, AttributeError, TypeError, EOFError,
             pickle.UnpicklingError) as exc:  # a checkpoint that is not one: a .npy, a refused pickle, a truncated file
-        raise VaralignError(f"cannot load open_clip model {model!r} / {pretrained!r} ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]})") from None
+        raise VaralignError(f"cannot load open_clip model {model!r} / {pretrained!r} "
+                            f"({checkpoint_problem(exc, pretrained)})") from None
     net.eval()
     return net, preprocess, open_clip.get_tokenizer(model), dev
 

@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..atomic import atomic_path, file_sha256, save_json
 from ..errors import VaralignError
 from ..owned import check_replaceable
 from ..owned import record as record_owned
+from ..ptfile import checkpoint_problem
 from .tasks import GROUPS, TASK_BY_KEY, TASKS, Task, aggregate, format_score, get_task
 from .train import CUSTOM_MODELS, read_info
 from .wds import ends_whole
@@ -204,11 +206,14 @@ def load_model(info: dict, device: str):
     if checkpoint and not Path(checkpoint).exists() and "/" in str(checkpoint):
         raise VaralignError("checkpoint not found", checkpoint)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=checkpoint, device=device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the failure is reported
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=checkpoint,
+                                                                         device=device)
     except (RuntimeError, ValueError, KeyError, AttributeError, TypeError, EOFError, pickle.UnpicklingError) as exc:
         # a checkpoint that is not one (a .npy, a pickle torch's weights_only loader refuses, a truncated file)
-        raise VaralignError(f"cannot load model {model_name!r} ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]})", checkpoint) from None
+        raise VaralignError(f"cannot load model {model_name!r} ({checkpoint_problem(exc, checkpoint)})",
+                            checkpoint) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
