@@ -66,7 +66,8 @@ def _run_filter(args: argparse.Namespace) -> int:
     options = {k: v for k in args._filter_flags if (v := getattr(args, k)) is not None and v is not False}
     result = filter_pool(args.metadata_dir, args.save_path, args.name, recipe=args.recipe, **options)
     stages = ", ".join(f"{k} {v:,}" for k, v in result.counts.items())
-    print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({result.timings['total']:.1f} s)")
+    took = "up to date: nothing redone" if result.up_to_date else f"{result.timings['total']:.1f} s"
+    print(f"{args.name or args.recipe}: {stages} -> {result.save_path} ({took})")
     return 0
 
 

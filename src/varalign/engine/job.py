@@ -46,6 +46,7 @@ class FilterResult:
     save_path: str | None = None
     manifest_path: str | None = None
     scores_path: str | None = None
+    up_to_date: bool = False  # the outputs of an earlier run with the same inputs and configuration, verified
 
 
 def describe_methods() -> dict[str, str]:
@@ -242,7 +243,7 @@ class Job:
                   "nothing to do", file=sys.stderr)
         return FilterResult(open_subset(self.save_path), manifest["counts"], {"total": 0.0},
                             manifest.get("thresholds", {}), str(self.save_path), str(self.group.manifest),
-                            self.options.get("save_scores"))
+                            self.options.get("save_scores"), up_to_date=True)
 
     def finish(self, selected: Mask) -> FilterResult:
         run = self.run

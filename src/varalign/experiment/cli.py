@@ -141,8 +141,9 @@ def _run_reshard(args: argparse.Namespace) -> int:
                 output_shard_stats_format=args.output_shard_stats_format, overwrite=args.overwrite,
                 dry_run=args.dry_run, quiet=args.quiet, executor=args.executor, ray_address=args.ray_address)
     print(f"reshard: {r.input_samples:,} input samples in {r.input_shard_count} shards; subset {r.subset_unique:,} "
-          f"uids ({r.subset_size:,} with repeats), {r.not_found:,} not found; wrote {r.output_samples:,} samples "
-          f"in {r.output_shard_count} shards{' (dry run)' if args.dry_run else ''} ({r.seconds:.1f} s)")
+          f"uids ({r.subset_size:,} with repeats), {r.not_found:,} not found; "
+          f"{'would write' if args.dry_run else 'wrote'} {r.output_samples:,} samples "
+          f"in {r.output_shard_count} shards{' (dry run: nothing written)' if args.dry_run else ''} ({r.seconds:.1f} s)")
     return 0
 
 
