@@ -530,6 +530,12 @@ def test_num_iters_above_the_rows_to_drop_is_capped_with_a_note(ws: Path, capsys
     assert t["rounds_run"] == 40 and t["resident"] is False and t["collect_s"] >= 0 and t["rounds_s"] > 0
     assert t["project_s"] == 0  # exact mode: no low-rank projection
     assert t["candidate_rounds"] == sum(t["candidates"] - i for i in range(40))
+    # nothing to drop (VAS-D keeps what the CLIP stage kept): said so, not "drops 0 rows, at least one per round"
+    equal = [*base[:-4], "--fraction_vas", "0.5", "--num_workers", "1", "--num_iters", "10", "--save_path",
+             str(ws / "c.npy"), "--quiet"]
+    code, err = _cli(equal, capsys)
+    assert code == 0 and "VAS-D has no row to drop (the previous stage kept exactly 2,000)" in err, err
+    assert "drops 0" not in err
 
 
 def test_no_warnings_on_stderr(ws: Path, capsys) -> None:

@@ -78,8 +78,13 @@ class VasD(Selector):
         iters = self.p.num_iters
         if iters > alive.total - target_count:  # every round would drop at most one row: the rest do nothing
             capped = max(1, alive.total - target_count)
-            print(f"varalign: note: --num_iters {iters} capped at {capped} (VAS-D drops {alive.total - target_count} "
-                  "rows, at least one per round; the subset is the same)", file=sys.stderr)
+            if alive.total == target_count:
+                print(f"varalign: note: VAS-D has no row to drop (the previous stage kept exactly {target_count:,}); "
+                      f"--num_iters {iters} capped at 1, a round that keeps every row", file=sys.stderr)
+            else:
+                print(f"varalign: note: --num_iters {iters} capped at {capped} (VAS-D drops "
+                      f"{alive.total - target_count} rows, at least one per round; the subset is the same)",
+                      file=sys.stderr)
             iters = capped
         ctx.info["num_iters_run"] = iters
         t0 = time.perf_counter()
