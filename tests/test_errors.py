@@ -888,3 +888,12 @@ def test_a_malformed_command_line_is_one_line(argv: list[str], message: str, cap
         main(argv)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
+
+
+def test_missing_input_errors_name_the_flag(env: Env, capsys: pytest.CaptureFixture) -> None:
+    """A message for the command line names the flag to give (and the recipe key after it)."""
+    env.write()
+    argv = env.argv("clip_score")
+    i = argv.index("--arch")
+    del argv[i:i + 2]
+    assert "clip_score needs --arch l14 or b32 (in a recipe stage: arch =" in cli_error(env, capsys, argv)

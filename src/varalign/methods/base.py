@@ -121,7 +121,8 @@ def arch_param() -> Any:
 
 def check_arch(arch: str | None, method: str) -> str:
     if arch not in ARCHS:
-        raise VaralignError(f"{method} needs arch = one of {', '.join(ARCHS)} (got {arch!r})")
+        raise VaralignError(f"{method} needs --arch {' or '.join(ARCHS)} (in a recipe stage: arch = \"l14\"; "
+                            f"got {arch!r})")
     return arch
 
 

@@ -64,7 +64,8 @@ def image_based_assets(p: ImageBasedParams, run: RunSettings) -> tuple[Any, Any,
         cpath = Path(p.centroids)
     else:
         if p.image_based_scale not in SCALES:
-            raise VaralignError("image_based needs --image_based_scale {small,medium,large,xlarge} or centroids = PATH")
+            raise VaralignError("image_based needs --image_based_scale {small,medium,large,xlarge} or --centroid_path "
+                                "PATH (in a recipe stage: image_based_scale = ... or centroids = PATH)")
         cpath = find_asset(f"{p.image_based_scale}_centroids", cache, run.download)
     centroids = load_centroids(cpath)
     if centroids.shape[1] != ARCHS["l14"]:

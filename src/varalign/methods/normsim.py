@@ -44,7 +44,8 @@ def prepare(p: NormSimParams, run: RunSettings) -> Score:
         files = [str(find_asset(n, p.cache_path or run.cache_path, run.download)) for n in IN1K_FEATURES]
         key = "image_features"
     else:
-        raise VaralignError("normsim needs target = files/folders of embeddings, or target_name = 'imagenet_1k'")
+        raise VaralignError("normsim needs --proxy_path (files/folders of embeddings) or --proxy_name imagenet_1k "
+                            "(in a recipe stage: target = PATH or target_name = 'imagenet_1k')")
     target = NormSimTarget.from_paths(files, key=key, dim=ARCHS[arch]).prepare(order, run.device)
     return Score(fn=normsim_shard, kwargs={"target": target, "p": order, "key": image_key(arch), "device": run.device},
                  members=[(image_key(arch), ARCHS[arch])], every_shard=True, inputs=[str(f) for f in target.files],
