@@ -383,6 +383,10 @@ def test_experiment_command(data: Path, tmp_path: Path, offline: None) -> None:
 
 
 def test_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(VaralignError, match="give --eval_data_dir .* and/or --task NAME=PATH / --tasks_dir DIR"):
+        run_cli(["experiment", "-i", str(tmp_path), "-s", str(tmp_path / "s.npy"), "--output_dir",
+                 str(tmp_path / "o"), "--scale", "tiny"])
+    assert not (tmp_path / "o").exists()
     with pytest.raises(VaralignError, match="info.json"):
         run_cli(["evaluate", "--train_output_dir", str(tmp_path), "--data_dir", str(tmp_path)])
     with pytest.raises(VaralignError, match="training data directory not found"):

@@ -265,7 +265,8 @@ def _experiment_parser(sub: argparse._SubParsersAction) -> None:
                    help="subset .npy files (a name `no_filter` trains on the input shards directly)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--scale", required=True, choices=list(SCALE_CONFIGS))
-    p.add_argument("--eval_data_dir", required=True)
+    p.add_argument("--eval_data_dir", help="DataComp's evaluation tasks (clip_benchmark wds layout); optional "
+                                           "with --task/--tasks_dir (your own tasks only)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--tasks", help="comma-separated DataComp task keys (default: all 38)")
     _add_custom_task_flags(p)
@@ -283,12 +284,16 @@ def _run_experiment(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise VaralignError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    custom = _custom_task_args(args)
+    if args.eval_data_dir is None and not (custom["custom_tasks"] or custom["tasks_dir"]):
+        raise VaralignError("give --eval_data_dir (DataComp's tasks) and/or --task NAME=PATH / --tasks_dir DIR "
+                            "(your own)")
     options = {"batch_size": args.batch_size, "learning_rate": args.lr, "train_num_samples": args.train_num_samples,
                "warmup": args.warmup, "workers": args.workers, "precision": args.precision,
                "num_checkpoints": args.num_checkpoints}
     run_experiment(args.input_dir, args.subset_file, args.output_dir, scale=args.scale,
                    eval_data_dir=args.eval_data_dir, seeds=seeds, tasks=_tasks(args.tasks),
                    num_workers=args.num_workers, overwrite=args.overwrite, train_options=options, quiet=args.quiet,
-                   **_custom_task_args(args))
+                   **custom)
     print((Path(args.output_dir) / "comparison.md").read_text(), end="")
     return 0

@@ -108,7 +108,7 @@ def _stamp(path: str | os.PathLike) -> list:
 
 
 def run_experiment(input_dir: str | os.PathLike, subset_files: list[str | os.PathLike],
-                   output_dir: str | os.PathLike, *, scale: str, eval_data_dir: str | os.PathLike,
+                   output_dir: str | os.PathLike, *, scale: str, eval_data_dir: str | os.PathLike | None = None,
                    seeds: tuple[int, ...] | list[int] = (0,), tasks: list[str] | None = None,
                    num_workers: int | None = None, overwrite: bool = False, train_options: dict | None = None,
                    eval_batch_size: int = 64, custom_tasks: dict[str, str | os.PathLike] | None = None,
