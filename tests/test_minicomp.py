@@ -234,7 +234,8 @@ def test_run_three_methods(built, tmp_path: Path, capsys) -> None:
         assert set(r["metrics"]) >= {"mnist", "minicomp_retrieval"}
         assert all(0 <= v["mean"] <= 1 for v in r["metrics"].values())
         assert set(r["kept_share"]["label_caption_kind"]) == set(built.counts["label_caption_kind"])
-    assert "clip_score_30" in (tmp_path / "run" / "results.md").read_text()
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "clip_score_30" in table and "one seed: no spread to show" in table and "±" not in table
     # a re-run resumes through the experiment loop's work directory: nothing is selected, trained or evaluated
     again = run(built.build_dir, tmp_path / "run", methods=["random_30", "clip_score_30", "image_based"], seeds=[0],
                 train_num_samples=128, quiet=False)

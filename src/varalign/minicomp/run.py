@@ -299,10 +299,11 @@ def results_table(results: dict) -> str:
              for v in next(iter(rows.values()))["kept_share"][c]]
     n = len(results["seeds"])
     lines = [f"Tiny CLIP trained from scratch, {results['train_num_samples']:,} samples seen, {n} seed(s): "
-             "main metric mean ± std.", "", "| method | samples | " + " | ".join(tasks) + " |",
-             "|---|---|" + "---|" * len(tasks)]
+             + ("main metric mean ± std." if n > 1 else "main metric (one seed: no spread to show)."),
+             "", "| method | samples | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     for m, r in rows.items():
-        cells = [f"{r['metrics'][t]['mean']:.3f} ± {r['metrics'][t]['std']:.3f}" for t in tasks]
+        cells = [f"{r['metrics'][t]['mean']:.3f}" + (f" ± {r['metrics'][t]['std']:.3f}" if n > 1 else "")
+                 for t in tasks]
         lines.append(f"| {m} | {r['samples']:,} | " + " | ".join(cells) + " |")
     lines += ["", "Share of each hidden noise kind kept:", "",
               "| method | " + " | ".join(f"{v}" for _, v in kinds) + " |", "|---|" + "---|" * len(kinds)]
