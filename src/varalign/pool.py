@@ -85,11 +85,15 @@ def _check_embed_finished(path: str) -> None:
             not isinstance(data.get("shards"), dict):
         return
     left = sorted(set(map(str, data["planned"])) - set(data["shards"]))
-    if left:
-        done = len(data["planned"]) - len(left)
-        raise VaralignError(f"pool is incomplete: varalign embed has finished {done} of {len(data['planned'])} "
-                            f"shards ({left[0]} not yet); run the same embed command again to complete it, or "
-                            "remove embed.json to use the finished shards alone", path)
+    if not left:
+        return
+    progress = data.get("progress") if isinstance(data.get("progress"), list) else []
+    left = sorted(set(left) - set(map(str, progress)))  # those the run in progress (or killed) has finished
+    total = len(data["planned"])
+    where = (f"has finished {total - len(left)} of {total} shards ({left[0]} not yet)" if left
+             else f"has written all {total} shards but not finished")
+    raise VaralignError(f"pool is incomplete: varalign embed {where}; run the same embed command again to complete "
+                        "it, or remove embed.json to use the finished shards alone", path)
 
 
 def parquet_rows(path: str | os.PathLike) -> int:

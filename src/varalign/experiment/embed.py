@@ -175,8 +175,10 @@ def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained
         # size and ETag each had when it was put
         objects = {f: _identity(f) for f in files} if remote else None
         steps.finish(unit.name, [] if remote else files, {**manifest["shards"][unit.name], "objects": objects})
-        # embed.json follows, so a reader of the folder sees how far the pool is (and refuses it until whole)
-        save_json(storage.join(out, MANIFEST), {**manifest, "shards": {**old.get("shards", {}), **manifest["shards"]}})
+        # embed.json says how far the run is (readers refuse the folder until `shards` names every planned one);
+        # `shards` itself changes only at the end: a resumed run trusts this run's shards by its work directory
+        save_json(storage.join(out, MANIFEST), {**old, **{k: v for k, v in manifest.items() if k != "shards"},
+                                                "shards": old.get("shards", {}), "progress": sorted(manifest["shards"])})
 
     if todo:
         # locally one shard after another, each with the process's torch threads; on Ray one task per shard
