@@ -51,7 +51,8 @@ def discover_shards(metadata_dir: str | os.PathLike, need_npz: bool) -> list[Sha
     """
     root = str(metadata_dir)
     if not storage.isdir(root):
-        raise VaralignError("metadata directory not found", metadata_dir)
+        raise VaralignError("metadata directory not found" + (" (no objects under this prefix, or no such bucket)"
+                                                              if storage.is_url(root) else ""), metadata_dir)
     names = storage.listdir(root)
     prefix = storage.join(root, "x")[:-1]  # `storage.join(root, name)` is prefix + name: made once, not per file
     parquets = {n[: -len(".parquet")]: prefix + n for n in names if n.endswith(".parquet")}
