@@ -355,7 +355,7 @@ def test_embed_filter_reshard_train_evaluate(data: Path, tmp_path: Path, offline
                                                                  "captions": True}
 
 
-def test_experiment_command(data: Path, tmp_path: Path, offline: None) -> None:
+def test_experiment_command(data: Path, tmp_path: Path, offline: None, monkeypatch: pytest.MonkeyPatch) -> None:
     uids = [fake_uid(i) for i in range(300)]
     make_subset(tmp_path / "half.npy", uids[:150])
     make_subset(tmp_path / "upsampled.npy", uids[:100] * 2)
@@ -370,6 +370,15 @@ def test_experiment_command(data: Path, tmp_path: Path, offline: None) -> None:
     assert "| half | 0 | 150 |" in md and "| upsampled | 0 | 200 |" in md
     info = json.loads((tmp_path / "exp" / "output" / "half_tiny_seed_0" / "info.json").read_text())
     assert run_cli(argv) == 0  # everything reused
+    # the same folders spelled otherwise (relative, with ..): still everything reused, no training redone
+    run = tmp_path / "exp" / "output" / "half_tiny_seed_0"
+    kept = ("info.json", "out.log", "epoch_2.pt", "eval_results.jsonl")  # (evaluate's tables are rewritten)
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.name in kept}
+    monkeypatch.chdir(tmp_path)
+    respelled = [os.path.relpath(a, tmp_path) if a.startswith(str(tmp_path)) else a for a in argv]
+    respelled[respelled.index("exp")] = "exp/../exp"
+    assert run_cli(respelled) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.name in kept} == before and len(before) == 4
     # another subset under the same name: refused (its reshard is there), then with --overwrite resharded and
     # trained again from scratch (not the old model resumed, nor the old training reused)
     make_subset(tmp_path / "half.npy", uids[150:])

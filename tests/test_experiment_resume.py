@@ -87,6 +87,41 @@ def test_embed_resumes_from_its_work_dir(shards: Path, tmp_path: Path, monkeypat
     assert again.reused == 2 and _files(tmp_path / "out") == _files(tmp_path / "clean")
 
 
+def test_embed_rerun_on_fewer_inputs_leaves_a_readable_pool(shards: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run on three tars killed during its second; a run on the first tar alone then completes the folder as
+    a pool of the shards finished with this config (the killed run's finished one included), and readers take
+    it. --overwrite with another config still removes every shard an embed run wrote, finished or not."""
+    pytest.importorskip("open_clip")
+    import json
+
+    embed_module = importlib.import_module("varalign.experiment.embed")
+    opts = {"model": "varalign-tiny", "random_init": True, "arch": "b32", "batch_size": 64, "quiet": True}
+    out = tmp_path / "out"
+    real, calls = embed_module._embed_task, []
+
+    def dies_on_the_second(unit, *args):
+        calls.append(unit.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(unit, *args)
+
+    monkeypatch.setattr(embed_module, "_embed_task", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        embed_module.embed([shards], out, **opts)
+    monkeypatch.setattr(embed_module, "_embed_task", real)
+    tars = sorted(shards.glob("*.tar"))
+    done = embed_module.embed([tars[0]], out, **opts)
+    assert done.shards == ["00000000"]
+    manifest = json.loads((out / "embed.json").read_text())
+    assert manifest["planned"] == sorted(manifest["shards"]) == ["00000000"]
+    assert manifest["abandoned"] == ["00000001", "00000002"]
+    assert [s.name for s in discover_shards(out, need_npz=True)] == ["00000000"]
+    embed_module.embed([tars[0]], out, **opts, seed=3, overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "00000000.npz", "00000000.parquet", "embed.json"]
+
+
 def test_embed_that_wrote_no_shard_does_not_block_the_corrected_run(shards: Path, tmp_path: Path) -> None:
     """A wrong --pretrained fails before the folder is marked; a run that marked it but wrote no shard (its
     model failed on a Ray worker, or it was stopped first) is replaced by the corrected one without --overwrite.

@@ -236,6 +236,14 @@ def test_output_whose_manifest_name_another_output_holds_is_refused(ws: Path, ca
         assert "manifest of another varalign output" in err
         assert _snapshot(ws) == before
     assert _cli(_vas(ws, a), capsys)[0] == 0  # x.npy itself is still up to date with its own manifest
+    (ws / "sub").mkdir()
+    assert _cli(_vas(ws, ws / "sub" / ".." / "x.npy"), capsys)[0] == 0  # the same file spelled otherwise
+    (ws / "link").symlink_to(ws, target_is_directory=True)
+    assert _cli(_vas(ws, ws / "link" / "x.npy"), capsys)[0] == 0  # or reached through a symlinked folder
+    (ws / "copy").mkdir()
+    for name in ("x.npy", "x.manifest.json"):  # a copy of the output with its manifest: re-run there
+        shutil.copy(ws / name, ws / "copy" / name)
+    assert _cli(_vas(ws, ws / "copy" / "x.npy", "--overwrite"), capsys)[0] == 0
     (ws / "moved").mkdir()
     a.rename(ws / "moved" / "x.npy")
     assert _cli(_vas(ws, b), capsys)[0] == 0

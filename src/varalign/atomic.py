@@ -402,9 +402,19 @@ class OutputGroup:
         have `x.manifest.json`), while that output is still there; None when the manifest is this group's."""
         data = self.ops.read_json(self.manifest) if self.manifest is not None else None
         records = _recorded(data)
-        ours = {self.ops.key(p) for p in self.outputs}
-        if not records or ours & set(records):
+        if not records:
             return None
+        ours = {self.ops.key(p) for p in self.outputs}
+        if ours & set(records):
+            return None
+        if not self.remote:  # the same files by another spelling (`..`, a symlinked folder), or a copy of the
+            # folder: its manifest records the originals' paths, under our outputs' names
+            real = {os.path.realpath(p) for p in self.outputs}
+            names = {Path(p).name for p in self.outputs}
+            here = os.path.realpath(Path(self.manifest).parent)
+            for k in records:
+                if os.path.realpath(k) in real or (Path(k).name in names and os.path.realpath(Path(k).parent) != here):
+                    return None
         others = [k for k in records if self.ops.exists(self.ops.path(k))]
         return others[0] if others else None
 
@@ -539,7 +549,9 @@ class _Local(_Ops):
         return Path(text)
 
     def key(self, p) -> str:
-        return str(Path(p).absolute())
+        # the folder resolved (`..`, symlinked folders: one file, one key), the name kept (a link is replaced)
+        p = Path(p)
+        return os.path.join(os.path.realpath(p.parent), p.name)
 
     def name(self, p: Path) -> str:
         return p.name

@@ -86,3 +86,13 @@ def record(folder: str | os.PathLike, names: Iterable[str]) -> None:
         if path.is_file():
             ledger[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     save_json(folder / LEDGER, {"tool": "varalign", "files": ledger})
+
+
+def unchanged_since_written(folder: str | os.PathLike, name: str) -> bool:
+    """Whether `folder/name` is a file the folder's ledger records, unchanged since varalign wrote it."""
+    folder = Path(folder)
+    try:
+        ledger = _ledger(folder)
+    except VaralignError:
+        return False
+    return (folder / name).is_file() and _accounted(folder / name, ledger.get(name))

@@ -191,8 +191,16 @@ def _embed(units: list[_Unit], out: Path | str, *, model: str | None, pretrained
                   f"targets built from other {arch} data will not match", file=sys.stderr)
     result.shards = [u.name for u in units]
     result.seconds = round(time.time() - start, 2)
-    old = _read_manifest(out)
-    manifest["shards"] = {**(old or {}).get("shards", {}), **manifest["shards"]}
+    old = _read_manifest(out) or {}
+    manifest["shards"] = {**old.get("shards", {}), **manifest["shards"]}
+    # the pool is now the finished shards: a plan an earlier run left unfinished (and this one did not take up)
+    # no longer makes readers refuse it; its names are kept so that --overwrite still removes their files
+    for name in set(manifest["planned"]) - set(manifest["shards"]):  # finished by a killed run of this config
+        info = steps.done(name)
+        if info is not None and (not remote or _shard_there(out, name, info.get("objects"))):
+            manifest["shards"][name] = {k: v for k, v in info.items() if k != "objects"}
+    manifest["abandoned"] = sorted((set(manifest["planned"]) | set(old.get("abandoned", []))) - set(manifest["shards"]))
+    manifest["planned"] = sorted(manifest["shards"])
     save_json(storage.join(out, MANIFEST), manifest)
     work.remove()  # the manifest now names every finished shard
     return result
@@ -293,13 +301,13 @@ def _check_manifest(out: Path | str, config: dict, overwrite: bool) -> None:
     old = _read_manifest(out)
     if old is not None and old.get("config") != config:
         # a run that wrote no shard (its model failed to load, or it was stopped first) is simply replaced
+        names = set(old.get("shards") or {}) | set(old.get("planned") or []) | set(old.get("abandoned") or [])
         started = any(storage.exists(storage.join(out, f"{Path(str(n)).name}{suffix}"))
-                      for n in set(old.get("shards") or {}) | set(old.get("planned") or [])
-                      for suffix in (".parquet", ".npz"))
+                      for n in names for suffix in (".parquet", ".npz"))
         if not overwrite and started:
             raise VaralignError("output was embedded with another model/config (pass --overwrite to redo it)",
                                 storage.join(out, MANIFEST))
-        for name in set(old.get("shards") or {}) | set(old.get("planned") or []):  # only embed's own shards
+        for name in names:  # only embed's own shards
             for suffix in (".parquet", ".npz"):
                 p = storage.join(out, f"{Path(str(name)).name}{suffix}")
                 if storage.is_url(p):

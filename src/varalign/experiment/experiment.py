@@ -27,7 +27,7 @@ from ..workdir import Steps, WorkDir, digest
 from .evaluate import evaluate
 from .reshard import reshard
 from .tasks import GROUPS, TASK_BY_KEY, format_score
-from .train import data_fingerprint, train
+from .train import data_fingerprint, same_data_dir, train
 
 WORK_DIR = ".experiment-work"
 COMPARISON = ("comparison.json", "comparison.md")  # the loop's own files in --output_dir
@@ -69,7 +69,7 @@ class Loop:
         if name == "no_filter":
             return self.input_dir, None
         data_dir = self.out / "shards" / name
-        key = ["reshard", str(self.input_dir), str(subset), _stamp(subset)]
+        key = ["reshard", os.path.realpath(self.input_dir), os.path.realpath(subset), _stamp(subset)]
         reused = True
 
         def run() -> tuple[list[Path], dict]:
@@ -89,8 +89,8 @@ class Loop:
     def train(self, exp_name: str, scale: str, data_dir: Path, seed: int, options: dict | None = None) -> Path:
         """Train `exp_name` (in `{runs_dir}/{exp_name}`) unless done with the same data and settings."""
         options = {"quiet": self.quiet, **(options or {})}
-        key = ["train", scale, str(data_dir), data_fingerprint(str(data_dir)), seed,  # a re-resharded subset
-               # is new data; what shows progress changes nothing in the model
+        # the data by its folder (however spelled) and content; what shows progress changes nothing in the model
+        key = ["train", scale, same_data_dir(str(data_dir)), data_fingerprint(str(data_dir)), seed,
                sorted((k, repr(v)) for k, v in options.items() if k not in ("quiet", "progress"))]
 
         def run() -> tuple[list[Path], dict]:

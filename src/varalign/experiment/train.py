@@ -161,22 +161,34 @@ def train_data_pattern(data_dir: str) -> tuple[str, int]:
 
 def data_fingerprint(data_dir: str) -> str:
     """What identifies the training data of `data_dir` (`::`-joined parts) for resuming: a resharded subset's
-    `meta.json` and `sample_ids.npy` (SHA-256), else the names and sizes of its `.tar` shards (a copied or
-    touched folder stays the same data)."""
+    `sample_ids.npy` (SHA-256, streamed) and its shard count and format, else the names and sizes of its `.tar`
+    shards. Not paths, times or the resharder's arguments: the same data reached or resharded again is the same."""
     import hashlib  # noqa: PLC0415
+
+    from ..atomic import file_sha256  # noqa: PLC0415
 
     h = hashlib.sha256()
     for part in data_dir.split("::"):
         root = Path(part)
+        meta = None
         if (root / "meta.json").is_file():
-            for name in ("meta.json", "sample_ids.npy"):
-                if (root / name).is_file():
-                    h.update(name.encode() + hashlib.sha256((root / name).read_bytes()).digest())
+            try:
+                meta = json.loads((root / "meta.json").read_text())
+            except (OSError, ValueError, UnicodeDecodeError):
+                meta = None
+        if isinstance(meta, dict) and (root / "sample_ids.npy").is_file():
+            fields = {k: meta.get(k) for k in ("output_shard_count", "output_shard_format", "output_samples")}
+            h.update(json.dumps(fields, sort_keys=True).encode() + file_sha256(root / "sample_ids.npy").encode())
         else:
             for p in sorted(root.glob("*.tar")):
                 h.update(f"{p.name}:{p.stat().st_size};".encode())
         h.update(b"::")
     return h.hexdigest()
+
+
+def same_data_dir(data_dir: str) -> str:
+    """`data_dir` with each `::` part resolved (`./data`, `data/` and `/abs/data` are one folder)."""
+    return "::".join(os.path.realpath(p) for p in data_dir.split("::"))
 
 
 def _check_shard(path: Path) -> bool:
@@ -297,15 +309,17 @@ def train(scale: str, data_dir: str | os.PathLike, output_dir: str | os.PathLike
     exp_dir = Path(output_dir) / exp_name
     model_json = json.loads(Path(model_config).read_text()) if model_config is not None \
         else CUSTOM_MODELS.get(cfg["model"])
-    identity = {"data_dir": data_dir, "data": data_fingerprint(data_dir), "seed": seed, "scale_config": cfg,
+    identity = {"data_dir": same_data_dir(data_dir), "data": data_fingerprint(data_dir), "seed": seed, "scale_config": cfg,
                 "model_config": model_json, "num_checkpoints": num_checkpoints, "data_weights": data_weights,
                 "grad_clip_norm": grad_clip_norm}
-    _check_exp_dir(exp_dir, identity, cfg["model"], restart=restart)
+    finished = _check_exp_dir(exp_dir, identity, cfg["model"], restart=restart)
     exp_dir.mkdir(parents=True, exist_ok=True)
     # written before training, so a killed run's folder is known as this training (resumed only with the
-    # same settings) and `evaluate` says it has not finished
-    save_json(exp_dir / "info.json", {"scale": scale, "checkpoint": None, "model": cfg["model"], "exp_name": exp_name,
-                                      "precision": precision, "open_clip_args": args, **identity})
+    # same settings) and `evaluate` says it has not finished; a finished one keeps its info.json until replaced
+    if not finished:
+        save_json(exp_dir / "info.json", {"scale": scale, "checkpoint": None, "model": cfg["model"],
+                                          "exp_name": exp_name, "precision": precision, "open_clip_args": args,
+                                          **identity})
     env = dict(os.environ)
     if not gpus and workers > 0:
         # on a CPU the data-loader workers share the cores with torch's OpenMP threads, which by default spin
@@ -364,7 +378,7 @@ def _cause(lines: list[str]) -> str:
 _OPENCLIP_NAMES = {"checkpoints", "out.log", "params.txt", "tensorboard", "wandb"}
 
 
-def _check_exp_dir(exp_dir: Path, identity: dict, model: str, restart: bool = False) -> None:
+def _check_exp_dir(exp_dir: Path, identity: dict, model: str, restart: bool = False) -> bool:
     """Train into `exp_dir` only if it is new or empty, or holds a varalign training of the same data, seed and
     settings (then open_clip_train resumes it): another training's checkpoints would otherwise be resumed and
     relabelled with this run's data, and a user's files (params.txt, ...) replaced."""
@@ -378,27 +392,37 @@ def _check_exp_dir(exp_dir: Path, identity: dict, model: str, restart: bool = Fa
             raise VaralignError("exists and is not a varalign train info.json: not overwritten; give another "
                                 "--exp_name or --output_dir", path)
         for key, value in identity.items():
-            if key in info and info[key] != value:  # an older info.json lacks some keys: those are not compared
+            old = same_data_dir(info[key]) if key == "data_dir" and isinstance(info.get(key), str) else info.get(key)
+            if key in info and old != value:  # an older info.json lacks some keys: those are not compared
                 if restart:
                     _remove_run(exp_dir, info)
-                    return
+                    return False
                 raise VaralignError(f"holds a training with another {key} ({_short(info[key])}, not "
                                     f"{_short(value)}): not resumed or replaced; give another --exp_name", exp_dir)
-        return
+        return info.get("checkpoint") is not None
     if exp_dir.is_dir():
-        names = {p.name for p in exp_dir.iterdir()}
+        names = {p.name for p in exp_dir.iterdir() if not _TEMP.fullmatch(p.name)}  # a killed write's temp
         # a run of an older varalign killed before its info.json: open_clip_train's files alone
         if names and not ({"checkpoints", "out.log"} <= names and names <= _OPENCLIP_NAMES | {f"{model}.json"}):
             raise VaralignError("exists, is not empty and holds no varalign training (info.json): not touched; "
                                 "give another --exp_name or --output_dir", exp_dir)
+    return False
+
+
+_TEMP = re.compile(r"\..+\.varalign-.+\.tmp")
 
 
 def _remove_run(exp_dir: Path, info: dict) -> None:
-    """Remove the files of varalign's training in `exp_dir` (info.json, its model JSON, open_clip_train's
-    checkpoints and logs), nothing else."""
+    """Remove the files of varalign's training in `exp_dir` (info.json, the model JSON train writes for its own
+    models, open_clip_train's checkpoints and logs) and the evaluation results of that model, nothing else."""
     import shutil  # noqa: PLC0415
 
-    for name in (*_OPENCLIP_NAMES, f"{info.get('model')}.json", "info.json"):
+    from ..owned import unchanged_since_written  # noqa: PLC0415
+
+    model_json = [f"{info['model']}.json"] if info.get("model") in CUSTOM_MODELS else []
+    # the tables evaluate keeps in its ledger only as varalign wrote them (one edited since is the user's)
+    tables = [n for n in ("eval_summary.json", "eval_results.md") if unchanged_since_written(exp_dir, n)]
+    for name in (*_OPENCLIP_NAMES, *model_json, "eval_results.jsonl", "minicomp_eval.json", *tables, "info.json"):
         p = exp_dir / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
