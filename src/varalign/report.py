@@ -669,14 +669,17 @@ def seal(page: str) -> str:
 def _report_state(path: Path | str) -> str:
     """"ours" (a varalign report as written), "changed" (one edited since), or "other" (not a report)."""
     try:
-        data = storage.read_bytes(path)
+        head = storage.read_bytes(path, 1 << 16)  # a large file that is not a report is not read whole
     except (OSError, VaralignError):
         return "other"
-    head = data[: 1 << 16]
     if GENERATOR.encode() in head:
         found = _SEAL_RE.search(head)
         if found is None:  # an earlier version's report, written before the seal
             return "ours"
+        try:
+            data = storage.read_bytes(path)
+        except (OSError, VaralignError):
+            return "other"
         zeroed = data[: found.start(1)] + _UNSEALED.encode() + data[found.end(1):]
         return "ours" if hashlib.sha256(zeroed).hexdigest() == found.group(1).decode() else "changed"
     # reports of earlier versions carry no generator tag, but their default titles (the report's, the demos')
