@@ -48,13 +48,10 @@ def test_steps_record_files_key_and_redo(tmp_path: Path) -> None:
     assert Steps(WorkDir(tmp_path / "w", "other plan"), "stage").done("s", "k1") is None  # plan changed
 
 
-def test_embed_resumes_from_its_work_dir(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("open_clip")
-    embed_module = importlib.import_module("varalign.experiment.embed")
-    opts = {"model": "varalign-tiny", "random_init": True, "arch": "b32", "batch_size": 64, "quiet": True}
-    clean = embed_module.embed([shards], tmp_path / "clean", **opts)
-    assert clean.reused == 0 and not (tmp_path / "clean" / embed_module.WORK_DIR).exists()
-
+def _embed_killed_on_the_second_shard(embed_module, shards: Path, out: Path, opts: dict,
+                                      monkeypatch: pytest.MonkeyPatch):
+    """Run embed into `out` with a Ctrl-C as its second shard starts; returns the real task function (the
+    killed one stays patched in until the caller puts it back)."""
     real, calls = embed_module._embed_task, []
 
     def dies_on_the_second(unit, *args):
@@ -65,7 +62,18 @@ def test_embed_resumes_from_its_work_dir(shards: Path, tmp_path: Path, monkeypat
 
     monkeypatch.setattr(embed_module, "_embed_task", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        embed_module.embed([shards], tmp_path / "out", **opts)
+        embed_module.embed([shards], out, **opts)
+    return real
+
+
+def test_embed_resumes_from_its_work_dir(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("open_clip")
+    embed_module = importlib.import_module("varalign.experiment.embed")
+    opts = {"model": "varalign-tiny", "random_init": True, "arch": "b32", "batch_size": 64, "quiet": True}
+    clean = embed_module.embed([shards], tmp_path / "clean", **opts)
+    assert clean.reused == 0 and not (tmp_path / "clean" / embed_module.WORK_DIR).exists()
+
+    real = _embed_killed_on_the_second_shard(embed_module, shards, tmp_path / "out", opts, monkeypatch)
     assert (tmp_path / "out" / embed_module.WORK_DIR / MARKER).exists()  # the finished shard is recorded
     # the killed run's pool is refused by every reader until embed has finished it
     with pytest.raises(VaralignError, match=r"embed.json: pool is incomplete: varalign embed has finished 1 of 3 "
@@ -98,17 +106,7 @@ def test_embed_rerun_on_fewer_inputs_leaves_a_readable_pool(shards: Path, tmp_pa
     embed_module = importlib.import_module("varalign.experiment.embed")
     opts = {"model": "varalign-tiny", "random_init": True, "arch": "b32", "batch_size": 64, "quiet": True}
     out = tmp_path / "out"
-    real, calls = embed_module._embed_task, []
-
-    def dies_on_the_second(unit, *args):
-        calls.append(unit.name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(unit, *args)
-
-    monkeypatch.setattr(embed_module, "_embed_task", dies_on_the_second)
-    with pytest.raises(KeyboardInterrupt):
-        embed_module.embed([shards], out, **opts)
+    real = _embed_killed_on_the_second_shard(embed_module, shards, out, opts, monkeypatch)
     monkeypatch.setattr(embed_module, "_embed_task", real)
     tars = sorted(shards.glob("*.tar"))
     done = embed_module.embed([tars[0]], out, **opts)
