@@ -616,6 +616,15 @@ def test_evaluate_experiment_and_train_never_replace_a_users_files(data: Path, t
         run_cli(["train", "--scale", "tiny", "--data_dir", str(data / "shards"), "--output_dir",
                  str(tmp_path / "runs"), "--exp_name", "m", "--quiet"])
     assert (tmp_path / "runs" / "m" / "params.txt").read_text() == "my parameters\n"
+    # a write of info.json killed before its rename leaves only its temp: the folder is still new to train
+    from varalign.experiment.train import _check_exp_dir
+
+    (tmp_path / "runs" / "t").mkdir()
+    (tmp_path / "runs" / "t" / ".info.json.varalign-abcd1234.tmp").write_text("{")
+    assert _check_exp_dir(tmp_path / "runs" / "t", {}, "varalign-tiny") is False
+    (tmp_path / "runs" / "t" / ".notes.varalign-abcd1234.tmp").write_text("mine")  # not info.json's temp
+    with pytest.raises(VaralignError, match="holds no varalign training"):
+        _check_exp_dir(tmp_path / "runs" / "t", {}, "varalign-tiny")
     # a training killed before its first checkpoint: its info.json says so, and evaluate says it is not finished
     (tmp_path / "runs" / "k").mkdir()
     (tmp_path / "runs" / "k" / "info.json").write_text(json.dumps(

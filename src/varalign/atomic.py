@@ -58,12 +58,17 @@ def _new_tmp(dest: Path) -> Path:
     return Path(tmp)
 
 
+def temp_pattern(dest: str | os.PathLike) -> re.Pattern:
+    """The names of the temp files varalign writes `dest` through (`.{name}.varalign-XXXXXXXX.tmp`)."""
+    return re.compile("^" + re.escape(_tmp_prefix(Path(dest))) + _TMP_RE + "$")
+
+
 def remove_stale_temps(dest: str | os.PathLike) -> list[Path]:
     """Remove the temp files of earlier (killed) runs writing `dest`; call only under `dest`'s lock."""
     dest = Path(dest)
     if not dest.parent.is_dir():
         return []
-    pattern = re.compile("^" + re.escape(_tmp_prefix(dest)) + _TMP_RE + "$")
+    pattern = temp_pattern(dest)
     removed = []
     for entry in dest.parent.iterdir():
         if pattern.match(entry.name) and entry.is_file() and not entry.is_symlink():
@@ -321,14 +326,21 @@ def _matches(path: Path, record: dict | None) -> bool:
         st = path.stat()
         if st.st_size != record.get("size"):
             return False
-        key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if key not in _DIGESTS:
-            if len(_DIGESTS) >= 64:  # a run has a handful of outputs: a small bounded memo
-                _DIGESTS.pop(next(iter(_DIGESTS)))
-            _DIGESTS[key] = file_sha256(path)
-        return _DIGESTS[key] == record.get("sha256")
+        return cached_sha256(path, st) == record.get("sha256")
     except OSError:
         return False
+
+
+def cached_sha256(path: str | os.PathLike, st: os.stat_result | None = None) -> str:
+    """`file_sha256`, computed once per process for an unchanged file (same inode, size and mtime)."""
+    path = Path(path)
+    st = st or path.stat()
+    key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        if len(_DIGESTS) >= 64:  # a run has a handful of outputs: a small bounded memo
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]
 
 
 class OutputGroup:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, file_sha256, save_json
+from ..atomic import atomic_path, cached_sha256, save_json
 from ..errors import VaralignError
 from ..owned import check_replaceable
 from ..owned import record as record_owned
@@ -182,7 +182,7 @@ def model_id(info: dict) -> dict:
     tag, or a file not there, as given). A line of another model is redone, never reported for this one."""
     checkpoint = info.get("checkpoint")
     if checkpoint and Path(str(checkpoint)).is_file():
-        checkpoint = "sha256:" + file_sha256(checkpoint)
+        checkpoint = "sha256:" + cached_sha256(checkpoint)
     return {"model": info.get("model"), "checkpoint": checkpoint}
 
 

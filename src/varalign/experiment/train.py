@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import save_json
+from ..atomic import save_json, temp_pattern
 from ..errors import VaralignError
 
 TINY_MODEL = "varalign-tiny"
@@ -165,7 +165,7 @@ def data_fingerprint(data_dir: str) -> str:
     shards. Not paths, times or the resharder's arguments: the same data reached or resharded again is the same."""
     import hashlib  # noqa: PLC0415
 
-    from ..atomic import file_sha256  # noqa: PLC0415
+    from ..atomic import cached_sha256  # noqa: PLC0415
 
     h = hashlib.sha256()
     for part in data_dir.split("::"):
@@ -178,7 +178,7 @@ def data_fingerprint(data_dir: str) -> str:
                 meta = None
         if isinstance(meta, dict) and (root / "sample_ids.npy").is_file():
             fields = {k: meta.get(k) for k in ("output_shard_count", "output_shard_format", "output_samples")}
-            h.update(json.dumps(fields, sort_keys=True).encode() + file_sha256(root / "sample_ids.npy").encode())
+            h.update(json.dumps(fields, sort_keys=True).encode() + cached_sha256(root / "sample_ids.npy").encode())
         else:
             for p in sorted(root.glob("*.tar")):
                 h.update(f"{p.name}:{p.stat().st_size};".encode())
@@ -401,15 +401,13 @@ def _check_exp_dir(exp_dir: Path, identity: dict, model: str, restart: bool = Fa
                                     f"{_short(value)}): not resumed or replaced; give another --exp_name", exp_dir)
         return info.get("checkpoint") is not None
     if exp_dir.is_dir():
-        names = {p.name for p in exp_dir.iterdir() if not _TEMP.fullmatch(p.name)}  # a killed write's temp
+        temps = temp_pattern(path)  # a write of info.json killed before its rename
+        names = {p.name for p in exp_dir.iterdir() if not temps.match(p.name)}
         # a run of an older varalign killed before its info.json: open_clip_train's files alone
         if names and not ({"checkpoints", "out.log"} <= names and names <= _OPENCLIP_NAMES | {f"{model}.json"}):
             raise VaralignError("exists, is not empty and holds no varalign training (info.json): not touched; "
                                 "give another --exp_name or --output_dir", exp_dir)
     return False
-
-
-_TEMP = re.compile(r"\..+\.varalign-.+\.tmp")
 
 
 def _remove_run(exp_dir: Path, info: dict) -> None:
