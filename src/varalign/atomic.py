@@ -45,11 +45,14 @@ def manifest_path(output: str | os.PathLike) -> Path | str:
     return p.with_name(stem + ".manifest.json")
 
 
+def short_name(name: str) -> str:
+    """`name`, or past 200 bytes a digest of it: the stem of the hidden files named after an output (its temps,
+    its lock), so that they stay within NAME_MAX when the output's own name is long."""
+    return name if len(name.encode()) <= 200 else "long-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
 def _tmp_prefix(dest: Path) -> str:
-    name = dest.name
-    if len(name.encode()) > 200:  # keep the temp name within NAME_MAX when the output's name is long
-        name = "long-" + hashlib.sha256(name.encode()).hexdigest()[:16]
-    return f".{name}"
+    return f".{short_name(dest.name)}"
 
 
 def _new_tmp(dest: Path) -> Path:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import storage
-from .atomic import OutputGroup, check_output_path
+from .atomic import OutputGroup, check_output_path, short_name
 from .errors import VaralignError
 
 POOL_SUFFIXES = (".parquet", ".npz")
@@ -188,12 +188,7 @@ def lock_file_for(output: str | os.PathLike) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{hashlib.sha256(str(output).encode()).hexdigest()[:24]}.lock"
     p = Path(output)
-    name = p.name
-    if len(name.encode()) > 200:  # keep the lock's name within NAME_MAX when the output's name is long
-        import hashlib  # noqa: PLC0415
-
-        name = "long-" + hashlib.sha256(name.encode()).hexdigest()[:16]
-    return p.with_name(f".{name}.varalign.lock")
+    return p.with_name(f".{short_name(p.name)}.varalign.lock")
 
 
 @contextlib.contextmanager
