@@ -184,7 +184,7 @@ def lock_file_for(output: str | os.PathLike) -> Path:
     if storage.is_url(output):
         import hashlib  # noqa: PLC0415
 
-        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "varalign" / "locks"
+        folder = storage.cache_dir("locks")
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{hashlib.sha256(str(output).encode()).hexdigest()[:24]}.lock"
     p = Path(output)

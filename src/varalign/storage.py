@@ -466,6 +466,12 @@ def remove(url: str) -> None:
         raise remote_error(exc, url) from None
 
 
+def cache_dir(*parts: str) -> Path:
+    """varalign's folder in this machine's cache, `$XDG_CACHE_HOME/varalign/...` (default ~/.cache): fetched
+    inputs, the locks and work directories of outputs in a store, derived assets."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "varalign", *parts)
+
+
 def fetch(url: str) -> str:
     """A small input (a target, a subset file, centroids) as a local file: downloaded once into
     `~/.cache/varalign/inputs/`, keyed by the URL and the object's ETag/size (a changed object is
@@ -475,7 +481,7 @@ def fetch(url: str) -> str:
     fs, p = filesystem(url)
     fs.invalidate_cache(p)  # this process's listing may predate a change of the object (a long-lived API user)
     meta = info(url)
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "varalign" / "inputs"
+    base = cache_dir("inputs")
     by_url = base / hashlib.sha256(url.encode()).hexdigest()[:24]
     folder = by_url / hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     dest = folder / url.rstrip("/").rsplit("/", 1)[-1]

@@ -334,8 +334,7 @@ def default_work_dir(save_path: str | os.PathLike) -> Path:
     if storage.is_url(save_path):
         import hashlib  # noqa: PLC0415
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        return cache / "varalign" / "work" / hashlib.sha256(str(save_path).encode()).hexdigest()[:24]
+        return storage.cache_dir("work", hashlib.sha256(str(save_path).encode()).hexdigest()[:24])
     p = Path(save_path)
     return p.with_name(f".{p.stem}.varalign-work")
 

@@ -3,11 +3,11 @@ is the nearest centroid of at least one ImageNet-1k train image; and its interse
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..assets import file_sha256
 from ..errors import VaralignError
 from ..npz import load_npy
@@ -44,16 +44,11 @@ def prepare(p: ImageBasedParams, run: RunSettings) -> Score:
                  inputs=[info["centroids"], *([model] if model else [])])
 
 
-def allowed_cache_dir() -> Path:
-    """varalign's cache of the ImageNet centroid sets: `$XDG_CACHE_HOME/varalign` (default ~/.cache/varalign)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "varalign"
-
-
 def image_based_assets(p: ImageBasedParams, run: RunSettings) -> tuple[Any, Any, dict[str, Any]]:
     """DataComp's centroids and the set S of centroids nearest to an ImageNet-1k train image.
 
     S costs one pass over 1.28M ImageNet features; it is cached beside the centroid file (or, where that
-    folder is not writable, in `allowed_cache_dir()`), keyed by the centroids' and the features' sha256.
+    folder is not writable, in `storage.cache_dir()`), keyed by the centroids' and the features' sha256.
     """
     from ..assets import IN1K_FEATURES, find_asset, iter_in1k_features, load_centroids, load_pt  # noqa: PLC0415
     from ..atomic import save_npy  # noqa: PLC0415
@@ -76,7 +71,7 @@ def image_based_assets(p: ImageBasedParams, run: RunSettings) -> tuple[Any, Any,
     key = file_sha256(cpath)[:12] + "-" + "-".join(file_sha256(f)[:8] for f in sources)
     name = f".{cpath.stem}.allowed-{key}.npy"
     # beside the centroids, or (a read-only folder: a shared or mounted asset store) in varalign's own cache
-    places = [cpath.parent / name, allowed_cache_dir() / name]
+    places = [cpath.parent / name, storage.cache_dir() / name]
     cached = next((c for c in places if c.is_file()), None)
     if cached is not None:
         allowed = load_npy(cached)
